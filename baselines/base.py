@@ -1,0 +1,170 @@
+"""The method protocol and registry: every compression method is one class, registered by name.
+
+A method turns a backbone into its compressed form. ``apply(model, target, ctx)`` receives the
+dense model (trained when ``needs_pretrained``; freshly initialised otherwise), the method's own
+target knob, and a :class:`MethodContext` that the harness fills in. It returns the model to be
+fine-tuned/evaluated and writes what it achieved into ``ctx.record``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "FAMILIES",
+    "Method",
+    "MethodContext",
+    "register_method",
+    "register_deprecated_name",
+    "get_method",
+    "list_methods",
+    "method_info",
+]
+
+FAMILIES = ("dense", "bunit", "unstructured", "structured")
+
+# fine-tune callback: (model, epochs, regularize) -> model; regularize(model, loss) -> loss is optional
+FinetuneFn = Callable[..., nn.Module]
+
+
+@dataclass
+class MethodContext:
+    """What the harness hands a method.
+
+    Attributes:
+        example_inputs: one batch of inputs on ``device`` (shape and dtype of real data).
+        calib_batches: a few (inputs, labels) batches on ``device`` for data-driven criteria.
+        finetune: ``finetune(model, epochs, regularize=None) -> model`` trains with the harness trainer.
+        device: the torch device the model lives on.
+        schedule: "oneshot" or "iterative".
+        steps: prune steps for the iterative schedule.
+        finetune_epochs: fine-tune epochs budgeted after pruning (spread over steps when iterative).
+        sparse_epochs: epochs of sparsity-inducing training before pruning (methods that use it).
+        backbone: backbone name; ``shortcut`` its CIFAR-ResNet shortcut variant (or None).
+        num_classes: classes of the dataset.
+        seed: the experiment seed.
+        record: what the method achieved and spent; copied into the row.
+    """
+
+    example_inputs: torch.Tensor
+    calib_batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    finetune: FinetuneFn | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    schedule: str = "oneshot"
+    steps: int = 1
+    finetune_epochs: int = 0
+    sparse_epochs: int = 0
+    backbone: str = ""
+    shortcut: str | None = None
+    num_classes: int = 10
+    seed: int = 0
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def run_finetune(self, model: nn.Module, epochs: int, regularize=None) -> nn.Module:
+        """Fine-tune through the harness when it provided a callback and epochs > 0."""
+        if self.finetune is None or epochs <= 0:
+            return model
+        return self.finetune(model, epochs, regularize=regularize)
+
+
+class Method:
+    """Base class. Subclasses set ``family`` and ``needs_pretrained`` and implement :meth:`apply`.
+
+    Hooks:
+        regularize(model, loss) -> loss: a term added during training (e.g. an L1 on BN scales);
+            the harness calls it only when the method requests sparse training (``sparse_epochs``).
+        validate_target(target): raise ``ValueError`` naming the allowed values for a bad knob.
+        architecture(model) -> dict | None: a JSON-able description from which the harness can
+            rebuild the compressed model (widths / unit plan); None means "same as the backbone".
+    """
+
+    name: str = ""
+    family: str = "dense"
+    needs_pretrained: bool = False
+    uses_sparse_training: bool = False
+
+    def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
+        raise NotImplementedError(f"method {self.name!r} does not implement apply()")
+
+    def regularize(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def validate_target(self, target: Any) -> None:
+        return None
+
+    def architecture(self, model: nn.Module) -> dict | None:
+        return None
+
+
+_METHODS: dict[str, type[Method]] = {}
+_DEPRECATED: dict[str, str] = {}
+_WARNED: set[str] = set()
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name``; raises on duplicates."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _METHODS or name in _DEPRECATED:
+            raise ValueError(f"method {name!r} is already registered (by {_METHODS.get(name, cls).__module__})")
+        if cls.family not in FAMILIES:
+            raise ValueError(f"family: {cls.family!r} not allowed for method {name!r}; allowed: {', '.join(FAMILIES)}")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_deprecated_name(old: str, new: str) -> None:
+    """Let ``old`` keep resolving to ``new``, warning once per process."""
+    _DEPRECATED[old] = new
+
+
+def list_methods(pattern: str = "*", *, family: str | None = None) -> list[str]:
+    """Registered method names matching a wildcard pattern, optionally of one family."""
+    _load_plugins()
+    return sorted(n for n, c in _METHODS.items()
+                  if fnmatch.fnmatch(n, pattern) and (family is None or c.family == family))
+
+
+def method_info(name: str) -> type[Method]:
+    _load_plugins()
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"method {name!r} was renamed to {new!r}", DeprecationWarning, stacklevel=2)
+        name = new
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"method: unknown {name!r}; allowed: {', '.join(list_methods())}") from None
+
+
+def get_method(name: str) -> Method:
+    """A fresh instance of the method registered as ``name``."""
+    return method_info(name)()
+
+
+_PLUGINS_LOADED = False
+
+
+def _load_plugins() -> None:
+    """Import third-party methods announced through the ``bunitbench.methods`` entry-point group."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="bunitbench.methods"):
+        try:
+            ep.load()
+        except Exception as err:  # a broken plugin must not take the registry down
+            warnings.warn(f"plugin {ep.name!r} failed to load: {err}", RuntimeWarning, stacklevel=2)

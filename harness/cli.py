@@ -1,0 +1,161 @@
+"""``bunitbench``: run suites, list what is registered, inspect BUnit forms, plot and report.
+
+The suite file carries the detail; the command line carries only paths, filters and ``section.field=value``
+overrides. Bad input prints one line naming the field and the allowed values and exits with status 2,
+before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["build_parser", "main"]
+
+EXECUTORS = ("local", "ray")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bunitbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a suite (a bundled name or a path to a .toml)")
+    run.add_argument("suite", help="bundled suite name (see `bunitbench list`) or path/to/suite.toml")
+    run.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=3")
+    run.add_argument("--only", action="append", metavar="PATTERN", help="run keys matching this wildcard (repeatable)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    run.add_argument("--dry-run", action="store_true", help="print the grid and exit")
+    run.add_argument("--results-dir", default="results", help="rows go to RESULTS_DIR/<suite>/runs.jsonl")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE", help="a .py file registering methods")
+    run.add_argument("--executor", default="local", help="local or ray")
+    run.add_argument("--address", default=None, help="Ray cluster address (with --executor ray), e.g. auto")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--report", action="store_true", help="write plots and the report when the suite ends")
+
+    lst = sub.add_parser("list", help="list suites, datasets, backbones and methods")
+    lst.add_argument("what", nargs="?", default="all", choices=("all", "suites", "datasets", "backbones", "methods"))
+    lst.add_argument("--plugin", action="append", default=[], metavar="FILE")
+
+    ins = sub.add_parser("inspect", help="params and MACs of a backbone, dense vs BUnit form, per stage")
+    ins.add_argument("backbone")
+    ins.add_argument("--plan", default=None, help="a BUnit preset name or a JSON plan (default: the backbone's)")
+    ins.add_argument("--image-size", type=int, default=32)
+    ins.add_argument("--num-classes", type=int, default=10)
+    ins.add_argument("--in-channels", type=int, default=3)
+
+    plot = sub.add_parser("plot", help="draw the comparison plots of a results directory")
+    plot.add_argument("results_dir")
+    rep = sub.add_parser("report", help="write report.md and report.html for a results directory")
+    rep.add_argument("results_dir")
+    return parser
+
+
+def _err(message: str) -> int:
+    print(f"bunitbench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _cmd_run(args) -> int:
+    from harness.config import apply_overrides, expand, load_suite
+    from harness.runner import load_plugin, resolve_device, run_suite, select
+
+    if args.executor not in EXECUTORS:
+        return _err(f"--executor: {args.executor!r} not allowed; allowed: {', '.join(EXECUTORS)}")
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    suite = apply_overrides(load_suite(args.suite), args.overrides)
+    grid = select(expand(suite), args.only)
+    if args.only and not grid:
+        return _err(f"--only: no experiment key matches {args.only}; see --dry-run for the keys")
+    if args.dry_run:
+        for exp in grid:
+            print(exp.key)
+        print(f"{len(grid)} experiments in suite {suite.name!r}", file=sys.stderr)
+        return 0
+    resolve_device(args.device)
+    if args.executor == "ray":
+        from harness.executors import run_suite_ray
+
+        outcome = run_suite_ray(suite, results_dir=args.results_dir, device=args.device, only=args.only,
+                                address=args.address, plugins=args.plugin)
+    else:
+        outcome = run_suite(suite, results_dir=args.results_dir, device=args.device, only=args.only,
+                            progress=not args.no_progress)
+    print(f"suite {suite.name}: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done "
+          f"-> {args.results_dir}/{suite.name}/runs.jsonl")
+    if args.report:
+        from pathlib import Path
+
+        from harness.plots import write_plots
+        from harness.report import write_report
+
+        out = Path(args.results_dir) / suite.name
+        write_plots(out)
+        md, html = write_report(out)
+        print(f"report: {md} and {html}")
+    return 0 if outcome.failed == 0 else 1
+
+
+def _cmd_list(args) -> int:
+    from baselines import list_methods, method_info
+    from harness.config import list_suites
+    from harness.data import list_datasets
+    from harness.models import list_backbones
+    from harness.runner import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    sections = {
+        "suites": list_suites,
+        "datasets": list_datasets,
+        "backbones": list_backbones,
+        "methods": lambda: [f"{m} ({method_info(m).family})" for m in list_methods()],
+    }
+    for name, fn in sections.items():
+        if args.what in ("all", name):
+            print(f"{name}: " + ", ".join(fn()))
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from harness.inspection import format_inspection, inspect_backbone
+
+    rows = inspect_backbone(args.backbone, args.plan, image_size=args.image_size, num_classes=args.num_classes,
+                            in_channels=args.in_channels)
+    print(format_inspection(rows))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from harness.plots import write_plots
+
+    for path in write_plots(args.results_dir):
+        print(path)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from harness.report import write_report
+
+    for path in write_report(args.results_dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import harness  # noqa: F401  (torchvision shim first)
+
+    commands = {"run": _cmd_run, "list": _cmd_list, "inspect": _cmd_inspect, "plot": _cmd_plot,
+                "report": _cmd_report}
+    try:
+        return commands[args.command](args)
+    except ValueError as err:  # ConfigError included: one clear line, nothing written
+        return _err(str(err))
+    except KeyboardInterrupt:
+        print("bunitbench: interrupted; completed rows are kept, run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

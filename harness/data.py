@@ -1,0 +1,287 @@
+"""Datasets by name, loaded once into tensors that live on the training device.
+
+A dataset is a pair of splits held as float tensors ``(N, C, H, W)``, normalised with the training
+split's per-channel mean and std. :class:`DeviceLoader` slices batches from them with an on-device
+``randperm`` and applies augmentation to the whole batch at once (random crop with zero padding,
+horizontal flip), so the training loop runs no per-sample Python — the airbench approach.
+
+Names: ``digits`` (the 1,797 real 8x8 images that ship inside scikit-learn: no download), ``mnist``,
+``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision download into ``data_dir``), and
+``imagefolder:PATH`` (``PATH/train`` and ``PATH/val`` or ``PATH/test`` in torchvision's ImageFolder
+layout).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DatasetInfo",
+    "Splits",
+    "register_dataset",
+    "list_datasets",
+    "check_dataset_name",
+    "load_dataset",
+    "DeviceLoader",
+    "augment_batch",
+    "default_data_dir",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    loader: Callable[..., "Splits"]
+    default_size: int
+    hflip: bool  # mirror-symmetric classes? (not for digits)
+    description: str
+
+
+@dataclass
+class Splits:
+    """Train and test tensors (normalised float32) plus what models need to know."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    hflip: bool = True
+
+    @property
+    def in_channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
+
+    def to(self, device: torch.device | str) -> "Splits":
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+_DATASETS: dict[str, DatasetInfo] = {}
+
+
+def register_dataset(name: str, *, default_size: int, hflip: bool, description: str = ""):
+    def wrap(fn):
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _DATASETS[name] = DatasetInfo(name, fn, default_size, hflip, description or (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    return sorted(_DATASETS) + ["imagefolder:PATH"]
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise ValueError naming the allowed datasets for an unknown name."""
+    if name.startswith("imagefolder:"):
+        if not name[len("imagefolder:"):]:
+            raise ValueError("dataset: imagefolder needs a path, e.g. imagefolder:/data/imagenet")
+        return
+    if name not in _DATASETS:
+        raise ValueError(f"dataset: unknown {name!r}; allowed: {', '.join(list_datasets())}")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("BUNITBENCH_DATA", Path.home() / ".cache" / "bunitbench" / "data"))
+
+
+def _finish(name: str, x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, num_classes: int, *,
+            size: int | None, hflip: bool) -> Splits:
+    """Float [0,1] NCHW tensors -> resized, normalised with the train split's statistics."""
+    if size is not None and x_train.shape[-1] != size:
+        x_train = F.interpolate(x_train, size=(size, size), mode="bilinear", align_corners=False)
+        x_test = F.interpolate(x_test, size=(size, size), mode="bilinear", align_corners=False)
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
+    y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.long)
+    return Splits(name, ((x_train - mean) / std).contiguous(), y_train, ((x_test - mean) / std).contiguous(),
+                  y_test, num_classes, hflip)
+
+
+def _uint8_nhwc(arr) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(arr))
+    if t.ndim == 3:  # (N, H, W) grey
+        t = t.unsqueeze(-1)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@register_dataset("digits", default_size=16, hflip=False)
+def _digits(data_dir: Path, size: int | None) -> Splits:
+    """scikit-learn's 1,797 handwritten 8x8 digits (UCI), a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+    x_tr, x_te, y_tr, y_te = train_test_split(images, bunch.target, test_size=0.2, random_state=0,
+                                              stratify=bunch.target)
+    x_tr = torch.from_numpy(x_tr).unsqueeze(1)
+    x_te = torch.from_numpy(x_te).unsqueeze(1)
+    return _finish("digits", x_tr, y_tr, x_te, y_te, 10, size=size, hflip=False)
+
+
+def _torchvision_split(cls_name: str, data_dir: Path, train: bool):
+    from harness.compat import ensure_torchvision
+
+    tv = ensure_torchvision()
+    cls = getattr(tv.datasets, cls_name)
+    return cls(root=str(data_dir), train=train, download=True)
+
+
+def _mnist_like(cls_name: str, name: str, hflip: bool):
+    def load(data_dir: Path, size: int | None) -> Splits:
+        tr, te = (_torchvision_split(cls_name, data_dir, t) for t in (True, False))
+        return _finish(name, _uint8_nhwc(tr.data), tr.targets, _uint8_nhwc(te.data), te.targets,
+                       len(tr.classes), size=size, hflip=hflip)
+
+    return load
+
+
+def _cifar(cls_name: str, name: str):
+    def load(data_dir: Path, size: int | None) -> Splits:
+        tr, te = (_torchvision_split(cls_name, data_dir, t) for t in (True, False))
+        return _finish(name, _uint8_nhwc(tr.data), tr.targets, _uint8_nhwc(te.data), te.targets,
+                       len(tr.classes), size=size, hflip=True)
+
+    return load
+
+
+register_dataset("mnist", default_size=28, hflip=False, description="MNIST, torchvision download")(
+    _mnist_like("MNIST", "mnist", False))
+register_dataset("fashion-mnist", default_size=28, hflip=True, description="Fashion-MNIST, torchvision download")(
+    _mnist_like("FashionMNIST", "fashion-mnist", True))
+register_dataset("cifar10", default_size=32, hflip=True, description="CIFAR-10, torchvision download")(
+    _cifar("CIFAR10", "cifar10"))
+register_dataset("cifar100", default_size=32, hflip=True, description="CIFAR-100, torchvision download")(
+    _cifar("CIFAR100", "cifar100"))
+
+
+def _imagefolder(root: Path, size: int | None) -> Splits:
+    """A user's ImageFolder tree: ROOT/train/<class>/*.png and ROOT/val (or ROOT/test)."""
+    from harness.compat import ensure_torchvision
+
+    tv = ensure_torchvision()
+    if not (root / "train").is_dir():
+        raise ValueError(f"dataset: imagefolder:{root} needs a 'train' folder of class folders")
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if test_dir is None:
+        raise ValueError(f"dataset: imagefolder:{root} needs a 'val' or 'test' folder beside 'train'")
+    size = size or 32
+    tf = tv.transforms.Compose([tv.transforms.Resize((size, size)), tv.transforms.PILToTensor()])
+    train_set = tv.datasets.ImageFolder(str(root / "train"), transform=tf)
+    test_set = tv.datasets.ImageFolder(str(test_dir), transform=tf)
+    if train_set.classes != test_set.classes:
+        raise ValueError(f"dataset: imagefolder:{root}: train and {test_dir.name} have different class folders")
+
+    def stack(ds):
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])  # loaded once, outside the training loop
+        x = torch.stack(xs).float().div_(255.0)
+        if x.shape[1] == 4:
+            x = x[:, :3]
+        return x, list(ys)
+
+    x_tr, y_tr = stack(train_set)
+    x_te, y_te = stack(test_set)
+    return _finish(f"imagefolder:{root}", x_tr, y_tr, x_te, y_te, len(train_set.classes), size=None, hflip=True)
+
+
+def load_dataset(name: str, *, image_size: int | None = None, data_dir: str | os.PathLike | None = None,
+                 device: torch.device | str = "cpu") -> Splits:
+    """Load a dataset by name into tensors on ``device``.
+
+    Args:
+        name: a registered name or ``imagefolder:PATH``.
+        image_size: resize to this side; None keeps the dataset's default.
+        data_dir: where torchvision downloads to (default ``$BUNITBENCH_DATA`` or ~/.cache/bunitbench/data).
+        device: where the tensors live.
+    """
+    check_dataset_name(name)
+    if name.startswith("imagefolder:"):
+        return _imagefolder(Path(name[len("imagefolder:"):]).expanduser(), image_size).to(device)
+    info = _DATASETS[name]
+    root = Path(data_dir) if data_dir else default_data_dir()
+    return info.loader(root, image_size or info.default_size).to(device)
+
+
+# --- batches on the device ----------------------------------------------------------------------
+
+
+def augment_batch(x: torch.Tensor, *, pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and optional horizontal flip, for a whole batch at once.
+
+    Args:
+        x: (B, C, H, W) normalised images (zero padding is then the mean colour).
+        pad: the crop's padding in pixels.
+        hflip: flip a random half of the batch horizontally.
+        generator: the on-device random generator.
+    """
+    b, c, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+        oy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+        ox = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        chans = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]  # (B, C, H, W)
+    if hflip:
+        flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+class DeviceLoader:
+    """Batches sliced from device tensors with an on-device permutation; augmentation per batch.
+
+    Args:
+        x, y: the split, already on the device.
+        batch_size: samples per batch; the last partial batch is dropped when ``drop_last``.
+        train: shuffle and augment.
+        augment: apply crop/flip when training.
+        hflip: allow horizontal flips.
+        seed: seeds the loader's generator, so a run is reproducible.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool = True,
+                 augment: bool = True, hflip: bool = True, seed: int = 0, drop_last: bool | None = None):
+        self.x, self.y, self.batch_size, self.train = x, y, batch_size, train
+        self.augment, self.hflip = augment and train, hflip
+        self.drop_last = train if drop_last is None else drop_last
+        self.pad = max(1, math.ceil(x.shape[-1] / 8))  # 4 px at 32x32, as in the CIFAR recipe
+        self.generator = torch.Generator(device=x.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = self.x.shape[0]
+        if self.drop_last and n >= self.batch_size:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.x.shape[0]
+        order = (torch.randperm(n, device=self.x.device, generator=self.generator) if self.train
+                 else torch.arange(n, device=self.x.device))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            xb, yb = self.x[idx], self.y[idx]
+            if self.augment:
+                xb = augment_batch(xb, pad=self.pad, hflip=self.hflip, generator=self.generator)
+            yield xb, yb

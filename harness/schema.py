@@ -1,0 +1,90 @@
+"""The columns of a result row, documented in one place.
+
+A row is one flat JSON object per run in ``results/<suite>/runs.jsonl``. Rows are built as explicit
+dicts by ``harness.runner``; this table documents every column (units in the names) and lets the
+store check that a row names no unknown column. Analysis reads rows by column name.
+"""
+from __future__ import annotations
+
+__all__ = ["ROW_COLUMNS", "KEY_COLUMNS", "unknown_columns"]
+
+ROW_COLUMNS: dict[str, str] = {
+    # identity of the experiment
+    "key": "stable experiment key: dataset/backbone-shortcut/method/target/schedule/seed-confighash",
+    "suite": "suite name",
+    "dataset": "dataset name (digits, mnist, cifar10, imagefolder:PATH ...)",
+    "image_size": "input side in pixels after resizing",
+    "backbone": "dense backbone name (resnet56, vgg16 ...)",
+    "shortcut": "CIFAR-ResNet shortcut variant, 'A' (zero-pad) or 'B' (1x1 conv); null for others",
+    "method": "registered method name",
+    "family": "dense | bunit | unstructured | structured",
+    "target": "the method's knob as given in the suite (number, preset name or JSON string)",
+    "schedule": "oneshot | iterative",
+    "steps": "prune steps of the iterative schedule (1 for oneshot)",
+    "seed": "experiment seed",
+    "config_hash": "sha256 (first 12 hex) of the canonical experiment config",
+    "config": "the whole experiment config as a nested JSON object",
+    # outcome
+    "status": "ok | failed",
+    "reason": "why it failed (one line); null when ok",
+    "top1": "top-1 accuracy on the held-out split, percent",
+    "top5": "top-5 accuracy on the held-out split, percent (top-k with k = min(5, classes))",
+    "test_loss": "mean cross-entropy on the held-out split",
+    # size and arithmetic (harness.measure)
+    "params": "all parameters",
+    "params_nonzero": "parameters that are not exactly zero",
+    "macs": "multiply-accumulates of conv and linear layers for one input (ptflops aten backend)",
+    "macs_nonzero": "MACs counting only non-zero weights (sparse-aware)",
+    "macs_all": "ptflops default backend: conv/linear plus BN, ReLU, pooling",
+    "ckpt_bytes": "size of the saved state_dict in bytes",
+    # what the method achieved against its knob
+    "sparsity": "achieved fraction of zero weights among prunable conv/linear weights",
+    "channel_ratio": "achieved fraction of conv output channels removed",
+    "macs_reduction": "1 - macs / macs of the dense backbone",
+    "params_reduction": "1 - params / params of the dense backbone",
+    "achieved": "method-specific achieved values (JSON object)",
+    "architecture": "JSON description the compressed model is rebuilt from (widths / unit plan)",
+    # latency (harness.measure): b1 = batch 1, bt = throughput batch
+    "latency_ms_p50_b1": "median latency at batch 1, milliseconds",
+    "latency_ms_p90_b1": "90th percentile latency at batch 1, milliseconds",
+    "latency_ms_p50_bt": "median latency at the throughput batch, milliseconds",
+    "latency_ms_p90_bt": "90th percentile latency at the throughput batch, milliseconds",
+    "latency_iqr_ms_b1": "inter-quartile range at batch 1, milliseconds",
+    "latency_iqr_ms_bt": "inter-quartile range at the throughput batch, milliseconds",
+    "throughput_batch": "the throughput batch size",
+    "throughput_img_s": "images per second at the throughput batch (from the median)",
+    "latency_ms_p50_b1_semi24": "median batch-1 latency of the 2:4 semi-structured form (GPU only)",
+    "latency_ms_p50_bt_semi24": "median throughput-batch latency of the 2:4 semi-structured form (GPU only)",
+    "latency_ms_p50_b1_bf16": "median batch-1 latency in bf16 (GPU only)",
+    "latency_ms_p50_bt_bf16": "median throughput-batch latency in bf16 (GPU only)",
+    "peak_mem_mb": "peak memory of inference at the throughput batch, MiB (CUDA allocator; CPU: null)",
+    "bunit_backend": "BUnit layer execution backend(s) chosen by the autotuner (JSON object), null otherwise",
+    "latency_device": "device the latency was measured on (cpu, cuda:0)",
+    "device_name": "CPU model or GPU name",
+    "dtype": "dtype of the latency measurement",
+    "memory_format": "contiguous | channels_last",
+    "threads": "torch intra-op threads during measurement",
+    # cost of getting there
+    "epochs_pretrain": "epochs of dense pre-training the model started from",
+    "epochs_sparse": "epochs of sparsity-inducing training before pruning",
+    "epochs_finetune": "epochs of fine-tuning after pruning",
+    "epochs_total": "pretrain + sparse + finetune, or from-scratch epochs for dense/BUnit",
+    "train_seconds": "wall time of training done in this run (excluding a reused dense checkpoint)",
+    "run_seconds": "wall time of the whole run",
+    # provenance
+    "git_rev": "git revision of the harness",
+    "git_dirty": "true when the work tree had uncommitted changes",
+    "versions": "package versions (torch, torchvision, torch_pruning, ptflops, python)",
+    "device": "training device (cpu, cuda:0)",
+    "hostname": "machine name",
+    "started_at": "UTC ISO time the run started",
+    "finished_at": "UTC ISO time the run ended",
+    "executor": "local | ray | torchrun",
+}
+
+KEY_COLUMNS = ("dataset", "backbone", "shortcut", "method", "target", "schedule", "seed")
+
+
+def unknown_columns(row: dict) -> list[str]:
+    """Columns of ``row`` that the schema does not document."""
+    return sorted(set(row) - set(ROW_COLUMNS))

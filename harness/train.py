@@ -1,0 +1,145 @@
+"""Training and evaluation, one readable loop.
+
+Order of one step, as in nanoGPT: learning rate from a plain function of the step -> forward
+(bf16 autocast on CUDA) -> loss (+ a method's regulariser) -> backward -> optimizer step -> the
+method's post-step hook (e.g. re-apply pruning masks) -> ``zero_grad(set_to_none=True)``.
+A non-finite loss stops the run with :class:`TrainingDiverged`, which the runner records as failed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.config import TrainConfig
+from harness.data import DeviceLoader, Splits
+
+__all__ = ["TrainingDiverged", "TrainResult", "lr_at", "train_model", "evaluate", "seed_everything"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    seconds: float
+    final_loss: float
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay to zero."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> dict:
+    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    loss_sum = 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        logits = model(xb).float()  # (B, classes)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices  # (B, k)
+        hits = topk.eq(yb[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+    model.train(was_training)
+    n = x.shape[0]
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "test_loss": loss_sum / n}
+
+
+def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: int, lr: float | None = None,
+                seed: int = 0, regularize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                after_step: Callable[[nn.Module], None] | None = None, warmup: bool = True,
+                progress: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``model`` in place on ``data`` for ``epochs`` epochs.
+
+    Args:
+        model: already on the data's device.
+        data: the dataset splits (device tensors).
+        recipe: the suite's training recipe (batch size, momentum, weight decay, warm-up, ...).
+        epochs: epochs to train (pre-training, sparse training or fine-tuning).
+        lr: peak learning rate; ``recipe.lr`` when None.
+        seed: seeds the batch order and augmentation.
+        regularize: ``regularize(model, loss) -> loss`` adds a method's sparsity term.
+        after_step: called after each optimizer step (keeps pruned weights at zero).
+        warmup: use the recipe's linear warm-up (off for short fine-tunes).
+        progress: called after every epoch with a dict (epoch, epochs, loss, seconds).
+
+    Returns:
+        What was spent and the last epoch's mean loss.
+    """
+    if epochs <= 0:
+        return TrainResult(0, 0.0, float("nan"))
+    device = data.x_train.device
+    loader = DeviceLoader(data.x_train, data.y_train, recipe.batch_size, train=True, augment=recipe.augment,
+                          hflip=data.hflip, seed=seed)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
+    base_lr = recipe.lr if lr is None else lr
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=base_lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+    steps_per_epoch = len(loader)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = int(recipe.warmup_epochs * steps_per_epoch) if warmup else 0
+    use_bf16 = recipe.bf16 and device.type == "cuda"
+    memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    step_fn = torch.compile(model) if recipe.compile else model
+
+    model.train()
+    start = time.perf_counter()
+    history: list[dict] = []
+    step = 0
+    epoch_loss = float("nan")
+    for epoch in range(epochs):
+        loss_sum = torch.zeros((), device=device)
+        for xb, yb in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, base_lr=base_lr, warmup_steps=warmup_steps)
+            xb = xb.contiguous(memory_format=memory_format)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = step_fn(xb)  # (B, classes)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
+            if regularize is not None:
+                loss = regularize(model, loss)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            step += 1
+        epoch_loss = loss_sum.item() / steps_per_epoch  # one device sync per epoch
+        if not math.isfinite(epoch_loss):
+            raise TrainingDiverged(f"loss became {epoch_loss} in epoch {epoch + 1} of {epochs}")
+        record = {"epoch": epoch + 1, "epochs": epochs, "loss": epoch_loss, "seconds": time.perf_counter() - start}
+        history.append(record)
+        if progress is not None:
+            progress(record)
+    model.eval()
+    return TrainResult(epochs, time.perf_counter() - start, epoch_loss, history)

@@ -1,0 +1,80 @@
+"""Bad input: one line naming the field and the allowed values, exit code 2, nothing written."""
+import pytest
+
+from harness.cli import main
+
+from conftest import write_suite
+
+GOOD = {"dataset": '"digits"', "backbones": '["resnet8"]'}
+
+
+def _suite_text(**fields):
+    body = {**GOOD, **fields}
+    lines = [f"{k} = {v}" for k, v in body.items() if v is not None and not k.startswith("_")]
+    lines.append(fields.get("_tail", '[[methods]]\nname = "dense"'))
+    return "\n".join(lines) + "\n"
+
+
+CASES = [
+    # (suite text or None for the good one, extra argv, words the message must contain)
+    (_suite_text(dataset='"cifar11"'), [], ["dataset", "cifar11", "allowed", "digits", "cifar10"]),
+    (_suite_text(backbones='["resnet57"]'), [], ["backbones", "resnet57", "allowed", "resnet56"]),
+    (_suite_text(_tail='[[methods]]\nname = "magic-pruner"'), [], ["method", "magic-pruner", "allowed", "dense"]),
+    (_suite_text(_tail='[[methods]]\nname = "dense"\nschedule = "sometimes"'), [],
+     ["schedule", "sometimes", "oneshot", "iterative"]),
+    (_suite_text(shortcut='"C"'), [], ["shortcut", "'C'", "allowed", "A, B"]),
+    (_suite_text(seeds='"zero"'), [], ["seeds", "list of integers"]),
+    (_suite_text(_tail='[train]\nepochs = "ten"\n[[methods]]\nname = "dense"'), [], ["train.epochs", "integer"]),
+    (_suite_text(_tail='[train]\nepoch = 3\n[[methods]]\nname = "dense"'), [], ["train.epoch", "unknown", "epochs"]),
+    (_suite_text(_tail='[measure]\nmemory_format = "nhwc"\n[[methods]]\nname = "dense"'), [],
+     ["measure.memory_format", "nhwc", "channels_last"]),
+    (_suite_text(_tail='[train]\nlabel_smoothing = 1.5\n[[methods]]\nname = "dense"'), [],
+     ["train.label_smoothing", "[0, 1)"]),
+    (_suite_text(colour='"red"'), [], ["colour", "unknown suite field", "allowed"]),
+    ("dataset = [unclosed\n", [], ["not valid TOML"]),
+    (None, ["train.epochs=-1"], ["train.epochs", ">= 0"]),
+    (None, ["model.width=3"], ["override", "allowed sections", "train, measure"]),
+    (None, ["train.lr=fast"], ["train.lr", "number"]),
+    (None, ["--device", "tpu"], ["device", "tpu", "allowed"]),
+    (None, ["--executor", "slurm"], ["--executor", "slurm", "local, ray"]),
+    (None, ["--only", "no-such-key*"], ["--only", "no experiment key matches"]),
+    (_suite_text(_tail='[measure]\nrepeats = 1\n[[methods]]\nname = "dense"'), [], ["measure.repeats", ">= 3"]),
+    (_suite_text(image_size="2"), [], ["image_size", ">= 4"]),
+]
+
+
+@pytest.mark.parametrize("text,argv,words", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, text, argv, words):
+    suite = tmp_path / "bad.toml"
+    if text is None:
+        write_suite(suite)
+    else:
+        suite.write_text(text)
+    results = tmp_path / "results"
+    code = main(["run", str(suite), "--results-dir", str(results), "--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not results.exists()  # nothing written
+
+
+def test_unknown_bundled_suite(tmp_path, capsys):
+    assert main(["run", "no-such-suite", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "quick" in err and "allowed" in err
+
+
+def test_missing_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.toml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_dry_run_prints_grid(tmp_path, capsys):
+    suite = write_suite(tmp_path / "s.toml", seeds=(0, 1, 2))
+    assert main(["run", str(suite), "--dry-run", "--results-dir", str(tmp_path / "r")]) == 0
+    keys = capsys.readouterr().out.split()
+    assert len(keys) == 3 and len(set(keys)) == 3
+    assert all(k.startswith("digits/resnet8-B/dense/-/oneshot/s") for k in keys)
+    assert not (tmp_path / "r").exists()
