@@ -14,9 +14,16 @@ __all__ = ["build_parser", "main"]
 EXECUTORS = ("local", "ray")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"bunitbench: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bunitbench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="bunitbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a suite (a bundled name or a path to a .toml)")
     run.add_argument("suite", help="bundled suite name (see `bunitbench list`) or path/to/suite.toml")
@@ -143,7 +150,11 @@ def _cmd_report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may follow options: `run quick --device cpu train.epochs=3`
+        if args.command != "run" or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     import harness  # noqa: F401  (torchvision shim first)
 
     commands = {"run": _cmd_run, "list": _cmd_list, "inspect": _cmd_inspect, "plot": _cmd_plot,
