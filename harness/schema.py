@@ -55,6 +55,7 @@ ROW_COLUMNS: dict[str, str] = {
     "throughput_img_s": "images per second at the throughput batch (from the median)",
     "latency_ms_p50_b1_semi24": "median batch-1 latency of the 2:4 semi-structured form (GPU only)",
     "latency_ms_p50_bt_semi24": "median throughput-batch latency of the 2:4 semi-structured form (GPU only)",
+    "semi24_layers": "conv/linear layers run 2:4 semi-structured in the semi24 timing, as 'converted/total' (GPU only)",
     "latency_ms_p50_b1_bf16": "median batch-1 latency in bf16 (GPU only)",
     "latency_ms_p50_bt_bf16": "median throughput-batch latency in bf16 (GPU only)",
     "peak_mem_mb": "peak memory of inference at the throughput batch, MiB (CUDA allocator; CPU: null)",
@@ -63,7 +64,9 @@ ROW_COLUMNS: dict[str, str] = {
     "device_name": "CPU model or GPU name",
     "dtype": "dtype of the latency measurement",
     "memory_format": "contiguous | channels_last",
+    "memory_format_requested": "contiguous | channels_last | auto (auto: memory_format holds the faster one measured)",
     "threads": "torch intra-op threads during measurement",
+    "latency_error": "why a latency measurement (or its bf16 / semi24 part) failed; null when all ran",
     # cost of getting there
     "epochs_pretrain": "epochs of dense pre-training the model started from",
     "epochs_sparse": "epochs of sparsity-inducing training before pruning",
