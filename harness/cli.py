@@ -63,7 +63,7 @@ def _err(message: str) -> int:
 
 def _cmd_run(args) -> int:
     from harness.config import apply_overrides, expand, load_suite
-    from harness.runner import load_plugin, resolve_device, run_suite, select
+    from harness.runner import load_plugin, resolve_device, select
 
     if args.executor not in EXECUTORS:
         return _err(f"--executor: {args.executor!r} not allowed; allowed: {', '.join(EXECUTORS)}")
@@ -78,15 +78,17 @@ def _cmd_run(args) -> int:
             print(exp.key)
         print(f"{len(grid)} experiments in suite {suite.name!r}", file=sys.stderr)
         return 0
-    resolve_device(args.device)
-    if args.executor == "ray":
+    if args.executor == "ray":  # the device is the workers' business, not the driver's
         from harness.executors import run_suite_ray
 
         outcome = run_suite_ray(suite, results_dir=args.results_dir, device=args.device, only=args.only,
-                                address=args.address, plugins=args.plugin)
+                                address=args.address, plugins=args.plugin, progress=not args.no_progress)
     else:
-        outcome = run_suite(suite, results_dir=args.results_dir, device=args.device, only=args.only,
-                            progress=not args.no_progress)
+        from harness.executors import run_suite_local
+
+        resolve_device(args.device)
+        outcome = run_suite_local(suite, results_dir=args.results_dir, device=args.device, only=args.only,
+                                  progress=not args.no_progress, plugins=args.plugin)
     print(f"suite {suite.name}: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done "
           f"-> {args.results_dir}/{suite.name}/runs.jsonl")
     if args.report:

@@ -130,6 +130,7 @@ class _Context:
     def __init__(self, data: Splits, device: torch.device, results_dir: Path, reporter: Reporter):
         self.data, self.device, self.results_dir, self.reporter = data, device, results_dir, reporter
         self.ckpt_dir = results_dir / "checkpoints"
+        self.parallel = None  # harness.distributed sets a DataParallel under torchrun
 
     def new_backbone(self, exp: Experiment) -> nn.Module:
         return create_backbone(exp.backbone, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
@@ -140,14 +141,22 @@ class _Context:
         self.reporter.start_phase(phase, epochs)
         result = train_model(model, self.data, exp.train, epochs=epochs, lr=lr, seed=exp.seed * 1000 + seed_offset,
                              regularize=regularize, after_step=after_step, warmup=warmup,
-                             progress=self.reporter.epoch_done)
+                             progress=self.reporter.epoch_done, parallel=self.parallel)
         return result.seconds
+
+    def load_dense(self, path: Path) -> tuple[dict, dict] | None:
+        """A verified dense checkpoint, or None (harness.distributed: rank 0 reads it for every rank)."""
+        return load_checkpoint(path)
+
+    def save_dense(self, path: Path, model: nn.Module, meta: dict) -> None:
+        """Write a dense checkpoint (harness.distributed: rank 0 only)."""
+        save_checkpoint(path, model, meta)
 
     def dense_model(self, exp: Experiment) -> tuple[nn.Module, float, bool]:
         """The trained dense model for ``exp``: (model, seconds spent training now, was cached)."""
         path = self.ckpt_dir / f"{dense_key(exp)}.pt"
         model = self.new_backbone(exp)
-        loaded = load_checkpoint(path)
+        loaded = self.load_dense(path)
         if loaded is not None:
             model.load_state_dict(loaded[0])
             model.eval()
@@ -155,7 +164,7 @@ class _Context:
         seed_everything(exp.seed)
         model = self.new_backbone(exp)  # same init as a fresh dense run of this seed
         seconds = self.train(model, exp, exp.train.epochs, phase="dense pre-train")
-        save_checkpoint(path, model, {"key": dense_key(exp), "epochs": exp.train.epochs, "train_seconds": seconds})
+        self.save_dense(path, model, {"key": dense_key(exp), "epochs": exp.train.epochs, "train_seconds": seconds})
         return model, seconds, False
 
 
@@ -164,7 +173,7 @@ def _method_context(method: Method, exp: Experiment, ctx: _Context) -> MethodCon
     n_calib = min(4, max(1, data.x_train.shape[0] // exp.train.batch_size))
     bs = min(exp.train.batch_size, data.x_train.shape[0])
     calib = [(data.x_train[i * bs:(i + 1) * bs], data.y_train[i * bs:(i + 1) * bs]) for i in range(n_calib)]
-    after_step = getattr(method, "after_optimizer_step", None)
+    after_step = method.after_optimizer_step
     counter = {"calls": 0}
 
     def finetune(model: nn.Module, epochs: int, regularize=None) -> nn.Module:
@@ -213,13 +222,13 @@ def _train_and_measure(exp: Experiment, method: Method, ctx: _Context) -> dict:
         epochs["epochs_pretrain"] = recipe.epochs
         t = time.perf_counter()
         model = method.apply(model, exp.target, mctx).to(ctx.device)
-        used_ft = int(mctx.record.pop("epochs_finetune", 0))
-        remaining = max(0, recipe.finetune_epochs - used_ft)
-        ctx.train(model, exp, remaining, phase="fine-tune", lr=recipe.finetune_lr, seed_offset=99, warmup=False,
-                  after_step=getattr(method, "after_optimizer_step", None))
+        final = mctx.final_finetune_epochs()  # the harness's share under the rule in baselines/base.py
+        ctx.train(model, exp, final, phase="fine-tune", lr=recipe.finetune_lr, seed_offset=99, warmup=False,
+                  after_step=method.after_optimizer_step)
         train_seconds = time.perf_counter() - t
+        mctx.record.pop("epochs_finetune_final", None)
         epochs["epochs_sparse"] = int(mctx.record.pop("epochs_sparse", 0))
-        epochs["epochs_finetune"] = used_ft + remaining
+        epochs["epochs_finetune"] = int(mctx.record.pop("epochs_finetune", final))
     else:  # built, then trained from scratch for the pruning pipeline's whole budget
         seed_everything(exp.seed)
         model = method.apply(ctx.new_backbone(exp), exp.target, mctx).to(ctx.device)

@@ -83,6 +83,7 @@ ROW_COLUMNS: dict[str, str] = {
     "started_at": "UTC ISO time the run started",
     "finished_at": "UTC ISO time the run ended",
     "executor": "local | ray | torchrun",
+    "world_size": "data-parallel processes that trained the run (torchrun); absent for one-process runs",
 }
 
 KEY_COLUMNS = ("dataset", "backbone", "shortcut", "method", "target", "schedule", "seed")

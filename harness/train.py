@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 
 from harness.config import TrainConfig
 from harness.data import DeviceLoader, Splits
+
+if TYPE_CHECKING:
+    from harness.distributed import DataParallel
 
 __all__ = ["TrainingDiverged", "TrainResult", "lr_at", "train_model", "evaluate", "seed_everything"]
 
@@ -72,7 +75,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
 def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: int, lr: float | None = None,
                 seed: int = 0, regularize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                 after_step: Callable[[nn.Module], None] | None = None, warmup: bool = True,
-                progress: Callable[[dict], None] | None = None) -> TrainResult:
+                progress: Callable[[dict], None] | None = None, parallel: DataParallel | None = None) -> TrainResult:
     """Train ``model`` in place on ``data`` for ``epochs`` epochs.
 
     Args:
@@ -86,6 +89,8 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
         after_step: called after each optimizer step (keeps pruned weights at zero).
         warmup: use the recipe's linear warm-up (off for short fine-tunes).
         progress: called after every epoch with a dict (epoch, epochs, loss, seconds).
+        parallel: data-parallel training under torchrun (:class:`harness.distributed.DataParallel`): this process
+            trains on its slice of every global batch and DDP all-reduces the gradients; None trains alone.
 
     Returns:
         What was spent and the last epoch's mean loss.
@@ -95,6 +100,8 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
     device = data.x_train.device
     loader = DeviceLoader(data.x_train, data.y_train, recipe.batch_size, train=True, augment=recipe.augment,
                           hflip=data.hflip, seed=seed)
+    if parallel is not None:
+        loader = parallel.shard(loader)  # same global batches as one process; this rank keeps its slice
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -109,7 +116,8 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
     use_bf16 = recipe.bf16 and device.type == "cuda"
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
-    step_fn = torch.compile(model) if recipe.compile else model
+    step_fn = model if parallel is None else parallel.wrap(model)  # DDP: gradients averaged over ranks
+    step_fn = torch.compile(step_fn) if recipe.compile else step_fn
 
     model.train()
     start = time.perf_counter()
@@ -134,6 +142,8 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             step += 1
+        if parallel is not None:
+            loss_sum = parallel.mean(loss_sum)  # every rank sees the same loss, so all stop together on divergence
         epoch_loss = loss_sum.item() / steps_per_epoch  # one device sync per epoch
         if not math.isfinite(epoch_loss):
             raise TrainingDiverged(f"loss became {epoch_loss} in epoch {epoch + 1} of {epochs}")
