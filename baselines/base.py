@@ -4,6 +4,25 @@ A method turns a backbone into its compressed form. ``apply(model, target, ctx)`
 dense model (trained when ``needs_pretrained``; freshly initialised otherwise), the method's own
 target knob, and a :class:`MethodContext` that the harness fills in. It returns the model to be
 fine-tuned/evaluated and writes what it achieved into ``ctx.record``.
+
+Who trains when (one rule for every method):
+
+- ``ctx.sparse_epochs`` is a budget of sparsity-inducing training *before* pruning. A method that uses it
+  (``uses_sparse_training``) spends it itself, inside ``apply``, through
+  ``ctx.run_finetune(model, ctx.sparse_epochs, regularize=self.regularize)``.
+- ``ctx.finetune_epochs`` is the whole fine-tune budget *after* pruning begins. The harness always runs the
+  final fine-tune after ``apply`` returns, for ``ctx.final_finetune_epochs()`` epochs. In the "oneshot" schedule
+  that is all of ``finetune_epochs``. In the "iterative" schedule the method prunes in ``ctx.steps`` steps and
+  calls ``ctx.run_finetune(model, ctx.finetune_epochs // ctx.steps)`` after every step but the last; the
+  harness's final share is what is left (at least one step's share).
+- The method records in ``ctx.record``: ``epochs_sparse`` (spent inside ``apply``), ``epochs_finetune`` (the
+  run's total fine-tune epochs: its own between steps plus the harness's final share) and
+  ``epochs_finetune_final`` (the harness's share, which ``ctx.final_finetune_epochs()`` returns; a method that
+  does not record it leaves all of ``finetune_epochs`` to the harness). :func:`finetune_split` computes the split.
+- Every training loop the harness runs for a method (the ``ctx.finetune`` callback and the final fine-tune)
+  calls ``method.after_optimizer_step(model)`` right after each ``optimizer.step()``; unstructured methods use
+  it to keep pruned weights at exactly zero. ``regularize`` is applied only where the method passes it to
+  ``ctx.run_finetune``; the harness never adds it on its own.
 """
 from __future__ import annotations
 
@@ -24,7 +43,11 @@ __all__ = [
     "get_method",
     "list_methods",
     "method_info",
+    "finetune_split",
+    "SCHEDULES",
 ]
+
+SCHEDULES = ("oneshot", "iterative")
 
 FAMILIES = ("dense", "bunit", "unstructured", "structured")
 
@@ -39,12 +62,15 @@ class MethodContext:
     Attributes:
         example_inputs: one batch of inputs on ``device`` (shape and dtype of real data).
         calib_batches: a few (inputs, labels) batches on ``device`` for data-driven criteria.
-        finetune: ``finetune(model, epochs, regularize=None) -> model`` trains with the harness trainer.
+        finetune: ``finetune(model, epochs, regularize=None) -> model`` trains with the harness trainer, in place
+            (it returns the same module), calling the method's ``after_optimizer_step`` after every optimizer step
+            and adding ``regularize(model, loss) -> loss`` to the batch loss before backward when given.
         device: the torch device the model lives on.
         schedule: "oneshot" or "iterative".
         steps: prune steps for the iterative schedule.
         finetune_epochs: fine-tune epochs budgeted after pruning (spread over steps when iterative).
         sparse_epochs: epochs of sparsity-inducing training before pruning (methods that use it).
+        sparse_lambda: strength of that training's sparsity term; None keeps the method's own default.
         backbone: backbone name; ``shortcut`` its CIFAR-ResNet shortcut variant (or None).
         num_classes: classes of the dataset.
         seed: the experiment seed.
@@ -59,6 +85,7 @@ class MethodContext:
     steps: int = 1
     finetune_epochs: int = 0
     sparse_epochs: int = 0
+    sparse_lambda: float | None = None
     backbone: str = ""
     shortcut: str | None = None
     num_classes: int = 10
@@ -71,13 +98,39 @@ class MethodContext:
             return model
         return self.finetune(model, epochs, regularize=regularize)
 
+    def final_finetune_epochs(self) -> int:
+        """Epochs the harness fine-tunes after ``apply`` returns (the method's ``epochs_finetune_final``)."""
+        return int(self.record.get("epochs_finetune_final", self.finetune_epochs))
+
+
+def finetune_split(ctx: MethodContext) -> tuple[int, int]:
+    """How the fine-tune budget splits under the schedule rule in this module's docstring.
+
+    Args:
+        ctx: the method context (``schedule``, ``steps``, ``finetune_epochs``).
+
+    Returns:
+        ``(epochs_between_steps, epochs_final)``: the method fine-tunes ``epochs_between_steps`` after each prune
+        step but the last; the harness fine-tunes ``epochs_final`` after ``apply``.
+    """
+    if ctx.schedule not in SCHEDULES:
+        raise ValueError(f"schedule: {ctx.schedule!r} not allowed; allowed: {', '.join(SCHEDULES)}")
+    if ctx.steps < 1:
+        raise ValueError(f"steps: {ctx.steps!r} not allowed; allowed: an integer >= 1")
+    if ctx.schedule == "oneshot" or ctx.steps == 1:
+        return 0, ctx.finetune_epochs
+    per_step = ctx.finetune_epochs // ctx.steps
+    return per_step, ctx.finetune_epochs - per_step * (ctx.steps - 1)
+
 
 class Method:
     """Base class. Subclasses set ``family`` and ``needs_pretrained`` and implement :meth:`apply`.
 
     Hooks:
-        regularize(model, loss) -> loss: a term added during training (e.g. an L1 on BN scales);
-            the harness calls it only when the method requests sparse training (``sparse_epochs``).
+        regularize(model, loss) -> loss: a term added during training (e.g. an L1 on BN scales); applied only in
+            the training the method runs through ``ctx.run_finetune(..., regularize=self.regularize)``.
+        after_optimizer_step(model): called by every training loop for this method right after each optimizer
+            step (e.g. to re-apply pruning masks so that pruned weights stay exactly zero).
         validate_target(target): raise ``ValueError`` naming the allowed values for a bad knob.
         architecture(model) -> dict | None: a JSON-able description from which the harness can
             rebuild the compressed model (widths / unit plan); None means "same as the backbone".
@@ -95,6 +148,9 @@ class Method:
         return loss
 
     def validate_target(self, target: Any) -> None:
+        return None
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
         return None
 
     def architecture(self, model: nn.Module) -> dict | None:

@@ -185,6 +185,7 @@ def _method_context(method: Method, exp: Experiment, ctx: _Context) -> MethodCon
     return MethodContext(example_inputs=data.x_test[:min(8, data.x_test.shape[0])], calib_batches=calib,
                          finetune=finetune, device=ctx.device, schedule=exp.schedule, steps=exp.steps,
                          finetune_epochs=exp.train.finetune_epochs, sparse_epochs=exp.train.sparse_epochs,
+                         sparse_lambda=exp.train.sparse_lambda,
                          backbone=exp.backbone, shortcut=exp.shortcut, num_classes=data.num_classes, seed=exp.seed)
 
 
@@ -255,6 +256,9 @@ def _train_and_measure(exp: Experiment, method: Method, ctx: _Context) -> dict:
     row["macs_reduction"] = 1.0 - row["macs"] / dense_counts["macs"]
     row["params_reduction"] = 1.0 - row["params"] / dense_params
     row["architecture"] = method.architecture(model)
+    extras = record.pop("achieved", None)
+    if isinstance(extras, dict):
+        record = {**extras, **record}
     row["achieved"] = json.loads(json.dumps(record, default=str)) if record else None
     return row
 

@@ -1,0 +1,47 @@
+"""BUnit-Net as a method: a thin adapter over :mod:`bunit`.
+
+The target is a unit plan: a preset name (``bunitbench list`` shows them; ``"paper"`` picks the paper's
+choice for the backbone at hand), a plan dict, or its JSON string. The model is built in BUnit form and
+trained from scratch by the harness for the same total epochs the pruning pipeline spends.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from baselines.base import Method, MethodContext, register_method
+from bunit import PRESETS, bunitify, resolve_plan
+
+__all__ = ["BUnit", "paper_preset"]
+
+
+def paper_preset(model: nn.Module) -> str:
+    """The paper's plan for this backbone: middle VGG stages, or ResNet stages 2 and 3 (its public code)."""
+    if hasattr(model, "features") and not hasattr(model, "layer2"):
+        return "vgg16-middle"
+    return "resnet-paper"
+
+
+@register_method("bunit")
+class BUnit(Method):
+    """BUnit-Net: layers built from independent basic units (Lan, Cheung et al., TPAMI 2024)."""
+
+    family = "bunit"
+    needs_pretrained = False
+
+    def validate_target(self, target: Any) -> None:
+        if target is None:
+            raise ValueError(f"target: BUnit needs a unit plan; allowed: 'paper', {', '.join(sorted(PRESETS))}, "
+                             "or a plan table")
+        if target != "paper":
+            resolve_plan(target)
+
+    def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
+        plan = resolve_plan(paper_preset(model) if target == "paper" else target)
+        converted = bunitify(model, plan)
+        ctx.record["plan"] = converted.bunit_plan
+        return converted
+
+    def architecture(self, model: nn.Module) -> dict | None:
+        return getattr(model, "bunit_plan", None)
