@@ -1,0 +1,558 @@
+"""Unit layers: a row of BUnit-Net basic units over one tensor, in a reference and a fused form.
+
+After Lan, Cheung et al., "Compact Neural Network via Stacking Hybrid Units" (TPAMI 2024). The input
+channels are split in order by each unit's ``a``; unit ``a-b-c`` maps its slice through
+conv(a->b, stride) + BN + ReLU and conv(b->c) + BN + ReLU (no bias); the outputs are concatenated.
+
+Two implementations compute the same function from the same weights:
+
+- ``reference``: a ModuleList of tiny unit modules run in a Python loop, like the paper's code.
+- ``fused``: units of one spec are gathered into a :class:`UnitGroup` (one grouped conv and one BN per
+  conv); a channel gather feeds each group and one inverse permutation restores the output order.
+
+The fused form runs on one of several execution backends (``layer.backend``), all with equal outputs:
+
+- ``loop``: the per-unit loop over slices of the fused weights (the reference algorithm).
+- ``grouped``: one grouped convolution per group and conv, NCHW (the default).
+- ``grouped_cl``: the same in channels_last memory format.
+- ``blockdiag``: one dense convolution per conv whose weight is zero off the unit blocks. Hidden channels
+  are kept in group order, output rows in layer order, so no activation permutation is needed. The dense
+  weight is rebuilt differentiably on every forward while autograd records (training is exact); otherwise
+  it is cached and the cache is invalidated whenever a weight changes (tensor version counter, storage,
+  dtype or device).
+- ``bmm``: ``unfold`` + one batched matmul over the units of a group.
+- ``compiled``: ``torch.compile`` of ``layer.compile_base`` (an eager backend, ``grouped`` unless the
+  autotuner found a faster one); the first call compiles and may take tens of seconds.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bunit.spec import UnitSpec, compact_specs, parse_specs
+
+__all__ = [
+    "BACKENDS",
+    "EAGER_BACKENDS",
+    "IMPLS",
+    "BasicUnit",
+    "UnitGroup",
+    "UnitLayer",
+    "unit_params",
+    "unit_macs",
+    "to_reference",
+    "to_fused",
+    "convert_units",
+    "set_backend",
+    "unit_layers",
+]
+
+IMPLS = ("reference", "fused")
+BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "compiled")
+EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm")
+_UNIT_KEYS = ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+              "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var")
+
+
+# --- closed forms -------------------------------------------------------------------------------
+
+
+def _out_size(size: int, kernel: int, stride: int) -> int:
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def unit_params(specs: Iterable[UnitSpec | str]) -> int:
+    """Parameters of a unit row: ``sum k*k*(a*b + b*c) + 2*(b + c)`` (conv weights + affine BN)."""
+    return sum(s.params for s in parse_specs(list(specs)))
+
+
+def unit_macs(specs: Iterable[UnitSpec | str], h: int, w: int, stride: int | None = None) -> int:
+    """Multiply-accumulates of a unit row for one ``h x w`` input (batch 1).
+
+    Args:
+        specs: the unit specs.
+        h: input height.
+        w: input width.
+        stride: stride of the first convs; None takes each spec's own stride.
+
+    Returns:
+        ``sum Ho*Wo*k*k*(a*b + b*c)`` with ``Ho, Wo`` the output size of the first conv.
+    """
+    total = 0
+    for s in parse_specs(list(specs)):
+        st = s.stride if stride is None else stride
+        hw = _out_size(h, s.kernel, st) * _out_size(w, s.kernel, st)
+        total += hw * s.kernel * s.kernel * (s.a * s.b + s.b * s.c)
+    return total
+
+
+# --- modules ------------------------------------------------------------------------------------
+
+
+class BasicUnit(nn.Module):
+    """One basic unit ``a-b-c`` (the reference form): conv-BN-ReLU, conv-BN-ReLU, no bias."""
+
+    def __init__(self, spec: UnitSpec):
+        super().__init__()
+        self.spec = spec
+        k, p = spec.kernel, spec.kernel // 2
+        self.conv1 = nn.Conv2d(spec.a, spec.b, k, spec.stride, p, bias=False)
+        self.bn1 = nn.BatchNorm2d(spec.b)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(spec.b, spec.c, k, 1, p, bias=False)
+        self.bn2 = nn.BatchNorm2d(spec.c)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))  # (B, b, H/s, W/s)
+        return self.act2(self.bn2(self.conv2(x)))  # (B, c, H/s, W/s)
+
+    def extra_repr(self) -> str:
+        return str(self.spec)
+
+
+class UnitGroup(nn.Module):
+    """``n`` units of one spec as grouped convolutions (``groups=n``) and one BN per conv over all of them.
+
+    Unit ``j`` of the group owns rows ``j*b:(j+1)*b`` of ``conv1``/``bn1`` and ``j*c:(j+1)*c`` of
+    ``conv2``/``bn2``.
+    """
+
+    def __init__(self, spec: UnitSpec, n: int):
+        super().__init__()
+        self.spec, self.n = spec, n
+        k, p = spec.kernel, spec.kernel // 2
+        self.conv1 = nn.Conv2d(n * spec.a, n * spec.b, k, spec.stride, p, groups=n, bias=False)
+        self.bn1 = nn.BatchNorm2d(n * spec.b)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(n * spec.b, n * spec.c, k, 1, p, groups=n, bias=False)
+        self.bn2 = nn.BatchNorm2d(n * spec.c)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))  # (B, n*b, H/s, W/s)
+        return self.act2(self.bn2(self.conv2(x)))  # (B, n*c, H/s, W/s)
+
+    def extra_repr(self) -> str:
+        return f"{self.n}x{self.spec}"
+
+
+# --- functional helpers -------------------------------------------------------------------------
+
+
+def _bn_mode(bn: nn.BatchNorm2d) -> tuple[bool, float]:
+    """What ``_BatchNorm.forward`` does before ``F.batch_norm``: bump the counter, return (batch stats?, factor)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return batch_stats, factor
+
+
+def _stats(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    use = not bn.training or bn.track_running_stats
+    return (bn.running_mean, bn.running_var) if use else (None, None)
+
+
+def _sl(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if t is None else t[sl]
+
+
+def _bn_slice(bn: nn.BatchNorm2d, x: torch.Tensor, sl: slice, mode: tuple[bool, float]) -> torch.Tensor:
+    """BN over channels ``sl`` of ``bn``; running stats are updated in place through the slice views."""
+    rm, rv = _stats(bn)
+    return F.batch_norm(x, _sl(rm, sl), _sl(rv, sl), _sl(bn.weight, sl), _sl(bn.bias, sl), mode[0], mode[1], bn.eps)
+
+
+def _bn_cat(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """One BN call over the concatenated channels of ``bns`` (reordered by ``perm``), writing running stats back."""
+    modes = [_bn_mode(bn) for bn in bns]
+    batch_stats, factor = modes[0]
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if any(t is None for t in ts):
+            return None
+        t = ts[0] if len(ts) == 1 else torch.cat(ts)
+        return t if perm is None else t.index_select(0, perm)
+
+    stats = [_stats(bn) for bn in bns]
+    rm, rv = cat([s[0] for s in stats]), cat([s[1] for s in stats])
+    if len(bns) == 1 and perm is None:  # the buffers themselves: F.batch_norm updates them in place
+        return F.batch_norm(x, rm, rv, bns[0].weight, bns[0].bias, batch_stats, factor, bns[0].eps)
+    out = F.batch_norm(x, rm, rv, cat([bn.weight for bn in bns]), cat([bn.bias for bn in bns]),
+                       batch_stats, factor, bns[0].eps)
+    if batch_stats and rm is not None:  # write the updated statistics back into each module's buffers
+        with torch.no_grad():
+            if perm is not None:
+                rm, rv = torch.empty_like(rm).index_copy_(0, perm, rm), torch.empty_like(rv).index_copy_(0, perm, rv)
+            sizes = [bn.num_features for bn in bns]
+            for bn, m, v in zip(bns, rm.split(sizes), rv.split(sizes)):
+                bn.running_mean.copy_(m)
+                bn.running_var.copy_(v)
+    return out
+
+
+def _conv_bmm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A grouped conv as an unfold (im2col) + one batched matmul over the groups.
+
+    The patches come from ``Tensor.unfold`` views of the padded input, copied once into the
+    ``(groups, a*k*k, B*Ho*Wo)`` matrix; on CPU this is about ten times faster than ``F.unfold``.
+    """
+    n, k, s, p = conv.groups, conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    bsz, cin, h, w = x.shape
+    ho, wo = _out_size(h, k, s), _out_size(w, k, s)
+    patches = F.pad(x, (p, p, p, p)).unfold(2, k, s).unfold(3, k, s)  # (B, n*a, Ho, Wo, k, k), a view
+    cols = patches.reshape(bsz, n, cin // n, ho, wo, k, k).permute(1, 2, 5, 6, 0, 3, 4)  # (n, a, k, k, B, Ho, Wo)
+    cols = cols.reshape(n, (cin // n) * k * k, bsz * ho * wo)  # (n, a*k*k, B*Ho*Wo), the one copy
+    weight = conv.weight.view(n, conv.out_channels // n, -1)  # (n, b, a*k*k)
+    out = torch.bmm(weight, cols)  # (n, b, B*Ho*Wo)
+    return out.view(conv.out_channels, bsz, ho, wo).transpose(0, 1)  # (B, n*b, Ho, Wo), a strided view
+
+
+# --- the layer ----------------------------------------------------------------------------------
+
+
+def _normalize(specs: Sequence[UnitSpec], stride: int | None) -> tuple[list[UnitSpec], int]:
+    own = {s.stride for s in specs}
+    if len(own) > 1:
+        raise ValueError(f"specs: all units of a layer need one stride, got strides {sorted(own)}")
+    spec_stride = own.pop()
+    if stride is None:
+        stride = spec_stride
+    elif spec_stride not in (1, stride):
+        raise ValueError(f"stride: {stride} contradicts the specs' own stride {spec_stride}")
+    if stride < 1:
+        raise ValueError(f"stride: must be >= 1, got {stride}")
+    return [s if s.stride == stride else UnitSpec(s.a, s.b, s.c, kernel=s.kernel, stride=stride) for s in specs], stride
+
+
+class UnitLayer(nn.Module):
+    """A row of basic units over one tensor: split by ``a`` in order, run each unit, concatenate.
+
+    Args:
+        specs: unit specs in channel order (UnitSpecs or spec strings, ``"32x2-4-2"`` allowed).
+        stride: stride of every unit's first conv; None takes it from the specs (default 1).
+        impl: "fused" (grouped units, runs on ``backend``) or "reference" (per-unit modules in a loop).
+        backend: execution backend of the fused form, one of ``BACKENDS`` (the reference form always runs
+            its own loop and ignores it).
+    """
+
+    def __init__(self, specs: Iterable[UnitSpec | str], *, stride: int | None = None, impl: str = "fused",
+                 backend: str = "grouped"):
+        super().__init__()
+        parsed = parse_specs(list(specs) if not isinstance(specs, str) else specs)
+        if not parsed:
+            raise ValueError("specs: a unit layer needs at least one unit")
+        if impl not in IMPLS:
+            raise ValueError(f"impl: {impl!r} is not allowed; allowed: {', '.join(IMPLS)}")
+        parsed, self.stride = _normalize(parsed, stride)
+        self.specs: tuple[UnitSpec, ...] = tuple(parsed)
+        self.impl = impl
+        self.in_channels = sum(s.a for s in self.specs)
+        self.out_channels = sum(s.c for s in self.specs)
+        self.compile_base = "grouped"
+        self._backend = "loop" if impl == "reference" else "grouped"
+        self.__dict__["_compiled"] = None
+        self.__dict__["_bd_cache"] = None
+        if impl == "reference":
+            self.units = nn.ModuleList(BasicUnit(s) for s in self.specs)
+        else:
+            self._build_fused()
+        self.backend = backend if impl == "fused" else "loop"
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Per-unit He init as the paper's code does it: ``kaiming_normal_(fan_out, relu)`` on every unit conv.
+
+        The fan-out is the unit's own (``b*k*k`` for conv1, ``c*k*k`` for conv2), not the grouped weight's, so
+        both implementations draw from the same distribution. BN weights are set to 1 and biases to 0.
+        """
+        with torch.no_grad():
+            for mods in (self.units if self.impl == "reference" else self.groups):
+                s = mods.spec
+                mods.conv1.weight.normal_(0.0, (2.0 / (s.b * s.kernel ** 2)) ** 0.5)
+                mods.conv2.weight.normal_(0.0, (2.0 / (s.c * s.kernel ** 2)) ** 0.5)
+                for bn in (mods.bn1, mods.bn2):
+                    bn.reset_parameters()
+
+    # -- fused bookkeeping -----------------------------------------------------------------------
+
+    def _build_fused(self) -> None:
+        members: dict[UnitSpec, list[int]] = {}
+        for i, s in enumerate(self.specs):
+            members.setdefault(s, []).append(i)
+        self.group_units: tuple[tuple[int, ...], ...] = tuple(tuple(v) for v in members.values())
+        self.groups = nn.ModuleList(UnitGroup(s, len(v)) for s, v in members.items())
+        in_off, out_off = [0], [0]
+        for s in self.specs:
+            in_off.append(in_off[-1] + s.a)
+            out_off.append(out_off[-1] + s.c)
+        # where unit i lives: (group, position in group)
+        self._where = {u: (g, j) for g, us in enumerate(self.group_units) for j, u in enumerate(us)}
+        self._in_ranges: list[tuple[int, int] | None] = []
+        cat_pos = [0] * self.out_channels
+        pos = 0
+        for g, us in enumerate(self.group_units):
+            idx = [ch for u in us for ch in range(in_off[u], in_off[u + 1])]
+            contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
+            self._in_ranges.append((idx[0], len(idx)) if contiguous else None)
+            self.register_buffer(f"in_index{g}", torch.tensor(idx, dtype=torch.long), persistent=False)
+            for u in us:
+                for ch in range(out_off[u], out_off[u + 1]):
+                    cat_pos[ch] = pos
+                    pos += 1
+        perm = None if cat_pos == list(range(self.out_channels)) else torch.tensor(cat_pos, dtype=torch.long)
+        self.register_buffer("out_perm", perm, persistent=False)  # y = cat(groups)[:, out_perm]
+        self._build_blockdiag_index(in_off, out_off)
+
+    def _build_blockdiag_index(self, in_off: list[int], out_off: list[int]) -> None:
+        """Index pairs that place each group's weights into the dense block-diagonal weights."""
+        hidden_off = 0
+        for g, us in enumerate(self.group_units):
+            s, n = self.specs[us[0]], len(us)
+            unit_in = torch.tensor([in_off[u] for u in us])  # (n,) first input channel of each unit
+            unit_out = torch.tensor([out_off[u] for u in us])  # (n,) first output channel of each unit
+            rows1 = hidden_off + torch.arange(n * s.b)  # conv1 rows: hidden channels in group order
+            cols1 = unit_in.repeat_interleave(s.b)[:, None] + torch.arange(s.a)  # (n*b, a)
+            rows2 = unit_out.repeat_interleave(s.c) + torch.arange(s.c).repeat(n)  # conv2 rows: layer order
+            cols2 = hidden_off + (torch.arange(n) * s.b).repeat_interleave(s.c)[:, None] + torch.arange(s.b)  # (n*c, b)
+            self.register_buffer(f"bd_rows1_{g}", rows1[:, None].expand(-1, s.a).contiguous(), persistent=False)
+            self.register_buffer(f"bd_cols1_{g}", cols1, persistent=False)
+            self.register_buffer(f"bd_rows2_{g}", rows2[:, None].expand(-1, s.b).contiguous(), persistent=False)
+            self.register_buffer(f"bd_cols2_{g}", cols2, persistent=False)
+            hidden_off += n * s.b
+        self.hidden_channels = hidden_off
+        self.kernel = max(s.kernel for s in self.specs)
+
+    # -- backend selection -----------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The execution backend (``loop`` only for the reference form)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"backend: {name!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+        if self.impl == "reference" and name != "loop":
+            raise ValueError(f"backend: the reference form runs only 'loop'; convert with to_fused() to use {name!r}")
+        self._backend = name
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_compiled"] = None  # a compiled closure and a cached weight belong to this object only
+        state["_bd_cache"] = None
+        return state
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.impl == "reference":
+            return self._forward_reference(x)
+        return self._run(x, self._backend)
+
+    def _run(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        if backend == "grouped":
+            return self._forward_groups(x, _call_module)
+        if backend == "grouped_cl":
+            return self._forward_groups(x.contiguous(memory_format=torch.channels_last), _call_module)
+        if backend == "bmm":
+            return self._forward_groups(x, _conv_bmm)
+        if backend == "blockdiag":
+            return self._forward_blockdiag(x)
+        if backend == "loop":
+            return self._forward_loop(x)
+        return self._forward_compiled(x)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, [s.a for s in self.specs], dim=1)  # each (B, a, H, W)
+        return torch.cat([unit(p) for unit, p in zip(self.units, parts)], dim=1)  # (B, out, H/s, W/s)
+
+    def _group_input(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        rng = self._in_ranges[g]
+        if rng is not None:
+            return x if rng[1] == x.shape[1] else x.narrow(1, rng[0], rng[1])
+        return x.index_select(1, getattr(self, f"in_index{g}"))  # (B, n*a, H, W)
+
+    def _forward_groups(self, x: torch.Tensor, conv: Callable[[torch.Tensor, nn.Conv2d], torch.Tensor]) -> torch.Tensor:
+        outs = []
+        for g, grp in enumerate(self.groups):
+            h = grp.act1(grp.bn1(conv(self._group_input(x, g), grp.conv1)))  # (B, n*b, H/s, W/s)
+            outs.append(grp.act2(grp.bn2(conv(h, grp.conv2))))  # (B, n*c, H/s, W/s)
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, out, H/s, W/s), group order
+        return y if self.out_perm is None else y.index_select(1, self.out_perm)  # layer order
+
+    def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
+        modes = {id(bn): _bn_mode(bn) for grp in self.groups for bn in (grp.bn1, grp.bn2)}
+        parts = torch.split(x, [s.a for s in self.specs], dim=1)
+        outs = []
+        for u, part in enumerate(parts):
+            g, j = self._where[u]
+            grp, s = self.groups[g], self.specs[u]
+            hb, hc = slice(j * s.b, (j + 1) * s.b), slice(j * s.c, (j + 1) * s.c)
+            h = F.conv2d(part, grp.conv1.weight[hb], None, self.stride, s.kernel // 2)  # (B, b, H/s, W/s)
+            h = F.relu(_bn_slice(grp.bn1, h, hb, modes[id(grp.bn1)]))
+            h = F.conv2d(h, grp.conv2.weight[hc], None, 1, s.kernel // 2)  # (B, c, H/s, W/s)
+            outs.append(F.relu(_bn_slice(grp.bn2, h, hc, modes[id(grp.bn2)])))
+        return torch.cat(outs, dim=1)  # (B, out, H/s, W/s)
+
+    def blockdiag_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense weights ``(hidden, in, k, k)`` and ``(out, hidden, k, k)`` that are zero off the unit blocks.
+
+        Hidden channels are in group order, output rows in layer order. Built with ``index_put`` from the
+        group weights, hence differentiable with respect to them.
+        """
+        k = self.kernel
+        ref = self.groups[0].conv1.weight
+        w1 = ref.new_zeros(self.hidden_channels, self.in_channels, k, k)
+        w2 = ref.new_zeros(self.out_channels, self.hidden_channels, k, k)
+        for g, grp in enumerate(self.groups):
+            pad = (k - grp.spec.kernel) // 2
+            a1, a2 = grp.conv1.weight, grp.conv2.weight
+            if pad:
+                a1, a2 = F.pad(a1, (pad,) * 4), F.pad(a2, (pad,) * 4)
+            w1 = w1.index_put((getattr(self, f"bd_rows1_{g}"), getattr(self, f"bd_cols1_{g}")), a1)
+            w2 = w2.index_put((getattr(self, f"bd_rows2_{g}"), getattr(self, f"bd_cols2_{g}")), a2)
+        return w1, w2
+
+    def _cached_blockdiag(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = [w for grp in self.groups for w in (grp.conv1.weight, grp.conv2.weight)]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return self.blockdiag_weights()  # autograd records: rebuild so gradients reach the group weights
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        cache = self.__dict__.get("_bd_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.blockdiag_weights())
+            self.__dict__["_bd_cache"] = cache
+        return cache[1]
+
+    def _forward_blockdiag(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self._cached_blockdiag()
+        p = self.kernel // 2
+        h = F.conv2d(x, w1, None, self.stride, p)  # (B, hidden, H/s, W/s), group order
+        h = F.relu(_bn_cat([grp.bn1 for grp in self.groups], h))
+        y = F.conv2d(h, w2, None, 1, p)  # (B, out, H/s, W/s), layer order
+        return F.relu(_bn_cat([grp.bn2 for grp in self.groups], y, self.out_perm))
+
+    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.compile_base
+        if base not in EAGER_BACKENDS:
+            raise ValueError(f"compile_base: {base!r} is not allowed; allowed: {', '.join(EAGER_BACKENDS)}")
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None or compiled[0] != base:
+            compiled = (base, torch.compile(lambda t: self._run(t, base)))
+            self.__dict__["_compiled"] = compiled
+        return compiled[1](x)
+
+    # -- state in unit order, conversion ---------------------------------------------------------
+
+    def unit_state(self, *, grad: bool = False) -> list[dict[str, torch.Tensor | None]]:
+        """Per unit, in layer order: views of its conv weights, BN affine parameters and running stats.
+
+        Args:
+            grad: return views of the parameters' ``.grad`` instead (None where a grad is missing; the
+                running stats are returned as they are).
+
+        Returns:
+            One dict per unit with keys ``conv1.weight, bn1.weight, bn1.bias, bn1.running_mean,
+            bn1.running_var`` and the same for ``conv2``/``bn2``.
+        """
+        out = []
+        for u, s in enumerate(self.specs):
+            if self.impl == "reference":
+                mods, rows = self.units[u], {"1": slice(None), "2": slice(None)}
+            else:
+                g, j = self._where[u]
+                mods, rows = self.groups[g], {"1": slice(j * s.b, (j + 1) * s.b), "2": slice(j * s.c, (j + 1) * s.c)}
+            entry = {}
+            for key in _UNIT_KEYS:
+                mod_name, attr = key.split(".")
+                t = getattr(getattr(mods, mod_name), attr)
+                if grad and isinstance(t, nn.Parameter):
+                    t = t.grad
+                entry[key] = None if t is None else t[rows[mod_name[-1]]]
+            out.append(entry)
+        return out
+
+    def _bn_modules(self) -> list[list[nn.BatchNorm2d]]:
+        """Per unit, its (bn1, bn2) modules."""
+        if self.impl == "reference":
+            return [[m.bn1, m.bn2] for m in self.units]
+        groups = [self.groups[self._where[u][0]] for u in range(len(self.specs))]
+        return [[grp.bn1, grp.bn2] for grp in groups]
+
+    def to_impl(self, impl: str) -> "UnitLayer":
+        """A new layer of implementation ``impl`` with the same weights, BN statistics, mode, device and dtype."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl: {impl!r} is not allowed; allowed: {', '.join(IMPLS)}")
+        ref = next(self.parameters())
+        new = UnitLayer(self.specs, stride=self.stride, impl=impl).to(device=ref.device, dtype=ref.dtype)
+        new.train(self.training)
+        if impl == "fused" and self.impl == "fused":
+            new.backend, new.compile_base = self.backend, self.compile_base
+        with torch.no_grad():
+            for dst, src in zip(new.unit_state(), self.unit_state()):
+                for key in _UNIT_KEYS:
+                    dst[key].copy_(src[key])
+            for dst_bns, src_bns in zip(new._bn_modules(), self._bn_modules()):
+                for dst_bn, src_bn in zip(dst_bns, src_bns):
+                    count = max(int(dst_bn.num_batches_tracked), int(src_bn.num_batches_tracked))
+                    dst_bn.num_batches_tracked.fill_(count)
+                    dst_bn.momentum, dst_bn.eps = src_bn.momentum, src_bn.eps
+        for dst, src in zip(new.parameters(), self.parameters()):
+            dst.requires_grad_(src.requires_grad)
+        return new
+
+    def extra_repr(self) -> str:
+        units = ", ".join(compact_specs(self.specs))
+        return (f"{self.in_channels}->{self.out_channels}, stride={self.stride}, impl={self.impl}, "
+                f"backend={self.backend}, units=[{units}]")
+
+
+def _call_module(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    return conv(x)
+
+
+# --- model-level helpers ------------------------------------------------------------------------
+
+
+def to_reference(layer: UnitLayer) -> UnitLayer:
+    """A reference-form copy of ``layer`` (same weights and BN statistics)."""
+    return layer.to_impl("reference")
+
+
+def to_fused(layer: UnitLayer) -> UnitLayer:
+    """A fused-form copy of ``layer`` (same weights and BN statistics)."""
+    return layer.to_impl("fused")
+
+
+def unit_layers(model: nn.Module) -> list[tuple[str, UnitLayer]]:
+    """All unit layers of ``model`` with their qualified names."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, UnitLayer)]
+
+
+def convert_units(model: nn.Module, impl: str) -> nn.Module:
+    """Swap every unit layer of ``model`` to ``impl`` in place (weights kept); returns ``model``."""
+    for name, layer in unit_layers(model):
+        if layer.impl != impl:
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], layer.to_impl(impl))
+    return model
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Set the execution backend of every fused unit layer of ``model``; returns ``model``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    for _, layer in unit_layers(model):
+        if layer.impl == "fused":
+            layer.backend = backend
+    return model

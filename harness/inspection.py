@@ -1,0 +1,154 @@
+"""Dense vs BUnit form of a backbone, side by side: parameters and MACs per stage.
+
+``bunitbench inspect BACKBONE --plan PRESET`` prints :func:`format_inspection` of :func:`inspect_backbone`.
+MACs are the multiply-accumulates of Conv2d and Linear layers at batch 1 (bias adds counted as ptflops'
+``backend="aten"`` counts them), taken with forward hooks; they equal ptflops' aten totals (a test checks
+this). Unit layers are counted on their ``grouped`` backend, whose grouped convolutions are exactly the
+units' work (the ``blockdiag`` backend would add the zeros of its dense weight).
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from bunit.convert import bunitify
+from bunit.layers import set_backend, unit_layers
+from bunit.spec import compact_specs
+from harness.models import create_backbone
+
+__all__ = ["count_macs", "inspect_backbone", "format_inspection", "sections"]
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """MACs of every Conv2d/Linear module (by qualified name) for one forward of ``example`` (per sample).
+
+    Args:
+        model: the model (run in eval mode under ``no_grad``; its mode is restored).
+        example: an input batch; counts are divided by its batch size.
+
+    Returns:
+        ``{module name: MACs}`` for the modules that ran.
+    """
+    counts: dict[str, int] = {}
+    batch = example.shape[0]
+
+    def hook(name: str):
+        def fn(module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+            if isinstance(module, nn.Conv2d):
+                k = math.prod(module.kernel_size)
+                macs = out.numel() * (module.in_channels // module.groups) * k
+            else:
+                macs = out.numel() * module.in_features
+            if module.bias is not None:
+                macs += out.numel()
+            counts[name] = counts.get(name, 0) + macs // batch
+        return fn
+
+    counted = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook(n)) for n, m in counted]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def sections(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """Row labels and the module-name prefixes each covers: one row per top-level child, except that a
+    ``features`` Sequential (VGG) is split into its stages at the MaxPool2d layers (``"features.7-13"``)."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for name, child in model.named_children():
+        if name == "features" and isinstance(child, nn.Sequential):
+            start = 0
+            for i, m in enumerate(child):
+                if isinstance(m, nn.MaxPool2d) or i == len(child) - 1:
+                    out.append((f"features.{start}-{i}", tuple(f"features.{j}" for j in range(start, i + 1))))
+                    start = i + 1
+        else:
+            out.append((name, (name,)))
+    return out
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _param_counts(model: nn.Module) -> dict[str, int]:
+    return {n: p.numel() for n, p in model.named_parameters()}
+
+
+def inspect_backbone(backbone: str | nn.Module, plan: str | dict[str, Any], *, image_size: int = 32,
+                     num_classes: int = 10, in_channels: int = 3, shortcut: str | None = None) -> list[dict[str, Any]]:
+    """Params and MACs of a backbone dense and in its BUnit form, per stage / top-level child and in total.
+
+    Args:
+        backbone: a backbone name (built with ``create_backbone``) or a dense model.
+        plan: a BUnit plan (preset name, dict or JSON string).
+        image_size: square input size for MACs.
+        num_classes: classes, when ``backbone`` is a name.
+        in_channels: input channels.
+        shortcut: CIFAR-ResNet shortcut variant, when ``backbone`` is a name.
+
+    Returns:
+        Rows ``{"module", "dense_params", "bunit_params", "dense_macs", "bunit_macs", "params_saved",
+        "macs_saved", "unit_layers", "units"}``; the last row is ``"total"`` (all parameters, all MACs);
+        children with neither (ReLU, pooling) get no row. ``*_saved`` is the fraction removed
+        (1 - bunit/dense; 0.0 when dense is 0); ``unit_layers`` counts the unit layers in the section and
+        ``units`` summarises their unit rows (e.g. ``"9x[32x2-4-2]"``).
+    """
+    if isinstance(backbone, str):
+        dense = create_backbone(backbone, num_classes=num_classes, in_channels=in_channels, shortcut=shortcut)
+    else:
+        dense = backbone
+    converted = set_backend(bunitify(dense, plan), "grouped")
+    example = torch.zeros(1, in_channels, image_size, image_size)
+    d_macs, b_macs = count_macs(dense, example), count_macs(converted, example)
+    d_params, b_params = _param_counts(dense), _param_counts(converted)
+    layers = unit_layers(converted)
+    rows = []
+    for label, prefixes in sections(converted):
+        units = [",".join(compact_specs(m.specs)) for n, m in layers if _within(n, prefixes)]
+        counts = [sum(v for k, v in d.items() if _within(k, prefixes)) for d in (d_params, b_params, d_macs, b_macs)]
+        if any(counts):  # children without params or MACs (ReLU, pooling) get no row
+            rows.append(_row(label, *counts, units))
+    rows.append(_row("total", sum(d_params.values()), sum(b_params.values()), sum(d_macs.values()),
+                     sum(b_macs.values()), [",".join(compact_specs(m.specs)) for _, m in layers]))
+    return rows
+
+
+def _row(label: str, dp: int, bp: int, dm: int, bm: int, units: list[str]) -> dict[str, Any]:
+    distinct = list(dict.fromkeys(units))
+    summary = "; ".join(f"{units.count(u)}x[{u}]" if units.count(u) > 1 else f"[{u}]" for u in distinct)
+    return {"module": label, "dense_params": dp, "bunit_params": bp, "dense_macs": dm, "bunit_macs": bm,
+            "params_saved": 1.0 - bp / dp if dp else 0.0, "macs_saved": 1.0 - bm / dm if dm else 0.0,
+            "unit_layers": len(units), "units": summary}
+
+
+def format_inspection(rows: list[dict[str, Any]], *, title: str | None = None, width: int = 120) -> str:
+    """A plain-text table of :func:`inspect_backbone` rows (rich, no colour codes)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for col, justify in (("module", "left"), ("params dense", "right"), ("params BUnit", "right"),
+                         ("saved", "right"), ("MACs dense", "right"), ("MACs BUnit", "right"), ("saved", "right"),
+                         ("units", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for i, r in enumerate(rows):
+        if r["module"] == "total" and i:
+            table.add_section()
+        table.add_row(r["module"], f"{r['dense_params']:,}", f"{r['bunit_params']:,}", f"{r['params_saved']:.1%}",
+                      f"{r['dense_macs']:,}", f"{r['bunit_macs']:,}", f"{r['macs_saved']:.1%}",
+                      r["units"] if r["module"] != "total" else f"{r['unit_layers']} unit layers")
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(table)
+    return buffer.getvalue()
