@@ -94,11 +94,9 @@ def _cmd_run(args) -> int:
     if args.report:
         from pathlib import Path
 
-        from harness.plots import write_plots
         from harness.report import write_report
 
         out = Path(args.results_dir) / suite.name
-        write_plots(out)
         md, html = write_report(out)
         print(f"report: {md} and {html}")
     return 0 if outcome.failed == 0 else 1

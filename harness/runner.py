@@ -79,15 +79,14 @@ def provenance() -> dict:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("torchvision", "torch_pruning", "ptflops"):
-        module = sys.modules.get(mod)
-        if module is None:
-            try:
-                module = __import__(mod)
-            except Exception:
-                module = None
-        versions[mod] = getattr(module, "__version__", None)
+    for dist in ("torchvision", "torch-pruning", "ptflops", "numpy"):
+        try:
+            versions[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            versions[dist.replace("-", "_")] = None
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_rev": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
             "versions": versions, "hostname": socket.gethostname()}
