@@ -247,10 +247,31 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
         ``macs_nonzero`` (``macs`` with the weight MACs of conv/linear layers scaled by their non-zero share).
     """
     shape = _sample_shape(input_shape)
-    macs = _ptflops_macs(model, shape, "aten")
-    macs_all = _ptflops_macs(model, shape, "pytorch")
-    dense, nonzero = _layer_macs(model, shape)
+    with _canonical_unit_backends(model):
+        macs = _ptflops_macs(model, shape, "aten")
+        macs_all = _ptflops_macs(model, shape, "pytorch")
+        dense, nonzero = _layer_macs(model, shape)
     return {"macs": macs, "macs_all": macs_all, "macs_nonzero": macs - dense + nonzero}
+
+
+@contextlib.contextmanager
+def _canonical_unit_backends(model: nn.Module):
+    """Count BUnit layers as grouped convolutions whatever backend the autotuner chose.
+
+    MACs belong to the architecture, not to the kernel that runs it: the block-diagonal backend executes a dense
+    convolution whose off-diagonal zeros a counter would charge, and the per-unit loop or bmm run no Conv2d
+    module at all. The chosen backends are restored afterwards.
+    """
+    from bunit.layers import unit_layers
+
+    chosen = [(layer, layer.backend) for _, layer in unit_layers(model) if layer.impl == "fused"]
+    try:
+        for layer, _ in chosen:
+            layer.backend = "grouped"
+        yield
+    finally:
+        for layer, backend in chosen:
+            layer.backend = backend
 
 
 # --- devices ---------------------------------------------------------------------------------------

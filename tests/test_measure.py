@@ -375,3 +375,29 @@ def test_the_gpu_only_columns_plumbing_on_cpu(monkeypatch):
     assert measure._semi24_columns(model, torch.randn(1, 4, 8, 8), row, common) == []
     assert row["semi24_layers"] == "3/4"
     assert row["latency_ms_p50_b1_bf16"] > 0 and row["latency_ms_p50_bt_semi24"] > 0
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped", "grouped_cl", "blockdiag", "bmm"])
+def test_bunit_macs_do_not_depend_on_the_execution_backend(backend):
+    """A block-diagonal backend runs a dense conv; the count must still be the units' closed form."""
+    from bunit import bunitify
+    from bunit.layers import set_backend, unit_layers, unit_macs
+
+    from harness.models import create_backbone
+
+    dense = create_backbone("resnet20", num_classes=10, in_channels=3, shortcut="A").eval()
+    model = bunitify(dense, "cifar-resnet-all").eval()
+    reference = count_macs(model, (3, 16, 16))
+    set_backend(model, backend)
+    counted = count_macs(model, (3, 16, 16))
+    assert counted == reference
+    assert all(layer.backend == backend for _, layer in unit_layers(model))  # restored afterwards
+    # closed form: the dense stem and classifier plus every unit layer's formula
+    sizes = {"layer1": 16, "layer2": 8, "layer3": 4}
+    units = 0
+    for name, layer in unit_layers(model):
+        out = sizes[name.split(".")[0]]
+        units += unit_macs(layer.specs, out * layer.stride, out * layer.stride)
+    stem = 3 * 16 * 9 * 16 * 16
+    fc = 64 * 10 + 10  # ptflops aten counts the bias adds of the classifier
+    assert reference["macs"] == stem + units + fc
