@@ -11,16 +11,9 @@ from typing import Any
 import torch.nn as nn
 
 from baselines.base import Method, MethodContext, register_method
-from bunit import PRESETS, bunitify, resolve_plan
+from bunit import PAPER, PRESETS, bunitify, resolve_plan
 
-__all__ = ["BUnit", "paper_preset"]
-
-
-def paper_preset(model: nn.Module) -> str:
-    """The paper's plan for this backbone: middle VGG stages, or ResNet stages 2 and 3 (its public code)."""
-    if hasattr(model, "features") and not hasattr(model, "layer2"):
-        return "vgg16-middle"
-    return "resnet-paper"
+__all__ = ["BUnit"]
 
 
 @register_method("bunit")
@@ -32,16 +25,13 @@ class BUnit(Method):
 
     def validate_target(self, target: Any) -> None:
         if target is None:
-            raise ValueError(f"target: BUnit needs a unit plan; allowed: 'paper', {', '.join(sorted(PRESETS))}, "
+            raise ValueError(f"target: BUnit needs a unit plan; allowed: {PAPER!r}, {', '.join(sorted(PRESETS))}, "
                              "or a plan table")
-        if target != "paper":
+        if target != PAPER:
             resolve_plan(target)
 
     def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
-        plan = resolve_plan(paper_preset(model) if target == "paper" else target)
-        converted = bunitify(model, plan)
-        ctx.record["plan"] = converted.bunit_plan
-        return converted
+        return bunitify(model, target)
 
     def architecture(self, model: nn.Module) -> dict | None:
         return getattr(model, "bunit_plan", None)

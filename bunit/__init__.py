@@ -6,13 +6,13 @@ dense backbone into its BUnit form from a JSON-able plan, and ``autotune`` picks
 """
 from bunit.autotune import autotune, default_cache_path
 from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv
-from bunit.convert import PRESETS, bunitify, resolve_plan
+from bunit.convert import PAPER, PRESETS, bunitify, paper_preset, resolve_plan
 from bunit.layers import (BACKENDS, EAGER_BACKENDS, IMPLS, UnitLayer, convert_units, set_backend, to_fused,
                           to_reference, unit_layers, unit_macs, unit_params)
 from bunit.spec import CATALOGUE, UnitSpec, compact_specs, hybrid_mix, parse_spec, parse_specs, uniform_units
 
 __all__ = [
-    "BACKENDS", "EAGER_BACKENDS", "IMPLS", "CATALOGUE", "PRESETS",
+    "BACKENDS", "EAGER_BACKENDS", "IMPLS", "CATALOGUE", "PRESETS", "PAPER", "paper_preset",
     "UnitSpec", "parse_spec", "parse_specs", "compact_specs", "hybrid_mix", "uniform_units",
     "UnitLayer", "unit_params", "unit_macs", "to_reference", "to_fused", "convert_units", "set_backend", "unit_layers",
     "BUnitBasicBlock", "BUnitBottleneck", "BUnitConv",

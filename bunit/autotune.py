@@ -7,9 +7,11 @@ the model's mode is restored afterwards. Choices and the medians behind them are
 (default ``~/.cache/bunitbench/autotune.json``; the folder can be moved with ``BUNITBENCH_CACHE_DIR`` and
 the file given directly with ``cache_path``), so a second call with the same shapes times nothing.
 
-The ``compiled`` backend is timed last, compiling the fastest eager backend (``layer.compile_base``); it
-is left out of the default set because compiling every shape can take minutes. A backend that raises
-is recorded with its error and never chosen.
+The ``compiled`` backend is timed last, compiling the fastest eager backend (``layer.compile_base``) and,
+when ``stencil`` is among the backends tried, compiling ``stencil`` too (that backend exists to be compiled);
+the faster compile is kept, and every compile's median is cached under ``compiled_ms``. ``compiled`` is left
+out of the default set because compiling every shape can take minutes. A backend that raises is recorded
+with its error and never chosen.
 """
 from __future__ import annotations
 
@@ -200,14 +202,7 @@ def autotune(model: nn.Module, example_input: torch.Tensor, *, backends: Iterabl
                 if backend not in entry["timings_ms"] and backend not in entry["errors"]:
                     changed |= _measure(entry, layer, x, backend, repeats, timer)
             if "compiled" in tried:
-                best_eager = _fastest(entry, [b for b in EAGER_BACKENDS if b in entry["timings_ms"]]) or "grouped"
-                if entry.get("compile_base") not in (None, best_eager):
-                    entry["timings_ms"].pop("compiled", None)  # compiled something else before: time again
-                    entry["errors"].pop("compiled", None)
-                if "compiled" not in entry["timings_ms"] and "compiled" not in entry["errors"]:
-                    layer.compile_base = best_eager
-                    entry["compile_base"] = best_eager
-                    changed |= _measure(entry, layer, x, "compiled", repeats, timer)
+                changed |= _tune_compiled(entry, layer, x, tried, repeats, timer)
             best = _fastest(entry, tried)
             if best is None:
                 raise RuntimeError(f"autotune: every backend failed on {name}: {entry['errors']}")
@@ -232,6 +227,41 @@ def _measure(entry: dict, layer: UnitLayer, x: torch.Tensor, backend: str, repea
     except Exception as err:  # a backend that cannot run here (e.g. no compiler) is recorded and skipped
         entry["errors"][backend] = f"{type(err).__name__}: {err}"[:500]
     return True
+
+
+def _compile_bases(entry: dict, tried: list[str]) -> list[str]:
+    """What ``compiled`` is timed on: the fastest eager backend, and ``stencil`` when it was tried too."""
+    best_eager = _fastest(entry, [b for b in EAGER_BACKENDS if b in entry["timings_ms"]]) or "grouped"
+    return [best_eager] + (["stencil"] if "stencil" in tried and best_eager != "stencil" else [])
+
+
+def _tune_compiled(entry: dict, layer: UnitLayer, x: torch.Tensor, tried: list[str], repeats: int,
+                   timer: TimerFn) -> bool:
+    """Time ``compiled`` on each compile base not timed yet; keep the fastest as the entry's ``compiled``."""
+    per_base = entry.setdefault("compiled_ms", {})
+    if not per_base and entry.get("compile_base") and "compiled" in entry["timings_ms"]:
+        per_base[entry["compile_base"]] = entry["timings_ms"]["compiled"]  # a cache written before compiled_ms
+    bases = _compile_bases(entry, tried)
+    changed = False
+    for base in bases:
+        if base in per_base or f"compiled:{base}" in entry["errors"]:
+            continue
+        layer.compile_base = base
+        probe = {"timings_ms": {}, "errors": {}}
+        changed |= _measure(probe, layer, x, "compiled", repeats, timer)
+        if "compiled" in probe["timings_ms"]:
+            per_base[base] = probe["timings_ms"]["compiled"]
+        else:
+            entry["errors"][f"compiled:{base}"] = probe["errors"]["compiled"]
+    timed = [(per_base[b], b) for b in bases if b in per_base]
+    if timed:
+        ms, base = min(timed)
+        entry["timings_ms"]["compiled"], entry["compile_base"] = ms, base
+        entry["errors"].pop("compiled", None)
+    else:
+        entry["timings_ms"].pop("compiled", None)
+        entry["errors"]["compiled"] = "; ".join(entry["errors"].get(f"compiled:{b}", "") for b in bases)
+    return changed
 
 
 def _fastest(entry: dict, candidates: Iterable[str]) -> str | None:

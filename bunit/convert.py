@@ -35,7 +35,7 @@ from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv, block_io, 
 from bunit.layers import BACKENDS, IMPLS
 from bunit.spec import CATALOGUE, UnitSpec, compact_specs, hybrid_mix, parse_spec, parse_specs, uniform_units
 
-__all__ = ["PRESETS", "PLAN_KEYS", "resolve_plan", "bunitify", "plan_targets", "layer_seed"]
+__all__ = ["PRESETS", "PLAN_KEYS", "PAPER", "paper_preset", "resolve_plan", "bunitify", "plan_targets", "layer_seed"]
 
 _UNIFORM = {"units": "uniform:2-4"}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -203,6 +203,17 @@ def _replace_conv_triple(model: nn.Module, path: str, new: nn.Module) -> None:
     parent[i], parent[i + 1], parent[i + 2] = new, nn.Identity(), nn.Identity()
 
 
+PAPER = "paper"
+"""A plan name that stands for the paper's choice on whatever backbone it is applied to."""
+
+
+def paper_preset(model: nn.Module) -> str:
+    """The paper's plan for ``model``: VGG's middle stages, or stages 2 and 3 of a ResNet (its public code)."""
+    if hasattr(model, "features") and not hasattr(model, "layer2"):
+        return "vgg16-middle"
+    return "resnet-paper"
+
+
 def bunitify(model: nn.Module, plan: str | dict[str, Any]) -> nn.Module:
     """A BUnit-Net copy of ``model``: the modules the plan names are replaced by freshly initialised units.
 
@@ -210,13 +221,14 @@ def bunitify(model: nn.Module, plan: str | dict[str, Any]) -> nn.Module:
 
     Args:
         model: a dense backbone (CIFAR ResNet, torchvision ResNet, or VGG with ``features``).
-        plan: a preset name, a plan dict or a JSON string (see the module docstring).
+        plan: a preset name, ``"paper"`` (the preset :func:`paper_preset` picks for this model), a plan dict or a
+            JSON string (see the module docstring).
 
     Returns:
         The converted model, with ``bunit_plan`` set to the resolved plan whose ``layers`` lists the specs
         of every converted layer.
     """
-    resolved = resolve_plan(plan)
+    resolved = resolve_plan(paper_preset(model) if plan == PAPER else plan)
     out = copy.deepcopy(model)
     explicit: dict[str, list[str]] = {}
     for path, kind in plan_targets(out, resolved):

@@ -21,8 +21,13 @@ The fused form runs on one of several execution backends (``layer.backend``), al
   it is cached and the cache is invalidated whenever a weight changes (tensor version counter, storage,
   dtype or device).
 - ``bmm``: ``unfold`` + one batched matmul over the units of a group.
+- ``stencil``: each grouped conv written out as ``k*k`` shifted, broadcast multiply-adds over the unit
+  inputs, with no convolution kernel at all. Slow eagerly (it materialises a temporary per tap); it exists
+  to be compiled: inductor turns a whole group (conv, BN, ReLU) into one vectorised loop nest, which on CPU
+  beats the library's grouped convolution for units this small.
 - ``compiled``: ``torch.compile`` of ``layer.compile_base`` (an eager backend, ``grouped`` unless the
-  autotuner found a faster one); the first call compiles and may take tens of seconds.
+  autotuner found a faster one, often ``stencil`` on CPU); the first call compiles and may take tens of
+  seconds.
 """
 from __future__ import annotations
 
@@ -51,8 +56,8 @@ __all__ = [
 ]
 
 IMPLS = ("reference", "fused")
-BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "compiled")
-EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm")
+BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "compiled")
+EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil")
 _UNIT_KEYS = ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
               "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var")
 
@@ -208,9 +213,31 @@ def _conv_bmm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     patches = F.pad(x, (p, p, p, p)).unfold(2, k, s).unfold(3, k, s)  # (B, n*a, Ho, Wo, k, k), a view
     cols = patches.reshape(bsz, n, cin // n, ho, wo, k, k).permute(1, 2, 5, 6, 0, 3, 4)  # (n, a, k, k, B, Ho, Wo)
     cols = cols.reshape(n, (cin // n) * k * k, bsz * ho * wo)  # (n, a*k*k, B*Ho*Wo), the one copy
-    weight = conv.weight.view(n, conv.out_channels // n, -1)  # (n, b, a*k*k)
+    weight = conv.weight.reshape(n, conv.out_channels // n, -1)  # (n, b, a*k*k); copies a channels_last weight
     out = torch.bmm(weight, cols)  # (n, b, B*Ho*Wo)
     return out.view(conv.out_channels, bsz, ho, wo).transpose(0, 1)  # (B, n*b, Ho, Wo), a strided view
+
+
+def _conv_stencil(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A grouped conv as ``k*k`` shifted multiply-adds: ``y[u, o] = sum_{j, tap} w[u, o, j, tap] * x[u, j] shifted``.
+
+    Every tap broadcasts the ``(n, 1, a)`` input slices against the ``(n, b, a)`` weights and sums over ``a``;
+    there is no convolution call, so under ``torch.compile`` the whole conv (and the BN and ReLU after it)
+    becomes one pointwise loop nest with ``k*k*a`` loads per output.
+    """
+    n, k, s, p = conv.groups, conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    bsz, cin, h, w = x.shape
+    a, b = cin // n, conv.out_channels // n
+    ho, wo = _out_size(h, k, s), _out_size(w, k, s)
+    xp = F.pad(x, (p, p, p, p)).unflatten(1, (n, 1, a))  # (B, n, 1, a, H+2p, W+2p)
+    weight = conv.weight.reshape(n, b, a, k, k)
+    out = None
+    for dy in range(k):
+        for dx in range(k):
+            xs = xp[..., dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s]  # (B, n, 1, a, Ho, Wo)
+            term = (xs * weight[:, :, :, dy, dx, None, None]).sum(3)  # (B, n, b, Ho, Wo)
+            out = term if out is None else out + term
+    return out.flatten(1, 2)  # (B, n*b, Ho, Wo)
 
 
 # --- the layer ----------------------------------------------------------------------------------
@@ -365,6 +392,8 @@ class UnitLayer(nn.Module):
             return self._forward_groups(x.contiguous(memory_format=torch.channels_last), _call_module)
         if backend == "bmm":
             return self._forward_groups(x, _conv_bmm)
+        if backend == "stencil":
+            return self._forward_groups(x, _conv_stencil)
         if backend == "blockdiag":
             return self._forward_blockdiag(x)
         if backend == "loop":

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="params and MACs of a backbone, dense vs BUnit form, per stage")
     ins.add_argument("backbone")
-    ins.add_argument("--plan", default=None, help="a BUnit preset name or a JSON plan (default: the backbone's)")
+    ins.add_argument("--plan", default="paper", help="a BUnit preset name or a JSON plan (default: paper, the "
+                     "paper's choice for this backbone)")
     ins.add_argument("--image-size", type=int, default=32)
     ins.add_argument("--num-classes", type=int, default=10)
     ins.add_argument("--in-channels", type=int, default=3)

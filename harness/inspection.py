@@ -86,13 +86,14 @@ def _param_counts(model: nn.Module) -> dict[str, int]:
     return {n: p.numel() for n, p in model.named_parameters()}
 
 
-def inspect_backbone(backbone: str | nn.Module, plan: str | dict[str, Any], *, image_size: int = 32,
+def inspect_backbone(backbone: str | nn.Module, plan: str | dict[str, Any] | None = "paper", *, image_size: int = 32,
                      num_classes: int = 10, in_channels: int = 3, shortcut: str | None = None) -> list[dict[str, Any]]:
     """Params and MACs of a backbone dense and in its BUnit form, per stage / top-level child and in total.
 
     Args:
         backbone: a backbone name (built with ``create_backbone``) or a dense model.
-        plan: a BUnit plan (preset name, dict or JSON string).
+        plan: a BUnit plan (preset name, ``"paper"`` for the paper's choice on this backbone, dict or JSON
+            string); None means ``"paper"``.
         image_size: square input size for MACs.
         num_classes: classes, when ``backbone`` is a name.
         in_channels: input channels.
@@ -109,7 +110,7 @@ def inspect_backbone(backbone: str | nn.Module, plan: str | dict[str, Any], *, i
         dense = create_backbone(backbone, num_classes=num_classes, in_channels=in_channels, shortcut=shortcut)
     else:
         dense = backbone
-    converted = set_backend(bunitify(dense, plan), "grouped")
+    converted = set_backend(bunitify(dense, plan or "paper"), "grouped")
     example = torch.zeros(1, in_channels, image_size, image_size)
     d_macs, b_macs = count_macs(dense, example), count_macs(converted, example)
     d_params, b_params = _param_counts(dense), _param_counts(converted)

@@ -210,3 +210,17 @@ def test_uniform_other_shapes_and_parse():
     assert parse_specs(model.bunit_plan["layers"]["layer3.1"]) == list(model.layer3[1].units.specs)
     assert str(model.layer3[1].units.specs[0]) == "4-8-4" and len(model.layer3[1].units.specs) == 16
     assert isinstance(model.layer3[1].units, UnitLayer)
+
+
+@pytest.mark.parametrize("backbone,preset", [("resnet20", "resnet-paper"), ("vgg16", "vgg16-middle"),
+                                             ("resnet18", "resnet-paper")])
+def test_paper_plan_picks_the_preset_for_the_backbone(backbone, preset):
+    from bunit import PAPER, paper_preset
+
+    from harness.models import create_backbone
+
+    dense = create_backbone(backbone)
+    assert paper_preset(dense) == preset
+    a, b = bunitify(dense, PAPER), bunitify(dense, preset)
+    assert a.bunit_plan["layers"] == b.bunit_plan["layers"]
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
