@@ -73,8 +73,9 @@ def _dataloader_epoch_times(model, images: np.ndarray, labels: np.ndarray, *, si
     return times
 
 
-def _harness_epoch_times(model, data, *, batch: int, epochs: int, channels_last: bool) -> list[float]:
-    recipe = TrainConfig(batch_size=batch, lr=0.05, warmup_epochs=0, channels_last=channels_last)
+def _harness_epoch_times(model, data, *, batch: int, epochs: int, channels_last: bool, bf16: bool) -> list[float]:
+    recipe = TrainConfig(batch_size=batch, lr=0.05, warmup_epochs=0, channels_last=channels_last, bf16=bf16,
+                         bf16_cpu=bf16)
     times = []
     for e in range(epochs):
         result = train_model(model, data, recipe, epochs=1, seed=e, warmup=False)
@@ -98,23 +99,26 @@ def main() -> None:
         x = data.x_train.float().cpu()
         x = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8)[:, 0].numpy()
         y = data.y_train.cpu().numpy()
-        for cl in ([False, True] if device.type == "cuda" else [False]):
+        # The plain loop is what users write: fp32 (bf16 autocast on CUDA), contiguous, DataLoader workers.
+        # The harness is timed plain too, then with its speed options: channels_last + bf16 autocast.
+        for cl, bf16 in [(False, False), (True, True)]:
             torch.manual_seed(0)
             m1 = create_backbone(backbone, num_classes=10, in_channels=1, shortcut="B").to(device)
             m2 = create_backbone(backbone, num_classes=10, in_channels=1, shortcut="B").to(device)
-            _harness_epoch_times(m1, data, batch=batch, epochs=1, channels_last=cl)  # warm-up
+            _harness_epoch_times(m1, data, batch=batch, epochs=1, channels_last=cl, bf16=bf16)  # warm-up
             _dataloader_epoch_times(m2, x, y, size=size, batch=batch, epochs=1, workers=args.workers, device=device,
-                                    channels_last=cl)
-            h = _harness_epoch_times(m1, data, batch=batch, epochs=args.epochs, channels_last=cl)
+                                    channels_last=False)
+            h = _harness_epoch_times(m1, data, batch=batch, epochs=args.epochs, channels_last=cl, bf16=bf16)
             d = _dataloader_epoch_times(m2, x, y, size=size, batch=batch, epochs=args.epochs, workers=args.workers,
-                                        device=device, channels_last=cl)
+                                        device=device, channels_last=False)
             row = {"device": str(device), "backbone": backbone, "image_size": size, "batch": batch,
-                   "channels_last": cl, "samples": len(y), "harness_epoch_s": statistics.median(h),
+                   "harness_channels_last": cl, "harness_bf16": bf16 or device.type == "cuda",
+                   "samples": len(y), "harness_epoch_s": statistics.median(h),
                    "dataloader_epoch_s": statistics.median(d), "workers": args.workers,
                    "threads": torch.get_num_threads()}
             row["speedup"] = row["dataloader_epoch_s"] / row["harness_epoch_s"]
             rows.append(row)
-            print(f"{device} {backbone}@{size} batch {batch} cl={cl}: harness {row['harness_epoch_s']:.3f}s/epoch, "
+            print(f"{device} {backbone}@{size} batch {batch} harness cl={cl} bf16={bf16}: harness {row['harness_epoch_s']:.3f}s/epoch, "
                   f"DataLoader {row['dataloader_epoch_s']:.3f}s/epoch -> {row['speedup']:.2f}x", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ __all__ = ["dense_key", "save_checkpoint", "load_checkpoint", "atomic_write_byte
 
 # Recipe fields that change the dense weights (fine-tune and sparse settings do not).
 _DENSE_RECIPE_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
-                        "label_smoothing", "augment", "bf16")
+                        "label_smoothing", "augment", "bf16", "bf16_cpu", "channels_last")
 
 
 def dense_key(exp: Experiment) -> str:

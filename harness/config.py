@@ -53,7 +53,8 @@ class TrainConfig:
     sparse_epochs: int = 5
     sparse_lambda: float = 1e-4
     augment: bool = True
-    bf16: bool = True  # autocast on CUDA only
+    bf16: bool = True  # bf16 autocast on CUDA
+    bf16_cpu: bool = False  # bf16 autocast on CPU too (fast where the CPU has AVX512-BF16/AMX)
     channels_last: bool = False
     compile: bool = False
     eval_every: int = 0  # 0: evaluate at the end only

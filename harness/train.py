@@ -113,7 +113,7 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
     steps_per_epoch = len(loader)
     total_steps = epochs * steps_per_epoch
     warmup_steps = int(recipe.warmup_epochs * steps_per_epoch) if warmup else 0
-    use_bf16 = recipe.bf16 and device.type == "cuda"
+    use_bf16 = recipe.bf16 and (device.type == "cuda" or recipe.bf16_cpu)  # CPU: oneDNN bf16 kernels
     memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     step_fn = model if parallel is None else parallel.wrap(model)  # DDP: gradients averaged over ranks

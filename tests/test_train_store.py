@@ -101,3 +101,20 @@ def test_store_skips_torn_row_and_resumes_on_new_line(tmp_path):
 def test_store_rejects_undocumented_columns(tmp_path):
     with pytest.raises(ValueError, match="unknown column"):
         ResultStore(tmp_path).append({"key": "a", "status": "ok", "accuracy_maybe": 1})
+
+
+def test_bf16_autocast_on_cpu_is_opt_in_and_deterministic(digits8):
+    import dataclasses
+
+    def run(recipe):
+        torch.manual_seed(0)
+        model = create_backbone("resnet8", num_classes=10, in_channels=1, shortcut="B")
+        train_model(model, digits8, recipe, epochs=1, seed=0)
+        return model.conv1.weight.detach().clone()
+
+    fp32 = run(RECIPE)  # recipe.bf16 is on, but it applies to CUDA only unless bf16_cpu is set
+    bf16 = dataclasses.replace(RECIPE, bf16_cpu=True, channels_last=True)
+    a, b = run(bf16), run(bf16)
+    assert torch.equal(a, b)  # same seed, same bf16 result
+    assert not torch.allclose(a, fp32, atol=1e-6)  # the autocast really changed the arithmetic
+    assert torch.isfinite(a).all()
