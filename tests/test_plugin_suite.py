@@ -45,3 +45,14 @@ def test_without_the_plugin_the_method_is_unknown(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "l2-filter" in out.stderr and "allowed" in out.stderr and "l1-filter" in out.stderr
+
+
+def test_readme_suite_example_is_a_valid_suite():
+    import tomllib
+
+    from harness.config import expand, parse_suite
+
+    block = re.search(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
+    suite = parse_suite(tomllib.loads(block))
+    assert suite.dataset == "cifar10" and suite.train.bf16_cpu and suite.train.channels_last
+    assert len(expand(suite)) == 2 * 3 * (1 + 2 + 2 + 2)  # backbones x seeds x (dense, bunit, magnitude, l1)
