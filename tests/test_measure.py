@@ -401,3 +401,12 @@ def test_bunit_macs_do_not_depend_on_the_execution_backend(backend):
     stem = 3 * 16 * 9 * 16 * 16
     fc = 64 * 10 + 10  # ptflops aten counts the bias adds of the classifier
     assert reference["macs"] == stem + units + fc
+
+
+def test_ptflops_default_backend_adds_bn_relu_pooling_on_resnet56():
+    """ptflops' default backend (macs_all) on ResNet-56 A at 32x32: 127,623,818 as measured with ptflops 0.7.5."""
+    from harness.models import create_backbone
+
+    counts = count_macs(create_backbone("resnet56", num_classes=10, in_channels=3, shortcut="A"), (3, 32, 32))
+    assert counts["macs"] == 125_485_706
+    assert counts["macs_all"] == 127_623_818
