@@ -1,6 +1,6 @@
 """Counts the baselines need while they prune: prunable weights, sparsity, layer widths, and conv+linear MACs.
 
-``harness/measure.py`` owns the numbers that go into a row; these are the methods' own gauges (baselines do not
+``harness/measure/`` owns the numbers that go into a row; these are the methods' own gauges (baselines do not
 import harness internals). ``count_macs`` follows the literature's convention that ``harness.measure`` uses too:
 multiply-accumulates of convolution and linear layers only, for one sample (CIFAR ResNet-56 at 32x32: 125.49M).
 """

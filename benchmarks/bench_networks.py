@@ -47,7 +47,7 @@ from bunit import bunitify
 from bunit.autotune import autotune
 from bunit.layers import EAGER_BACKENDS, unit_layers
 from harness.measure import count_macs, count_params, count_params_nonzero
-from harness.models import create_backbone
+from harness.run.models import create_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layers import (dtype_from_name, environment, interleaved_times, load_average,  # noqa: E402

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from harness.compat import ensure_torchvision
-from harness.config import TrainConfig
-from harness.data import load_dataset
-from harness.models import create_backbone
-from harness.train import train_model
+from harness.run.config import TrainConfig
+from harness.run.data import load_dataset
+from harness.run.models import create_backbone
+from harness.run.train import train_model
 
 
 def _sync(device: torch.device) -> None:

@@ -63,8 +63,8 @@ def _err(message: str) -> int:
 
 
 def _cmd_run(args) -> int:
-    from harness.config import apply_overrides, expand, load_suite
-    from harness.runner import load_plugin, resolve_device, select
+    from harness.run.config import apply_overrides, expand, load_suite
+    from harness.run.runner import load_plugin, resolve_device, select
 
     if args.executor not in EXECUTORS:
         return _err(f"--executor: {args.executor!r} not allowed; allowed: {', '.join(EXECUTORS)}")
@@ -80,12 +80,12 @@ def _cmd_run(args) -> int:
         print(f"{len(grid)} experiments in suite {suite.name!r}", file=sys.stderr)
         return 0
     if args.executor == "ray":  # the device is the workers' business, not the driver's
-        from harness.executors import run_suite_ray
+        from harness.run.executors import run_suite_ray
 
         outcome = run_suite_ray(suite, results_dir=args.results_dir, device=args.device, only=args.only,
                                 address=args.address, plugins=args.plugin, progress=not args.no_progress)
     else:
-        from harness.executors import run_suite_local
+        from harness.run.executors import run_suite_local
 
         resolve_device(args.device)
         outcome = run_suite_local(suite, results_dir=args.results_dir, device=args.device, only=args.only,
@@ -95,7 +95,7 @@ def _cmd_run(args) -> int:
     if args.report:
         from pathlib import Path
 
-        from harness.report import write_report
+        from harness.analyse.report import write_report
 
         out = Path(args.results_dir) / suite.name
         md, html = write_report(out)
@@ -105,10 +105,10 @@ def _cmd_run(args) -> int:
 
 def _cmd_list(args) -> int:
     from baselines import list_methods, method_info
-    from harness.config import list_suites
-    from harness.data import list_datasets
-    from harness.models import list_backbones
-    from harness.runner import load_plugin
+    from harness.run.config import list_suites
+    from harness.run.data import list_datasets
+    from harness.run.models import list_backbones
+    from harness.run.runner import load_plugin
 
     for plugin in args.plugin:
         load_plugin(plugin)
@@ -125,7 +125,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from harness.inspection import format_inspection, inspect_backbone
+    from harness.measure.inspection import format_inspection, inspect_backbone
 
     rows = inspect_backbone(args.backbone, args.plan, image_size=args.image_size, num_classes=args.num_classes,
                             in_channels=args.in_channels)
@@ -134,7 +134,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from harness.plots import write_plots
+    from harness.analyse.plots import write_plots
 
     for path in write_plots(args.results_dir):
         print(path)
@@ -142,7 +142,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from harness.report import write_report
+    from harness.analyse.report import write_report
 
     for path in write_report(args.results_dir):
         print(path)

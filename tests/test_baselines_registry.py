@@ -11,7 +11,7 @@ import baselines
 from baselines import MethodContext, finetune_split, get_method, list_methods, method_info, register_method
 from baselines.base import Method
 from baselines.schedule import stage_targets
-from harness.models import create_backbone
+from harness.run.models import create_backbone
 
 PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin_criterion.py"
 

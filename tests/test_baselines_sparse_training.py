@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from baselines import MethodContext, get_method
 from baselines.depgraph import group_penalty
 from baselines.shortcut import convert_pad_shortcuts
-from harness.models import create_backbone
+from harness.run.models import create_backbone
 
 
 @pytest.fixture(autouse=True, scope="module")

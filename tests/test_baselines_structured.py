@@ -14,7 +14,7 @@ from baselines.counting import count_macs, layer_widths
 from baselines.serialize import architecture_of, rebuild
 from baselines.shortcut import ChannelMapPruner, ChannelMapShortcut, convert_pad_shortcuts
 from baselines.structured import parse_structured_target
-from harness.models import create_backbone
+from harness.run.models import create_backbone
 
 STRUCTURED = list_methods(family="structured")
 LOCAL = [n for n in STRUCTURED if not get_method(n).global_pruning]

@@ -7,7 +7,7 @@ from sklearn.datasets import load_digits
 from baselines import MethodContext, get_method, list_methods
 from baselines.counting import prunable_layers, weight_sparsity
 from baselines.lamp import lamp_scores
-from harness.models import create_backbone
+from harness.run.models import create_backbone
 
 UNSTRUCTURED = list_methods(family="unstructured")
 

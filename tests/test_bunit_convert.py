@@ -13,8 +13,8 @@ from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv, block_kind
 from bunit.convert import PRESETS, bunitify, layer_seed, resolve_plan
 from bunit.layers import UnitLayer, convert_units, unit_layers, unit_macs, unit_params
 from bunit.spec import CATALOGUE, hybrid_mix, parse_specs
-from harness.inspection import count_macs
-from harness.models import create_backbone
+from harness.measure.inspection import count_macs
+from harness.run.models import create_backbone
 
 # (backbone, shortcut, plan, image size, dense params, BUnit params, dense MACs, BUnit MACs), MACs as ptflops aten
 FIGURES = [
@@ -217,7 +217,7 @@ def test_uniform_other_shapes_and_parse():
 def test_paper_plan_picks_the_preset_for_the_backbone(backbone, preset):
     from bunit import PAPER, paper_preset
 
-    from harness.models import create_backbone
+    from harness.run.models import create_backbone
 
     dense = create_backbone(backbone)
     assert paper_preset(dense) == preset

@@ -11,7 +11,7 @@ from ptflops import get_model_complexity_info
 
 from bunit.layers import UnitLayer, to_fused, to_reference, unit_macs, unit_params
 from bunit.spec import (CATALOGUE, UnitSpec, compact_specs, hybrid_mix, parse_spec, parse_specs, uniform_units)
-from harness.inspection import count_macs
+from harness.measure.inspection import count_macs
 
 # --- specs --------------------------------------------------------------------------------------
 

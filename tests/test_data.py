@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data import DeviceLoader, augment_batch, load_dataset
+from harness.run.data import DeviceLoader, augment_batch, load_dataset
 
 
 def test_digits_split_and_normalisation():

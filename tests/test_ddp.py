@@ -1,4 +1,4 @@
-"""Data-parallel training (harness.distributed): 2 gloo processes on CPU against one process, same global batch."""
+"""Data-parallel training (harness.run.distributed): 2 gloo processes on CPU against one process, same global batch."""
 import json
 import os
 import socket
@@ -10,14 +10,14 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from harness.checkpoints import dense_key
-from harness.config import TrainConfig, expand, load_suite
-from harness.data import DeviceLoader, load_dataset
-from harness.distributed import ShardedLoader
-from harness.models import create_backbone
-from harness.runner import run_suite
-from harness.store import ResultStore
-from harness.train import evaluate, train_model
+from harness.run.checkpoints import dense_key
+from harness.run.config import TrainConfig, expand, load_suite
+from harness.run.data import DeviceLoader, load_dataset
+from harness.run.distributed import ShardedLoader
+from harness.run.models import create_backbone
+from harness.run.runner import run_suite
+from harness.run.store import ResultStore
+from harness.run.train import evaluate, train_model
 
 from conftest import write_suite
 
@@ -53,7 +53,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from harness.distributed import init_distributed
+    from harness.run.distributed import init_distributed
 
     parallel = init_distributed("cpu")
     data = load_dataset("digits", image_size=8)
@@ -137,7 +137,7 @@ def test_torchrun_suite_rank0_writes_once_and_resumes(tmp_path, one_thread):
     path = write_suite(tmp_path / "tiny.toml", epochs=4, methods=methods)
     suite = load_suite(str(path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "harness.distributed", str(path), "--results-dir", str(tmp_path / "ddp"), "--no-progress"]
+           "-m", "harness.run.distributed", str(path), "--results-dir", str(tmp_path / "ddp"), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from harness.checkpoints import dense_key
-from harness.config import expand, load_suite
-from harness.executors import _failed_row, plan_jobs, run_suite_local
-from harness.runner import run_suite, select
-from harness.store import ResultStore
+from harness.run.checkpoints import dense_key
+from harness.run.config import expand, load_suite
+from harness.run.executors import _failed_row, plan_jobs, run_suite_local
+from harness.run.runner import run_suite, select
+from harness.run.store import ResultStore
 
 from conftest import write_suite
 
@@ -118,9 +118,9 @@ def test_row_of_a_dead_worker_is_a_valid_failed_row(tmp_path):
 
 
 def test_ray_is_imported_only_when_chosen(tiny, monkeypatch):
-    code = "import sys, harness.executors, harness.distributed, harness.cli; print('ray' in sys.modules)"
+    code = "import sys, harness.run.executors, harness.run.distributed, harness.cli; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
-    from harness.executors import run_suite_ray
+    from harness.run.executors import run_suite_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(ValueError, match=r"Ray is not installed; allowed: .*pip install 'bunit-bench\[ray\]'"):
@@ -136,7 +136,7 @@ def ray_cluster():
 
 
 def test_ray_cluster_gives_the_local_rows_and_resumes(ray_cluster, tiny, local_rows, tmp_path):
-    from harness.executors import run_suite_ray
+    from harness.run.executors import run_suite_ray
 
     path, suite = tiny
     local_dir, local = local_rows

@@ -7,8 +7,8 @@ import torch
 from ptflops import get_model_complexity_info
 
 from bunit.convert import bunitify
-from harness.inspection import count_macs, format_inspection, inspect_backbone, sections
-from harness.models import create_backbone
+from harness.measure.inspection import count_macs, format_inspection, inspect_backbone, sections
+from harness.run.models import create_backbone
 
 
 def _aten(model, res=32):

@@ -25,8 +25,8 @@ from harness.measure import (
     peak_memory_mb,
     semi_structured_copy,
 )
-from harness.models import VGG16_CFG, create_backbone
-from harness.schema import unknown_columns
+from harness.run.models import VGG16_CFG, create_backbone
+from harness.run.schema import unknown_columns
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -383,7 +383,7 @@ def test_bunit_macs_do_not_depend_on_the_execution_backend(backend):
     from bunit import bunitify
     from bunit.layers import set_backend, unit_layers, unit_macs
 
-    from harness.models import create_backbone
+    from harness.run.models import create_backbone
 
     dense = create_backbone("resnet20", num_classes=10, in_channels=3, shortcut="A").eval()
     model = bunitify(dense, "cifar-resnet-all").eval()
@@ -405,7 +405,7 @@ def test_bunit_macs_do_not_depend_on_the_execution_backend(backend):
 
 def test_ptflops_default_backend_adds_bn_relu_pooling_on_resnet56():
     """ptflops' default backend (macs_all) on ResNet-56 A at 32x32: 127,623,818 as measured with ptflops 0.7.5."""
-    from harness.models import create_backbone
+    from harness.run.models import create_backbone
 
     counts = count_macs(create_backbone("resnet56", num_classes=10, in_channels=3, shortcut="A"), (3, 32, 32))
     assert counts["macs"] == 125_485_706

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import harness  # noqa: F401  (torchvision shim first, as everywhere)
-from harness.metrics import (
+from harness.analyse.metrics import (
     acc_cost,
     add_relative_metrics,
     efficiency,

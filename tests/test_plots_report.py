@@ -17,10 +17,10 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import harness  # noqa: F401  (torchvision shim first)
-from harness.metrics import add_relative_metrics, summarize
-from harness.plots import PANEL_W, plot_metric_bars, plot_tradeoff, prepare_summary, write_plots
-from harness.report import DENSE_TARGET, MISSING, write_report
-from harness.store import load_results
+from harness.analyse.metrics import add_relative_metrics, summarize
+from harness.analyse.plots import PANEL_W, plot_metric_bars, plot_tradeoff, prepare_summary, write_plots
+from harness.analyse.report import DENSE_TARGET, MISSING, write_report
+from harness.run.store import load_results
 from fixtures_store import FIXTURE_FAILED, write_fixture_store
 
 METHODS = ("dense", "bunit", "global-magnitude", "l1-filter", "slimming")

@@ -7,9 +7,9 @@ Measured (ResNet-20 B, digits 16x16, 6 dense epochs + 2 fine-tune epochs, seeds 
 """
 import numpy as np
 
-from harness.config import load_suite
-from harness.runner import run_suite
-from harness.store import load_results
+from harness.run.config import load_suite
+from harness.run.runner import run_suite
+from harness.run.store import load_results
 
 SUITE = """
 name = "gm90"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from harness.store import read_rows
+from harness.run.store import read_rows
 
 from conftest import write_suite
 

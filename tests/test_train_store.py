@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.config import TrainConfig
-from harness.data import load_dataset
-from harness.models import create_backbone
-from harness.store import ResultStore, load_results
-from harness.train import TrainingDiverged, evaluate, lr_at, train_model
+from harness.run.checkpoints import load_checkpoint, save_checkpoint
+from harness.run.config import TrainConfig
+from harness.run.data import load_dataset
+from harness.run.models import create_backbone
+from harness.run.store import ResultStore, load_results
+from harness.run.train import TrainingDiverged, evaluate, lr_at, train_model
 
 RECIPE = TrainConfig(epochs=2, batch_size=128, lr=0.1, warmup_epochs=0.5)
 

@@ -1,6 +1,6 @@
 """Executors for the grid: where the experiments of a suite run.
 
-- ``local`` (:func:`run_suite_local`): one process runs the grid in order (:func:`harness.runner.run_suite`), or,
+- ``local`` (:func:`run_suite_local`): one process runs the grid in order (:func:`harness.run.runner.run_suite`), or,
   with several visible GPUs, one worker process per GPU takes experiments from a shared queue.
 - ``ray`` (:func:`run_suite_ray`): every experiment is a Ray task asking for one GPU (or CPUs when the cluster has
   none), on a local Ray instance or an existing cluster (``address="auto"`` or ``ray://host:10001``). Ray is an
@@ -30,13 +30,13 @@ from typing import Any, Callable
 import torch
 
 from baselines import get_method
-from harness.checkpoints import atomic_write_bytes, dense_key, load_checkpoint
-from harness.config import Experiment, Suite, expand
-from harness.data import Splits, load_dataset
-from harness.progress import Reporter
-from harness.runner import (SuiteOutcome, _Context, _now, _one_line, load_plugin, provenance, resolve_device,
+from harness.run.checkpoints import atomic_write_bytes, dense_key, load_checkpoint
+from harness.run.config import Experiment, Suite, expand
+from harness.run.data import Splits, load_dataset
+from harness.run.progress import Reporter
+from harness.run.runner import (SuiteOutcome, _Context, _now, _one_line, load_plugin, provenance, resolve_device,
                             run_experiment, run_suite, select)
-from harness.store import ResultStore
+from harness.run.store import ResultStore
 
 __all__ = ["Job", "plan_jobs", "run_suite_local", "run_suite_ray", "visible_gpus"]
 
@@ -175,7 +175,7 @@ def run_suite_local(suite: Suite, *, results_dir: str | os.PathLike = "results",
         plugins: ``--plugin`` files, loaded in every worker process.
 
     Returns:
-        What ran, as :func:`harness.runner.run_suite` reports it.
+        What ran, as :func:`harness.run.runner.run_suite` reports it.
     """
     devices = list(devices) if devices is not None else visible_gpus(device)
     if len(devices) <= 1:
@@ -382,7 +382,7 @@ def run_suite_ray(suite: Suite, *, results_dir: str | os.PathLike = "results", d
         max_retries: Ray re-runs a task whose worker process died this many times.
 
     Returns:
-        What ran, as :func:`harness.runner.run_suite` reports it.
+        What ran, as :func:`harness.run.runner.run_suite` reports it.
     """
     ray = _import_ray()
     todo, out_dir, store, outcome = _prepare(suite, results_dir, only)

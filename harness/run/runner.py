@@ -2,7 +2,7 @@
 
 For each experiment the runner builds the backbone, hands it to the method (trained first when the
 method needs a pre-trained model: the dense checkpoint is shared across methods), trains or fine-tunes
-it with :mod:`harness.train`, evaluates it, measures it with :mod:`harness.measure`, and appends one row
+it with :mod:`harness.run.train`, evaluates it, measures it with :mod:`harness.measure`, and appends one row
 to ``results/<suite>/runs.jsonl``. A failing run becomes a ``failed`` row with a one-line reason and the
 suite goes on; a key whose latest row is ``ok`` is skipped, so a killed suite resumes where it stopped.
 """
@@ -28,13 +28,13 @@ import torch.nn as nn
 
 from baselines import Method, MethodContext, get_method
 from harness import measure
-from harness.checkpoints import dense_key, load_checkpoint, save_checkpoint
-from harness.config import Experiment, Suite, expand
-from harness.data import Splits, load_dataset
-from harness.models import create_backbone
-from harness.progress import Reporter
-from harness.store import ResultStore
-from harness.train import evaluate, seed_everything, train_model
+from harness.run.checkpoints import dense_key, load_checkpoint, save_checkpoint
+from harness.run.config import Experiment, Suite, expand
+from harness.run.data import Splits, load_dataset
+from harness.run.models import create_backbone
+from harness.run.progress import Reporter
+from harness.run.store import ResultStore
+from harness.run.train import evaluate, seed_everything, train_model
 
 __all__ = ["SuiteOutcome", "select", "run_suite", "run_experiment", "resolve_device", "provenance",
            "load_plugin"]
@@ -70,7 +70,7 @@ def select(grid: list[Experiment], only: list[str] | None) -> list[Experiment]:
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict:
     """Git revision of the harness source, package versions, host."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
         try:
@@ -129,7 +129,7 @@ class _Context:
     def __init__(self, data: Splits, device: torch.device, results_dir: Path, reporter: Reporter):
         self.data, self.device, self.results_dir, self.reporter = data, device, results_dir, reporter
         self.ckpt_dir = results_dir / "checkpoints"
-        self.parallel = None  # harness.distributed sets a DataParallel under torchrun
+        self.parallel = None  # harness.run.distributed sets a DataParallel under torchrun
 
     def new_backbone(self, exp: Experiment) -> nn.Module:
         return create_backbone(exp.backbone, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
@@ -144,11 +144,11 @@ class _Context:
         return result.seconds
 
     def load_dense(self, path: Path) -> tuple[dict, dict] | None:
-        """A verified dense checkpoint, or None (harness.distributed: rank 0 reads it for every rank)."""
+        """A verified dense checkpoint, or None (harness.run.distributed: rank 0 reads it for every rank)."""
         return load_checkpoint(path)
 
     def save_dense(self, path: Path, model: nn.Module, meta: dict) -> None:
-        """Write a dense checkpoint (harness.distributed: rank 0 only)."""
+        """Write a dense checkpoint (harness.run.distributed: rank 0 only)."""
         save_checkpoint(path, model, meta)
 
     def dense_model(self, exp: Experiment) -> tuple[nn.Module, float, bool]:

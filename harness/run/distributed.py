@@ -2,7 +2,7 @@
 
 One experiment too big for one device (ResNet-50 on ``imagefolder:`` data, say) trains on every rank at once::
 
-    torchrun --nproc_per_node=8 -m harness.distributed SUITE [section.field=value ...] --only KEY
+    torchrun --nproc_per_node=8 -m harness.run.distributed SUITE [section.field=value ...] --only KEY
 
 Every rank runs the same experiments in the same order, so the processes stay in lock-step:
 
@@ -36,18 +36,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.config import Experiment, Suite, expand
-from harness.data import DeviceLoader, load_dataset
-from harness.progress import Reporter
-from harness.runner import SuiteOutcome, _Context, run_experiment, select
-from harness.store import ResultStore
+from harness.run.checkpoints import load_checkpoint, save_checkpoint
+from harness.run.config import Experiment, Suite, expand
+from harness.run.data import DeviceLoader, load_dataset
+from harness.run.progress import Reporter
+from harness.run.runner import SuiteOutcome, _Context, run_experiment, select
+from harness.run.store import ResultStore
 
 __all__ = ["DataParallel", "ShardedLoader", "init_distributed", "run_suite_ddp", "build_parser", "main"]
 
 
 class ShardedLoader:
-    """One rank's slice of every batch of a :class:`~harness.data.DeviceLoader`.
+    """One rank's slice of every batch of a :class:`~harness.run.data.DeviceLoader`.
 
     The wrapped loader yields the global batches a single process would see (its generator is seeded the same on
     every rank, so permutation and augmentation draws agree); this rank keeps rows ``[lo, hi)`` of each, with
@@ -139,7 +139,7 @@ def init_distributed(device: str = "auto") -> DataParallel:
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ValueError(f"{', '.join(missing)} not set; run this under torchrun, e.g. "
-                         "torchrun --nproc_per_node=2 -m harness.distributed SUITE --only KEY")
+                         "torchrun --nproc_per_node=2 -m harness.run.distributed SUITE --only KEY")
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device: {device!r} not allowed under torchrun; allowed: auto, cpu, cuda "
                          "(each rank takes cuda:LOCAL_RANK)")
@@ -231,7 +231,7 @@ def run_suite_ddp(suite: Suite, parallel: DataParallel, *, results_dir: str | os
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness.distributed",
+    parser = argparse.ArgumentParser(prog="python -m harness.run.distributed",
                                      description="Run suite experiments data-parallel; launch with torchrun.")
     parser.add_argument("suite", help="bundled suite name or path/to/suite.toml")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=90")
@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may come after the options
-    from harness.config import apply_overrides, load_suite
-    from harness.runner import load_plugin
+    from harness.run.config import apply_overrides, load_suite
+    from harness.run.runner import load_plugin
 
     try:
         for plugin in args.plugin:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--only: no experiment key matches {args.only}; see `bunitbench run --dry-run`")
         parallel = init_distributed(args.device)
     except ValueError as err:  # the same on every rank: each prints it and exits before any collective
-        print(f"harness.distributed: error: {err}", file=sys.stderr)
+        print(f"harness.run.distributed: error: {err}", file=sys.stderr)
         return 2
     try:
         outcome = run_suite_ddp(suite, parallel, results_dir=args.results_dir, only=args.only,

@@ -1,6 +1,6 @@
 """Comparison plots: accuracy against MACs, parameters and measured latency, and the two trade-off metrics.
 
-Every plotted number comes from :func:`harness.metrics.summarize` (mean and std over seeds). Figures are built on
+Every plotted number comes from :func:`harness.analyse.metrics.summarize` (mean and std over seeds). Figures are built on
 ``matplotlib.figure.Figure`` directly (no pyplot, so no global backend or interactive state) and saved as PNG and
 SVG (text kept as text) under ``RESULTS_DIR/plots/``. Sizes follow a paper column: about 3.5 in per panel,
 fonts of 7-8 pt.
@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from harness.metrics import COST_AXES, FAMILY_ORDER, SETTING_KEYS, add_relative_metrics, summarize, target_sort_key
+from harness.analyse.metrics import COST_AXES, FAMILY_ORDER, SETTING_KEYS, add_relative_metrics, summarize, target_sort_key
 
 __all__ = ["FAMILY_COLORS", "RC", "method_styles", "setting_label", "plot_tradeoff", "plot_metric_bars",
            "write_plots", "prepare_summary"]
@@ -56,12 +56,12 @@ def prepare_summary(results: Any) -> pd.DataFrame:
         results: path of a suite directory, or a DataFrame of rows or of :func:`summarize` output.
 
     Returns:
-        The :func:`harness.metrics.summarize` frame.
+        The :func:`harness.analyse.metrics.summarize` frame.
     """
     if isinstance(results, pd.DataFrame):
         df = results
     else:
-        from harness.store import load_results
+        from harness.run.store import load_results
 
         df = load_results(results)
     if "top1_mean" in df.columns:

@@ -195,8 +195,8 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
 def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
     """Validate a suite given as a dict (the parsed TOML)."""
     from baselines import get_method, list_methods  # registers the built-in methods
-    from harness.data import check_dataset_name
-    from harness.models import list_backbones
+    from harness.run.data import check_dataset_name
+    from harness.run.models import list_backbones
 
     unknown = sorted(set(raw) - _SUITE_KEYS)
     if unknown:
@@ -331,7 +331,7 @@ def expand(suite: Suite) -> list[Experiment]:
     """The grid: backbone x method x target x seed, dense first so its checkpoints exist when needed."""
     grid = []
     for backbone in suite.backbones:
-        from harness.models import get_backbone_info
+        from harness.run.models import get_backbone_info
 
         shortcut = suite.shortcut if get_backbone_info(backbone).shortcut_variants else None
         for entry in suite.methods:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from bunit.convert import bunitify
 from bunit.layers import set_backend, unit_layers
 from bunit.spec import compact_specs
-from harness.models import create_backbone
+from harness.run.models import create_backbone
 
 __all__ = ["count_macs", "inspect_backbone", "format_inspection", "sections"]
 

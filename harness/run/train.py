@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.config import TrainConfig
-from harness.data import DeviceLoader, Splits
+from harness.run.config import TrainConfig
+from harness.run.data import DeviceLoader, Splits
 
 if TYPE_CHECKING:
-    from harness.distributed import DataParallel
+    from harness.run.distributed import DataParallel
 
 __all__ = ["TrainingDiverged", "TrainResult", "lr_at", "train_model", "evaluate", "seed_everything"]
 
@@ -89,7 +89,7 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
         after_step: called after each optimizer step (keeps pruned weights at zero).
         warmup: use the recipe's linear warm-up (off for short fine-tunes).
         progress: called after every epoch with a dict (epoch, epochs, loss, seconds).
-        parallel: data-parallel training under torchrun (:class:`harness.distributed.DataParallel`): this process
+        parallel: data-parallel training under torchrun (:class:`harness.run.distributed.DataParallel`): this process
             trains on its slice of every global batch and DDP all-reduces the gradients; None trains alone.
 
     Returns:

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from harness.schema import unknown_columns
+from harness.run.schema import unknown_columns
 
 __all__ = ["ResultStore", "load_results", "read_rows", "RUNS_FILE"]
 
@@ -72,7 +72,7 @@ class ResultStore:
         """Append one row atomically (single write, O_APPEND, fsync)."""
         unknown = unknown_columns(row)
         if unknown:
-            raise ValueError(f"row: unknown column(s) {', '.join(unknown)}; document them in harness/schema.py")
+            raise ValueError(f"row: unknown column(s) {', '.join(unknown)}; document them in harness/run/schema.py")
         if "key" not in row or "status" not in row:
             raise ValueError("row: needs 'key' and 'status'")
         line = json.dumps(_clean(row), default=_json_default, sort_keys=True, allow_nan=False) + "\n"
@@ -114,7 +114,7 @@ def load_results(path: str | os.PathLike, *, latest_only: bool = True):
         latest_only: keep only the latest row per key (an ``ok`` re-run supersedes a failure).
 
     Returns:
-        One row per run with the columns of ``harness.schema.ROW_COLUMNS`` that occur.
+        One row per run with the columns of ``harness.run.schema.ROW_COLUMNS`` that occur.
     """
     import pandas as pd
 

@@ -1,7 +1,7 @@
 """The columns of a result row, documented in one place.
 
 A row is one flat JSON object per run in ``results/<suite>/runs.jsonl``. Rows are built as explicit
-dicts by ``harness.runner``; this table documents every column (units in the names) and lets the
+dicts by ``harness.run.runner``; this table documents every column (units in the names) and lets the
 store check that a row names no unknown column. Analysis reads rows by column name.
 """
 from __future__ import annotations

@@ -270,7 +270,7 @@ def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.D
     """Per-row metrics against the dense reference of the same setting and seed.
 
     Args:
-        df: result rows (``harness.store.load_results``); rows whose status is not ``ok`` are dropped.
+        df: result rows (``harness.run.store.load_results``); rows whose status is not ``ok`` are dropped.
         sparse_aware: measure the params/MACs axes by non-zero counts (default) or by plain counts.
 
     Returns:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from harness.config import Experiment
+from harness.run.config import Experiment
 
 __all__ = ["dense_key", "save_checkpoint", "load_checkpoint", "atomic_write_bytes"]
 

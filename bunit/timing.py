@@ -1,0 +1,150 @@
+"""The one timing primitive of bunit-bench: wall time of calls, alone or interleaved with other calls.
+
+Every latency figure of the project goes through this module: the autotuner's backend choice
+(:mod:`bunit.autotune`), the latency columns and the timing pass of the harness, and the scripts under
+``benchmarks/``. It lives in ``bunit/`` because that is the lowest package that times anything; it imports
+torch and numpy only.
+
+How one call is timed:
+
+- CPU: ``time.perf_counter`` around the call, with the garbage collector off for the whole timed loop.
+- CUDA: an event pair around the call and a synchronize after it (one call at a time: latency, not queue
+  depth); ``cudnn.benchmark`` is on while timing and restored afterwards.
+
+:func:`interleaved_times` gives several functions turns within each round (rotated or shuffled order), with a
+few untimed calls before each timed one, so that a slow spell of the machine hits every candidate alike and
+the allocator and caches hold the candidate's own data when its call is timed. Paired statistics (the ratio of
+two candidates within one round) are then meaningful.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import random
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["call_times", "interleaved_times", "summary_ms", "machine_load", "ORDERS"]
+
+ORDERS = ("rotate", "shuffle")
+
+
+@contextlib.contextmanager
+def _quiet_runtime(device: torch.device) -> Iterator[None]:
+    """GC off (CPU and CUDA) and ``cudnn.benchmark`` on (CUDA) for the duration; both restored."""
+    gc_was_enabled = gc.isenabled()
+    previous = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gc.disable()
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _time_one(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of ``fn``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)  # events are read only after the work is done
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def call_times(fn: Callable[[], Any], *, repeats: int, warmup: int, device: torch.device | str = "cpu",
+               settle: int = 0) -> list[float]:
+    """Seconds of each of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed calls.
+
+    Args:
+        fn: a function of no arguments (bind the input in it).
+        repeats: timed calls.
+        warmup: untimed calls first.
+        device: where ``fn`` runs (CUDA events on ``cuda``).
+        settle: untimed calls before each timed call.
+
+    Returns:
+        ``repeats`` timings in seconds.
+    """
+    return interleaved_times({"fn": fn}, rounds=repeats, warmup=warmup, device=device, settle=settle)["fn"]
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], *, rounds: int, warmup: int,
+                      device: torch.device | str = "cpu", settle: int = 2, order: str = "rotate",
+                      seed: int = 0, on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of one call of each function per round, the functions taking turns.
+
+    Each round gives every function a turn: ``settle`` untimed calls, then one timed call. The untimed calls
+    matter on CPU: right after a candidate that allocates a lot, the allocator has returned memory to the OS
+    and the caches hold the other candidate's data, and timing that first call measures the neighbour.
+
+    Args:
+        fns: name -> a function of no arguments.
+        rounds: timed rounds; every function gets one timed call per round.
+        warmup: untimed rounds first (every function called ``warmup`` times).
+        device: where the functions run.
+        settle: untimed calls before the timed one in each turn.
+        order: ``rotate`` (the order shifts by one each round) or ``shuffle`` (a fresh random order each round,
+            drawn from ``seed``).
+        seed: seed of the shuffled order.
+        on_round: called with the round index after every round (progress).
+
+    Returns:
+        name -> ``rounds`` timings in seconds, in round order (index ``r`` of every list is round ``r``).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order: {order!r} not allowed; allowed: {', '.join(ORDERS)}")
+    if rounds < 1 or warmup < 0 or settle < 0:
+        raise ValueError(f"rounds >= 1, warmup >= 0, settle >= 0 required; got {rounds}, {warmup}, {settle}")
+    device = torch.device(device)
+    names = list(fns)
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with _quiet_runtime(device):
+        for _ in range(warmup):
+            for name in names:
+                fns[name]()
+        for r in range(rounds):
+            if order == "shuffle":
+                turn = rng.sample(names, len(names))
+            else:
+                shift = r % len(names)
+                turn = names[shift:] + names[:shift]
+            for name in turn:
+                for _ in range(settle):
+                    fns[name]()
+                times[name].append(_time_one(fns[name], device))
+            if on_round is not None:
+                on_round(r)
+    return times
+
+
+def summary_ms(times_s: Sequence[float]) -> dict[str, float]:
+    """Median, p90 and inter-quartile range of timings, in milliseconds."""
+    q25, q50, q75, q90 = np.percentile(np.asarray(times_s, dtype=float) * 1e3, [25, 50, 75, 90])
+    return {"p50_ms": float(q50), "p90_ms": float(q90), "iqr_ms": float(q75 - q25)}
+
+
+def machine_load() -> dict[str, float | int | None]:
+    """The 1-minute load average and the CPUs this process may use (other work competes when load > cpus)."""
+    try:
+        load1: float | None = round(os.getloadavg()[0], 2)
+    except OSError:
+        load1 = None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return {"load1": load1, "cpus": cpus}

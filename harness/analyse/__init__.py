@@ -1,0 +1,1 @@
+"""Analysing a store: metrics against the dense reference, plots and the report."""
