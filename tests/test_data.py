@@ -98,3 +98,20 @@ def test_loader_covers_every_sample_once_per_epoch():
     assert len(loader) == 4 and sorted(seen.tolist()) == list(range(10))
     again = torch.cat([yb for _, yb in DeviceLoader(x, y, 3, train=True, augment=False, seed=1, drop_last=False)])
     assert torch.equal(seen, again)  # same seed, same order
+
+
+def test_splits_implement_the_data_protocol():
+    from harness.run.data import ImageData
+
+    d = load_dataset("digits", image_size=8)
+    assert isinstance(d, ImageData)
+    assert d.device == torch.device("cpu") and d.image_size == 8 and d.in_channels == 1 and not d.hflip
+    assert torch.equal(d.example_inputs(8), d.x_test[:8])
+    calib = d.calibration_batches(4, 500)  # 1437 training images: two whole batches of 500
+    assert [x.shape[0] for x, _ in calib] == [500, 500] and torch.equal(calib[1][1], d.y_train[500:1000])
+    assert len(d.calibration_batches(4, 5000)) == 1 and d.calibration_batches(4, 5000)[0][0].shape[0] == 1437
+    batches = list(d.eval_batches(100))
+    assert len(d.eval_batches(100)) == len(batches) == 4 and torch.equal(torch.cat([y for _, y in batches]), d.y_test)
+    loader = d.train_loader(128, seed=3, augment=False)
+    seen = torch.cat([y for _, y in loader])
+    assert len(loader) == 1437 // 128 and seen.numel() == 128 * len(loader) and seen.unique().numel() == 10

@@ -60,7 +60,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for name, build, recipe in (("plain", _plain_net, PLAIN_RECIPE), ("resnet8", _resnet8, RESNET_RECIPE)):
         model = build(0)
         result = train_model(model, data, recipe, epochs=recipe.epochs, seed=0, parallel=parallel)
-        torch.save({"state": model.state_dict(), "top1": evaluate(model, data.x_test, data.y_test)["top1"],
+        torch.save({"state": model.state_dict(), "top1": evaluate(model, data)["top1"],
                     "loss": result.final_loss}, os.path.join(out_dir, f"{name}-rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -119,14 +119,14 @@ def test_ddp_without_batchnorm_is_one_process_arithmetic(ddp_results, digits8, o
     for k, v in model.state_dict().items():
         # Only the summation order differs (two means of 64, averaged, vs one mean of 128).
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
-    assert ddp_results[("plain", 0)]["top1"] == pytest.approx(evaluate(model, digits8.x_test, digits8.y_test)["top1"],
+    assert ddp_results[("plain", 0)]["top1"] == pytest.approx(evaluate(model, digits8)["top1"],
                                                               abs=0.3)  # at most one test image
 
 
 def test_ddp_resnet_matches_one_process_accuracy(ddp_results, digits8, one_thread):
     model = _resnet8(0)
     train_model(model, digits8, RESNET_RECIPE, epochs=RESNET_RECIPE.epochs, seed=0)
-    single = evaluate(model, digits8.x_test, digits8.y_test)["top1"]
+    single = evaluate(model, digits8)["top1"]
     ddp = ddp_results[("resnet8", 0)]["top1"]
     assert single > 90 and ddp > 90
     assert abs(ddp - single) <= TOP1_TOLERANCE

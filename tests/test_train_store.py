@@ -24,7 +24,7 @@ def _train(data, seed):
     torch.manual_seed(seed)
     model = create_backbone("resnet8", num_classes=10, in_channels=1, shortcut="B")
     train_model(model, data, RECIPE, epochs=2, seed=seed)
-    return model, evaluate(model, data.x_test, data.y_test)
+    return model, evaluate(model, data)
 
 
 def test_same_seed_same_accuracy(digits8):
@@ -56,7 +56,7 @@ def test_top5_counts(digits8):
         def forward(self, x):  # always ranks classes 0 > 1 > ... > 9
             return torch.arange(10, 0, -1, dtype=torch.float32).expand(x.shape[0], 10)
 
-    r = evaluate(Fixed(), digits8.x_test, digits8.y_test)
+    r = evaluate(Fixed(), digits8)
     y = digits8.y_test
     assert r["top1"] == pytest.approx(100 * (y == 0).float().mean().item())
     assert r["top5"] == pytest.approx(100 * (y < 5).float().mean().item())

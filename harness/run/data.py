@@ -1,7 +1,10 @@
 """Datasets by name, loaded once into tensors that live on the training device.
 
-A dataset is a pair of splits held as float tensors ``(N, C, H, W)``, normalised with the training
-split's per-channel mean and std. :class:`DeviceLoader` slices batches from them with an on-device
+Every dataset object implements :class:`ImageData`, the one protocol the runner, training and the methods'
+context use: its name, classes, channels, image size and flip rule, ``example_inputs(n)``,
+``calibration_batches(n, batch_size)``, ``train_loader(batch_size, seed=, augment=)`` and ``eval_batches(batch_size)``.
+Nothing outside data and training touches the tensors themselves. :class:`Splits` is the device-resident form: a
+pair of splits held as float tensors ``(N, C, H, W)``, normalised with the training split's per-channel mean and std. :class:`DeviceLoader` slices batches from them with an on-device
 ``randperm`` and applies augmentation to the whole batch at once (random crop with zero padding,
 horizontal flip), so the training loop runs no per-sample Python — the airbench approach.
 
@@ -16,13 +19,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol, Sized, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ImageData",
+    "BatchIterable",
     "DatasetInfo",
     "Splits",
     "register_dataset",
@@ -33,6 +38,51 @@ __all__ = [
     "augment_batch",
     "default_data_dir",
 ]
+
+
+class BatchIterable(Iterable[tuple[torch.Tensor, torch.Tensor]], Sized, Protocol):
+    """An iterable of ``(x, y)`` batches on the data's device that knows how many batches it yields."""
+
+
+@runtime_checkable
+class ImageData(Protocol):
+    """What every dataset object offers; the runner, training and methods use nothing else.
+
+    Attributes:
+        name: the dataset's name as the suite gives it.
+        num_classes: number of classes.
+        in_channels: image channels (1 or 3).
+        image_size: side of the square images models see.
+        hflip: whether horizontal flips are a valid augmentation (not for digits).
+        device: where batches are delivered.
+    """
+
+    name: str
+    num_classes: int
+    hflip: bool
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def example_inputs(self, n: int) -> torch.Tensor:
+        """The first ``n`` evaluation images (fewer if the split is smaller), normalised, on the device."""
+
+    def calibration_batches(self, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first training batches, unaugmented, on the device: ``min(n_batches, max(1, N // batch_size))`` of
+        ``min(batch_size, N)`` images each."""
+
+    def train_loader(self, batch_size: int, *, seed: int, augment: bool) -> BatchIterable:
+        """One epoch per iteration of shuffled (seeded), optionally augmented, normalised batches; a partial last
+        batch is dropped."""
+
+    def eval_batches(self, batch_size: int) -> BatchIterable:
+        """The evaluation split in order, unaugmented, every image exactly once."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +113,26 @@ class Splits:
     @property
     def image_size(self) -> int:
         return self.x_train.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def example_inputs(self, n: int) -> torch.Tensor:
+        return self.x_test[:n]
+
+    def calibration_batches(self, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.x_train.shape[0]
+        bs = min(batch_size, n)
+        count = min(n_batches, max(1, n // bs))
+        return [(self.x_train[i * bs:(i + 1) * bs], self.y_train[i * bs:(i + 1) * bs]) for i in range(count)]
+
+    def train_loader(self, batch_size: int, *, seed: int, augment: bool) -> "DeviceLoader":
+        return DeviceLoader(self.x_train, self.y_train, batch_size, train=True, augment=augment, hflip=self.hflip,
+                            seed=seed)
+
+    def eval_batches(self, batch_size: int) -> "DeviceLoader":
+        return DeviceLoader(self.x_test, self.y_test, batch_size, train=False)
 
     def to(self, device: torch.device | str) -> "Splits":
         for name in ("x_train", "y_train", "x_test", "y_test"):
@@ -277,8 +347,12 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.x.shape[0]
-        order = (torch.randperm(n, device=self.x.device, generator=self.generator) if self.train
-                 else torch.arange(n, device=self.x.device))
+        if not self.train:  # in order: views, no gather
+            for i in range(len(self)):
+                rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                yield self.x[rows], self.y[rows]
+            return
+        order = torch.randperm(n, device=self.x.device, generator=self.generator)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             xb, yb = self.x[idx], self.y[idx]

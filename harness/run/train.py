@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.run.config import TrainConfig
-from harness.run.data import DeviceLoader, Splits
+from harness.run.data import ImageData
 
 if TYPE_CHECKING:
     from harness.run.distributed import DataParallel
@@ -52,14 +52,26 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int) -> 
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> dict:
-    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy."""
+def evaluate(model: nn.Module, data: ImageData | torch.Tensor, y: torch.Tensor | None = None, *,
+             batch_size: int = 512) -> dict:
+    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy, over ``data.eval_batches``.
+
+    Args:
+        model: the model, on the data's device.
+        data: the dataset (:class:`harness.run.data.ImageData`). Passing the tensors ``(x, y)`` is the old form,
+            kept only while callers move to the data object.
+        y: the labels, only with the old tensor form.
+        batch_size: images per forward.
+    """
+    if isinstance(data, torch.Tensor):
+        batches = [(data[i:i + batch_size], y[i:i + batch_size]) for i in range(0, data.shape[0], batch_size)]
+    else:
+        batches = data.eval_batches(batch_size)
     was_training = model.training
     model.eval()
-    correct1 = correct5 = 0
+    correct1 = correct5 = n = 0
     loss_sum = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    for xb, yb in batches:
         logits = model(xb).float()  # (B, classes)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
         k = min(5, logits.shape[1])
@@ -67,12 +79,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
         hits = topk.eq(yb[:, None])
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=1).sum().item()
+        n += yb.shape[0]
     model.train(was_training)
-    n = x.shape[0]
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "test_loss": loss_sum / n}
 
 
-def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: int, lr: float | None = None,
+def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epochs: int, lr: float | None = None,
                 seed: int = 0, regularize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                 after_step: Callable[[nn.Module], None] | None = None, warmup: bool = True,
                 progress: Callable[[dict], None] | None = None, parallel: DataParallel | None = None) -> TrainResult:
@@ -80,7 +92,7 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
 
     Args:
         model: already on the data's device.
-        data: the dataset splits (device tensors).
+        data: the dataset (:class:`harness.run.data.ImageData`); batches come from ``data.train_loader``.
         recipe: the suite's training recipe (batch size, momentum, weight decay, warm-up, ...).
         epochs: epochs to train (pre-training, sparse training or fine-tuning).
         lr: peak learning rate; ``recipe.lr`` when None.
@@ -97,9 +109,8 @@ def train_model(model: nn.Module, data: Splits, recipe: TrainConfig, *, epochs: 
     """
     if epochs <= 0:
         return TrainResult(0, 0.0, float("nan"))
-    device = data.x_train.device
-    loader = DeviceLoader(data.x_train, data.y_train, recipe.batch_size, train=True, augment=recipe.augment,
-                          hflip=data.hflip, seed=seed)
+    device = data.device
+    loader = data.train_loader(recipe.batch_size, seed=seed, augment=recipe.augment)
     if parallel is not None:
         loader = parallel.shard(loader)  # same global batches as one process; this rank keeps its slice
     decay, no_decay = [], []
