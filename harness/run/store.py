@@ -16,7 +16,7 @@ from typing import Iterator
 
 from harness.run.schema import unknown_columns
 
-__all__ = ["ResultStore", "load_results", "read_rows", "RUNS_FILE"]
+__all__ = ["ResultStore", "append_row", "load_results", "read_rows", "RUNS_FILE"]
 
 RUNS_FILE = "runs.jsonl"
 
@@ -61,6 +61,25 @@ def read_rows(path: str | os.PathLike) -> Iterator[dict]:
                 warnings.warn(f"{runs}:{lineno}: skipping a torn row", RuntimeWarning, stacklevel=2)
 
 
+def append_row(path: str | os.PathLike, row: dict) -> None:
+    """Append one JSON row to the JSONL file ``path`` atomically: a single write, O_APPEND, fsync.
+
+    Non-finite floats become null. When a previous writer died mid-line, the row starts on a fresh line.
+    :class:`ResultStore` uses it for runs; other append-only tables (the timing pass) use it directly.
+    """
+    path = Path(path)
+    line = json.dumps(_clean(row), default=_json_default, sort_keys=True, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and os.pread(fd, 1, os.fstat(fd).st_size - 1) != b"\n":
+            line = "\n" + line  # a previous writer died mid-line
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ResultStore:
     """Append-only JSONL store of run rows for one suite directory."""
 
@@ -75,21 +94,7 @@ class ResultStore:
             raise ValueError(f"row: unknown column(s) {', '.join(unknown)}; document them in harness/run/schema.py")
         if "key" not in row or "status" not in row:
             raise ValueError("row: needs 'key' and 'status'")
-        line = json.dumps(_clean(row), default=_json_default, sort_keys=True, allow_nan=False) + "\n"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if os.fstat(fd).st_size and not self._ends_with_newline():
-                line = "\n" + line  # a previous writer died mid-line
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            return fh.read(1) == b"\n"
+        append_row(self.path, row)
 
     def rows(self) -> list[dict]:
         return list(read_rows(self.path))
