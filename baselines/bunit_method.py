@@ -1,8 +1,10 @@
 """BUnit-Net as a method: a thin adapter over :mod:`bunit`.
 
 The target is a unit plan: a preset name (``bunitbench list`` shows them; ``"paper"`` picks the paper's
-choice for the backbone at hand), a plan dict, or its JSON string. The model is built in BUnit form and
-trained from scratch by the harness for the same total epochs the pruning pipeline spends.
+choice for the backbone at hand), a plan dict, or its JSON string; or a cost, ``{"macs_reduction": 0.8}`` /
+``"macs:0.8"`` or ``{"params_reduction": 0.7}`` / ``"params:0.7"``, for which :mod:`baselines.bunit_plan` picks the
+closest plan of a documented family and the row records target, chosen plan and achieved reductions. The model is
+built in BUnit form and trained from scratch by the harness for the same total epochs the pruning pipeline spends.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 import torch.nn as nn
 
 from baselines.base import Method, MethodContext, register_method
+from baselines.bunit_plan import build_for_target, parse_cost_target
 from bunit import PAPER, PRESETS, bunitify, resolve_plan
 
 __all__ = ["BUnit"]
@@ -26,12 +29,17 @@ class BUnit(Method):
     def validate_target(self, target: Any) -> None:
         if target is None:
             raise ValueError(f"target: BUnit needs a unit plan; allowed: {PAPER!r}, {', '.join(sorted(PRESETS))}, "
-                             "or a plan table")
-        if target != PAPER:
+                             "a plan table, or a cost: {macs_reduction = M} / {params_reduction = P}")
+        if target != PAPER and parse_cost_target(target) is None:
             resolve_plan(target)
 
     def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
-        return bunitify(model, target)
+        cost = parse_cost_target(target)
+        if cost is None:
+            return bunitify(model, target)
+        converted, achieved = build_for_target(model, cost, ctx.example_inputs)
+        ctx.record.setdefault("achieved", {}).update(achieved)
+        return converted
 
     def architecture(self, model: nn.Module) -> dict | None:
         return getattr(model, "bunit_plan", None)
