@@ -88,6 +88,8 @@ class Suite:
     shortcut: str = "A"
     image_size: int | None = None
     data_dir: str | None = None
+    data_loader: str = "auto"  # auto | device | stream: how image folders reach the device (harness.run.data)
+    loader_workers: int | None = None  # decoding processes of the streaming loader; None: one per CPU, at most 8
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     description: str = ""
@@ -195,7 +197,7 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
 def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
     """Validate a suite given as a dict (the parsed TOML)."""
     from baselines import get_method, list_methods  # registers the built-in methods
-    from harness.run.data import check_dataset_name
+    from harness.run.data import check_dataset_name, check_loader
     from harness.run.models import list_backbones
 
     unknown = sorted(set(raw) - _SUITE_KEYS)
@@ -234,6 +236,11 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
     data_dir = raw.get("data_dir")
     if data_dir is not None and not isinstance(data_dir, str):
         raise ConfigError(f"data_dir: expected a string path, got {data_dir!r}")
+    data_loader, loader_workers = raw.get("data_loader", "auto"), raw.get("loader_workers")
+    try:
+        check_loader(dataset, data_loader, loader_workers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     train = _coerce("train", TrainConfig, raw.get("train", {}))
     if train.epochs < 1:
         raise ConfigError("train.epochs: must be >= 1")
@@ -278,7 +285,8 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
             raise ConfigError(f"{where}.steps: expected an integer >= 1, got {steps!r}")
         methods.append(MethodEntry(method.name, tuple(targets), schedule, steps))
     return Suite(name=suite_name, dataset=dataset, backbones=tuple(backbones), methods=tuple(methods),
-                 seeds=tuple(seeds), shortcut=shortcut, image_size=image_size, data_dir=data_dir, train=train,
+                 seeds=tuple(seeds), shortcut=shortcut, image_size=image_size, data_dir=data_dir,
+                 data_loader=data_loader, loader_workers=loader_workers, train=train,
                  measure=measure, description=str(raw.get("description", "")))
 
 

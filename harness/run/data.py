@@ -1,17 +1,23 @@
-"""Datasets by name, loaded once into tensors that live on the training device.
+"""Datasets by name, loaded once into tensors that live on the training device (or streamed, for image folders).
 
 Every dataset object implements :class:`ImageData`, the one protocol the runner, training and the methods'
 context use: its name, classes, channels, image size and flip rule, ``example_inputs(n)``,
-``calibration_batches(n, batch_size)``, ``train_loader(batch_size, seed=, augment=)`` and ``eval_batches(batch_size)``.
-Nothing outside data and training touches the tensors themselves. :class:`Splits` is the device-resident form: a
-pair of splits held as float tensors ``(N, C, H, W)``, normalised with the training split's per-channel mean and std. :class:`DeviceLoader` slices batches from them with an on-device
-``randperm`` and applies augmentation to the whole batch at once (random crop with zero padding,
+``calibration_batches(n, batch_size)``, ``train_loader(batch_size, seed=, augment=)`` and
+``eval_batches(batch_size)``. Nothing outside data and training touches the tensors themselves.
+
+:class:`Splits` is the device-resident form: a pair of splits held as float tensors ``(N, C, H, W)``, normalised
+with the training split's per-channel mean and std. :class:`DeviceLoader` slices batches from them with an
+on-device ``randperm`` and applies augmentation to the whole batch at once (random crop with zero padding,
 horizontal flip), so the training loop runs no per-sample Python — the airbench approach.
 
 Names: ``digits`` (the 1,797 real 8x8 images that ship inside scikit-learn: no download), ``mnist``,
-``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision download into ``data_dir``), and
-``imagefolder:PATH`` (``PATH/train`` and ``PATH/val`` or ``PATH/test`` in torchvision's ImageFolder
-layout).
+``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision download into ``data_dir``), and the image folders
+``imagefolder:PATH`` (``PATH/train`` and ``PATH/val`` or ``PATH/test`` in torchvision's ImageFolder layout) and
+``imagenet`` (the same layout under ``data_dir/imagenet``).
+
+An image folder is either decoded once onto the device like the others, or streamed from disk by
+:mod:`harness.run.stream` (``data_loader = "stream"``); ``"auto"`` streams when the decoded float32 splits would
+take more than a quarter of the device's free memory (:func:`harness.run.stream.choose_loader`).
 """
 from __future__ import annotations
 
@@ -37,7 +43,15 @@ __all__ = [
     "DeviceLoader",
     "augment_batch",
     "default_data_dir",
+    "LOADERS",
+    "check_loader",
+    "folder_root",
+    "load_suite_data",
+    "pack_data",
+    "unpack_data",
 ]
+
+LOADERS = ("auto", "device", "stream")
 
 
 class BatchIterable(Iterable[tuple[torch.Tensor, torch.Tensor]], Sized, Protocol):
@@ -55,11 +69,13 @@ class ImageData(Protocol):
         image_size: side of the square images models see.
         hflip: whether horizontal flips are a valid augmentation (not for digits).
         device: where batches are delivered.
+        data_loader: "device" (decoded once, held on the device) or "stream" (decoded from disk every epoch).
     """
 
     name: str
     num_classes: int
     hflip: bool
+    data_loader: str
 
     @property
     def in_channels(self) -> int: ...
@@ -105,6 +121,7 @@ class Splits:
     y_test: torch.Tensor
     num_classes: int
     hflip: bool = True
+    data_loader = "device"  # a class attribute, not a field: what ImageData.data_loader reports
 
     @property
     def in_channels(self) -> int:
@@ -155,6 +172,28 @@ def register_dataset(name: str, *, default_size: int, hflip: bool, description: 
 
 def list_datasets() -> list[str]:
     return sorted(_DATASETS) + ["imagefolder:PATH"]
+
+
+def folder_root(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder of an image-folder dataset (``imagefolder:PATH``, ``imagenet``); None for the others."""
+    if name.startswith("imagefolder:"):
+        return Path(name[len("imagefolder:"):]).expanduser()
+    if name == "imagenet":
+        return (Path(data_dir) if data_dir else default_data_dir()) / "imagenet"
+    return None
+
+
+def check_loader(dataset: str, data_loader: str, loader_workers: int | None) -> None:
+    """Raise ValueError, naming the field and the allowed values, for a loader the dataset cannot use."""
+    if data_loader not in LOADERS:
+        raise ValueError(f"data_loader: {data_loader!r} not allowed; allowed: {', '.join(LOADERS)}")
+    if data_loader == "stream" and folder_root(dataset) is None:
+        raise ValueError(f"data_loader: 'stream' reads image folders (imagefolder:PATH, imagenet); allowed for "
+                         f"{dataset}: auto, device")
+    if loader_workers is not None and (isinstance(loader_workers, bool) or not isinstance(loader_workers, int)
+                                       or loader_workers < 0):
+        raise ValueError(f"loader_workers: {loader_workers!r} not allowed; allowed: an integer >= 0 "
+                         "(0 decodes in the training process), or leave it out for one per CPU, at most 8")
 
 
 def check_dataset_name(name: str) -> None:
@@ -243,7 +282,7 @@ register_dataset("cifar100", default_size=32, hflip=True, description="CIFAR-100
     _cifar("CIFAR100", "cifar100"))
 
 
-def _imagefolder(root: Path, size: int | None) -> Splits:
+def _imagefolder(root: Path, size: int | None, name: str | None = None) -> Splits:
     """A user's ImageFolder tree: ROOT/train/<class>/*.png and ROOT/val (or ROOT/test)."""
     from harness.compat import ensure_torchvision
 
@@ -269,25 +308,72 @@ def _imagefolder(root: Path, size: int | None) -> Splits:
 
     x_tr, y_tr = stack(train_set)
     x_te, y_te = stack(test_set)
-    return _finish(f"imagefolder:{root}", x_tr, y_tr, x_te, y_te, len(train_set.classes), size=None, hflip=True)
+    return _finish(name or f"imagefolder:{root}", x_tr, y_tr, x_te, y_te, len(train_set.classes), size=None,
+                   hflip=True)
+
+
+register_dataset("imagenet", default_size=224, hflip=True,
+                 description="ImageNet: train/ and val/ class folders under data_dir/imagenet")(
+    lambda data_dir, size: _imagefolder(data_dir / "imagenet", size, "imagenet"))
 
 
 def load_dataset(name: str, *, image_size: int | None = None, data_dir: str | os.PathLike | None = None,
-                 device: torch.device | str = "cpu") -> Splits:
-    """Load a dataset by name into tensors on ``device``.
+                 device: torch.device | str = "cpu", loader: str = "auto", workers: int | None = None) -> ImageData:
+    """Load a dataset by name, on ``device`` or streamed to it.
 
     Args:
         name: a registered name or ``imagefolder:PATH``.
-        image_size: resize to this side; None keeps the dataset's default.
-        data_dir: where torchvision downloads to (default ``$BUNITBENCH_DATA`` or ~/.cache/bunitbench/data).
-        device: where the tensors live.
+        image_size: resize to this side; None keeps the dataset's default (32 for ``imagefolder:``).
+        data_dir: where torchvision downloads to and ``imagenet`` lives (default ``$BUNITBENCH_DATA`` or
+            ~/.cache/bunitbench/data).
+        device: where the tensors live, or where streamed batches go.
+        loader: "device", "stream" (image folders only) or "auto" (:func:`harness.run.stream.choose_loader`).
+        workers: decoding processes of the streaming loader (None: one per CPU, at most 8).
     """
     check_dataset_name(name)
+    check_loader(name, loader, workers)
+    root = folder_root(name, data_dir)
+    size = image_size or (_DATASETS[name].default_size if name in _DATASETS else 32)
+    if root is not None and loader != "device":
+        from harness.run import stream
+
+        train, test = stream.scan_splits(name, root)
+        if loader == "stream" or stream.choose_loader(len(train) + len(test), size, device) == "stream":
+            return stream.StreamData(name, train, test, size, device=device, workers=workers,
+                                     **(stream.IMAGENET_STATS if name == "imagenet" else {}))
     if name.startswith("imagefolder:"):
-        return _imagefolder(Path(name[len("imagefolder:"):]).expanduser(), image_size).to(device)
+        return _imagefolder(root, size).to(device)
     info = _DATASETS[name]
-    root = Path(data_dir) if data_dir else default_data_dir()
-    return info.loader(root, image_size or info.default_size).to(device)
+    base = Path(data_dir) if data_dir else default_data_dir()
+    return info.loader(base, size).to(device)
+
+
+def load_suite_data(suite, device: torch.device | str) -> ImageData:
+    """The dataset of a :class:`harness.run.config.Suite`, loaded as its ``data_loader`` and ``loader_workers`` say."""
+    return load_dataset(suite.dataset, image_size=suite.image_size, data_dir=suite.data_dir, device=device,
+                        loader=getattr(suite, "data_loader", "auto"), workers=getattr(suite, "loader_workers", None))
+
+
+def pack_data(data: ImageData) -> dict:
+    """The dataset as plain values for other processes (Ray's object store shares numpy arrays zero-copy).
+
+    Device data travels whole; a streamed folder travels as its file lists and normalisation, and every process
+    that unpacks it opens the files itself (the same path must reach them there).
+    """
+    if data.data_loader == "stream":
+        return data.pack()
+    return {"data_loader": "device", "name": data.name, "num_classes": data.num_classes, "hflip": data.hflip,
+            **{k: getattr(data, k).cpu().numpy() for k in ("x_train", "y_train", "x_test", "y_test")}}
+
+
+def unpack_data(packed: dict, device: torch.device | str) -> ImageData:
+    """The dataset :func:`pack_data` packed, on (or streamed to) ``device``."""
+    if packed["data_loader"] == "stream":
+        from harness.run.stream import StreamData
+
+        return StreamData.unpack(packed, device)
+    tensors = {k: torch.tensor(packed[k], device=device) for k in ("x_train", "y_train", "x_test", "y_test")}
+    return Splits(packed["name"], num_classes=packed["num_classes"], hflip=packed["hflip"], **tensors)
 
 
 # --- batches on the device ----------------------------------------------------------------------

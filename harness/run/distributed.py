@@ -38,12 +38,20 @@ import torch.nn as nn
 
 from harness.run.checkpoints import load_checkpoint, save_checkpoint
 from harness.run.config import Experiment, Suite, expand
-from harness.run.data import DeviceLoader, load_dataset
+from harness.run.data import DeviceLoader, load_suite_data
 from harness.run.progress import Reporter
 from harness.run.runner import SuiteOutcome, _Context, run_experiment, select
 from harness.run.store import ResultStore
 
-__all__ = ["DataParallel", "ShardedLoader", "init_distributed", "run_suite_ddp", "build_parser", "main"]
+__all__ = ["DataParallel", "ShardedLoader", "check_global_batch", "init_distributed", "run_suite_ddp", "build_parser",
+           "main"]
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """``train.batch_size`` is the global batch: it must split evenly over the processes."""
+    if batch_size % world_size:
+        raise ValueError(f"train.batch_size: {batch_size} does not split evenly over {world_size} processes; "
+                         f"allowed: a multiple of {world_size}")
 
 
 class ShardedLoader:
@@ -62,9 +70,7 @@ class ShardedLoader:
     """
 
     def __init__(self, base: DeviceLoader, rank: int, world_size: int):
-        if base.batch_size % world_size:
-            raise ValueError(f"train.batch_size: {base.batch_size} does not split evenly over {world_size} processes; "
-                             f"allowed: a multiple of {world_size}")
+        check_global_batch(base.batch_size, world_size)
         self.base, self.rank, self.world_size = base, rank, world_size
 
     def __len__(self) -> int:
@@ -97,8 +103,13 @@ class DataParallel:
     def is_writer(self) -> bool:
         return self.rank == 0
 
-    def shard(self, loader: DeviceLoader) -> ShardedLoader:
-        """This rank's slice of every batch of ``loader``."""
+    def shard(self, loader):
+        """This rank's slice of every global batch of ``loader``: a loader with its own ``shard(rank, world_size)``
+        (the streaming loader, which then decodes only this rank's files) does it itself, a
+        :class:`~harness.run.data.DeviceLoader` is wrapped in a :class:`ShardedLoader`."""
+        check_global_batch(loader.batch_size, self.world_size)
+        if hasattr(loader, "shard"):
+            return loader.shard(self.rank, self.world_size)
         return ShardedLoader(loader, self.rank, self.world_size)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -205,12 +216,10 @@ def run_suite_ddp(suite: Suite, parallel: DataParallel, *, results_dir: str | os
         return outcome
     data = None
     if parallel.local_rank == 0:  # one download per node, then the others read the files
-        data = load_dataset(suite.dataset, image_size=suite.image_size, data_dir=suite.data_dir,
-                            device=parallel.device)
+        data = load_suite_data(suite, parallel.device)  # on the device, or streamed as suite.data_loader says
     parallel.barrier()
     if data is None:
-        data = load_dataset(suite.dataset, image_size=suite.image_size, data_dir=suite.data_dir,
-                            device=parallel.device)
+        data = load_suite_data(suite, parallel.device)  # on the device, or streamed as suite.data_loader says
     with Reporter(len(todo), enabled=progress and parallel.is_writer) as reporter:
         ctx = _DDPContext(data, parallel.device, out_dir, reporter, parallel)
         for exp in todo:
