@@ -1,0 +1,69 @@
+"""The paper's headline, checked: comparable accuracy at about 80% fewer FLOPs and 73% fewer parameters.
+
+"Comparable" is a number here: BUnit loses at most :data:`COMPARABLE_POINTS` (1 point) of top-1 against the dense
+backbone. Per setting, BUnit's curve (:mod:`harness.analyse.verdict`) is read at 80% fewer MACs (FLOPs = 2 x MACs,
+so the reduction is the same) and, separately, at 73% fewer parameters, and compared with the dense model of the
+same seed: the paired 95% interval of ``top1_bunit - top1_dense`` (:mod:`harness.analyse.stats`).
+
+- **true** at a point when the interval's lower end is at least -1 point (BUnit loses at most 1 point, at 95%
+  confidence; doing better than dense also counts as comparable);
+- **false** when its upper end is below -1 point (BUnit loses more than 1 point for sure);
+- **undecided** otherwise: the interval straddles -1, fewer than two seeds, or BUnit's curve does not reach that
+  reduction (no extrapolation).
+
+The claim for a setting is true when both points are true, false when either is false, undecided otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from harness.analyse.verdict import BUNIT, build_curves
+from harness.analyse.latency_source import LatencyTable
+from harness.analyse.stats import diff_interval, mean_interval
+
+__all__ = ["COMPARABLE_POINTS", "CLAIM_POINTS", "check_claim", "claim_status"]
+
+COMPARABLE_POINTS = 1.0
+CLAIM_POINTS = (("macs", 0.80), ("params", 0.73))
+
+
+def claim_status(lo: float, hi: float, *, reached: bool, band: float = COMPARABLE_POINTS) -> str:
+    """``true`` / ``false`` / ``undecided`` for an interval of ``top1_bunit - top1_dense`` (rule in the module doc)."""
+    if not reached or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "undecided"
+    if lo >= -band:
+        return "true"
+    if hi < -band:
+        return "false"
+    return "undecided"
+
+
+def check_claim(metrics: pd.DataFrame, *, latency: LatencyTable | None = None) -> pd.DataFrame:
+    """The claim per setting and point.
+
+    Returns:
+        One row per (setting, point) with ``axis``, ``reduction``, ``top1_bunit``, ``top1_dense``, ``diff``, ``lo``,
+        ``hi``, ``n_pairs``, ``reached``, ``status``; plus one row per setting with ``axis == "claim"`` whose
+        ``status`` combines the points. Empty when no setting has a BUnit curve.
+    """
+    rows = []
+    per_setting: dict[str, tuple[dict, list[str]]] = {}
+    for axis, reduction in CLAIM_POINTS:
+        for cur in build_curves(metrics, axis, latency=latency):
+            if BUNIT not in cur.curves:
+                continue
+            bunit = cur.at(BUNIT, math.log(1 - reduction))
+            reached = any(math.isfinite(v) for v in bunit.values())
+            iv = diff_interval(bunit, cur.dense)
+            status = claim_status(iv.lo, iv.hi, reached=reached)
+            per_setting.setdefault(repr(list(map(str, cur.setting.values()))), (cur.setting, []))[1].append(status)
+            rows.append({**cur.setting, "axis": axis, "reduction": reduction,
+                         "top1_bunit": mean_interval(bunit.values()).mean,
+                         "top1_dense": mean_interval(cur.dense.values()).mean, "diff": iv.mean, "lo": iv.lo,
+                         "hi": iv.hi, "n_pairs": iv.n, "reached": reached, "status": status})
+    for setting, statuses in per_setting.values():
+        overall = "false" if "false" in statuses else "true" if all(x == "true" for x in statuses) else "undecided"
+        rows.append({**setting, "axis": "claim", "status": overall})
+    return pd.DataFrame(rows)

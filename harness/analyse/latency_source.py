@@ -1,0 +1,90 @@
+"""Where the verdict's latency comes from: the timing pass's paired ratios to dense when a store has them.
+
+The timing pass (:mod:`harness.measure.timing_pass`, ``<store>/timings.jsonl``) times every model of a setting
+interleaved with its dense reference and stores the median per-round ratio to dense with a 95% interval. Those
+ratios are what users should compare, so the verdict prefers them: from the table it takes one condition, the
+``eager`` runtime when present (else the runtime with most rows), at batch 1 when present (else the smallest batch),
+and among those the (device, dtype, threads, memory format) with most rows. A row not in that condition keeps its
+own latency columns (timed in isolation while training; compared with the dense row's own timing). When the module
+or the file is missing, every row is "isolated".
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["LatencyTable", "load_latency_table", "select_condition"]
+
+_CONDITION = ("runtime", "device", "device_name", "dtype", "threads", "batch", "memory_format")
+
+
+@dataclass
+class LatencyTable:
+    """Paired latency ratios to dense for one timing condition.
+
+    Attributes:
+        ratio: ``{row key: latency_ratio}`` (model time / dense time, median over interleaved rounds).
+        interval: ``{row key: (lo, hi)}`` of that ratio.
+        busy: keys whose session the pass flagged busy.
+        condition: ``{runtime, device, device_name, dtype, threads, batch, memory_format}`` of the ratios.
+    """
+
+    ratio: dict[str, float] = field(default_factory=dict)
+    interval: dict[str, tuple[float, float]] = field(default_factory=dict)
+    busy: set[str] = field(default_factory=set)
+    condition: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for the report: the condition and how many ratios (and busy ones) it holds."""
+        cond = ", ".join(f"{k} {v}" for k, v in self.condition.items() if v is not None and v == v)
+        busy = f"; {len(self.busy)} timed while the machine was busy" if self.busy else ""
+        return f"{len(self.ratio)} rows timed by the timing pass ({cond}){busy}"
+
+
+def select_condition(table: pd.DataFrame) -> LatencyTable | None:
+    """The :class:`LatencyTable` of the preferred condition of a timing table (rule in the module docstring)."""
+    if table is None or table.empty or "latency_ratio" not in table.columns:
+        return None
+    t = table[pd.to_numeric(table["latency_ratio"], errors="coerce") > 0].copy()
+    if t.empty:
+        return None
+    for col in _CONDITION:
+        if col not in t.columns:
+            t[col] = None
+    runtimes = t["runtime"].value_counts()
+    runtime = "eager" if "eager" in runtimes.index else runtimes.index[0]
+    t = t[t["runtime"] == runtime]
+    batches = pd.to_numeric(t["batch"], errors="coerce")
+    t = t[batches == (1 if (batches == 1).any() else batches.min())]
+    rest = [c for c in _CONDITION if c not in ("runtime", "batch")]
+    groups = t.groupby([t[c].astype(str) for c in rest], sort=False)
+    best = max(groups.groups, key=lambda k: len(groups.groups[k]))
+    t = t.loc[groups.groups[best]]
+    first = t.iloc[0]
+    busy = t["busy"].fillna(False).astype(bool) if "busy" in t.columns else pd.Series(False, index=t.index)
+    lo = pd.to_numeric(t.get("latency_ratio_lo"), errors="coerce")
+    hi = pd.to_numeric(t.get("latency_ratio_hi"), errors="coerce")
+    return LatencyTable(
+        ratio=dict(zip(t["key"], pd.to_numeric(t["latency_ratio"]).astype(float))),
+        interval={k: (float(a), float(b)) for k, a, b in zip(t["key"], lo, hi)},
+        busy=set(t.loc[busy, "key"]),
+        condition={c: first[c] for c in _CONDITION},
+    )
+
+
+def load_latency_table(store_dir: str | os.PathLike | None) -> LatencyTable | None:
+    """The preferred condition of ``<store_dir>/timings.jsonl``; None without a store, the module or the file."""
+    if store_dir is None:
+        return None
+    try:
+        from harness.measure.timing_pass import load_timings
+    except ImportError:
+        return None
+    try:
+        table = load_timings(store_dir)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return select_condition(table) if table is not None else None
