@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import gc
 import os
 import platform
 import subprocess
@@ -35,16 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch._dynamo
 import torch.nn as nn
 
+from bunit import fused_cpu
 from bunit.layers import EAGER_BACKENDS, UnitLayer, unit_macs
 from bunit.spec import parse_specs
+from bunit.timing import interleaved_times, machine_load, summary_ms
 
-__all__ = ["LayerShape", "SHAPES", "interleaved_times", "summary_ms", "environment", "write_csv", "prepare_dynamo",
-           "dtype_from_name", "main"]
+__all__ = ["LayerShape", "SHAPES", "environment", "write_csv", "prepare_dynamo", "dtype_from_name",
+           "available_backends", "load1", "main"]
 
 
 # --- shapes -------------------------------------------------------------------------------------
@@ -101,6 +101,9 @@ SHAPES: tuple[LayerShape, ...] = (
     LayerShape("resnet.stage3", "32x2-4-2", 64, 64, 8),
     LayerShape("resnet.trans12", "8x2-4-4", 16, 32, 32, stride=2),
     LayerShape("resnet.trans23", "16x2-4-4", 32, 64, 16, stride=2),
+    # A 64-channel basic block at 16x16 and 32x32 (wide ResNets, ResNet-18-like stages): the dense conv pair.
+    LayerShape("block64.16", "32x2-4-2", 64, 64, 16),
+    LayerShape("block64.32", "32x2-4-2", 64, 64, 32),
     # CIFAR VGG-16 (conv ordinal in `features`): one conv-BN-ReLU each; 2..9 is the vgg16-middle preset.
     LayerShape("vgg16.conv1", "32x2-4-2", 64, 64, 32, dense_convs=1),
     LayerShape("vgg16.conv2", "32x2-4-4", 64, 128, 16, dense_convs=1),
@@ -114,69 +117,7 @@ SHAPES: tuple[LayerShape, ...] = (
 QUICK_SHAPES = ("resnet.stage3", "vgg16.conv8")
 
 
-# --- timing (shared with bench_networks.py) -------------------------------------------------------
-
-
-def interleaved_times(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int, device: torch.device,
-                      settle: int = 2) -> dict[str, list[float]]:
-    """Seconds of one call of each function per round, the functions taking turns round-robin.
-
-    Every round gives each function a turn: ``settle`` untimed calls, then one timed call. The order rotates
-    by one each round, so no method always follows the same neighbour, and a slow spell of the machine hits
-    every method alike. The untimed calls matter on CPU: right after a method that allocates a lot (``stencil``,
-    ``bmm``, the loops), the allocator has returned memory to the OS and caches hold the other method's data;
-    timing that first call measures the neighbour, not the method (it inflated dense layers by 30% and more).
-    CPU: ``perf_counter`` around the call with the garbage collector off. CUDA: an event pair around the call
-    and a synchronize after it (one call at a time).
-
-    Args:
-        fns: name -> a function of no arguments (the input is bound in it).
-        repeats: timed rounds.
-        warmup: untimed rounds first.
-        device: where the functions run.
-        settle: untimed calls before the timed one in each turn.
-
-    Returns:
-        name -> ``repeats`` timings in seconds.
-    """
-    names = list(fns)
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    if cuda:
-        torch.cuda.synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                for _ in range(settle):
-                    fns[name]()
-                if cuda:
-                    torch.cuda.synchronize(device)
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fns[name]()
-                    end.record()
-                    torch.cuda.synchronize(device)  # events are read only after the work is done
-                    times[name].append(start.elapsed_time(end) / 1e3)
-                else:
-                    t0 = time.perf_counter()
-                    fns[name]()
-                    times[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times
-
-
-def summary_ms(times_s: Sequence[float]) -> dict[str, float]:
-    """Median, p90 and inter-quartile range in milliseconds."""
-    q25, q50, q75, q90 = np.percentile(np.asarray(times_s) * 1e3, [25, 50, 75, 90])
-    return {"p50_ms": float(q50), "p90_ms": float(q90), "iqr_ms": float(q75 - q25)}
+# --- where a row was measured (shared with bench_networks.py) ------------------------------------
 
 
 def _git_sha() -> str | None:
@@ -202,15 +143,26 @@ def environment(device: torch.device) -> dict[str, Any]:
         except OSError:
             pass
     return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "git": _git_sha()}
+            "torch": torch.__version__, "git": _git_sha(), "fused_cpu_available": fused_cpu.is_available()}
 
 
-def load_average() -> float | None:
-    """The 1-minute load average (None where the OS has none): other work competing for the cores."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+def load1() -> float | None:
+    """The 1-minute load average (other work competing for the cores), from :func:`bunit.timing.machine_load`."""
+    return machine_load()["load1"]
+
+
+def available_backends(backends: Sequence[str], device: torch.device) -> list[str]:
+    """``backends`` less ``fused_cpu`` where it cannot run (not a CPU run, or no C++ compiler); says so once."""
+    if "fused_cpu" not in backends:
+        return list(backends)
+    info = fused_cpu.build_info()
+    if device.type == "cpu" and info["available"]:
+        print(f"fused_cpu: extension ready ({info['build_s']:.1f} s to build or load, cached in "
+              f"{info['build_dir']})", flush=True)
+        return list(backends)
+    why = "runs on CPU only" if device.type != "cpu" else f"unavailable: {info['error']}"
+    print(f"fused_cpu: left out, {why}", flush=True)
+    return [b for b in backends if b != "fused_cpu"]
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -316,10 +268,10 @@ def run_config(shape: LayerShape, *, batch: int, dtype: torch.dtype, channels_la
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, shape.in_channels, shape.size, shape.size, device=device).to(dtype)
     x = x.contiguous(memory_format=fmt)
-    load_start = load_average()
+    load_start = load1()
     fns, compile_s = _methods(shape, x, backends=backends, compile_=compile_, fmt=fmt)
     with torch.inference_mode():
-        times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device)
+        times = interleaved_times(fns, rounds=repeats, warmup=warmup, device=device)
     summaries = {name: summary_ms(t) for name, t in times.items()}
     dense_p50 = summaries["dense"]["p50_ms"]
     dense_c = summaries.get("dense:compiled", {}).get("p50_ms")
@@ -336,7 +288,7 @@ def run_config(shape: LayerShape, *, batch: int, dtype: torch.dtype, channels_la
             "ratio_vs_dense": s["p50_ms"] / dense_p50,
             "ratio_vs_dense_compiled": s["p50_ms"] / dense_c if dense_c else None,
             "macs": dense_macs if is_dense else unit_macs_, "macs_ratio": 1.0 if is_dense else unit_macs_ / dense_macs,
-            "compile_s": compile_s.get(name), "load1_start": load_start, "load1_end": load_average(),
+            "compile_s": compile_s.get(name), "load1_start": load_start, "load1_end": load1(),
         })
     return rows
 
@@ -402,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends.split(",")
     if any(b not in EAGER_BACKENDS for b in backends):
         raise ValueError(f"backends: {backends} not allowed; allowed: {', '.join(EAGER_BACKENDS)}")
+    backends = available_backends(backends, device)
     if args.compile:
         prepare_dynamo()
     env = environment(device)
     print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, repeats {repeats}, "
-          f"load {load_average()}", flush=True)
+          f"load {load1()}", flush=True)
     rows: list[dict[str, Any]] = []
     for name in names:
         for dtype in dtypes:

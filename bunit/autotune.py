@@ -1,11 +1,13 @@
 """Pick the fastest execution backend for every fused unit layer of a model, by measurement.
 
 Each distinct (unit row, stride, input shape incl. batch, dtype, device, threads, torch version) is timed
-once per backend: ``torch.utils.benchmark`` on CPU (median of ``repeats`` blocks), CUDA events with
-synchronisation on GPU (median of ``repeats``). Timings are inference timings (eval mode, ``no_grad``);
+once per backend through :mod:`bunit.timing` (the project's one timer): the median of single calls, at least
+``repeats`` of them and enough to fill ``min_time_s``. Timings are inference timings (eval mode, ``no_grad``);
 the model's mode is restored afterwards. Choices and the medians behind them are cached on disk as JSON
 (default ``~/.cache/bunitbench/autotune.json``; the folder can be moved with ``BUNITBENCH_CACHE_DIR`` and
 the file given directly with ``cache_path``), so a second call with the same shapes times nothing.
+``fused_cpu`` takes part like every backend; where its C++ extension cannot be built it raises, is recorded
+as failed and never chosen.
 
 The ``compiled`` backend is timed last, compiling the fastest eager backend (``layer.compile_base``) and,
 when ``stencil`` is among the backends tried, compiling ``stencil`` too (that backend exists to be compiled);
@@ -27,10 +29,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from bunit.fused_cpu import cache_dir
 from bunit.layers import BACKENDS, EAGER_BACKENDS, UnitLayer, unit_layers
 from bunit.spec import compact_specs
+from bunit.timing import call_times, interleaved_times, summary_ms
 
-__all__ = ["autotune", "has_unit_layers", "default_cache_path", "time_backend", "time_module", "layer_key", "compare_backends",
+__all__ = ["autotune", "has_unit_layers", "default_cache_path", "time_backend", "layer_key", "compare_backends",
            "DEFAULT_BACKENDS"]
 
 DEFAULT_BACKENDS = EAGER_BACKENDS
@@ -42,8 +46,7 @@ TimerFn = Callable[[UnitLayer, torch.Tensor, str, int], float]
 
 def default_cache_path() -> Path:
     """``$BUNITBENCH_CACHE_DIR/autotune.json``, else ``~/.cache/bunitbench/autotune.json``."""
-    base = os.environ.get("BUNITBENCH_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "bunitbench") / "autotune.json"
+    return cache_dir() / "autotune.json"
 
 
 def has_unit_layers(model: nn.Module) -> bool:
@@ -67,16 +70,16 @@ def layer_key(layer: UnitLayer, x: torch.Tensor) -> str:
 
 
 def time_backend(layer: UnitLayer, x: torch.Tensor, backend: str, repeats: int, *, warmup: int = 3,
-                 block_s: float = 2e-3) -> float:
-    """Median seconds of one ``layer(x)`` call on ``backend`` (eval, no_grad).
+                 min_time_s: float = 0.02) -> float:
+    """Median seconds of one ``layer(x)`` call on ``backend`` (eval, no_grad), timed by :mod:`bunit.timing`.
 
     Args:
         layer: a fused unit layer (its backend is restored afterwards).
         x: an input batch.
         backend: the backend to time.
-        repeats: timed blocks; the median over blocks is returned.
+        repeats: the fewest timed calls; fast layers get more, up to ``min_time_s`` of timed calls (at most 1000).
         warmup: untimed calls first (the first ``compiled`` call compiles).
-        block_s: target length of one timed block on CPU (calls per block are calibrated to it).
+        min_time_s: the least time spent in timed calls.
 
     Returns:
         The median time of one call, in seconds.
@@ -84,41 +87,12 @@ def time_backend(layer: UnitLayer, x: torch.Tensor, backend: str, repeats: int, 
     previous = layer.backend
     layer.backend = backend
     try:
-        return time_module(layer, x, repeats, warmup=warmup, block_s=block_s)
+        with torch.no_grad():
+            once = call_times(lambda: layer(x), repeats=1, warmup=warmup, device=x.device)[0]
+            calls = max(repeats, min(1000, math.ceil(min_time_s / max(once, 1e-7))))
+            return statistics.median(call_times(lambda: layer(x), repeats=calls, warmup=0, device=x.device))
     finally:
         layer.backend = previous
-
-
-def time_module(module: nn.Module, x: torch.Tensor, repeats: int, *, warmup: int = 3, block_s: float = 2e-3) -> float:
-    """Median seconds of one ``module(x)`` call under ``no_grad`` (CUDA events on GPU, torch.utils.benchmark on CPU)."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            module(x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-            return _time_cuda(module, x, repeats)
-        return _time_cpu(module, x, repeats, block_s)
-
-
-def _time_cuda(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        layer(x)
-        end.record()
-        torch.cuda.synchronize(x.device)  # events are read only after the work is done
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def _time_cpu(layer: nn.Module, x: torch.Tensor, repeats: int, block_s: float) -> float:
-    from torch.utils import benchmark
-
-    timer = benchmark.Timer(stmt="layer(x)", globals={"layer": layer, "x": x}, num_threads=torch.get_num_threads())
-    once = timer.timeit(1).median
-    number = max(1, int(block_s / max(once, 1e-7)))
-    return statistics.median(timer.timeit(number).median for _ in range(repeats))
 
 
 def _load(path: Path) -> dict:
@@ -146,12 +120,17 @@ def _capture_inputs(model: nn.Module, layers: list[tuple[str, UnitLayer]], examp
         return fn
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers]
+    previous = [layer.backend for _, layer in layers]
     try:
+        for _, layer in layers:  # capture on the default backend: the current one may not run here
+            layer.backend = "grouped"
         with torch.no_grad():
             model(example_input)
     finally:
         for h in handles:
             h.remove()
+        for (_, layer), backend in zip(layers, previous):
+            layer.backend = backend
     return captured
 
 
@@ -274,6 +253,8 @@ def compare_backends(specs: Iterable[str], *, batch: int = 64, size: int = 16, s
                      repeats: int = 15) -> dict[str, float]:
     """Median ms of one unit layer on each backend and of the dense conv-BN-ReLU pair it replaces (``"dense"``).
 
+    All of them are timed side by side (:func:`bunit.timing.interleaved_times`), eval mode, ``no_grad``.
+
     Args:
         specs: the unit row, e.g. ``["32x2-4-2"]``.
         batch: batch size.
@@ -282,7 +263,7 @@ def compare_backends(specs: Iterable[str], *, batch: int = 64, size: int = 16, s
         device: device to run on.
         dtype: parameter and input dtype.
         backends: backends to time (default: every eager backend).
-        repeats: timed repetitions (the median is reported).
+        repeats: timed rounds (the median is reported).
 
     Returns:
         ``{backend: ms}`` plus ``"dense"``; a backend that fails maps to ``nan``.
@@ -293,13 +274,20 @@ def compare_backends(specs: Iterable[str], *, batch: int = 64, size: int = 16, s
     dense = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
                           nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
     dense = dense.to(device=device, dtype=dtype).eval()
+    fns: dict[str, Callable[[], torch.Tensor]] = {"dense": lambda: dense(x)}
     out: dict[str, float] = {}
-    for backend in DEFAULT_BACKENDS if backends is None else backends:
-        try:
-            out[backend] = time_backend(layer, x, backend, repeats) * 1e3
-        except Exception:  # reported as nan: the caller prints what ran
-            out[backend] = float("nan")
-    out["dense"] = time_module(dense, x, repeats) * 1e3
+    with torch.no_grad():
+        for backend in DEFAULT_BACKENDS if backends is None else backends:
+            unit = UnitLayer(layer.specs, stride=stride).to(device=device, dtype=dtype).eval()
+            unit.load_state_dict(layer.state_dict())
+            unit.backend = backend
+            try:
+                unit(x)
+                fns[backend] = lambda unit=unit: unit(x)
+            except Exception:  # reported as nan: the caller prints what ran
+                out[backend] = float("nan")
+        times = interleaved_times(fns, rounds=repeats, warmup=2, device=device)
+    out.update({name: summary_ms(t)["p50_ms"] for name, t in times.items()})
     return out
 
 

@@ -91,8 +91,7 @@ class BUnitBasicBlock(nn.Module):
         return cls(units, _shortcut_of(block))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.units(x)  # (B, out, H/s, W/s), each unit ReLU'd
-        return self.relu(out + self.shortcut(x))
+        return self.units(x, residual=self.shortcut(x))  # relu(units(x) + shortcut(x)), (B, out, H/s, W/s)
 
 
 class BUnitBottleneck(nn.Module):

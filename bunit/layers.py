@@ -28,6 +28,10 @@ The fused form runs on one of several execution backends (``layer.backend``), al
 - ``compiled``: ``torch.compile`` of ``layer.compile_base`` (an eager backend, ``grouped`` unless the
   autotuner found a faster one, often ``stencil`` on CPU); the first call compiles and may take tens of
   seconds.
+- ``fused_cpu``: one C++ kernel per group (:mod:`bunit.fused_cpu`), BN folded into the convs, the hidden
+  activations of a tile of rows kept in cache; float32 on CPU in eval mode. In training mode, or while
+  autograd records, it runs ``grouped`` instead (exact gradients and BN statistics); without a C++ compiler
+  it raises, and the autotuner never picks it.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bunit import fused_cpu
 from bunit.spec import UnitSpec, compact_specs, parse_specs
 
 __all__ = [
@@ -56,8 +61,8 @@ __all__ = [
 ]
 
 IMPLS = ("reference", "fused")
-BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "compiled")
-EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil")
+BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu", "compiled")
+EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu")
 _UNIT_KEYS = ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
               "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var")
 
@@ -285,6 +290,7 @@ class UnitLayer(nn.Module):
         self._backend = "loop" if impl == "reference" else "grouped"
         self.__dict__["_compiled"] = None
         self.__dict__["_bd_cache"] = None
+        self.__dict__["_fold_cache"] = None
         if impl == "reference":
             self.units = nn.ModuleList(BasicUnit(s) for s in self.specs)
         else:
@@ -321,6 +327,9 @@ class UnitLayer(nn.Module):
         # where unit i lives: (group, position in group)
         self._where = {u: (g, j) for g, us in enumerate(self.group_units) for j, u in enumerate(us)}
         self._in_ranges: list[tuple[int, int] | None] = []
+        # fused_cpu: per group, each unit's first input and output channel in layer order
+        self._unit_starts = [(torch.tensor([in_off[u] for u in us]), torch.tensor([out_off[u] for u in us]))
+                             for us in self.group_units]
         cat_pos = [0] * self.out_channels
         pos = 0
         for g, us in enumerate(self.group_units):
@@ -374,16 +383,24 @@ class UnitLayer(nn.Module):
         state = self.__dict__.copy()
         state["_compiled"] = None  # a compiled closure and a cached weight belong to this object only
         state["_bd_cache"] = None
+        state["_fold_cache"] = None
         return state
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The units' output; with ``residual``, ``relu(units(x) + residual)`` (a residual block's tail).
+
+        Args:
+            x: input ``(B, in, H, W)``.
+            residual: None, or the shortcut ``(B, out, H/s, W/s)`` (``fused_cpu`` adds it inside the kernel).
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if self.impl == "reference":
-            return self._forward_reference(x)
-        return self._run(x, self._backend)
+        if self.impl == "fused" and self._backend == "fused_cpu":
+            return self._forward_fused_cpu(x, residual)
+        y = self._forward_reference(x) if self.impl == "reference" else self._run(x, self._backend)
+        return y if residual is None else F.relu(y + residual, inplace=True)  # (B, out, H/s, W/s)
 
     def _run(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         if backend == "grouped":
@@ -398,6 +415,8 @@ class UnitLayer(nn.Module):
             return self._forward_blockdiag(x)
         if backend == "loop":
             return self._forward_loop(x)
+        if backend == "fused_cpu":
+            return self._forward_fused_cpu(x)
         return self._forward_compiled(x)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -470,6 +489,13 @@ class UnitLayer(nn.Module):
         h = F.relu(_bn_cat([grp.bn1 for grp in self.groups], h))
         y = F.conv2d(h, w2, None, 1, p)  # (B, out, H/s, W/s), layer order
         return F.relu(_bn_cat([grp.bn2 for grp in self.groups], y, self.out_perm))
+
+    def _forward_fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if self.training or records:  # the kernel has no backward and uses running statistics
+            y = self._forward_groups(x, _call_module)
+            return y if residual is None else F.relu(y + residual, inplace=True)
+        return fused_cpu.forward(self, x, self._unit_starts, residual)  # (B, out, H/s, W/s), layer order
 
     def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
         base = self.compile_base

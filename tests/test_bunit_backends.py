@@ -254,7 +254,7 @@ def test_backends_equal_on_cuda(tmp_path):
     x = torch.randn(8, layer.in_channels, 16, 16, device="cuda")
     with torch.no_grad():
         outs = {}
-        for b in EAGER_BACKENDS:
+        for b in [b for b in EAGER_BACKENDS if b != "fused_cpu"]:  # a CPU kernel; on CUDA it raises
             layer.backend = b
             outs[b] = layer(x)
     for b, y in outs.items():

@@ -1,0 +1,302 @@
+// Fused BUnit unit kernel for CPU inference: conv -> (folded BN) -> ReLU -> conv -> (folded BN) -> ReLU per unit.
+//
+// One call runs one group of same-spec units of a unit layer (bunit/fused_cpu.py folds BatchNorm into the conv
+// weights and biases first). Work items are (image, unit) pairs, run in parallel with at::parallel_for. Per item:
+//   1. the unit's `a` input planes are copied into a zero-padded buffer; for stride s the columns are split by
+//      phase (column mod s), so every tap of a strided conv reads contiguous floats;
+//   2. for a tile of output rows, the hidden rows it needs (tile + halo) are computed into a small buffer
+//      (zero-padded too) that stays in cache;
+//   3. the output rows are computed from the hidden buffer and written straight into the unit's output channels.
+// Both convs are one routine, conv_rows: VW pixels of a row at a time in GCC vector registers (portable SIMD),
+// R rows and OB output channels at a time as independent accumulators. The unit shapes of the paper's catalogue
+// and of the uniform ResNet/VGG plans are compiled as templates with a, b, c, k, s known at compile time (the
+// loops unroll fully); any other shape runs the generic path (one output channel per pass, runtime sizes).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// VW floats per vector: 16 (one AVX-512 register, two AVX2 ones) or 8, whichever wastes fewer lanes on a row.
+template <int VW>
+struct Vec {
+  typedef float type __attribute__((vector_size(VW * sizeof(float))));
+  typedef float unaligned __attribute__((vector_size(VW * sizeof(float)), aligned(4), may_alias));
+  static type load(const float* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static void store(float* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
+  static type splat(float x) { return type{} + x; }
+  static type relu(type v) {
+    const type zero = {};
+    return v > zero ? v : zero;
+  }
+};
+constexpr int kMaxVW = 16;
+
+// Sizes of one group call.
+struct Geometry {
+  int64_t a, b, c, k, s, p;  // unit spec, padding k/2
+  int64_t h, w, ho, wo;       // input and output plane size
+  int64_t vw;                 // vector width (8 or 16)
+  int64_t wo_r;               // wo rounded up to a multiple of vw: every row is computed in whole vectors
+  int64_t hp, wq;             // padded input buffer: rows, floats per row and phase
+  int64_t th, wh;             // tile rows, hidden buffer floats per row
+  int64_t in_size() const { return a * s * hp * wq; }
+  int64_t hid_size() const { return b * (th + 2 * p) * wh; }
+};
+
+// R output rows x OB output channels of one conv, all columns [0, width_r) in vectors of VW.
+// Source layout: channel stride cs, phase stride ps, row stride rs; output row r reads source rows
+// row0 + r*s + dy and, for tap dx, phase dx % s at column offset dx / s. A template size of 0 means "runtime".
+// Each output is relu(acc); with a residual `res` (laid out like dst) it is relu(relu(acc) + res).
+template <int VW, int CIN, int K, int S, int OB, int R>
+inline void conv_rows(const float* __restrict src, int64_t cs, int64_t ps, int64_t rs, int64_t row0,
+                      int64_t cin_rt, int64_t k_rt, int64_t s_rt, const float* __restrict wt,
+                      const float* __restrict bias, float* __restrict dst, const float* __restrict res,
+                      int64_t dcs, int64_t drs, int64_t width_r, int64_t valid) {
+  using V = Vec<VW>;
+  const int64_t cin = CIN ? CIN : cin_rt, k = K ? K : k_rt, s = S ? S : s_rt;
+  const int64_t wstride = cin * k * k;  // weights of one output channel
+  for (int64_t x0 = 0; x0 < width_r; x0 += VW) {
+    typename V::type acc[R][OB];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int o = 0; o < OB; ++o) acc[r][o] = V::splat(bias[o]);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < cin; ++i)
+#pragma GCC unroll 8
+      for (int64_t dy = 0; dy < k; ++dy)
+#pragma GCC unroll 8
+        for (int64_t dx = 0; dx < k; ++dx) {
+          const float* sp = src + i * cs + (dx % s) * ps + (row0 + dy) * rs + x0 + dx / s;
+          const float* wp = wt + (i * k + dy) * k + dx;
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            const typename V::type v = V::load(sp + r * s * rs);
+#pragma GCC unroll 8
+            for (int o = 0; o < OB; ++o) acc[r][o] += V::splat(wp[o * wstride]) * v;
+          }
+        }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int o = 0; o < OB; ++o) {
+        const int64_t off = o * dcs + r * drs + x0;
+        float* dp = dst + off;
+        typename V::type y = V::relu(acc[r][o]);
+        const bool whole = x0 + VW <= valid;
+        if (res) {
+          float tmp[VW] = {};
+          if (!whole) std::memcpy(tmp, res + off, sizeof(float) * (valid - x0));
+          y = V::relu(y + V::load(whole ? res + off : tmp));
+        }
+        if (whole) {
+          V::store(dp, y);
+        } else {  // the last, partial vector of an output row
+          float tmp[VW];
+          V::store(tmp, y);
+          std::memcpy(dp, tmp, sizeof(float) * (valid - x0));
+        }
+      }
+  }
+}
+
+// Rows [lo, hi) of one conv: blocks of R rows, then single rows. OB channels per pass, `passes` passes.
+template <int VW, int CIN, int K, int S, int OB, int R>
+inline void conv_range(const float* src, int64_t cs, int64_t ps, int64_t rs, int64_t src_row_of_lo, int64_t lo,
+                       int64_t hi, int64_t cin, int64_t k, int64_t s, int64_t passes, const float* wt,
+                       const float* bias, float* dst_of_lo, const float* res_of_lo, int64_t dcs, int64_t drs,
+                       int64_t width_r, int64_t valid) {
+  for (int64_t q = 0; q < passes; ++q) {
+    const float* w = wt + q * OB * cin * k * k;
+    const float* bq = bias + q * OB;
+    float* d0 = dst_of_lo + q * OB * dcs;
+    const float* r0 = res_of_lo ? res_of_lo + q * OB * dcs : nullptr;
+    int64_t r = lo;
+    for (; r + R <= hi; r += R)
+      conv_rows<VW, CIN, K, S, OB, R>(src, cs, ps, rs, src_row_of_lo + (r - lo) * s, cin, k, s, w, bq,
+                                      d0 + (r - lo) * drs, r0 ? r0 + (r - lo) * drs : nullptr, dcs, drs,
+                                      width_r, valid);
+    for (; r < hi; ++r)
+      conv_rows<VW, CIN, K, S, OB, 1>(src, cs, ps, rs, src_row_of_lo + (r - lo) * s, cin, k, s, w, bq,
+                                      d0 + (r - lo) * drs, r0 ? r0 + (r - lo) * drs : nullptr, dcs, drs,
+                                      width_r, valid);
+  }
+}
+
+// The unit's input planes into the zero-padded, phase-split buffer [a][s][hp][wq].
+void fill_input(const Geometry& g, const float* x, float* buf) {
+  for (int64_t i = 0; i < g.a; ++i)
+    for (int64_t q = 0; q < g.s; ++q) {
+      // columns m of phase q read input column m*s + q - p
+      const int64_t m_lo = std::max<int64_t>(0, (g.p - q + g.s - 1) / g.s);
+      const int64_t last = g.w - 1 + g.p - q;  // m*s <= last
+      const int64_t m_hi = last < 0 ? 0 : std::min<int64_t>(g.wq, last / g.s + 1);
+      for (int64_t pr = 0; pr < g.hp; ++pr) {
+        float* d = buf + ((i * g.s + q) * g.hp + pr) * g.wq;
+        const int64_t row = pr - g.p;
+        if (row < 0 || row >= g.h || m_hi <= m_lo) {
+          std::memset(d, 0, sizeof(float) * g.wq);
+          continue;
+        }
+        const float* srow = x + (i * g.h + row) * g.w + q - g.p;
+        std::memset(d, 0, sizeof(float) * m_lo);
+        for (int64_t m = m_lo; m < m_hi; ++m) d[m] = srow[m * g.s];
+        std::memset(d + m_hi, 0, sizeof(float) * (g.wq - m_hi));
+      }
+    }
+}
+
+// One (image, unit) item: the unit's input channels of image x to its output channels of image y.
+template <int VW, int A, int B, int C, int K, int S, int OB1, int OB2, int R1, int R2>
+void run_item(const Geometry& g, const float* x, float* y, const float* res, const float* w1, const float* b1,
+              const float* w2, const float* b2, float* inbuf, float* hid) {
+  fill_input(g, x, inbuf);
+  const int64_t p = g.p, hrows = g.th + 2 * p, hcs = hrows * g.wh;
+  for (int64_t t0 = 0; t0 < g.ho; t0 += g.th) {
+    const int64_t t1 = std::min(g.ho, t0 + g.th);
+    const int64_t lo = std::max<int64_t>(0, t0 - p), hi = std::min(g.ho, t1 + p);  // hidden rows of this tile
+    const int64_t base = t0 - p;  // hidden row r lives in buffer row r - base
+    for (int64_t j = 0; j < g.b; ++j) {  // zero rows outside the plane (conv2's vertical padding)
+      if (lo > base) std::memset(hid + j * hcs, 0, sizeof(float) * (lo - base) * g.wh);
+      if (base + hrows > hi)
+        std::memset(hid + j * hcs + (hi - base) * g.wh, 0, sizeof(float) * (base + hrows - hi) * g.wh);
+    }
+    conv_range<VW, A, K, S, OB1, R1>(inbuf, g.s * g.hp * g.wq, g.hp * g.wq, g.wq, lo * g.s, lo, hi, g.a, g.k, g.s,
+                                     g.b / OB1, w1, b1, hid + (lo - base) * g.wh + p, nullptr, hcs, g.wh, g.wo_r,
+                                     g.wo_r);
+    for (int64_t j = 0; j < g.b; ++j)  // zero the columns outside the plane (conv2's horizontal padding)
+      for (int64_t r = lo; r < hi; ++r) {
+        float* row = hid + j * hcs + (r - base) * g.wh;
+        std::memset(row, 0, sizeof(float) * p);
+        std::memset(row + p + g.wo, 0, sizeof(float) * (g.wh - p - g.wo));
+      }
+    conv_range<VW, B, K, 1, OB2, R2>(hid, hcs, 0, g.wh, 0, t0, t1, g.b, g.k, 1, g.c / OB2, w2, b2,
+                                     y + t0 * g.wo, res ? res + t0 * g.wo : nullptr, g.ho * g.wo, g.wo, g.wo_r,
+                                     g.wo);
+  }
+}
+
+using ItemFn = void (*)(const Geometry&, const float*, float*, const float*, const float*, const float*,
+                        const float*, const float*, float*, float*);
+
+constexpr int clamp_rows(int outputs) { return outputs >= 8 ? 1 : (8 / outputs > 4 ? 4 : 8 / outputs); }
+
+template <int VW, int A, int B, int C, int K, int S>
+constexpr ItemFn fixed_item() {
+  return &run_item<VW, A, B, C, K, S, B, C, clamp_rows(B), clamp_rows(C)>;
+}
+
+struct Variant {
+  int a, b, c, k, s;
+  ItemFn fn8, fn16;
+};
+
+// The specialised unit shapes: the paper's exploration catalogue and the uniform 2-4 plans (2-4-2 keeps the
+// width, 2-4-4 doubles it), each at stride 1 and 2, kernel 3.
+#define BUNIT_STRIDE(A, B, C, S) {A, B, C, 3, S, fixed_item<8, A, B, C, 3, S>(), fixed_item<16, A, B, C, 3, S>()}
+#define BUNIT_VARIANT(A, B, C) BUNIT_STRIDE(A, B, C, 1), BUNIT_STRIDE(A, B, C, 2)
+const Variant kVariants[] = {
+    BUNIT_VARIANT(1, 2, 1), BUNIT_VARIANT(1, 2, 2), BUNIT_VARIANT(1, 2, 3), BUNIT_VARIANT(2, 1, 1),
+    BUNIT_VARIANT(2, 1, 2), BUNIT_VARIANT(3, 2, 1), BUNIT_VARIANT(2, 4, 2), BUNIT_VARIANT(2, 4, 4),
+};
+#undef BUNIT_VARIANT
+#undef BUNIT_STRIDE
+
+const Variant* find_variant(int64_t a, int64_t b, int64_t c, int64_t k, int64_t s) {
+  for (const Variant& v : kVariants)
+    if (v.a == a && v.b == b && v.c == c && v.k == k && v.s == s) return &v;
+  return nullptr;
+}
+
+Geometry make_geometry(int64_t a, int64_t b, int64_t c, int64_t k, int64_t s, int64_t h, int64_t w) {
+  Geometry g{};
+  g.a = a, g.b = b, g.c = c, g.k = k, g.s = s, g.p = k / 2, g.h = h, g.w = w;
+  g.ho = (h + 2 * g.p - k) / s + 1;
+  g.wo = (w + 2 * g.p - k) / s + 1;
+  const int64_t waste16 = (g.wo + 15) / 16 * 16 - g.wo, waste8 = (g.wo + 7) / 8 * 8 - g.wo;
+  g.vw = waste8 < waste16 ? 8 : 16;
+  g.wo_r = (g.wo + g.vw - 1) / g.vw * g.vw;
+  g.hp = (g.ho - 1) * s + k;
+  g.wq = g.wo_r + (k - 1) / s;
+  g.wh = g.wo_r + k - 1;
+  const int64_t budget = 8192;  // floats of hidden rows per tile (32 KiB): an L1-sized working set
+  g.th = std::max<int64_t>(1, std::min<int64_t>(g.ho, budget / (b * g.wh) - 2 * g.p));
+  return g;
+}
+
+}  // namespace
+
+// y[:, out_start[u]:out_start[u]+c] = unit_u(x[:, in_start[u]:in_start[u]+a]) for every unit u of one group.
+// x: (N, Cin, H, W) float32 contiguous; y: (N, Cout, Ho, Wo) float32 contiguous, written in place.
+// w1: (U*b, a, k, k), b1: (U*b,), w2: (U*c, b, k, k), b2: (U*c,): BN already folded in.
+// residual: None, or a tensor like y: then y = relu(units(x) + residual) on the group's channels (a residual
+// block's shortcut and final ReLU). in_start, out_start: (U,) int64.
+// Returns whether a specialised kernel ran (false: the generic path).
+bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::optional<torch::Tensor>& residual,
+                        const torch::Tensor& w1, const torch::Tensor& b1,
+                        const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& in_start,
+                        const torch::Tensor& out_start, int64_t a, int64_t b, int64_t c, int64_t k, int64_t s) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 4,
+              "x: a contiguous float32 CPU tensor (N, C, H, W) is required");
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == torch::kFloat && y.is_contiguous() && y.dim() == 4,
+              "y: a contiguous float32 CPU tensor (N, C, Ho, Wo) is required");
+  TORCH_CHECK(a > 0 && b > 0 && c > 0 && k > 0 && k % 2 == 1 && s > 0, "unit spec: positive a, b, c, s and odd k");
+  const int64_t units = in_start.numel();
+  TORCH_CHECK(out_start.numel() == units && w1.numel() == units * b * a * k * k && b1.numel() == units * b &&
+                  w2.numel() == units * c * b * k * k && b2.numel() == units * c,
+              "weights: sizes do not match the unit spec and the number of units");
+  for (const auto* t : {&w1, &b1, &w2, &b2})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "weights: contiguous float32 required");
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3), cout = y.size(1);
+  const Geometry g = make_geometry(a, b, c, k, s, h, w);
+  TORCH_CHECK(y.size(0) == n && y.size(2) == g.ho && y.size(3) == g.wo, "y: wrong shape for this input and stride");
+  const float* rp = nullptr;
+  if (residual.has_value()) {
+    const torch::Tensor& r = *residual;
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == torch::kFloat && r.is_contiguous() && r.sizes() == y.sizes(),
+                "residual: a contiguous float32 CPU tensor of the output's shape is required");
+    rp = r.data_ptr<float>();
+  }
+  auto ins = in_start.to(torch::kLong).contiguous();
+  auto outs = out_start.to(torch::kLong).contiguous();
+  const int64_t* in_p = ins.data_ptr<int64_t>();
+  const int64_t* out_p = outs.data_ptr<int64_t>();
+  for (int64_t u = 0; u < units; ++u)
+    TORCH_CHECK(in_p[u] >= 0 && in_p[u] + a <= cin && out_p[u] >= 0 && out_p[u] + c <= cout,
+                "in_start/out_start: a unit's channels fall outside the tensors");
+  const Variant* variant = find_variant(a, b, c, k, s);
+  ItemFn fn = nullptr;
+  if (variant)
+    fn = g.vw == 8 ? variant->fn8 : variant->fn16;
+  else  // the generic path: runtime sizes, one output channel per pass
+    fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 0, 0, 1, 1, 1, 1> : &run_item<16, 0, 0, 0, 0, 0, 1, 1, 1, 1>;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
+  const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
+  const int64_t in_plane = h * w, out_plane = g.ho * g.wo;
+  at::parallel_for(0, n * units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> inbuf(g.in_size() + kMaxVW), hid(g.hid_size() + kMaxVW);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t img = item / units, u = item % units;
+      const int64_t out_off = (img * cout + out_p[u]) * out_plane;
+      fn(g, xp + (img * cin + in_p[u]) * in_plane, yp + out_off, rp ? rp + out_off : nullptr,
+         w1p + u * b * a * k * k, b1p + u * b, w2p + u * c * b * k * k, b2p + u * c, inbuf.data(), hid.data());
+    }
+  });
+  return variant != nullptr;
+}
+
+bool has_variant(int64_t a, int64_t b, int64_t c, int64_t k, int64_t s) {
+  return find_variant(a, b, c, k, s) != nullptr;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("unit_group_forward", &unit_group_forward, "Fused conv-BN-ReLU-conv-BN-ReLU of a group of units (CPU)");
+  m.def("has_variant", &has_variant, "Whether a unit shape has a specialised kernel");
+}

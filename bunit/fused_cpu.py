@@ -1,0 +1,189 @@
+"""The ``fused_cpu`` execution backend: one C++ kernel per group of same-spec units, for CPU inference.
+
+Each unit's conv -> BN -> ReLU -> conv -> BN -> ReLU runs in one pass over space (``csrc/unit_fused.cpp``): the
+hidden activations of a tile of rows stay in a small buffer, pixels are processed in vectors, work items
+(image, unit) run in parallel through ``at::parallel_for``, and the unit shapes of the catalogue and the
+uniform 2-4 plans are compiled with their sizes known (any other shape takes a generic path). BatchNorm is
+folded into the convolutions (``w' = w * gamma / sqrt(var + eps)``, ``bias' = beta - mean * gamma /
+sqrt(var + eps)``), so the kernel computes what the layer computes in eval mode.
+
+Scope: float32 NCHW on CPU, eval mode, no autograd. :class:`bunit.layers.UnitLayer` runs its ``grouped``
+backend instead whenever the layer is in training mode or autograd records (gradients and BN statistics
+then stay exact); other devices and dtypes raise ``ValueError``, and a machine without a working C++
+compiler raises ``RuntimeError`` naming the build error, so the autotuner records the backend as failed
+and never picks it.
+
+The extension is built on first use with ``torch.utils.cpp_extension.load`` (``-O3 -march=native``, OpenMP)
+into ``<cache dir>/ext/`` (``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the
+cached build. The build time and outcome are printed once per process and kept in :func:`build_info`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["cache_dir", "build_info", "is_available", "load_extension", "has_variant", "folded_weights", "forward"]
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_fused.cpp"
+_NAME = "bunit_unit_fused"
+_state: dict[str, Any] = {}
+
+
+def cache_dir() -> Path:
+    """``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``: where bunit keeps its builds and tuning."""
+    base = os.environ.get("BUNITBENCH_CACHE_DIR")
+    return Path(base) if base else Path.home() / ".cache" / "bunitbench"
+
+
+def _build(build_dir: Path) -> Any:
+    """Compile (or load the cached build of) the extension into ``build_dir``; raises on any failure."""
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], build_directory=str(build_dir),
+                              extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def load_extension(*, quiet: bool = False) -> Any:
+    """The compiled extension module; built on the first call of the process, then reused.
+
+    Args:
+        quiet: do not print the one-line build report.
+
+    Returns:
+        The extension module.
+
+    Raises:
+        RuntimeError: when the extension cannot be built or loaded here (the message carries the reason).
+    """
+    if "module" in _state:
+        return _state["module"]
+    if "error" in _state:
+        raise RuntimeError(f"fused_cpu: the C++ extension is unavailable: {_state['error']}")
+    build_dir = cache_dir() / "ext" / f"{_NAME}-torch{torch.__version__.replace('+', '_')}"
+    t0 = time.perf_counter()
+    try:
+        module = _build(build_dir)
+    except Exception as err:  # no compiler, no ninja, a compile error: the backend is unavailable
+        _state.update(error=f"{type(err).__name__}: {str(err).strip()[-1500:]}", build_s=time.perf_counter() - t0,
+                      build_dir=str(build_dir))
+        if not quiet:
+            print(f"bunit.fused_cpu: build failed after {_state['build_s']:.1f} s; backend unavailable",
+                  file=sys.stderr, flush=True)
+        raise RuntimeError(f"fused_cpu: the C++ extension is unavailable: {_state['error']}") from err
+    _state.update(module=module, build_s=time.perf_counter() - t0, build_dir=str(build_dir))
+    if not quiet:
+        print(f"bunit.fused_cpu: extension ready in {_state['build_s']:.1f} s (build or cached load) at {build_dir}",
+              file=sys.stderr, flush=True)
+    return module
+
+
+def is_available() -> bool:
+    """Whether the extension builds and loads here (builds it on the first call)."""
+    try:
+        load_extension()
+    except RuntimeError:
+        return False
+    return True
+
+
+def build_info() -> dict[str, Any]:
+    """``available``, ``build_s`` (seconds of build or cached load), ``build_dir`` and ``error`` (or None).
+
+    Reports the state of this process; tries the build first if nothing was tried yet.
+    """
+    is_available()
+    return {"available": "module" in _state, "build_s": _state.get("build_s"), "build_dir": _state.get("build_dir"),
+            "error": _state.get("error")}
+
+
+def has_variant(spec: Any) -> bool:
+    """Whether ``spec`` (a UnitSpec) runs a specialised kernel; False means the generic path."""
+    return bool(load_extension().has_variant(spec.a, spec.b, spec.c, spec.kernel, spec.stride))
+
+
+# --- folded weights -----------------------------------------------------------------------------
+
+
+def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (out,)
+    weight = (conv.weight * scale[:, None, None, None]).float().contiguous()
+    return weight, (bn.bias - bn.running_mean * scale).float().contiguous()
+
+
+def _version_key(groups: Any) -> tuple:
+    key: list = []
+    for grp in groups:
+        tensors = [grp.conv1.weight, grp.conv2.weight]
+        for bn in (grp.bn1, grp.bn2):
+            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        key += [(t.data_ptr(), t._version, t.dtype, t.device) for t in tensors] + [grp.bn1.eps, grp.bn2.eps]
+    return tuple(key)
+
+
+def folded_weights(layer: Any) -> list[tuple[torch.Tensor, ...]]:
+    """Per group of a fused :class:`bunit.layers.UnitLayer`: ``(w1, b1, w2, b2)`` with its BNs folded in.
+
+    Cached in the layer (``_fold_cache``) and rebuilt when any weight, BN parameter or running statistic
+    changes (tensor version, storage, dtype or device), as the ``blockdiag`` backend caches its dense weights.
+    """
+    for grp in layer.groups:
+        if grp.bn1.running_mean is None or grp.bn2.running_mean is None:
+            raise ValueError("fused_cpu: BatchNorm without running statistics (track_running_stats=False) "
+                             "cannot be folded")
+    key = _version_key(layer.groups)
+    cache = layer.__dict__.get("_fold_cache")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            cache = (key, [(*_fold(g.conv1, g.bn1), *_fold(g.conv2, g.bn2)) for g in layer.groups])
+        layer.__dict__["_fold_cache"] = cache
+    return cache[1]
+
+
+# --- forward ------------------------------------------------------------------------------------
+
+
+def forward(layer: Any, x: torch.Tensor, starts: list[tuple[torch.Tensor, torch.Tensor]],
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Eval-mode output of a fused :class:`bunit.layers.UnitLayer` on ``x``, one kernel call per group.
+
+    Args:
+        layer: the unit layer (its ``groups``, ``specs``, ``stride``, ``out_channels``).
+        x: input ``(B, in, H, W)``, float32 on CPU (any memory format; read as NCHW).
+        starts: per group, ``(in_start, out_start)``: int64 tensors with each unit's first input and output
+            channel in layer order.
+        residual: None, or a tensor of the output's shape: then ``relu(units(x) + residual)`` is returned (a
+            residual block's shortcut and final ReLU, applied as each output row is written).
+
+    Returns:
+        ``(B, out, H/s, W/s)`` float32, NCHW.
+
+    Raises:
+        ValueError: for a device or dtype the kernel does not run on.
+        RuntimeError: when the extension is unavailable.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError(f"fused_cpu: input on {x.device} as {x.dtype}; allowed: cpu, torch.float32")
+    ext = load_extension()
+    x = x.contiguous()
+    k = max(s.kernel for s in layer.specs)
+    p = k // 2
+    ho = (x.shape[2] + 2 * p - k) // layer.stride + 1
+    wo = (x.shape[3] + 2 * p - k) // layer.stride + 1
+    y = torch.empty(x.shape[0], layer.out_channels, ho, wo, dtype=x.dtype)
+    if residual is not None:
+        if residual.shape != y.shape or residual.device.type != "cpu":
+            raise ValueError(f"fused_cpu: residual of shape {tuple(residual.shape)} on {residual.device}; "
+                             f"expected {tuple(y.shape)} on cpu")
+        residual = residual.to(torch.float32).contiguous()
+    for grp, (w1, b1, w2, b2), (in_start, out_start) in zip(layer.groups, folded_weights(layer), starts):
+        s = grp.spec
+        ext.unit_group_forward(x, y, residual, w1, b1, w2, b2, in_start, out_start, s.a, s.b, s.c, s.kernel,
+                               s.stride)
+    return y  # (B, out, H/s, W/s), layer order
