@@ -13,7 +13,7 @@ from baselines.base import (
     get_method,
     list_methods,
     method_info,
-    register_deprecated_name,
+    Pipeline,
     register_method,
 )
 
@@ -33,6 +33,6 @@ __all__ = [
     "get_method",
     "list_methods",
     "method_info",
-    "register_deprecated_name",
+    "Pipeline",
     "register_method",
 ]

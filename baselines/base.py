@@ -1,9 +1,13 @@
 """The method protocol and registry: every compression method is one class, registered by name.
 
-A method turns a backbone into its compressed form. ``apply(model, target, ctx)`` receives the
-dense model (trained when ``needs_pretrained``; freshly initialised otherwise), the method's own
-target knob, and a :class:`MethodContext` that the harness fills in. It returns the model to be
-fine-tuned/evaluated and writes what it achieved into ``ctx.record``.
+A method turns a backbone into its compressed form and owns its pipeline. The harness asks the method
+(:meth:`Method.pipeline`) where it starts — from the trained dense checkpoint of its (dataset, backbone,
+seed, recipe), shared by every method, or from a freshly initialised backbone — and how many epochs the
+harness trains the model from scratch after ``apply``. ``apply(model, target, ctx)`` receives that model, the
+method's own target knob, and a :class:`MethodContext` that the harness fills in. It returns the model to be
+fine-tuned/evaluated and writes what it achieved into ``ctx.record``. How a trained model is prepared for
+inference (:meth:`Method.prepare_for_inference`) and rebuilt from its stored architecture
+(:meth:`Method.rebuild`) are the method's answers too; the harness never tests a family name.
 
 Who trains when (one rule for every method):
 
@@ -39,17 +43,44 @@ __all__ = [
     "Method",
     "MethodContext",
     "register_method",
-    "register_deprecated_name",
     "get_method",
     "list_methods",
     "method_info",
     "finetune_split",
+    "Pipeline",
+    "START_POINTS",
     "SCHEDULES",
 ]
 
-SCHEDULES = ("oneshot", "iterative")
+SCHEDULES = ("oneshot", "iterative", "progressive")
+"""``oneshot``: one scoring pass, then prune; ``iterative``: ``steps`` prune steps with fine-tuning between them;
+``progressive``: re-score after every small prune step until a measured target is reached (no fine-tuning
+between steps). Methods that support only some say so in ``validate_target``/``apply``."""
+
+START_POINTS = ("dense", "scratch")
 
 FAMILIES = ("dense", "bunit", "unstructured", "structured")
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Where a method starts and what the harness trains (the method's answer to :meth:`Method.pipeline`).
+
+    Attributes:
+        start: ``dense`` (a copy of the trained dense checkpoint, shared by every method of the same key) or
+            ``scratch`` (a freshly initialised backbone, seeded by the experiment seed).
+        scratch_epochs: epochs the harness trains the model returned by ``apply`` with the full recipe (warm-up,
+            peak learning rate) before the final fine-tune; 0 for methods that start from the dense checkpoint.
+    """
+
+    start: str = "dense"
+    scratch_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.start not in START_POINTS:
+            raise ValueError(f"start: {self.start!r} not allowed; allowed: {', '.join(START_POINTS)}")
+        if self.scratch_epochs < 0:
+            raise ValueError(f"scratch_epochs: must be >= 0; got {self.scratch_epochs}")
+
 
 # fine-tune callback: (model, epochs, regularize) -> model; regularize(model, loss) -> loss is optional
 FinetuneFn = Callable[..., nn.Module]
@@ -117,14 +148,15 @@ def finetune_split(ctx: MethodContext) -> tuple[int, int]:
         raise ValueError(f"schedule: {ctx.schedule!r} not allowed; allowed: {', '.join(SCHEDULES)}")
     if ctx.steps < 1:
         raise ValueError(f"steps: {ctx.steps!r} not allowed; allowed: an integer >= 1")
-    if ctx.schedule == "oneshot" or ctx.steps == 1:
+    if ctx.schedule != "iterative" or ctx.steps == 1:
         return 0, ctx.finetune_epochs
     per_step = ctx.finetune_epochs // ctx.steps
     return per_step, ctx.finetune_epochs - per_step * (ctx.steps - 1)
 
 
 class Method:
-    """Base class. Subclasses set ``family`` and ``needs_pretrained`` and implement :meth:`apply`.
+    """Base class. Subclasses set ``family``, answer :meth:`pipeline` when they do not start from the dense
+    checkpoint, and implement :meth:`apply`.
 
     Hooks:
         regularize(model, loss) -> loss: a term added during training (e.g. an L1 on BN scales); applied only in
@@ -134,12 +166,24 @@ class Method:
         validate_target(target): raise ``ValueError`` naming the allowed values for a bad knob.
         architecture(model) -> dict | None: a JSON-able description from which the harness can
             rebuild the compressed model (widths / unit plan); None means "same as the backbone".
+        rebuild(backbone, architecture) -> nn.Module: the inverse of ``architecture`` on a fresh backbone.
+        prepare_for_inference(model, example_inputs) -> dict: make the trained model ready to be timed (e.g. pick
+            execution backends); returns row columns that say what was chosen. Counting happens before it.
     """
 
     name: str = ""
     family: str = "dense"
-    needs_pretrained: bool = False
+    schedules: tuple[str, ...] = ("oneshot",)
+    """The schedules this method supports (a subset of :data:`SCHEDULES`); the suite is checked against it."""
     uses_sparse_training: bool = False
+
+    def pipeline(self, recipe: Any) -> Pipeline:
+        """Where this method starts and how many epochs the harness trains from scratch, given the recipe.
+
+        Args:
+            recipe: the suite's training recipe (``epochs``, ``finetune_epochs``, ...).
+        """
+        return Pipeline(start="dense", scratch_epochs=0)
 
     def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
         raise NotImplementedError(f"method {self.name!r} does not implement apply()")
@@ -156,17 +200,21 @@ class Method:
     def architecture(self, model: nn.Module) -> dict | None:
         return None
 
+    def rebuild(self, backbone: nn.Module, architecture: dict | None) -> nn.Module:
+        return backbone
+
+    def prepare_for_inference(self, model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
+        return {}
+
 
 _METHODS: dict[str, type[Method]] = {}
-_DEPRECATED: dict[str, str] = {}
-_WARNED: set[str] = set()
 
 
 def register_method(name: str):
     """Class decorator: register a :class:`Method` subclass under ``name``; raises on duplicates."""
 
     def wrap(cls: type[Method]) -> type[Method]:
-        if name in _METHODS or name in _DEPRECATED:
+        if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered (by {_METHODS.get(name, cls).__module__})")
         if cls.family not in FAMILIES:
             raise ValueError(f"family: {cls.family!r} not allowed for method {name!r}; allowed: {', '.join(FAMILIES)}")
@@ -175,11 +223,6 @@ def register_method(name: str):
         return cls
 
     return wrap
-
-
-def register_deprecated_name(old: str, new: str) -> None:
-    """Let ``old`` keep resolving to ``new``, warning once per process."""
-    _DEPRECATED[old] = new
 
 
 def list_methods(pattern: str = "*", *, family: str | None = None) -> list[str]:
@@ -191,12 +234,6 @@ def list_methods(pattern: str = "*", *, family: str | None = None) -> list[str]:
 
 def method_info(name: str) -> type[Method]:
     _load_plugins()
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        if name not in _WARNED:
-            _WARNED.add(name)
-            warnings.warn(f"method {name!r} was renamed to {new!r}", DeprecationWarning, stacklevel=2)
-        name = new
     try:
         return _METHODS[name]
     except KeyError:

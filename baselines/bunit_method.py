@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from baselines.base import Method, MethodContext, register_method
+from baselines.base import Method, MethodContext, Pipeline, register_method
 from baselines.bunit_plan import build_for_target, parse_cost_target
 from bunit import PAPER, PRESETS, bunitify, resolve_plan
 
@@ -24,7 +25,11 @@ class BUnit(Method):
     """BUnit-Net: layers built from independent basic units (Lan, Cheung et al., TPAMI 2024)."""
 
     family = "bunit"
-    needs_pretrained = False
+
+    def pipeline(self, recipe: Any) -> Pipeline:
+        """Built from a fresh backbone and trained from scratch for the pruning pipeline's whole budget."""
+        epochs = 0 if recipe is None else recipe.epochs + recipe.finetune_epochs
+        return Pipeline(start="scratch", scratch_epochs=epochs)
 
     def validate_target(self, target: Any) -> None:
         if target is None:
@@ -34,6 +39,7 @@ class BUnit(Method):
             resolve_plan(target)
 
     def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
+        ctx.record.update({"epochs_sparse": 0, "epochs_finetune": 0, "epochs_finetune_final": 0})  # all from scratch
         cost = parse_cost_target(target)
         if cost is None:
             return bunitify(model, target)
@@ -43,3 +49,12 @@ class BUnit(Method):
 
     def architecture(self, model: nn.Module) -> dict | None:
         return getattr(model, "bunit_plan", None)
+
+    def rebuild(self, backbone: nn.Module, architecture: dict | None) -> nn.Module:
+        return backbone if architecture is None else bunitify(backbone, architecture)
+
+    def prepare_for_inference(self, model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
+        """Give every unit layer the execution backend measured fastest for inputs like ``example_inputs``."""
+        from bunit.autotune import autotune, has_unit_layers
+
+        return {"bunit_backend": autotune(model, example_inputs) if has_unit_layers(model) else None}

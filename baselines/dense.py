@@ -14,12 +14,11 @@ __all__ = ["Dense"]
 class Dense(Method):
     """The uncompressed backbone, the origin of every method's trade-off curve.
 
-    Reference: the backbones' own papers (He et al. 2016; Simonyan & Zisserman 2015); nothing is removed, the
-    harness trains the model from scratch (it does not call ``apply`` for the dense family).
+    Reference: the backbones' own papers (He et al. 2016; Simonyan & Zisserman 2015). Nothing is removed: the
+    row is the trained dense checkpoint itself, the very weights every pruning method starts from.
     """
 
     family = "dense"
-    needs_pretrained = False
 
     def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
         ctx.record.update({"epochs_sparse": 0, "epochs_finetune": 0, "epochs_finetune_final": 0})

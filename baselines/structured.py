@@ -13,24 +13,31 @@ Target (``target`` of ``apply``):
   unevenly (no layer loses more than ``max_layer_ratio``).
 - ``{"macs_reduction": 0.5}`` or ``"macs:0.5"``: the fraction of conv+linear MACs removed.
 
-How a target is reached (progressive pruning): the pruner removes channels in small steps, raising torch-pruning's
-pruning ratio a little each time, and after each step measures the achieved channel ratio or MACs reduction on
-the model itself; it stops at the first step that reaches the (stage) target. Steps shrink near the target, down
-to one channel's worth, so the achieved value never falls short (unless ``max_layer_ratio`` stops every layer,
-which the record and a warning show) and overshoots by little: on resnet20 at 50%, by under 0.5 points of
-channel ratio and under 5 points of MACs (one stage-1 residual channel alone is about 3% of the MACs).
-Widths are always measured, never taken from the knob: torch-pruning removes grouped-convolution channels only in
-multiples of the group count and may silently remove nothing.
+Schedules (``baselines.SCHEDULES``); the row records ``scoring_steps``, how many times channels were scored:
 
-Schedules: "oneshot" prunes to the target once; "iterative" prunes to the ``ctx.steps`` geometric stage targets of
-:func:`~baselines.schedule.stage_targets` and fine-tunes ``ctx.finetune_epochs // ctx.steps`` epochs between stages
-(the rule of :mod:`baselines.base`). Sparse training (slimming, depgraph) runs once, before the first stage.
+- ``oneshot``: one scoring pass. The channels are scored once on the trained model and removed in one step, by
+  the smallest torch-pruning ratio whose result reaches the target. That ratio is found by bisection on copies
+  (:data:`ONE_PASS_BISECTIONS` halvings; each copy scores the same weights, so it removes exactly what the final
+  prune removes); ``ratio_search_trials`` counts them. This is the correction step a MACs target needs: a ratio
+  of channels does not map to a MACs reduction in closed form.
+- ``iterative``: ``ctx.steps`` one-pass prunes to the geometric stage targets of
+  :func:`~baselines.schedule.stage_targets`, fine-tuning ``ctx.finetune_epochs // ctx.steps`` epochs between them
+  (the rule of :mod:`baselines.base`).
+- ``progressive``: re-scoring after every small step. torch-pruning's ratio is raised a little at a time and the
+  achieved channel ratio or MACs reduction measured on the model after each step, until it reaches the target;
+  steps shrink near the target, down to one channel's worth (no fine-tuning between steps).
+
+Sparse training (slimming, depgraph) runs once, before the first stage. Whatever the schedule, the achieved value
+never falls short (unless ``max_layer_ratio`` stops every layer, which the record and a warning show). Widths are
+always measured, never taken from the knob: torch-pruning removes grouped-convolution channels only in multiples
+of the group count and may silently remove nothing.
 
 Option-A CIFAR ResNets are supported: their zero-padding shortcuts are replaced by the equivalent
 :class:`~baselines.shortcut.ChannelMapShortcut`, which torch-pruning is taught to prune (see that module).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -43,7 +50,7 @@ from torch_pruning.pruner import function as tpf
 from baselines.base import Method, MethodContext, finetune_split
 from baselines.counting import count_macs, layer_widths
 from baselines.schedule import stage_targets
-from baselines.serialize import architecture_of
+from baselines.serialize import architecture_of, rebuild
 from baselines.shortcut import ChannelMapPruner, ChannelMapShortcut, check_hidden_channel_ops, convert_pad_shortcuts
 
 __all__ = [
@@ -59,6 +66,8 @@ __all__ = [
 ]
 
 TARGET_KINDS = ("channel_ratio", "macs_reduction")
+ONE_PASS_BISECTIONS = 12
+"""Bisection steps of the one-pass ratio search: the ratio is found to ``max_layer_ratio / 4096``."""
 _ALIASES = {"ratio": "channel_ratio", "channel_ratio": "channel_ratio", "macs": "macs_reduction",
             "macs_reduction": "macs_reduction"}
 _ALLOWED = "a channel ratio in (0, 1), 'ratio:R', 'macs:M', {'channel_ratio': R} or {'macs_reduction': M}"
@@ -227,7 +236,7 @@ class StructuredMethod(Method):
     """
 
     family = "structured"
-    needs_pretrained = True
+    schedules = ("oneshot", "iterative", "progressive")
     global_pruning = False
     max_layer_ratio = 0.9
     coarse_steps = 32
@@ -251,8 +260,14 @@ class StructuredMethod(Method):
     def architecture(self, model: nn.Module) -> dict:
         return architecture_of(model)
 
+    def rebuild(self, backbone: nn.Module, architecture: dict | None) -> nn.Module:
+        return backbone if architecture is None else rebuild(backbone, architecture)
+
     def apply(self, model: nn.Module, target: Any, ctx: MethodContext) -> nn.Module:
         goal = parse_structured_target(target)
+        if ctx.schedule not in self.schedules:
+            raise ValueError(f"schedule: {ctx.schedule!r} not allowed for {self.name}; allowed: "
+                             f"{', '.join(self.schedules)}")
         per_step, final = finetune_split(ctx)
         stages = stage_targets(goal.value, ctx)
         was_training = model.training
@@ -261,41 +276,82 @@ class StructuredMethod(Method):
             converted = convert_pad_shortcuts(model)
             check_hidden_channel_ops(model, example)
             sparse = self.prepare(model, ctx)
-            classifier = classifier_of(model)
             dense_widths, dense_macs = layer_widths(model), count_macs(model, example)
+            classifier = classifier_of(model)
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m is not classifier]
             dense_channels = sum(dense_widths[n] for n in names)
 
-            def achieved() -> float:
+            def achieved(net: nn.Module) -> float:
                 if goal.kind == "macs_reduction":
-                    return 1.0 - count_macs(model, example) / dense_macs
-                widths = layer_widths(model)
+                    return 1.0 - count_macs(net, example) / dense_macs
+                widths = layer_widths(net)
                 return 1.0 - sum(widths[n] for n in names) / dense_channels
 
-            fine = None if self.global_pruning else 1.0 / max(dense_widths[n] for n in names)  # one channel
-            driver = _RatioDriver(self._pruner(model, ctx, classifier), self.max_layer_ratio, self.coarse_steps, fine)
-            spent = 0
+            spent, scoring, trials, ratio = 0, 0, 0, 0.0
             for k, stage in enumerate(stages):
                 self.before_stage(model, ctx)
-                driver.reach(stage, achieved)
+                if ctx.schedule == "progressive":
+                    fine = None if self.global_pruning else 1.0 / max(dense_widths[n] for n in names)  # one channel
+                    driver = _RatioDriver(self._pruner(model, ctx, classifier_of(model)), self.max_layer_ratio,
+                                          self.coarse_steps, fine)
+                    driver.reach(stage, lambda: achieved(model))
+                    scoring, ratio = scoring + driver.steps, driver.ratio
+                else:
+                    ratio, tried = self._one_pass(model, ctx, stage, achieved)
+                    scoring, trials = scoring + 1, trials + tried
                 if k < len(stages) - 1 and per_step > 0:
                     model = finetune_in_place(ctx, model, per_step)
                     spent += per_step
             self.finish(model)
         model.train(was_training)
-        reached = achieved() >= goal.value - 1e-9
+        reached = achieved(model) >= goal.value - 1e-9
         if not reached:
-            warnings.warn(f"{self.name}: target {goal.kind}={goal.value} not reached ({achieved():.4f}); "
+            warnings.warn(f"{self.name}: target {goal.kind}={goal.value} not reached ({achieved(model):.4f}); "
                           f"layers stop at max_layer_ratio={self.max_layer_ratio}", RuntimeWarning, stacklevel=2)
         self._record(model, ctx, goal, stages, dense_widths, dense_macs, names, dense_channels,
-                     {"epochs": (sparse, spent, final), "steps": driver.steps, "ratio": driver.ratio,
+                     {"epochs": (sparse, spent, final), "scoring": scoring, "trials": trials, "ratio": ratio,
                       "reached": reached, "converted": converted})
         return model
 
-    def _pruner(self, model: nn.Module, ctx: MethodContext, classifier: nn.Module) -> tp.pruner.BasePruner:
+    def _one_pass(self, model: nn.Module, ctx: MethodContext, stage: float,
+                  achieved: Callable[[nn.Module], float]) -> tuple[float, int]:
+        """Prune ``model`` once, scored once, by the smallest pruning ratio whose result reaches ``stage``.
+
+        The ratio is found by bisection on copies (each copy scores the same weights, so every trial removes what a
+        prune of the model at that ratio would remove); the model itself is then pruned in one step at that ratio.
+
+        Returns:
+            ``(ratio, trials)``: the ratio used and how many copies were pruned to find it.
+        """
+        def prune_at(net: nn.Module, ratio: float) -> nn.Module:
+            if ratio > 0:
+                self._pruner(net, ctx, classifier_of(net), ratio=ratio).step()
+            return net
+
+        def trial(ratio: float) -> float:
+            probe = copy.deepcopy(model)
+            for src, dst in zip(model.parameters(), probe.parameters()):  # data-driven criteria read gradients
+                dst.grad = None if src.grad is None else src.grad.clone()
+            return achieved(prune_at(probe, ratio))
+
+        lo, hi, trials = 0.0, self.max_layer_ratio, 1
+        if trial(hi) >= stage:
+            for _ in range(ONE_PASS_BISECTIONS):
+                mid = 0.5 * (lo + hi)
+                trials += 1
+                if trial(mid) >= stage:
+                    hi = mid
+                else:
+                    lo = mid
+        prune_at(model, hi)
+        return hi, trials
+
+    def _pruner(self, model: nn.Module, ctx: MethodContext, classifier: nn.Module,
+                ratio: float | None = None) -> tp.pruner.BasePruner:
+        """A torch-pruning pruner on ``model``: one step to ``ratio``, or (None) driven by :class:`_RatioDriver`."""
         return tp.pruner.BasePruner(
             model, ctx.example_inputs, importance=_TieBreak(self.criterion(model, ctx), ctx.seed),
-            global_pruning=self.global_pruning, pruning_ratio=self.max_layer_ratio,
+            global_pruning=self.global_pruning, pruning_ratio=self.max_layer_ratio if ratio is None else ratio,
             max_pruning_ratio=self.max_layer_ratio, iterative_steps=1, ignored_layers=[classifier],
             customized_pruners={ChannelMapShortcut: ChannelMapPruner()},
         )
@@ -318,7 +374,8 @@ class StructuredMethod(Method):
             "target_value": goal.value,
             "target_reached": run["reached"],
             "step_targets": stages,
-            "prune_steps": run["steps"],
+            "scoring_steps": run["scoring"],
+            "ratio_search_trials": run["trials"],
             "pruner_ratio": run["ratio"],
             "macs": macs,
             "macs_dense": dense_macs,

@@ -41,7 +41,7 @@ class UnstructuredMethod(Method):
     """
 
     family = "unstructured"
-    needs_pretrained = True
+    schedules = ("oneshot", "iterative")
 
     def __init__(self) -> None:
         self._masks: dict[str, torch.Tensor] = {}
