@@ -1,65 +1,23 @@
 """Dense vs BUnit form of a backbone, side by side: parameters and MACs per stage.
 
 ``bunitbench inspect BACKBONE --plan PRESET`` prints :func:`format_inspection` of :func:`inspect_backbone`.
-MACs are the multiply-accumulates of Conv2d and Linear layers at batch 1 (bias adds counted as ptflops'
-``backend="aten"`` counts them), taken with forward hooks; they equal ptflops' aten totals (a test checks
-this). Unit layers are counted on their ``grouped`` backend, whose grouped convolutions are exactly the
-units' work (the ``blockdiag`` backend would add the zeros of its dense weight).
+Counts come from the one counter, :func:`baselines.counting.layer_macs` (its convention: conv and linear MACs
+plus bias adds, equal to ptflops' aten backend). The BUnit form is counted as :func:`bunit.bunitify` builds it.
 """
 from __future__ import annotations
 
 import io
-import math
 from typing import Any
 
-import torch
 import torch.nn as nn
 
+from baselines.counting import layer_macs
 from bunit.convert import bunitify
-from bunit.layers import set_backend, unit_layers
+from bunit.layers import unit_layers
 from bunit.spec import compact_specs
 from harness.run.models import create_backbone
 
-__all__ = ["count_macs", "inspect_backbone", "format_inspection", "sections"]
-
-
-def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """MACs of every Conv2d/Linear module (by qualified name) for one forward of ``example`` (per sample).
-
-    Args:
-        model: the model (run in eval mode under ``no_grad``; its mode is restored).
-        example: an input batch; counts are divided by its batch size.
-
-    Returns:
-        ``{module name: MACs}`` for the modules that ran.
-    """
-    counts: dict[str, int] = {}
-    batch = example.shape[0]
-
-    def hook(name: str):
-        def fn(module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
-            if isinstance(module, nn.Conv2d):
-                k = math.prod(module.kernel_size)
-                macs = out.numel() * (module.in_channels // module.groups) * k
-            else:
-                macs = out.numel() * module.in_features
-            if module.bias is not None:
-                macs += out.numel()
-            counts[name] = counts.get(name, 0) + macs // batch
-        return fn
-
-    counted = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook(n)) for n, m in counted]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return counts
+__all__ = ["inspect_backbone", "format_inspection", "sections"]
 
 
 def sections(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
@@ -110,9 +68,9 @@ def inspect_backbone(backbone: str | nn.Module, plan: str | dict[str, Any] | Non
         dense = create_backbone(backbone, num_classes=num_classes, in_channels=in_channels, shortcut=shortcut)
     else:
         dense = backbone
-    converted = set_backend(bunitify(dense, plan or "paper"), "grouped")
-    example = torch.zeros(1, in_channels, image_size, image_size)
-    d_macs, b_macs = count_macs(dense, example), count_macs(converted, example)
+    converted = bunitify(dense, plan or "paper")
+    shape = (in_channels, image_size, image_size)
+    d_macs, b_macs = ({n: m for n, (m, _) in layer_macs(net, shape).items()} for net in (dense, converted))
     d_params, b_params = _param_counts(dense), _param_counts(converted)
     layers = unit_layers(converted)
     rows = []
