@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="Ray cluster address (with --executor ray), e.g. auto")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--report", action="store_true", help="write plots and the report when the suite ends")
+    run.add_argument("--rerun-other-revisions", action="store_true",
+                     help="run again the keys whose ok row another git revision wrote (default: keep them, warn)")
 
     lst = sub.add_parser("list", help="list suites, datasets, backbones and methods")
     lst.add_argument("what", nargs="?", default="all", choices=("all", "suites", "datasets", "backbones", "methods"))
@@ -49,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--image-size", type=int, default=32)
     ins.add_argument("--num-classes", type=int, default=10)
     ins.add_argument("--in-channels", type=int, default=3)
+
+    tim = sub.add_parser("time", help="re-time the trained models of a results directory against their dense "
+                         "reference, from the artefacts alone (rows go to DIR/timings.jsonl)")
+    tim.add_argument("results_dir", metavar="DIR", help="a suite directory, e.g. results/quick")
+    tim.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    tim.add_argument("--runtime", default="eager", help="eager, compile or onnx (default eager)")
+    tim.add_argument("--threads", default=None, help="intra-op threads (default: torch's current count)")
+    tim.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    tim.add_argument("--rounds", default="40", help="timed rounds per session (default 40)")
+    tim.add_argument("--warmup", default="5", help="untimed rounds first (default 5)")
+    tim.add_argument("--only", action="append", metavar="PATTERN", help="time keys matching this wildcard "
+                     "(repeatable; dense references are timed regardless)")
+    tim.add_argument("--no-progress", action="store_true", help="no per-session lines")
 
     plot = sub.add_parser("plot", help="draw the comparison plots of a results directory")
     plot.add_argument("results_dir")
@@ -80,16 +95,18 @@ def _cmd_run(args) -> int:
         print(f"{len(grid)} experiments in suite {suite.name!r}", file=sys.stderr)
         return 0
     if args.executor == "ray":  # the device is the workers' business, not the driver's
-        from harness.run.executors import run_suite_ray
+        from harness.run.ray_executor import run_suite_ray
 
         outcome = run_suite_ray(suite, results_dir=args.results_dir, device=args.device, only=args.only,
-                                address=args.address, plugins=args.plugin, progress=not args.no_progress)
+                                address=args.address, plugins=args.plugin, progress=not args.no_progress,
+                                rerun_other_revisions=args.rerun_other_revisions)
     else:
         from harness.run.executors import run_suite_local
 
         resolve_device(args.device)
         outcome = run_suite_local(suite, results_dir=args.results_dir, device=args.device, only=args.only,
-                                  progress=not args.no_progress, plugins=args.plugin)
+                                  progress=not args.no_progress, plugins=args.plugin,
+                                  rerun_other_revisions=args.rerun_other_revisions)
     print(f"suite {suite.name}: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done "
           f"-> {args.results_dir}/{suite.name}/runs.jsonl")
     if args.report:
@@ -133,6 +150,42 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _int_option(name: str, text: str | None, minimum: int) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"{name}: {text!r} not allowed; allowed: an integer >= {minimum}")
+    return value
+
+
+def _cmd_time(args) -> int:
+    from pathlib import Path
+
+    from harness.measure.runtimes import RUNTIMES
+    from harness.measure.timing_pass import format_timings, load_timings, time_store
+
+    if args.runtime not in RUNTIMES:
+        return _err(f"--runtime: {args.runtime!r} not allowed; allowed: {', '.join(RUNTIMES)}")
+    batches = tuple(_int_option("--batch-sizes", b.strip(), 1) for b in args.batch_sizes.split(","))
+    outcome = time_store(args.results_dir, device=args.device, runtime=args.runtime,
+                         threads=_int_option("--threads", args.threads, 1), batch_sizes=batches,
+                         rounds=_int_option("--rounds", args.rounds, 3), warmup=_int_option("--warmup", args.warmup, 0),
+                         only=args.only, progress=not args.no_progress)
+    table = load_timings(args.results_dir)
+    if table is not None:
+        print(format_timings(table, runtime=args.runtime))
+        table.to_csv(Path(args.results_dir) / "timings.csv", index=False)
+    for error in outcome.errors:
+        print(f"[error] {error}", file=sys.stderr)
+    print(f"time: {outcome.written} rows written, {outcome.skipped} already timed, {outcome.busy_sessions} of "
+          f"{outcome.sessions} sessions on a busy machine -> {outcome.path}")
+    return 0 if not outcome.errors else 1
+
+
 def _cmd_plot(args) -> int:
     from harness.analyse.plots import write_plots
 
@@ -159,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     import harness  # noqa: F401  (torchvision shim first)
 
     commands = {"run": _cmd_run, "list": _cmd_list, "inspect": _cmd_inspect, "plot": _cmd_plot,
-                "report": _cmd_report}
+                "report": _cmd_report, "time": _cmd_time}
     try:
         return commands[args.command](args)
     except ValueError as err:  # ConfigError included: one clear line, nothing written

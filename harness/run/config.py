@@ -3,7 +3,11 @@
 A suite file (see ``harness/suites/*.toml``) names a dataset, backbones, seeds, a training recipe,
 measurement settings and a list of methods with their targets. :func:`expand` turns it into the
 grid of :class:`Experiment` objects (backbone x method x target x seed), each with a stable key
-made from a hash of its canonical JSON form.
+made from a hash of what changes its trained weights (measurement settings never re-train).
+
+One validation path: a suite is checked by :func:`parse_suite` on its raw (TOML-form) table, and command-line
+overrides are applied to that table (:func:`apply_overrides`) before the same :func:`parse_suite` runs on the
+final configuration, so an override is accepted exactly when the same value in the TOML file would be.
 """
 from __future__ import annotations
 
@@ -57,7 +61,6 @@ class TrainConfig:
     bf16_cpu: bool = False  # bf16 autocast on CPU too (fast where the CPU has AVX512-BF16/AMX)
     channels_last: bool = False
     compile: bool = False
-    eval_every: int = 0  # 0: evaluate at the end only
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,6 @@ class MeasureConfig:
     repeats: int = 30
     warmup: int = 5
     memory_format: str = "contiguous"
-    autotune_bunit: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Suite:
     loader_workers: int | None = None  # decoding processes of the streaming loader; None: one per CPU, at most 8
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    keep_models: bool = True
     description: str = ""
 
 
@@ -118,8 +121,8 @@ class Experiment:
 
     @property
     def config_hash(self) -> str:
-        # Everything but where the data is cached: measurement settings change the row, so they count.
-        ident = {k: v for k, v in self.to_dict().items() if k != "data_dir"}
+        # What changes the trained weights: not where the data is cached, not how the model is measured.
+        ident = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "measure")}
         blob = json.dumps(ident, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -141,9 +144,7 @@ def target_label(target: Any) -> str:
 
 # --- validation ---------------------------------------------------------------------------------
 
-SCHEDULES = ("oneshot", "iterative")
 SHORTCUTS = ("A", "B")
-MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
 _SUITE_KEYS = {f.name for f in fields(Suite)}
 
 
@@ -241,19 +242,11 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
         check_loader(dataset, data_loader, loader_workers)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    train = _coerce("train", TrainConfig, raw.get("train", {}))
-    if train.epochs < 1:
-        raise ConfigError("train.epochs: must be >= 1")
-    if train.batch_size < 1:
-        raise ConfigError("train.batch_size: must be >= 1")
-    if train.label_smoothing >= 1:
-        raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {train.label_smoothing}")
-    measure = _coerce("measure", MeasureConfig, raw.get("measure", {}))
-    if measure.memory_format not in MEMORY_FORMATS:
-        raise ConfigError(f"measure.memory_format: {measure.memory_format!r} not allowed; "
-                          f"allowed: {', '.join(MEMORY_FORMATS)}")
-    if measure.repeats < 3:
-        raise ConfigError("measure.repeats: must be >= 3 (a median of fewer timings is not a measurement)")
+    train = _check_train(_coerce("train", TrainConfig, raw.get("train", {})))
+    measure = _check_measure(_coerce("measure", MeasureConfig, raw.get("measure", {})))
+    keep_models = raw.get("keep_models", True)
+    if not isinstance(keep_models, bool):
+        raise ConfigError(f"keep_models: expected true or false, got {keep_models!r}")
     methods_raw = raw["methods"]
     if not isinstance(methods_raw, list) or not methods_raw:
         raise ConfigError("methods: expected a non-empty array of tables ([[methods]])")
@@ -278,8 +271,9 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
             except ValueError as err:
                 raise ConfigError(f"{where}.targets ({m['name']}): {err}") from None
         schedule = m.get("schedule", "oneshot")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"{where}.schedule: {schedule!r} not allowed; allowed: {', '.join(SCHEDULES)}")
+        if schedule not in method.schedules:  # a subset of baselines.SCHEDULES, the method's answer
+            raise ConfigError(f"{where}.schedule: {schedule!r} not allowed for {method.name}; allowed: "
+                              f"{', '.join(method.schedules)}")
         steps = m.get("steps", 1 if schedule == "oneshot" else 3)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"{where}.steps: expected an integer >= 1, got {steps!r}")
@@ -287,7 +281,42 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
     return Suite(name=suite_name, dataset=dataset, backbones=tuple(backbones), methods=tuple(methods),
                  seeds=tuple(seeds), shortcut=shortcut, image_size=image_size, data_dir=data_dir,
                  data_loader=data_loader, loader_workers=loader_workers, train=train,
-                 measure=measure, description=str(raw.get("description", "")))
+                 measure=measure, keep_models=keep_models, description=str(raw.get("description", "")))
+
+
+def _check_train(train: TrainConfig) -> TrainConfig:
+    """Ranges of the training recipe (types are checked by :func:`_coerce`)."""
+    rules = [
+        ("epochs", train.epochs >= 1, "an integer >= 1"),
+        ("batch_size", train.batch_size >= 1, "an integer >= 1"),
+        ("lr", train.lr > 0, "a number > 0"),
+        ("momentum", 0 <= train.momentum < 1, "a number in [0, 1)"),
+        ("weight_decay", train.weight_decay < 1, "a number in [0, 1)"),
+        ("warmup_epochs", train.warmup_epochs <= train.epochs, f"a number in [0, epochs = {train.epochs}]"),
+        ("label_smoothing", train.label_smoothing < 1, "a number in [0, 1)"),
+        ("finetune_lr", train.finetune_lr > 0, "a number > 0"),
+    ]
+    for name, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"train.{name}: {getattr(train, name)!r} not allowed; allowed: {allowed}")
+    return train
+
+
+def _check_measure(measure: MeasureConfig) -> MeasureConfig:
+    """Ranges and shapes of the measurement settings."""
+    from harness.measure.latency import MEMORY_FORMATS
+
+    if measure.memory_format not in MEMORY_FORMATS:
+        raise ConfigError(f"measure.memory_format: {measure.memory_format!r} not allowed; "
+                          f"allowed: {', '.join(MEMORY_FORMATS)}")
+    if measure.repeats < 3:
+        raise ConfigError(f"measure.repeats: {measure.repeats} not allowed; allowed: an integer >= 3 "
+                          "(a median of fewer timings is not a measurement)")
+    sizes = measure.batch_sizes
+    if not 1 <= len(sizes) <= 2 or sizes[0] != 1:
+        raise ConfigError(f"measure.batch_sizes: {list(sizes)} not allowed; allowed: [1] or [1, N] with N >= 1 "
+                          "(batch 1, then the throughput batch)")
+    return measure
 
 
 def list_suites() -> list[str]:
@@ -315,8 +344,24 @@ def load_suite(name_or_path: str) -> Suite:
     return parse_suite(_read_toml(text, name_or_path), name=name_or_path)
 
 
+def suite_to_raw(suite: Suite) -> dict[str, Any]:
+    """The TOML-form table of a suite (what :func:`parse_suite` reads back to the same suite)."""
+    raw = dataclasses.asdict(suite)
+    raw["methods"] = [{k: list(v) if isinstance(v, tuple) else v for k, v in m.items()} for m in raw["methods"]]
+    for key in ("backbones", "seeds"):
+        raw[key] = list(raw[key])
+    raw["measure"]["batch_sizes"] = list(raw["measure"]["batch_sizes"])
+    return {k: v for k, v in raw.items() if v is not None}
+
+
 def apply_overrides(suite: Suite, overrides: list[str]) -> Suite:
-    """Apply ``section.field=value`` overrides (e.g. ``train.epochs=3``), checked against field types."""
+    """Apply ``section.field=value`` overrides (e.g. ``train.epochs=3``) and validate the final suite.
+
+    Each value is read as a TOML value (a bare word is a string) and written into the suite's TOML-form table,
+    which :func:`parse_suite` then checks as a whole: an override is rejected exactly when the same value in the
+    suite file would be, with the same message.
+    """
+    raw = suite_to_raw(suite)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.field=value (sections: train, measure)")
@@ -328,11 +373,8 @@ def apply_overrides(suite: Suite, overrides: list[str]) -> Suite:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
-        current = getattr(suite, section)
-        updated = _coerce(section, type(current), {**{f.name: getattr(current, f.name) for f in fields(current)},
-                                                   name: value})
-        suite = dataclasses.replace(suite, **{section: updated})
-    return suite
+        raw[section][name] = value
+    return parse_suite(raw, name=suite.name)
 
 
 def expand(suite: Suite) -> list[Experiment]:

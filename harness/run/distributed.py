@@ -40,8 +40,9 @@ from harness.run.checkpoints import load_checkpoint, save_checkpoint
 from harness.run.config import Experiment, Suite, expand
 from harness.run.data import DeviceLoader, load_suite_data
 from harness.run.progress import Reporter
-from harness.run.runner import SuiteOutcome, _Context, run_experiment, select
-from harness.run.store import ResultStore
+from harness.run.context import RunContext
+from harness.run.experiment import run_experiment
+from harness.run.runner import RowSink, SuiteOutcome, open_suite, select
 
 __all__ = ["DataParallel", "ShardedLoader", "check_global_batch", "init_distributed", "run_suite_ddp", "build_parser",
            "main"]
@@ -170,12 +171,12 @@ def init_distributed(device: str = "auto") -> DataParallel:
     return DataParallel(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-class _DDPContext(_Context):
-    """The runner's context for one rank: DDP training, rank 0 reads and writes checkpoints."""
+class _DDPContext(RunContext):
+    """The run context of one rank: DDP training; rank 0 reads and writes checkpoints and kept models."""
 
-    def __init__(self, data, device: torch.device, results_dir: Path, reporter: Reporter, parallel: DataParallel):
-        super().__init__(data, device, results_dir, reporter)
-        self.parallel = parallel
+    def __init__(self, data, device: torch.device, results_dir: Path, reporter: Reporter, parallel: DataParallel,
+                 keep_models: bool):
+        super().__init__(data, device, results_dir, reporter, parallel=parallel, keep_models=keep_models)
 
     def load_dense(self, path: Path) -> tuple[dict, dict] | None:
         # Rank 0 decides for everyone: all ranks load the same weights, or all train them together.
@@ -206,12 +207,10 @@ def run_suite_ddp(suite: Suite, parallel: DataParallel, *, results_dir: str | os
     Returns:
         The outcome as rank 0 saw it, the same on every rank.
     """
-    grid = select(expand(suite), only)
-    out_dir = Path(results_dir) / suite.name
-    store = ResultStore(out_dir)
-    done = parallel.broadcast(store.completed_keys() if parallel.is_writer else None)
-    todo = [e for e in grid if e.key not in done]
-    outcome = SuiteOutcome(skipped=len(grid) - len(todo))
+    plan = open_suite(suite, results_dir, only) if parallel.is_writer else None
+    todo_keys = parallel.broadcast([e.key for e in plan.todo] if parallel.is_writer else None)
+    todo = [e for e in select(expand(suite), only) if e.key in set(todo_keys)]
+    outcome = plan.outcome if parallel.is_writer else SuiteOutcome()
     if not todo:
         return outcome
     data = None
@@ -221,21 +220,20 @@ def run_suite_ddp(suite: Suite, parallel: DataParallel, *, results_dir: str | os
     if data is None:
         data = load_suite_data(suite, parallel.device)  # on the device, or streamed as suite.data_loader says
     with Reporter(len(todo), enabled=progress and parallel.is_writer) as reporter:
-        ctx = _DDPContext(data, parallel.device, out_dir, reporter, parallel)
+        out_dir = Path(results_dir) / suite.name
+        ctx = _DDPContext(data, parallel.device, out_dir, reporter, parallel, suite.keep_models)
+        sink = RowSink(plan.store, outcome, reporter) if parallel.is_writer else None
         for exp in todo:
             reporter.start_run(exp.key)
-            row = run_experiment(exp if parallel.is_writer else _without_latency(exp), ctx)
-            if parallel.is_writer:
-                row.update(executor="torchrun", world_size=parallel.world_size)
-                store.append(row)
-                reporter.run_done(row)
-                if row["status"] != "ok":
-                    reporter.message(f"[failed] {exp.key}: {row['reason']}")
+            row = run_experiment(exp if parallel.is_writer else _without_latency(exp), ctx, executor="torchrun")
+            if sink is not None:
+                sink.add({**row, "world_size": parallel.world_size})
             status = parallel.broadcast(row["status"] if parallel.is_writer else None)  # also keeps ranks in step
-            outcome.ran += 1
-            outcome.keys.append(exp.key)
-            outcome.ok += status == "ok"
-            outcome.failed += status != "ok"
+            if sink is None:
+                outcome.ran += 1
+                outcome.keys.append(exp.key)
+                outcome.ok += status == "ok"
+                outcome.failed += status != "ok"
     return outcome
 
 

@@ -1,12 +1,12 @@
 """The columns of a result row, documented in one place.
 
 A row is one flat JSON object per run in ``results/<suite>/runs.jsonl``. Rows are built as explicit
-dicts by ``harness.run.runner``; this table documents every column (units in the names) and lets the
+dicts by :mod:`harness.run.experiment`; this table documents every column (units in the names) and lets the
 store check that a row names no unknown column. Analysis reads rows by column name.
 """
 from __future__ import annotations
 
-__all__ = ["ROW_COLUMNS", "KEY_COLUMNS", "unknown_columns"]
+__all__ = ["ROW_COLUMNS", "unknown_columns"]
 
 ROW_COLUMNS: dict[str, str] = {
     # identity of the experiment
@@ -19,10 +19,10 @@ ROW_COLUMNS: dict[str, str] = {
     "method": "registered method name",
     "family": "dense | bunit | unstructured | structured",
     "target": "the method's knob as given in the suite (number, preset name or JSON string)",
-    "schedule": "oneshot | iterative",
-    "steps": "prune steps of the iterative schedule (1 for oneshot)",
+    "schedule": "oneshot | iterative | progressive (baselines.SCHEDULES)",
+    "steps": "prune steps of the iterative schedule (1 otherwise)",
     "seed": "experiment seed",
-    "config_hash": "sha256 (first 12 hex) of the canonical experiment config",
+    "config_hash": "sha256 (first 12 hex) of the canonical experiment config, measurement settings excluded",
     "config": "the whole experiment config as a nested JSON object",
     # outcome
     "status": "ok | failed",
@@ -30,12 +30,11 @@ ROW_COLUMNS: dict[str, str] = {
     "top1": "top-1 accuracy on the held-out split, percent",
     "top5": "top-5 accuracy on the held-out split, percent (top-k with k = min(5, classes))",
     "test_loss": "mean cross-entropy on the held-out split",
-    # size and arithmetic (harness.measure)
+    # size and arithmetic (baselines.counting, the one counter)
     "params": "all parameters",
     "params_nonzero": "parameters that are not exactly zero",
-    "macs": "multiply-accumulates of conv and linear layers for one input (ptflops aten backend)",
+    "macs": "multiply-accumulates of conv and linear layers plus bias adds, one input (= ptflops aten backend)",
     "macs_nonzero": "MACs counting only non-zero weights (sparse-aware)",
-    "macs_all": "ptflops default backend: conv/linear plus BN, ReLU, pooling",
     "ckpt_bytes": "size of the saved state_dict in bytes",
     # what the method achieved against its knob
     "sparsity": "achieved fraction of zero weights among prunable conv/linear weights",
@@ -59,7 +58,8 @@ ROW_COLUMNS: dict[str, str] = {
     "latency_ms_p50_b1_bf16": "median batch-1 latency in bf16 (GPU only)",
     "latency_ms_p50_bt_bf16": "median throughput-batch latency in bf16 (GPU only)",
     "peak_mem_mb": "peak memory of inference at the throughput batch, MiB (CUDA allocator; CPU: null)",
-    "bunit_backend": "BUnit layer execution backend(s) chosen by the autotuner (JSON object), null otherwise",
+    "inference": "what the method chose for inference before timing (JSON object, e.g. BUnit's bunit_backend per "
+                 "layer from the autotuner); null when nothing",
     "latency_device": "device the latency was measured on (cpu, cuda:0)",
     "device_name": "CPU model or GPU name",
     "dtype": "dtype of the latency measurement",
@@ -72,7 +72,9 @@ ROW_COLUMNS: dict[str, str] = {
     "epochs_sparse": "epochs of sparsity-inducing training before pruning",
     "epochs_finetune": "epochs of fine-tuning after pruning",
     "epochs_total": "pretrain + sparse + finetune, or from-scratch epochs for dense/BUnit",
-    "train_seconds": "wall time of training done in this run (excluding a reused dense checkpoint)",
+    "train_seconds": "wall time of compressing and training in this run, after its starting point",
+    "pretrain_seconds": "wall time it took to train the dense checkpoint the run started from (0 from scratch)",
+    "model_path": "the kept trained model, relative to the store (harness.run.artefacts); null when not kept",
     "run_seconds": "wall time of the whole run",
     # provenance
     "git_rev": "git revision of the harness",
@@ -85,9 +87,6 @@ ROW_COLUMNS: dict[str, str] = {
     "executor": "local | ray | torchrun",
     "world_size": "data-parallel processes that trained the run (torchrun); absent for one-process runs",
 }
-
-KEY_COLUMNS = ("dataset", "backbone", "shortcut", "method", "target", "schedule", "seed")
-
 
 def unknown_columns(row: dict) -> list[str]:
     """Columns of ``row`` that the schema does not document."""
