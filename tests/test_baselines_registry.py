@@ -8,6 +8,8 @@ import torch
 import torch_pruning as tp
 
 import baselines
+from baselines import Pipeline
+from harness.run.config import TrainConfig
 from baselines import MethodContext, finetune_split, get_method, list_methods, method_info, register_method
 from baselines.base import Method
 from baselines.schedule import stage_targets
@@ -45,7 +47,7 @@ def test_every_baseline_is_registered_in_its_family():
     assert list_methods("*-magnitude") == ["global-magnitude", "layer-magnitude"]
     for name in UNSTRUCTURED + STRUCTURED:
         cls = method_info(name)
-        assert cls.name == name and cls.needs_pretrained is True
+        assert cls.name == name and cls().pipeline(TrainConfig()) == Pipeline(start="dense", scratch_epochs=0)
         assert cls.__doc__ and any(str(year) in cls.__doc__ for year in range(2015, 2024)), name  # paper reference
 
 
@@ -73,7 +75,9 @@ def test_dense_returns_the_model_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ctx = MethodContext(example_inputs=torch.randn(2, 3, 8, 8))
     method = get_method("dense")
-    assert method.family == "dense" and method.needs_pretrained is False
+    assert method.family == "dense" and method.pipeline(TrainConfig()) == Pipeline(start="dense", scratch_epochs=0)
+    recipe = TrainConfig(epochs=7, finetune_epochs=3)  # BUnit trains from scratch for the pruning pipeline's budget
+    assert get_method("bunit").pipeline(recipe) == Pipeline(start="scratch", scratch_epochs=10)
     assert method.apply(model, None, ctx) is model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert ctx.record == {"epochs_sparse": 0, "epochs_finetune": 0, "epochs_finetune_final": 0}

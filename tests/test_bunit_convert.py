@@ -13,7 +13,7 @@ from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv, block_kind
 from bunit.convert import PRESETS, bunitify, layer_seed, resolve_plan
 from bunit.layers import UnitLayer, convert_units, unit_layers, unit_macs, unit_params
 from bunit.spec import CATALOGUE, hybrid_mix, parse_specs
-from harness.measure.inspection import count_macs
+from baselines.counting import layer_macs
 from harness.run.models import create_backbone
 
 # (backbone, shortcut, plan, image size, dense params, BUnit params, dense MACs, BUnit MACs), MACs as ptflops aten
@@ -55,7 +55,7 @@ def _input_sizes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[st
 def _closed_form(dense: nn.Module, plan: dict, res: int) -> tuple[int, int]:
     """Dense totals minus the replaced convs/BNs plus the units' closed forms."""
     x = torch.zeros(1, 3, res, res)
-    dense_macs = count_macs(dense, x)
+    dense_macs = {n: m for n, (m, _) in layer_macs(dense, x).items()}
     params, macs = sum(p.numel() for p in dense.parameters()), sum(dense_macs.values())
     first_conv = {}
     for path in plan["layers"]:
@@ -99,7 +99,7 @@ def test_bunitify_figures(name, shortcut, plan, res, dp, bp, dm, bm):
 
 
 def test_paper_resnet18_figures():
-    """PAPER.md: the public code's ResNet-18 (ImageNet stem, 100 classes, 32x32, ptflops default backend)
+    """docs/PAPER.md: the public code's ResNet-18 (ImageNet stem, 100 classes, 32x32, ptflops default backend)
     has 8.70M params and 21.2M MACs vs 11.23M and 37.3M dense."""
     tv = harness.compat.ensure_torchvision()
     dense = tv.models.resnet18(num_classes=100)

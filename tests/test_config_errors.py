@@ -21,7 +21,9 @@ CASES = [
     (_suite_text(backbones='["resnet57"]'), [], ["backbones", "resnet57", "allowed", "resnet56"]),
     (_suite_text(_tail='[[methods]]\nname = "magic-pruner"'), [], ["method", "magic-pruner", "allowed", "dense"]),
     (_suite_text(_tail='[[methods]]\nname = "dense"\nschedule = "sometimes"'), [],
-     ["schedule", "sometimes", "oneshot", "iterative"]),
+     ["methods[0].schedule", "sometimes", "allowed", "oneshot"]),
+    (_suite_text(_tail='[[methods]]\nname = "lamp"\ntargets = [0.5]\nschedule = "progressive"'), [],
+     ["methods[0].schedule", "progressive", "not allowed for lamp", "oneshot, iterative"]),
     (_suite_text(shortcut='"C"'), [], ["shortcut", "'C'", "allowed", "A, B"]),
     (_suite_text(seeds='"zero"'), [], ["seeds", "list of integers"]),
     (_suite_text(_tail='[train]\nepochs = "ten"\n[[methods]]\nname = "dense"'), [], ["train.epochs", "integer"]),
@@ -33,6 +35,8 @@ CASES = [
     (_suite_text(colour='"red"'), [], ["colour", "unknown suite field", "allowed"]),
     ("dataset = [unclosed\n", [], ["not valid TOML"]),
     (None, ["train.epochs=-1"], ["train.epochs", ">= 0"]),
+    (None, ["train.epochs=0"], ["train.epochs", "allowed", ">= 1"]),
+    (None, ["measure.batch_sizes=[4,8]"], ["measure.batch_sizes", "allowed", "[1]"]),
     (None, ["model.width=3"], ["override", "allowed sections", "train, measure"]),
     (None, ["train.lr=fast"], ["train.lr", "number"]),
     (None, ["--device", "tpu"], ["device", "tpu", "allowed"]),
@@ -78,3 +82,32 @@ def test_dry_run_prints_grid(tmp_path, capsys):
     assert len(keys) == 3 and len(set(keys)) == 3
     assert all(k.startswith("digits/resnet8-B/dense/-/oneshot/s") for k in keys)
     assert not (tmp_path / "r").exists()
+
+
+# One validation path: every field a suite file can get wrong, as an override, is refused with the same line.
+PARITY = [
+    ("train", "epochs", "0"), ("train", "epochs", "-1"), ("train", "epochs", '"ten"'), ("train", "batch_size", "0"),
+    ("train", "lr", "0"), ("train", "lr", "-0.1"), ("train", "momentum", "1.5"), ("train", "weight_decay", "2"),
+    ("train", "warmup_epochs", "99"), ("train", "label_smoothing", "1.5"), ("train", "finetune_lr", "0"),
+    ("train", "epoch", "3"), ("train", "augment", "3"), ("measure", "repeats", "1"),
+    ("measure", "memory_format", '"nhwc"'), ("measure", "batch_sizes", "[4, 8]"),
+    ("measure", "batch_sizes", "[1, 8, 64]"), ("measure", "batch_sizes", "[]"), ("measure", "batch_sizes", "[1, 0]"),
+    ("measure", "warmup", "-1"), ("measure", "latency", '"yes"'),
+]
+
+
+@pytest.mark.parametrize("section,name,value", PARITY, ids=[f"{s}.{n}={v}" for s, n, v in PARITY])
+def test_override_is_refused_exactly_like_the_suite_file(tmp_path, capsys, section, name, value):
+    tail = f'[{section}]\n{name} = {value}\n[[methods]]\nname = "dense"'
+    in_file = tmp_path / "file.toml"
+    in_file.write_text(_suite_text(_tail=tail))
+    plain = tmp_path / "plain.toml"
+    plain.write_text(_suite_text())
+    results = tmp_path / "results"
+    assert main(["run", str(in_file), "--results-dir", str(results), "--no-progress"]) == 2
+    from_file = capsys.readouterr().err.strip()
+    assert main(["run", str(plain), f"{section}.{name}={value}", "--results-dir", str(results), "--no-progress"]) == 2
+    from_override = capsys.readouterr().err.strip()
+    assert len(from_file.splitlines()) == 1 and from_file == from_override
+    assert f"{section}.{name}" in from_file
+    assert not results.exists()

@@ -10,7 +10,8 @@ import torch
 
 from harness.run.checkpoints import dense_key
 from harness.run.config import expand, load_suite
-from harness.run.executors import _failed_row, plan_jobs, run_suite_local
+from harness.run.executors import plan_jobs, run_suite_local
+from harness.run.experiment import failed_row
 from harness.run.runner import run_suite, select
 from harness.run.store import ResultStore
 
@@ -41,7 +42,6 @@ class RayMarker(Method):
     """Keeps the trained dense model and leaves a mark in the row: proves the plugin ran in the worker."""
 
     family = "unstructured"
-    needs_pretrained = True
 
     def apply(self, model, target, ctx):
         ctx.record.update({"marker": 7, "epochs_sparse": 0, "epochs_finetune": 0, "epochs_finetune_final": 0})
@@ -53,7 +53,6 @@ class WorkerKiller(Method):
     """Kills the process it runs in, as a segfault or the OOM killer would."""
 
     family = "unstructured"
-    needs_pretrained = True
 
     def apply(self, model, target, ctx):
         os._exit(3)
@@ -92,9 +91,10 @@ def local_rows(tmp_path_factory, tiny):
 def test_plan_puts_dense_pretraining_first(tmp_path):
     grid = expand(load_suite(str(write_suite(tmp_path / "plan.toml", seeds=(0, 1), methods=METHODS))))
     first, then = plan_jobs(grid, lambda key: False)
-    assert [(j.exp.method, j.exp.seed, j.writes_row) for j in first] == [("dense", 0, True), ("dense", 1, True)]
-    assert sorted((j.exp.method, j.exp.seed) for j in then) == [("bunit", 0), ("bunit", 1), ("global-magnitude", 0),
-                                                                 ("global-magnitude", 1)]
+    # one checkpoint-only job per seed (the dense row itself is a run that loads the checkpoint, like the others)
+    assert [(j.exp.method, j.exp.seed, j.writes_row) for j in first] == [("dense", 0, False), ("dense", 1, False)]
+    assert sorted((j.exp.method, j.exp.seed) for j in then) == [("bunit", 0), ("bunit", 1), ("dense", 0), ("dense", 1),
+                                                                 ("global-magnitude", 0), ("global-magnitude", 1)]
     for job in then:
         assert job.writes_row and job.dense == (dense_key(job.exp) if job.exp.method != "bunit" else None)
     assert {j.dense for j in first} == {j.dense for j in then if j.dense}  # every dependant has a producer
@@ -111,7 +111,7 @@ def test_plan_puts_dense_pretraining_first(tmp_path):
 def test_row_of_a_dead_worker_is_a_valid_failed_row(tmp_path):
     exp = expand(load_suite(str(write_suite(tmp_path / "dead.toml", methods=METHODS))))[1]
     store = ResultStore(tmp_path / "out")
-    store.append(_failed_row(exp, "worker process died (exit code 3)", executor="local", image_size=8))  # schema ok
+    store.append(failed_row(exp, "worker process died (exit code 3)", executor="local", image_size=8))  # schema ok
     (row,) = store.rows()
     assert (row["key"], row["status"], row["family"], row["executor"]) == (exp.key, "failed", "unstructured", "local")
     assert store.completed_keys() == set()  # a re-run retries it
@@ -120,7 +120,7 @@ def test_row_of_a_dead_worker_is_a_valid_failed_row(tmp_path):
 def test_ray_is_imported_only_when_chosen(tiny, monkeypatch):
     code = "import sys, harness.run.executors, harness.run.distributed, harness.cli; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
-    from harness.run.executors import run_suite_ray
+    from harness.run.ray_executor import run_suite_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     with pytest.raises(ValueError, match=r"Ray is not installed; allowed: .*pip install 'bunit-bench\[ray\]'"):
@@ -136,7 +136,7 @@ def ray_cluster():
 
 
 def test_ray_cluster_gives_the_local_rows_and_resumes(ray_cluster, tiny, local_rows, tmp_path):
-    from harness.run.executors import run_suite_ray
+    from harness.run.ray_executor import run_suite_ray
 
     path, suite = tiny
     local_dir, local = local_rows

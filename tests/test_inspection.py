@@ -7,7 +7,8 @@ import torch
 from ptflops import get_model_complexity_info
 
 from bunit.convert import bunitify
-from harness.measure.inspection import count_macs, format_inspection, inspect_backbone, sections
+from baselines.counting import count_macs
+from harness.measure.inspection import format_inspection, inspect_backbone, sections
 from harness.run.models import create_backbone
 
 
@@ -22,8 +23,9 @@ def test_dense_cifar_resnet_reference_counts(name, params, macs):
     """The literature's ResNet-56/20 (option A) at 32x32: ptflops aten and our hooks agree with them."""
     model = create_backbone(name, shortcut="A")
     assert _aten(model) == (params, macs)
-    assert sum(count_macs(model, torch.zeros(1, 3, 32, 32)).values()) == macs
-    assert sum(count_macs(model, torch.zeros(3, 3, 32, 32)).values()) == macs  # per sample
+    assert count_macs(model, torch.zeros(1, 3, 32, 32)) == macs
+    assert count_macs(model, torch.randn(3, 3, 32, 32)) == macs  # per sample
+    assert count_macs(model, (3, 32, 32)) == macs  # from the shape
 
 
 @pytest.mark.parametrize("name,plan,shortcut", [("resnet56", "cifar-resnet-paper", "A"), ("vgg16", "vgg16-middle", None),
