@@ -208,10 +208,12 @@ PAPER = "paper"
 
 
 def paper_preset(model: nn.Module) -> str:
-    """The paper's plan for ``model``: VGG's middle stages, or stages 2 and 3 of a ResNet (its public code)."""
+    """The paper's plan for ``model``, named for the backbone family it is applied to: ``vgg16-middle`` for VGG,
+    ``resnet-paper`` for a four-stage (torchvision) ResNet as in the paper's public code, ``cifar-resnet-paper``
+    for a three-stage CIFAR ResNet (the same stages 2 and 3)."""
     if hasattr(model, "features") and not hasattr(model, "layer2"):
         return "vgg16-middle"
-    return "resnet-paper"
+    return "resnet-paper" if hasattr(model, "layer4") else "cifar-resnet-paper"
 
 
 def bunitify(model: nn.Module, plan: str | dict[str, Any]) -> nn.Module:

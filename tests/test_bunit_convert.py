@@ -212,8 +212,8 @@ def test_uniform_other_shapes_and_parse():
     assert isinstance(model.layer3[1].units, UnitLayer)
 
 
-@pytest.mark.parametrize("backbone,preset", [("resnet20", "resnet-paper"), ("vgg16", "vgg16-middle"),
-                                             ("resnet18", "resnet-paper")])
+@pytest.mark.parametrize("backbone,preset", [("resnet20", "cifar-resnet-paper"), ("vgg16", "vgg16-middle"),
+                                             ("resnet18", "resnet-paper"), ("resnet18-imagenet-stem", "resnet-paper")])
 def test_paper_plan_picks_the_preset_for_the_backbone(backbone, preset):
     from bunit import PAPER, paper_preset
 
