@@ -1,6 +1,14 @@
-import os
+"""Shared test setup: isolated caches, the ``gpu`` skip, and the helpers several test files use.
+
+Helpers are imported by name (``from conftest import spread_bn``); fixtures are requested as usual
+(``pytestmark = pytest.mark.usefixtures("one_thread")``).
+"""
+import contextlib
 
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import harness  # noqa: F401  (torchvision shim before anything imports torchvision or ptflops)
 
@@ -14,14 +22,96 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads, then restore the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and a busy 2-core machine makes torch's thread pool spin."""
+    with torch_threads(1):
+        yield
+
+
+def spread_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Move every BatchNorm's affine parameters and running statistics away from their fresh values, in place.
+
+    Fresh BN scales are all 1 (no criterion can rank them) and fresh statistics (0, 1) hide a wrong load or a
+    wrong fold; trained networks have neither. Scales and variances are drawn from [0.5, 1.5), shifts and means
+    from [-0.5, 0.5), with a generator seeded by ``seed``.
+
+    Returns:
+        ``model`` itself.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model
+
+
+def digits_batches(n: int, batch: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` real 8x8 one-channel digit images of scikit-learn, standardised, in batches of ``batch``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images[:n], dtype=torch.float32).unsqueeze(1)  # (n, 1, 8, 8)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(data.target[:n], dtype=torch.long)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def make_finetune(method, batches, *, lr: float = 0.05, use_hook: bool = True):
+    """A plain SGD fine-tune callback (momentum, weight decay) over ``batches``, as the harness hands it to a method.
+
+    Args:
+        method: the method whose ``after_optimizer_step`` runs after every step (when ``use_hook``).
+        batches: ``(inputs, labels)`` pairs; one epoch is one pass over them.
+        lr: the learning rate.
+        use_hook: call ``method.after_optimizer_step``; False shows what the hook prevents.
+
+    Returns:
+        ``(finetune, calls)``: the callback ``finetune(model, epochs, regularize=None)`` and the list it appends
+        ``(epochs, regularized)`` to on every call.
+    """
+    calls = []
+
+    def finetune(model, epochs, regularize=None):
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        model.train()
+        for _ in range(epochs):
+            for x, y in batches:
+                loss = F.cross_entropy(model(x), y)
+                if regularize is not None:
+                    loss = regularize(model, loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if use_hook:
+                    method.after_optimizer_step(model)
+        calls.append((epochs, regularize is not None))
+        return model
+
+    return finetune, calls
 
 
 TINY_SUITE = """
@@ -50,5 +140,6 @@ batch_sizes = [1, 8]
 
 
 def write_suite(path, *, name="tiny", seeds=(0,), epochs=1, latency="false", methods='[[methods]]\nname = "dense"'):
+    """Write a tiny digits suite (8x8 images, ResNet-8 B) to ``path`` and return ``path``."""
     path.write_text(TINY_SUITE.format(name=name, seeds=list(seeds), epochs=epochs, latency=latency, methods=methods))
     return path

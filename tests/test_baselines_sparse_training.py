@@ -4,58 +4,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
-from sklearn.datasets import load_digits
 
 from baselines import MethodContext, get_method
 from baselines.depgraph import group_penalty
 from baselines.shortcut import convert_pad_shortcuts
 from harness.run.models import create_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy 2-core machine makes torch's thread pool spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import digits_batches, make_finetune, spread_bn
 
 
-def digits_batches(n: int = 192, batch: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Real 8x8 one-channel digit images, standardised, in a few batches."""
-    data = load_digits()
-    x = torch.tensor(data.images[:n], dtype=torch.float32).unsqueeze(1)  # (n, 1, 8, 8)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target[:n], dtype=torch.long)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_finetune(method, batches, lr: float = 0.05):
-    """A plain SGD loop with momentum and weight decay, as the harness runs it; records its calls."""
-    calls = []
+def is_slice_of(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Whether ``new`` keeps entries of ``old`` unchanged and in order (torch-pruning keeps sorted indices).
 
-    def finetune(model, epochs, regularize=None):
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        model.train()
-        for _ in range(epochs):
-            for x, y in batches:
-                loss = F.cross_entropy(model(x), y)
-                if regularize is not None:
-                    loss = regularize(model, loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                method.after_optimizer_step(model)
-        calls.append((epochs, regularize is not None))
-        return model
-
-    return finetune, calls
+    Removing channels with sorted index lists along any dimensions keeps the row-major order, so the flattened
+    ``new`` is a subsequence of the flattened ``old``; a weight that was trained or re-initialised is not.
+    """
+    remaining = iter(old.detach().flatten().tolist())
+    return all(any(v == w for w in remaining) for v in new.detach().flatten().tolist())
 
 
 @pytest.mark.parametrize("name", ["slimming", "depgraph"])
 def test_sparse_training_then_iterative_pruning(name):
     torch.manual_seed(0)
-    batches = digits_batches()
+    batches = digits_batches(192)
     model = create_backbone("resnet8", in_channels=1, shortcut="A")
     method = get_method(name)
     assert method.uses_sparse_training
@@ -85,10 +59,7 @@ def test_depgraph_penalty_gradient_equals_torch_pruning_regularizer():
     """Our loss term yields exactly the gradient GroupNormPruner.regularize adds (reg 1e-4, strengths 1..16)."""
     torch.manual_seed(0)
     x, y = digits_batches(32, 32)[0]
-    model = create_backbone("resnet8", in_channels=1, shortcut="B")
-    for m in model.modules():  # distinct channel norms
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.2, 1.2)
+    model = spread_bn(create_backbone("resnet8", in_channels=1, shortcut="B"), 0)  # distinct channel norms
     reference = create_backbone("resnet8", in_channels=1, shortcut="B")
     reference.load_state_dict(model.state_dict())
 
@@ -101,7 +72,7 @@ def test_depgraph_penalty_gradient_equals_torch_pruning_regularizer():
     method = get_method("depgraph")
     method._example = x
     model.eval()
-    (F.cross_entropy(model(x), y) + 0).backward(retain_graph=False)
+    F.cross_entropy(model(x), y).backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     method.regularize(model, F.cross_entropy(model(x), y)).backward()
@@ -116,24 +87,25 @@ def test_depgraph_penalty_gradient_equals_torch_pruning_regularizer():
 
 def test_taylor_uses_calibration_gradients_and_leaves_none_behind():
     torch.manual_seed(0)
-    batches = digits_batches()
-    model = create_backbone("resnet8", in_channels=1, shortcut="B")
+    batches = digits_batches(192)
+    model = spread_bn(create_backbone("resnet8", in_channels=1, shortcut="B"), 0)
     ctx = MethodContext(example_inputs=batches[0][0], calib_batches=batches[:2])
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
     model = get_method("taylor").apply(model, "macs:0.3", ctx)
     assert 0.3 <= ctx.record["macs_reduction"] <= 0.35
     assert all(p.grad is None for p in model.parameters())
-    for m in model.modules():  # gradients were taken in eval mode: fresh BN statistics are untouched
-        if isinstance(m, nn.BatchNorm2d):
-            assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
-            assert torch.equal(m.running_var, torch.ones_like(m.running_var))
-    # surviving weights are untouched slices of the originals (no training happened inside apply)
-    assert torch.equal(model.fc.bias.detach(), before["fc.bias"])
+    # every surviving parameter and BN statistic is an untouched slice of the original: no training happened
+    # inside apply, and the gradients were taken in eval mode (train mode would move the running statistics)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert sum(t.numel() for t in after.values()) < sum(t.numel() for t in before.values())  # something was pruned
+    for name, tensor in after.items():
+        assert is_slice_of(tensor, before[name]), name
 
 
 def test_iterative_structured_schedule_finetunes_between_steps():
     torch.manual_seed(0)
-    batches = digits_batches()
+    batches = digits_batches(192)
     model = create_backbone("resnet8", in_channels=1, shortcut="A")
     method = get_method("l1-filter")
     finetune, calls = make_finetune(method, batches)
@@ -145,5 +117,11 @@ def test_iterative_structured_schedule_finetunes_between_steps():
     assert ctx.record["epochs_sparse"] == 0
     assert 0.5 <= ctx.record["macs_reduction"] <= 0.55
     assert ctx.record["achieved"]["step_targets"] == pytest.approx([1 - 0.5 ** (1 / 3), 1 - 0.5 ** (2 / 3), 0.5])
-    convert_pad_shortcuts(model)  # idempotent on an already converted model
-    assert model(batches[0][0]).shape == (64, 10)
+    assert ctx.record["achieved"]["option_a_shortcuts"] == 2  # apply converted the two zero-padding shortcuts
+    model.eval()
+    state, out = {k: v.clone() for k, v in model.state_dict().items()}, model(batches[0][0])
+    assert out.shape == (64, 10)
+    assert convert_pad_shortcuts(model) == 0  # idempotent: nothing left to convert, nothing changed
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(batches[0][0]), out)
