@@ -1,19 +1,21 @@
 """Unit-layer latency: every BUnit execution backend against the per-unit loops and the dense layer it replaces.
 
 For each layer shape of CIFAR ResNet-20/56 (the three stages with uniform 2-4-2 units and the two stride-2
-transitions with 2-4-4 units) and of CIFAR VGG-16 (the conv layers from 64@32x32 to 512@2x2), at batch 1 and
-a throughput batch, in NCHW and channels_last, this times side by side in one process:
+transitions with 2-4-4 units), of a 64-channel basic block at 16x16 and 32x32, and of CIFAR VGG-16 (the conv
+layers from 64@32x32 to 512@2x2), at batch 1 and a throughput batch, in NCHW and channels_last, this times
+side by side in one process:
 
 - ``dense``: what the units replace, in eager mode: conv-BN-ReLU twice for a ResNet basic block
   (``cin -> cout``, stride, then ``cout -> cout``), conv-BN-ReLU once for a VGG conv.
 - ``reference``: the paper's form, a Python loop over one tiny module per unit.
-- every eager backend of the fused layer (``loop`` is the per-unit loop over the fused weights).
+- every eager backend of the fused layer (``loop`` is the per-unit loop over the fused weights; ``fused_cpu``,
+  the C++ unit kernel, is left out with a printed reason where it cannot run).
 - with ``--compile`` (the default): ``compiled:<base>``, the layer's ``compiled`` backend over ``grouped`` and
   over ``stencil``, and ``dense:compiled``, the dense layer under ``torch.compile`` (compile both, to be fair).
 
-Methods are timed round-robin (each round gives every method two untimed calls and one timed call, in a rotated
-order), so that a slow spell of the machine hits every method alike; the ratio ``p50 / dense p50`` is
-measured side by side, not inferred. Each row
+Methods are timed round-robin by :func:`bunit.timing.interleaved_times` (each round gives every method two
+untimed calls and one timed call, in a rotated order), so that a slow spell of the machine hits every method
+alike; the ratio ``p50 / dense p50`` is measured side by side, not inferred. Each row
 also carries the MACs ratio, the ratio the latency ratio would equal if the hardware ran every MAC alike.
 
 Usage: ``python benchmarks/bench_layers.py [--device cpu|cuda] [--repeats 40] [--quick] [--out CSV]``.

@@ -18,7 +18,7 @@ Models (CIFAR inputs, 32x32, 10 classes; weights are freshly initialised, which 
   smaller dense network), timed against dense-B.
 - VGG-16: dense; BUnit presets ``vgg16-middle`` and ``vgg16-all``.
 
-``macs_ratio`` is ``macs_nonzero / reference macs`` (``harness.measure.count_macs``): for BUnit and structured
+``macs_ratio`` is ``macs_nonzero / reference macs`` (``baselines.counting.count_costs``): for BUnit and structured
 pruning it equals the plain MACs ratio, for unstructured pruning it is what FLOP counts in papers claim.
 
 Usage: ``python benchmarks/bench_networks.py [--device cpu|cuda] [--repeats 30] [--quick] [--out CSV]``.
@@ -43,15 +43,16 @@ import torch._dynamo
 import torch.nn as nn
 
 from baselines import MethodContext, get_method
+from baselines.counting import count_costs
 from bunit import bunitify
-from bunit.autotune import autotune
+from bunit.autotune import DEFAULT_BACKENDS, autotune
 from bunit.layers import EAGER_BACKENDS, unit_layers
-from harness.measure import count_macs, count_params, count_params_nonzero
+from bunit.timing import interleaved_times, summary_ms
 from harness.run.models import create_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layers import (dtype_from_name, environment, interleaved_times, load_average,  # noqa: E402
-                          prepare_dynamo, summary_ms, write_csv)
+from bench_layers import (available_backends, dtype_from_name, environment, load1, prepare_dynamo,  # noqa: E402
+                          write_csv)
 
 COMPILE_PLANS = ("autotune", "grouped", "grouped_cl", "stencil")
 INPUT_SHAPE = (3, 32, 32)
@@ -76,12 +77,6 @@ class Entry:
     reference: str
     compile: bool = True
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _counts(model: nn.Module) -> dict[str, Any]:
-    macs = count_macs(model, INPUT_SHAPE)
-    return {"macs": macs["macs"], "macs_nonzero": macs["macs_nonzero"], "params": count_params(model),
-            "params_nonzero": count_params_nonzero(model)}
 
 
 def _context(backbone: str, shortcut: str) -> MethodContext:
@@ -117,7 +112,7 @@ def build_group(backbone: str, *, presets: list[str], pruning: bool) -> list[Ent
         entries.append(Entry("l1-filter:macs0.6", "structured", pruned, "dense-B",
                              info={"achieved": ctx.record.get("macs_reduction")}))
     for e in entries:
-        e.info.update(_counts(e.model))
+        e.info.update(count_costs(e.model, INPUT_SHAPE))
     return entries
 
 
@@ -129,16 +124,16 @@ def _backend_summary(model: nn.Module) -> str | None:
 
 
 def _prepare(entry: Entry, x: torch.Tensor, *, mode: str, fmt: torch.memory_format, plan: str,
-             cache: Path, tune_repeats: int) -> tuple[nn.Module, dict[str, Any]]:
+             cache: Path, tune_repeats: int, tune_backends: list[str]) -> tuple[nn.Module, dict[str, Any]]:
     """A timed copy of ``entry.model`` for this configuration (tuned, compiled), and what was done to it."""
     net = copy.deepcopy(entry.model).to(device=x.device, dtype=x.dtype).to(memory_format=fmt).eval()
     meta: dict[str, Any] = {"backends": None, "compile_s": None, "tune_s": None}
     t0 = time.perf_counter()
     if entry.family == "bunit":
         if mode == "eager":
-            autotune(net, x, cache_path=cache, repeats=tune_repeats)
+            autotune(net, x, backends=tune_backends, cache_path=cache, repeats=tune_repeats)
         elif plan == "autotune":
-            autotune(net, x, backends=[*EAGER_BACKENDS, "compiled"], cache_path=cache, repeats=tune_repeats)
+            autotune(net, x, backends=[*tune_backends, "compiled"], cache_path=cache, repeats=tune_repeats)
             for _, layer in unit_layers(net):  # the whole model is compiled: each layer runs its best compile base
                 if layer.backend == "compiled":
                     layer.backend = layer.compile_base
@@ -159,18 +154,18 @@ def _prepare(entry: Entry, x: torch.Tensor, *, mode: str, fmt: torch.memory_form
 
 def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dtype, channels_last: bool,
                mode: str, device: torch.device, repeats: int, warmup: int, plan: str, cache: Path,
-               tune_repeats: int) -> list[dict[str, Any]]:
+               tune_repeats: int, tune_backends: list[str]) -> list[dict[str, Any]]:
     """Time every entry of ``group`` (those that take part in ``mode``) round-robin; one row per entry."""
     torch._dynamo.reset()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *INPUT_SHAPE, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
     entries = [e for e in group if mode == "eager" or e.compile]
-    load_start = load_average()
+    load_start = load1()
     nets, metas, outs = {}, {}, {}
     for e in entries:
         nets[e.name], metas[e.name] = _prepare(e, x, mode=mode, fmt=fmt, plan=plan, cache=cache,
-                                               tune_repeats=tune_repeats)
+                                               tune_repeats=tune_repeats, tune_backends=tune_backends)
         with torch.inference_mode():
             outs[e.name] = nets[e.name](x).float()
     with torch.inference_mode():  # a compiled or tuned model must still compute what the eager fp32 model does
@@ -182,8 +177,8 @@ def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dt
                 raise RuntimeError(f"{backbone} {e.name} {mode}: output differs from the eager model by {err:.3g}")
             e.model.cpu()
         fns = {name: (lambda net=net: net(x)) for name, net in nets.items()}
-        times = interleaved_times(fns, repeats=repeats, warmup=warmup, device=device)
-    load_end = load_average()
+        times = interleaved_times(fns, rounds=repeats, warmup=warmup, device=device)
+    load_end = load1()
     summaries = {name: summary_ms(t) for name, t in times.items()}
     by_name = {e.name: e for e in group}
     rows = []
@@ -237,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="unit-layer backends under torch.compile (default autotune; grouped with --quick)")
     parser.add_argument("--no-pruning", dest="pruning", action="store_false", help="skip the pruned ResNet-56 rows")
     parser.add_argument("--tune-repeats", type=int, default=7, help="autotuner repetitions per backend")
+    parser.add_argument("--tune-backends", default=",".join(DEFAULT_BACKENDS),
+                        help="eager backends the autotuner chooses from (default: all; fused_cpu is left out "
+                             "where it cannot run)")
     parser.add_argument("--autotune-cache", default=None,
                         help="autotuner JSON cache (default: autotune.json next to --out; a temporary file "
                              "with --quick); delete it to tune afresh")
@@ -279,11 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         cache = Path(tempfile.mkdtemp(prefix="bench-networks-")) / "autotune.json"
     else:
         cache = Path(args.out).parent / "autotune.json"
+    tune_backends = args.tune_backends.split(",")
+    if any(b not in EAGER_BACKENDS for b in tune_backends):
+        raise ValueError(f"tune-backends: {tune_backends} not allowed; allowed: {', '.join(EAGER_BACKENDS)}")
+    tune_backends = available_backends(tune_backends, device)
     if "compiled" in modes:
         prepare_dynamo()
     env = environment(device)
     print(f"{env['device_name']}, {env['threads']} threads, torch {env['torch']}, repeats {repeats}, "
-          f"compile plan {plan}, autotune cache {cache}, load {load_average()}", flush=True)
+          f"compile plan {plan}, autotune cache {cache}, load {load1()}", flush=True)
     rows: list[dict[str, Any]] = []
     for backbone in args.backbones.split(","):
         group = build_group(backbone, presets=presets.get(backbone, []), pruning=args.pruning)
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         config = run_config(group, backbone, batch=batch, dtype=dtype,
                                             channels_last=fmt == "channels_last", mode=mode, device=device,
                                             repeats=repeats, warmup=warmup, plan=plan, cache=cache,
-                                            tune_repeats=args.tune_repeats)
+                                            tune_repeats=args.tune_repeats, tune_backends=tune_backends)
                         _print_config(config)
                         rows += [{**r, **env} for r in config]
                         write_csv(rows, args.out)  # after every configuration: an interrupt keeps what ran

@@ -117,27 +117,33 @@ def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor
     return weight, (bn.bias - bn.running_mean * scale).float().contiguous()
 
 
-def _version_key(groups: Any) -> tuple:
+def _fold_key(layer: Any) -> list:
+    """What the folded weights depend on: storage and version of every tensor folding reads, and each BN's eps.
+
+    The tensors are reached through the modules' own dicts: ``nn.Module`` attribute access costs about a
+    microsecond each, which at batch 1 would cost more than the kernel.
+    """
     key: list = []
-    for grp in groups:
-        tensors = [grp.conv1.weight, grp.conv2.weight]
-        for bn in (grp.bn1, grp.bn2):
-            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        key += [(t.data_ptr(), t._version, t.dtype, t.device) for t in tensors] + [grp.bn1.eps, grp.bn2.eps]
-    return tuple(key)
+    for grp in layer._modules["groups"]._modules.values():
+        mods = grp._modules
+        for conv, bn in ((mods["conv1"], mods["bn1"]), (mods["conv2"], mods["bn2"])):
+            tensors = (conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"],
+                       bn._buffers["running_mean"], bn._buffers["running_var"])
+            if any(t is None for t in tensors):
+                raise ValueError("fused_cpu: a BatchNorm without affine parameters or running statistics "
+                                 "cannot be folded")
+            key += [(t.data_ptr(), t._version) for t in tensors]
+            key.append(bn.eps)
+    return key
 
 
 def folded_weights(layer: Any) -> list[tuple[torch.Tensor, ...]]:
     """Per group of a fused :class:`bunit.layers.UnitLayer`: ``(w1, b1, w2, b2)`` with its BNs folded in.
 
-    Cached in the layer (``_fold_cache``) and rebuilt when any weight, BN parameter or running statistic
-    changes (tensor version, storage, dtype or device), as the ``blockdiag`` backend caches its dense weights.
+    Cached in the layer (``_fold_cache``) and rebuilt when any weight, BN parameter, running statistic or eps
+    changes (tensor storage or version counter), as the ``blockdiag`` backend caches its dense weights.
     """
-    for grp in layer.groups:
-        if grp.bn1.running_mean is None or grp.bn2.running_mean is None:
-            raise ValueError("fused_cpu: BatchNorm without running statistics (track_running_stats=False) "
-                             "cannot be folded")
-    key = _version_key(layer.groups)
+    key = _fold_key(layer)
     cache = layer.__dict__.get("_fold_cache")
     if cache is None or cache[0] != key:
         with torch.no_grad():
@@ -149,15 +155,14 @@ def folded_weights(layer: Any) -> list[tuple[torch.Tensor, ...]]:
 # --- forward ------------------------------------------------------------------------------------
 
 
-def forward(layer: Any, x: torch.Tensor, starts: list[tuple[torch.Tensor, torch.Tensor]],
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+def forward(layer: Any, x: torch.Tensor, plan: list[tuple], residual: torch.Tensor | None = None) -> torch.Tensor:
     """Eval-mode output of a fused :class:`bunit.layers.UnitLayer` on ``x``, one kernel call per group.
 
     Args:
-        layer: the unit layer (its ``groups``, ``specs``, ``stride``, ``out_channels``).
+        layer: the unit layer (its ``groups``, ``stride``, ``kernel``, ``out_channels``).
         x: input ``(B, in, H, W)``, float32 on CPU (any memory format; read as NCHW).
-        starts: per group, ``(in_start, out_start)``: int64 tensors with each unit's first input and output
-            channel in layer order.
+        plan: per group, ``(a, b, c, kernel, stride, in_start, out_start)``: the unit spec and int64 tensors
+            with each unit's first input and output channel in layer order.
         residual: None, or a tensor of the output's shape: then ``relu(units(x) + residual)`` is returned (a
             residual block's shortcut and final ReLU, applied as each output row is written).
 
@@ -170,20 +175,17 @@ def forward(layer: Any, x: torch.Tensor, starts: list[tuple[torch.Tensor, torch.
     """
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise ValueError(f"fused_cpu: input on {x.device} as {x.dtype}; allowed: cpu, torch.float32")
-    ext = load_extension()
+    ext = _state.get("module") or load_extension()
     x = x.contiguous()
-    k = max(s.kernel for s in layer.specs)
-    p = k // 2
-    ho = (x.shape[2] + 2 * p - k) // layer.stride + 1
-    wo = (x.shape[3] + 2 * p - k) // layer.stride + 1
+    k, stride = layer.kernel, layer.stride
+    ho = (x.shape[2] + 2 * (k // 2) - k) // stride + 1
+    wo = (x.shape[3] + 2 * (k // 2) - k) // stride + 1
     y = torch.empty(x.shape[0], layer.out_channels, ho, wo, dtype=x.dtype)
     if residual is not None:
         if residual.shape != y.shape or residual.device.type != "cpu":
             raise ValueError(f"fused_cpu: residual of shape {tuple(residual.shape)} on {residual.device}; "
                              f"expected {tuple(y.shape)} on cpu")
         residual = residual.to(torch.float32).contiguous()
-    for grp, (w1, b1, w2, b2), (in_start, out_start) in zip(layer.groups, folded_weights(layer), starts):
-        s = grp.spec
-        ext.unit_group_forward(x, y, residual, w1, b1, w2, b2, in_start, out_start, s.a, s.b, s.c, s.kernel,
-                               s.stride)
+    for (a, b, c, kg, s, in_start, out_start), weights in zip(plan, folded_weights(layer)):
+        ext.unit_group_forward(x, y, residual, *weights, in_start, out_start, a, b, c, kg, s)
     return y  # (B, out, H/s, W/s), layer order

@@ -327,9 +327,10 @@ class UnitLayer(nn.Module):
         # where unit i lives: (group, position in group)
         self._where = {u: (g, j) for g, us in enumerate(self.group_units) for j, u in enumerate(us)}
         self._in_ranges: list[tuple[int, int] | None] = []
-        # fused_cpu: per group, each unit's first input and output channel in layer order
-        self._unit_starts = [(torch.tensor([in_off[u] for u in us]), torch.tensor([out_off[u] for u in us]))
-                             for us in self.group_units]
+        # fused_cpu: per group, the spec and each unit's first input and output channel in layer order
+        self._kernel_plan = [(s.a, s.b, s.c, s.kernel, s.stride, torch.tensor([in_off[u] for u in us]),
+                              torch.tensor([out_off[u] for u in us])) for us in self.group_units
+                             for s in [self.specs[us[0]]]]
         cat_pos = [0] * self.out_channels
         pos = 0
         for g, us in enumerate(self.group_units):
@@ -495,7 +496,7 @@ class UnitLayer(nn.Module):
         if self.training or records:  # the kernel has no backward and uses running statistics
             y = self._forward_groups(x, _call_module)
             return y if residual is None else F.relu(y + residual, inplace=True)
-        return fused_cpu.forward(self, x, self._unit_starts, residual)  # (B, out, H/s, W/s), layer order
+        return fused_cpu.forward(self, x, self._kernel_plan, residual)  # (B, out, H/s, W/s), layer order
 
     def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
         base = self.compile_base

@@ -12,6 +12,7 @@ from bunit.autotune import autotune, default_cache_path, has_unit_layers, layer_
 from bunit.convert import bunitify
 from bunit.layers import BACKENDS, EAGER_BACKENDS, UnitLayer, set_backend, unit_layers
 from bunit.spec import CATALOGUE, UnitSpec, hybrid_mix
+from conftest import spread_bn
 
 TOL = 1e-5
 
@@ -21,16 +22,7 @@ def _layer(stride: int, seed: int, *, mixed_kernels: bool = False) -> UnitLayer:
     specs = hybrid_mix(22, 30, CATALOGUE, seed)
     if mixed_kernels:
         specs = specs[:3] + [UnitSpec(2, 3, 2, kernel=5), UnitSpec(1, 2, 1, kernel=1)] + specs[3:]
-    layer = UnitLayer(specs, stride=stride)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in layer.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return layer
+    return spread_bn(UnitLayer(specs, stride=stride), seed)
 
 
 def _buffers(layer: nn.Module) -> list[torch.Tensor]:

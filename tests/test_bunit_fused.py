@@ -18,6 +18,7 @@ from bunit.autotune import autotune
 from bunit.blocks import BUnitBasicBlock
 from bunit.layers import UnitLayer
 from bunit.spec import CATALOGUE, hybrid_mix
+from conftest import spread_bn
 
 RTOL = 1e-4
 
@@ -29,19 +30,6 @@ def extension():
     return fused_cpu.load_extension()  # a compiler is present: a failing build is an error, not a skip
 
 
-def _spread(layer: nn.Module, seed: int) -> nn.Module:
-    """BN statistics and affine parameters away from their init, so that folding them is tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in layer.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return layer
-
-
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
@@ -49,7 +37,7 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def _fused_vs_reference(specs, stride: int, shape: tuple[int, int, int], seed: int = 0,
                         residual: bool = False) -> float:
     torch.manual_seed(seed)
-    layer = _spread(UnitLayer(specs, stride=stride), seed).eval()
+    layer = spread_bn(UnitLayer(specs, stride=stride), seed).eval()
     reference = layer.to_impl("reference").eval()
     batch, h, w = shape
     x = torch.randn(batch, layer.in_channels, h, w)
@@ -98,7 +86,7 @@ def test_basic_block_adds_shortcut_in_kernel():
     conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
     dense = nn.Module()
     dense.conv1, dense.bn1, dense.conv2, dense.bn2 = conv, nn.BatchNorm2d(16), conv, nn.BatchNorm2d(16)
-    block = _spread(BUnitBasicBlock.from_block(dense, ["8x2-4-2"]), 1).eval()
+    block = spread_bn(BUnitBasicBlock.from_block(dense, ["8x2-4-2"]), 1).eval()
     x = torch.randn(3, 16, 12, 12)
     with torch.no_grad():
         ref = block(x)
@@ -109,7 +97,7 @@ def test_basic_block_adds_shortcut_in_kernel():
 
 
 def test_training_mode_runs_grouped_and_learns():
-    layer = _spread(UnitLayer(["4x2-4-2"]), 0)
+    layer = spread_bn(UnitLayer(["4x2-4-2"]), 0)
     twin = UnitLayer(["4x2-4-2"])
     twin.load_state_dict(layer.state_dict())
     layer.backend = "fused_cpu"
@@ -127,7 +115,7 @@ def test_training_mode_runs_grouped_and_learns():
 
 
 def test_folded_weights_follow_updates():
-    layer = _spread(UnitLayer(["4x2-4-2"]), 0).eval()
+    layer = spread_bn(UnitLayer(["4x2-4-2"]), 0).eval()
     layer.backend = "fused_cpu"
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():

@@ -28,7 +28,7 @@ struct Vec {
   typedef float unaligned __attribute__((vector_size(VW * sizeof(float)), aligned(4), may_alias));
   static type load(const float* p) { return *reinterpret_cast<const unaligned*>(p); }
   static void store(float* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
-  static type splat(float x) { return type{} + x; }
+  static type splat(float x) { return x - type{}; }  // x - 0 == x exactly (0 + x is not: -0 + 0 == +0)
   static type relu(type v) {
     const type zero = {};
     return v > zero ? v : zero;
@@ -54,8 +54,8 @@ struct Geometry {
 // Each output is relu(acc); with a residual `res` (laid out like dst) it is relu(relu(acc) + res).
 template <int VW, int CIN, int K, int S, int OB, int R>
 inline void conv_rows(const float* __restrict src, int64_t cs, int64_t ps, int64_t rs, int64_t row0,
-                      int64_t cin_rt, int64_t k_rt, int64_t s_rt, const float* __restrict wt,
-                      const float* __restrict bias, float* __restrict dst, const float* __restrict res,
+                      int64_t cin_rt, int64_t k_rt, int64_t s_rt, const float* wt, const float* bias,
+                      float* __restrict dst, const float* __restrict res,
                       int64_t dcs, int64_t drs, int64_t width_r, int64_t valid) {
   using V = Vec<VW>;
   const int64_t cin = CIN ? CIN : cin_rt, k = K ? K : k_rt, s = S ? S : s_rt;
@@ -184,7 +184,10 @@ void run_item(const Geometry& g, const float* x, float* y, const float* res, con
 using ItemFn = void (*)(const Geometry&, const float*, float*, const float*, const float*, const float*,
                         const float*, const float*, float*, float*);
 
-constexpr int clamp_rows(int outputs) { return outputs >= 8 ? 1 : (8 / outputs > 4 ? 4 : 8 / outputs); }
+// Rows per step: about 16 accumulators (R rows x all outputs), so each weight, broadcast once per step, feeds R
+// vector FMAs. The weights are deliberately not __restrict: the compiler then reloads them after each step's
+// stores instead of hoisting all k*k*a*b broadcasts out of the loops and spilling them to the stack.
+constexpr int clamp_rows(int outputs) { return outputs >= 16 ? 1 : (16 / outputs > 8 ? 8 : 16 / outputs); }
 
 template <int VW, int A, int B, int C, int K, int S>
 constexpr ItemFn fixed_item() {
