@@ -211,14 +211,18 @@ def test_two_ranks_decode_disjoint_shards_of_the_one_process_epoch(small_tree, t
         assert torch.equal(torch.cat([ranks[0]["y"][16 * k:16 * (k + 1)], ranks[1]["y"][16 * k:16 * (k + 1)]]), yb)
 
 
+def _suite_text(root) -> str:
+    return (f'name = "streamed"\ndataset = "imagefolder:{root}"\nimage_size = 16\ndata_loader = "stream"\n'
+            'loader_workers = 1\nbackbones = ["resnet8"]\nshortcut = "B"\nseeds = [0]\n\n[train]\nepochs = 1\n'
+            'batch_size = 32\nwarmup_epochs = 0.2\n\n[measure]\nlatency = false\nrepeats = 3\nbatch_sizes = [1]\n\n'
+            '[[methods]]\nname = "dense"\n')
+
+
 def test_torchrun_streamed_suite_writes_each_row_once(small_tree, tmp_path):
     from harness.run.store import ResultStore
 
     suite = tmp_path / "streamed.toml"
-    suite.write_text(f'name = "streamed"\ndataset = "imagefolder:{small_tree}"\nimage_size = 16\n'
-                     'data_loader = "stream"\nloader_workers = 1\nbackbones = ["resnet8"]\nshortcut = "B"\n'
-                     'seeds = [0]\n\n[train]\nepochs = 1\nbatch_size = 32\nwarmup_epochs = 0.2\n\n'
-                     '[measure]\nlatency = false\nrepeats = 3\nbatch_sizes = [1]\n\n[[methods]]\nname = "dense"\n')
+    suite.write_text(_suite_text(small_tree))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "harness.run.distributed", str(suite), "--results-dir", str(tmp_path / "out"), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -226,6 +230,24 @@ def test_torchrun_streamed_suite_writes_each_row_once(small_tree, tmp_path):
     rows = ResultStore(tmp_path / "out" / "streamed").rows()
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["world_size"] == 2
     assert rows[0]["image_size"] == 16 and 0 <= rows[0]["top1"] <= 100
+
+
+@pytest.mark.slow
+def test_ray_tasks_open_the_folder_themselves(small_tree, tmp_path):
+    ray = pytest.importorskip("ray", reason="the Ray executor needs the optional extra: pip install 'bunit-bench[ray]'")
+    from harness.run.config import load_suite
+    from harness.run.ray_executor import run_suite_ray
+    from harness.run.store import ResultStore
+
+    suite = tmp_path / "streamed.toml"
+    suite.write_text(_suite_text(small_tree))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = run_suite_ray(load_suite(str(suite)), results_dir=tmp_path / "out", device="cpu", progress=False)
+    finally:
+        ray.shutdown()
+    rows = ResultStore(tmp_path / "out" / "streamed").rows()
+    assert outcome.ok == 1 and len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["executor"] == "ray"
 
 
 # --- memory: resident set size does not grow with the number of images -----------------------------------------
@@ -241,6 +263,7 @@ torch.set_num_threads(1)
 data = load_dataset("imagefolder:" + sys.argv[1], image_size=32, loader="stream", workers=2)
 model = create_backbone("resnet8", num_classes=4, in_channels=3, shortcut="B")
 train_model(model, data, TrainConfig(epochs=1, batch_size=64, lr=0.05), epochs=1)
+import gc; gc.collect()  # the loader's workers have exited and been waited for: RUSAGE_CHILDREN covers them
 print(json.dumps({"self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """

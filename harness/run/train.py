@@ -52,26 +52,19 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int) -> 
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: ImageData | torch.Tensor, y: torch.Tensor | None = None, *,
-             batch_size: int = 512) -> dict:
+def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 512) -> dict:
     """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy, over ``data.eval_batches``.
 
     Args:
         model: the model, on the data's device.
-        data: the dataset (:class:`harness.run.data.ImageData`). Passing the tensors ``(x, y)`` is the old form,
-            kept only while callers move to the data object.
-        y: the labels, only with the old tensor form.
+        data: the dataset (:class:`harness.run.data.ImageData`).
         batch_size: images per forward.
     """
-    if isinstance(data, torch.Tensor):
-        batches = [(data[i:i + batch_size], y[i:i + batch_size]) for i in range(0, data.shape[0], batch_size)]
-    else:
-        batches = data.eval_batches(batch_size)
     was_training = model.training
     model.eval()
     correct1 = correct5 = n = 0
     loss_sum = 0.0
-    for xb, yb in batches:
+    for xb, yb in data.eval_batches(batch_size):
         logits = model(xb).float()  # (B, classes)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
         k = min(5, logits.shape[1])
