@@ -1,56 +1,18 @@
 """Unstructured baselines: achieved sparsity, permanent masks, zeros that survive fine-tuning, schedules."""
 import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from baselines import MethodContext, get_method, list_methods
 from baselines.counting import prunable_layers, weight_sparsity
 from baselines.lamp import lamp_scores
 from harness.run.models import create_backbone
 
+from conftest import digits_batches, make_finetune
+
 UNSTRUCTURED = list_methods(family="unstructured")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy 2-core machine makes torch's thread pool spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def digits_batches(n: int = 256, batch: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Real 8x8 one-channel digit images, standardised, in a few batches."""
-    data = load_digits()
-    x = torch.tensor(data.images[:n], dtype=torch.float32).unsqueeze(1)  # (n, 1, 8, 8)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target[:n], dtype=torch.long)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
-
-
-def make_finetune(method, batches, lr: float = 0.05, use_hook: bool = True):
-    """A plain SGD loop with momentum and weight decay, as the harness runs it; records its calls."""
-    calls = []
-
-    def finetune(model, epochs, regularize=None):
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        model.train()
-        for _ in range(epochs):
-            for x, y in batches:
-                loss = F.cross_entropy(model(x), y)
-                if regularize is not None:
-                    loss = regularize(model, loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if use_hook:
-                    method.after_optimizer_step(model)
-        calls.append((epochs, regularize is not None))
-        return model
-
-    return finetune, calls
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zero_positions(model) -> dict[str, torch.Tensor]:
@@ -100,7 +62,7 @@ def test_after_optimizer_step_keeps_pruned_weights_at_zero(name):
 
 def test_iterative_schedule_prunes_in_steps_and_finetunes_between():
     torch.manual_seed(0)
-    batches = digits_batches()
+    batches = digits_batches(256)
     model = create_backbone("resnet8", in_channels=1, shortcut="B")
     method = get_method("global-magnitude")
     finetune, calls = make_finetune(method, batches)

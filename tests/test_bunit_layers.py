@@ -6,12 +6,13 @@ import copy
 import harness  # noqa: F401  (torchvision shim before ptflops)
 import pytest
 import torch
-import torch.nn as nn
 from ptflops import get_model_complexity_info
 
 from bunit.layers import UnitLayer, to_fused, to_reference, unit_macs, unit_params
 from bunit.spec import (CATALOGUE, UnitSpec, compact_specs, hybrid_mix, parse_spec, parse_specs, uniform_units)
 from baselines.counting import count_macs
+
+from conftest import spread_bn
 
 # --- specs --------------------------------------------------------------------------------------
 
@@ -102,21 +103,11 @@ def test_params_and_macs_equal_closed_form(impl, stride, seed):
 # --- reference vs fused -------------------------------------------------------------------------
 
 
-def _randomize_bn(layer: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for m in layer.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-
-
 def _hybrid_pair(stride: int, seed: int) -> tuple[UnitLayer, UnitLayer]:
     torch.manual_seed(seed)
     specs = hybrid_mix(20, 28, CATALOGUE, seed)
     ref = UnitLayer(specs, stride=stride, impl="reference")
-    _randomize_bn(ref, torch.Generator().manual_seed(seed))
+    spread_bn(ref, seed)
     return ref, to_fused(ref)
 
 
