@@ -8,11 +8,10 @@ import torch
 import torch_pruning as tp
 
 import baselines
-from baselines import Pipeline
-from harness.run.config import TrainConfig
-from baselines import MethodContext, finetune_split, get_method, list_methods, method_info, register_method
+from baselines import MethodContext, Pipeline, finetune_split, get_method, list_methods, method_info, register_method
 from baselines.base import Method
 from baselines.schedule import stage_targets
+from harness.run.config import TrainConfig
 from harness.run.models import create_backbone
 
 PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin_criterion.py"
@@ -21,13 +20,7 @@ UNSTRUCTURED = ["global-magnitude", "lamp", "layer-magnitude", "random-unstructu
 STRUCTURED = ["depgraph", "fpgm", "l1-filter", "random-channel", "slimming", "taylor"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy 2-core machine makes torch's thread pool spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_plugin():
