@@ -12,7 +12,6 @@ Prints one line per (image size, loader) and writes ``results/benchmarks/loader.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import resource
@@ -29,6 +28,9 @@ from bunit.timing import interleaved_times, machine_load, summary_ms
 from harness.compat import ensure_torchvision
 from harness.run.data import load_dataset
 from harness.run.decode import write_image_tree
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_layers import write_csv  # noqa: E402  (this folder's CSV writer)
 
 
 def _torchvision_loader(root: Path, size: int, batch: int, workers: int, device: torch.device, mean, std):
@@ -113,13 +115,7 @@ def main() -> None:
                       f"(x{row['images_per_s'] / base['images_per_s']:.2f})  epoch p50 {row['p50_ms'] / 1e3:.2f} s "
                       f"iqr {row['iqr_ms'] / 1e3:.2f} s  peak RSS {row['peak_rss_mb']:.0f} MB, "
                       f"largest worker {row['worker_rss_mb']:.0f} MB  load {row['load1_start']}-{row['load1_end']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    print(f"wrote {write_csv(rows, args.out)}")
 
 
 if __name__ == "__main__":
