@@ -2,3 +2,16 @@
 from harness.compat import ensure_torchvision
 
 ensure_torchvision()  # before anything imports ptflops or torchvision
+
+_LAZY = {"load_model": "harness.run.artefacts", "list_models": "harness.run.artefacts",
+         "load_results": "harness.run.store", "load_timings": "harness.measure.timing_pass"}
+
+
+def __getattr__(name: str):
+    """``harness.load_model``, ``list_models``, ``load_results``, ``load_timings``: imported on first use, so that
+    ``import harness`` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

@@ -1,0 +1,145 @@
+"""Runtimes a trained model is timed in: eager PyTorch, ``torch.compile`` and ONNX Runtime.
+
+:func:`make_runner` turns a prepared model and one input batch into a function of no arguments that runs one
+inference, plus what the runtime did to get there. Nothing here times anything (:mod:`bunit.timing` does);
+every runner's output is checked against the eager model before it is handed out:
+
+- ``eager``: the model itself (the caller runs the timing under ``torch.inference_mode``).
+- ``compile``: ``torch.compile(model)`` with static shapes (automatic dynamic shapes off, the recompile limit
+  raised so that dynamo never falls back to eager silently); the first call compiles and its wall time is
+  reported as ``compile_s``, never as latency. Output must match eager within ``rtol=1e-3, atol=1e-4``.
+- ``onnx``: ``torch.onnx.export(..., dynamo=False, opset_version=17)`` for exactly this batch shape, then an
+  ``onnxruntime.InferenceSession`` on the CPU execution provider (CUDA provider on a GPU: untested), all graph
+  optimisations on, ``intra_op_num_threads`` = the pass's thread count, one inter-op thread, sequential
+  execution, and idle thread-pool spinning off so that a session waiting for its turn does not burn the cores
+  the next candidate is timed on. The session's output must match eager within ``rtol=1e-3, atol=1e-4``
+  (float32 kernels differ in summation order; a wrong graph is off by far more); ``onnx_max_abs_err`` records
+  the difference.
+
+On CUDA, ``variant_copy`` gives the bfloat16 copy and the 2:4 semi-structured copy that :mod:`harness.measure`
+builds (GPU paths untested here: no GPU was available when this was written).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["RUNTIMES", "DTYPES", "RTOL", "ATOL", "make_runner", "variant_copy", "has_onnxruntime"]
+
+RUNTIMES = ("eager", "compile", "onnx")
+DTYPES = ("float32", "bfloat16", "bfloat16+2:4")
+"""``dtype`` column values: float32 everywhere; on CUDA (eager) also a bfloat16 copy and its 2:4 form."""
+RTOL, ATOL = 1e-3, 1e-4
+
+try:
+    import onnxruntime as _ort
+
+    has_onnxruntime = True
+except ImportError:  # pragma: no cover - an optional extra: pip install -c constraints.txt -e ".[onnx]"
+    _ort = None
+    has_onnxruntime = False
+
+
+def variant_copy(model: nn.Module, dtype: str, device: torch.device, memory_format: str) -> tuple[nn.Module, dict]:
+    """The copy of ``model`` that is timed for the ``dtype`` condition, and what was converted.
+
+    Args:
+        model: the prepared model (not changed).
+        dtype: one of ``DTYPES``; the last two need CUDA.
+        device: where the copy goes.
+        memory_format: ``contiguous`` or ``channels_last``.
+
+    Returns:
+        ``(copy, info)``; ``info`` holds ``semi24_layers`` for the 2:4 form.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: {dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
+    info: dict[str, Any] = {}
+    if dtype == "bfloat16+2:4":
+        from harness.measure.lowp import semi_structured_copy
+
+        net, _, converted, total, _ = semi_structured_copy(model, device=device, memory_format=memory_format)
+        info["semi24_layers"] = f"{converted}/{total}"
+    else:
+        net = copy.deepcopy(model).to(device=device, dtype=getattr(torch, dtype.split("+")[0]))
+        if memory_format == "channels_last":
+            net = net.to(memory_format=torch.channels_last)
+    return net.eval(), info
+
+
+def _check(got: torch.Tensor, expected: torch.Tensor, what: str) -> float:
+    got, expected = got.detach().float().cpu(), expected.detach().float().cpu()
+    err = float((got - expected).abs().max()) if got.numel() else 0.0
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=RTOL, atol=ATOL):
+        raise RuntimeError(f"{what}: output differs from eager (max abs error {err:.3g}, rtol={RTOL}, atol={ATOL})")
+    return err
+
+
+def _compiled(net: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> tuple[Callable[[], Any], dict]:
+    import torch._dynamo
+
+    compiled = torch.compile(net)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=1024), torch.inference_mode():
+        t0 = time.perf_counter()  # one compile, reported as such; latency is timed by bunit.timing
+        out = compiled(x)
+        compile_s = time.perf_counter() - t0
+    err = _check(out, expected, "compile")
+    return (lambda: compiled(x)), {"compile_s": round(compile_s, 3), "compile_max_abs_err": err}
+
+
+def _onnx_session(net: nn.Module, x: torch.Tensor, threads: int, device: torch.device):
+    if not has_onnxruntime:
+        raise RuntimeError("runtime onnx: onnxruntime is not installed; pip install -c constraints.txt -e '.[onnx]'")
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks in forward become constants: fine
+        torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["output"])
+    options = _ort.SessionOptions()
+    options.graph_optimization_level = _ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = _ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    return _ort.InferenceSession(buf.getvalue(), options, providers=providers), len(buf.getvalue())
+
+
+def _onnx(net: nn.Module, x: torch.Tensor, expected: torch.Tensor, threads: int,
+          device: torch.device) -> tuple[Callable[[], Any], dict]:
+    session, size = _onnx_session(net.float(), x.float(), threads, device)
+    feed = {"input": x.detach().float().cpu().contiguous().numpy()}
+    err = _check(torch.from_numpy(session.run(None, feed)[0]), expected, "onnx")
+    return (lambda: session.run(None, feed)), {"onnx_max_abs_err": err, "onnx_bytes": size, "onnx_opset": 17,
+                                               "onnxruntime": _ort.__version__}
+
+
+def make_runner(runtime: str, net: nn.Module, x: torch.Tensor, *, threads: int,
+                device: torch.device) -> tuple[Callable[[], Any], dict]:
+    """A function of no arguments running one inference of ``net`` on ``x`` in ``runtime``, checked against eager.
+
+    Args:
+        runtime: one of ``RUNTIMES``.
+        net: the prepared model in eval mode, on ``device``, in the dtype and layout of ``x``.
+        x: the input batch.
+        threads: intra-op threads (ONNX Runtime's session option; torch's are set by the caller).
+        device: where ``net`` lives.
+
+    Returns:
+        ``(run, info)``: ``info`` says what the runtime did (compile time, ONNX size and error against eager).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime: {runtime!r} not allowed; allowed: {', '.join(RUNTIMES)}")
+    with torch.inference_mode():
+        expected = net(x)
+    if runtime == "eager":
+        return (lambda: net(x)), {}
+    if runtime == "compile":
+        return _compiled(net, x, expected)
+    return _onnx(net, x, expected, threads, device)

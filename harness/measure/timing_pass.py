@@ -1,0 +1,375 @@
+"""The timing pass: re-time every trained model of a store against its dense reference, from artefacts alone.
+
+Latency that users compare is measured here, in its own pass, not while training (docs/DESIGN.md). For each setting
+(dataset, backbone, shortcut, image size) and each condition (runtime, device, dtype, threads, batch, memory
+format) the pass builds one session: every model of the setting whose row is ``ok`` and not yet timed under
+that condition, plus the dense reference of each. A model is rebuilt from its artefact
+(:func:`harness.run.artefacts.load_model`), prepared by its method (``prepare_for_inference``: BUnit picks its
+execution backends for this batch; not for ``onnx``, which exports the model as rebuilt and lets ONNX Runtime
+pick its kernels), handed to its runtime (:mod:`harness.measure.runtimes`), and called once untimed. The input is a fixed random batch of the model's input shape: latency does not depend on the values,
+and no data set is needed.
+
+All models of a session are then timed together by :func:`bunit.timing.interleaved_times`: ``warmup`` untimed
+rounds, then ``rounds`` rounds in each of which every model, in a freshly shuffled order, gets ``settle`` untimed
+calls and one timed call. Per model the row holds the median and p90 (``summary_ms``) and the **paired ratio to
+dense**: per round, the model's time over its dense reference's time in the same round; ``latency_ratio`` is the
+median of these ratios and ``latency_ratio_lo``/``_hi`` a 95% bootstrap interval of that median (2,000 resamples
+of the rounds, seed 0). The reference is the dense model of the same seed when the store has one, else the dense
+model of the lowest seed (``dense_same_seed`` says which).
+
+Load guard: before and after each session the pass records the 1-minute load average and the usable CPUs
+(:func:`bunit.timing.machine_load`). The load average counts this process too, so its own share is estimated as
+an exponential average of its CPU use (``time.process_time``) with the kernel's 1-minute time constant. The
+session is **busy** when ``load1 - own > cpus - threads + 0.5`` at either end: other work wants more than the
+CPUs this pass leaves free (0.5 absorbs the lag of the average). A busy session warns and its rows say
+``busy: true``.
+
+Rows go to ``<store>/timings.jsonl``, one per (model key, condition), appended atomically
+(:func:`harness.run.store.append_row`). A (key, condition) already in the table is skipped, so a pass killed at
+any moment resumes: the rows of a session are written after it ends, and a re-run times the models still
+missing (with their dense reference again, whose own row is not written twice).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.benchmark.utils.common import set_torch_threads
+
+from bunit.timing import interleaved_times, machine_load, summary_ms
+from harness.measure.runtimes import RUNTIMES, make_runner, variant_copy
+from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
+from harness.run.store import ResultStore, append_row, read_rows
+
+__all__ = ["TIMINGS_FILE", "CONDITION_COLUMNS", "TIMING_COLUMNS", "TimingOutcome", "time_store", "load_timings",
+           "format_timings", "paired_ratio", "is_busy"]
+
+TIMINGS_FILE = "timings.jsonl"
+CONDITION_COLUMNS = ("runtime", "device", "device_name", "dtype", "threads", "batch", "memory_format")
+TIMING_COLUMNS = ("key", *CONDITION_COLUMNS, "p50_ms", "p90_ms", "latency_ratio", "latency_ratio_lo",
+                  "latency_ratio_hi", "dense_key", "busy", "load1_start", "load1_end", "rounds", "timed_at")
+"""Columns :func:`load_timings` always has (analysis reads them by name)."""
+SETTING_COLUMNS = ("dataset", "backbone", "shortcut", "image_size")
+BUSY_MARGIN = 0.5
+LOAD_TAU_S = 60.0  # the kernel's 1-minute load average time constant
+MEMORY_FORMATS = ("contiguous", "channels_last")
+Timer = Callable[..., dict[str, list[float]]]
+"""``timer(fns, *, rounds, warmup, device, settle, order, seed) -> name -> seconds per round`` (interleaved_times)."""
+
+
+@dataclass
+class TimingOutcome:
+    """What a pass did: rows written, (key, condition) pairs already timed, models skipped and why."""
+
+    path: Path
+    written: int = 0
+    skipped: int = 0
+    sessions: int = 0
+    busy_sessions: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def paired_ratio(times: Sequence[float], ref_times: Sequence[float], *, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Median of the per-round ratios ``times[r] / ref_times[r]`` and its 95% bootstrap interval.
+
+    Args:
+        times: the model's seconds per round.
+        ref_times: the reference's seconds in the same rounds.
+        resamples: bootstrap resamples of the rounds.
+        seed: seed of the resampling.
+
+    Returns:
+        ``(median, lo, hi)``.
+    """
+    t, ref = np.asarray(times, dtype=float), np.asarray(ref_times, dtype=float)
+    if t.shape != ref.shape or t.size == 0:
+        raise ValueError(f"times: need one timing per round for both; got {t.size} and {ref.size}")
+    ratios = t / ref
+    idx = np.random.default_rng(seed).integers(0, ratios.size, size=(resamples, ratios.size))
+    lo, hi = np.percentile(np.median(ratios[idx], axis=1), [2.5, 97.5])
+    return float(np.median(ratios)), float(lo), float(hi)
+
+
+def is_busy(load1: float | None, own: float, cpus: int, threads: int) -> bool | None:
+    """The load rule of the module docstring: other work wants more than the CPUs this pass leaves free."""
+    return None if load1 is None else bool(load1 - own > cpus - threads + BUSY_MARGIN)
+
+
+class _OwnLoad:
+    """This process's share of the load average: its CPU use, averaged like the kernel averages the load."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu, self.load = time.monotonic(), time.process_time(), 0.0
+
+    def sample(self) -> float:
+        wall, cpu = time.monotonic(), time.process_time()
+        dt = max(wall - self.wall, 1e-6)
+        decay = math.exp(-dt / LOAD_TAU_S)
+        self.load = self.load * decay + (cpu - self.cpu) / dt * (1 - decay)
+        self.wall, self.cpu = wall, cpu
+        return round(self.load, 2)
+
+
+def _conditions_key(row: dict) -> tuple:
+    return (row.get("key"), *(row.get(c) for c in CONDITION_COLUMNS))
+
+
+def load_timings(store_dir: str | os.PathLike):
+    """The timing table of a store as a pandas DataFrame, one row per (model key, condition); None when absent.
+
+    Args:
+        store_dir: the suite directory holding ``timings.jsonl``.
+
+    Returns:
+        A DataFrame with at least the columns of ``TIMING_COLUMNS`` (the latest row of a duplicated pair), or None.
+    """
+    import pandas as pd
+
+    path = Path(store_dir) / TIMINGS_FILE
+    if not path.exists():
+        return None
+    rows = list({_conditions_key(r): r for r in read_rows(path)}.values())
+    frame = pd.DataFrame(rows)
+    for col in TIMING_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = None
+    return frame
+
+
+def _num(value, fmt: str = ".3f") -> str:
+    return format(value, fmt) if value is not None and value == value else "-"  # NaN != NaN
+
+
+def format_timings(table, *, runtime: str | None = None) -> str:
+    """A plain-text table of a timing table: per model and batch, p50, p90, ratio to dense [95% CI], MACs ratio.
+
+    Args:
+        table: what :func:`load_timings` returned.
+        runtime: keep only this runtime's rows (None: all).
+    """
+    rows = table if runtime is None else table[table["runtime"] == runtime]
+    head = f"{'key':<64} {'runtime':>7} {'dtype':>8} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} " \
+           f"{'ratio to dense [95% CI]':>24} {'MACs ratio':>10}  busy"
+    lines = [head, "-" * len(head)]
+    for _, r in rows.sort_values(["runtime", "dtype", "batch", "key"]).iterrows():
+        ratio = "-" if _num(r["latency_ratio"]) == "-" else \
+            f"{r['latency_ratio']:.3f} [{r['latency_ratio_lo']:.3f}, {r['latency_ratio_hi']:.3f}]"
+        lines.append(f"{str(r['key'])[:64]:<64} {r['runtime']:>7} {r['dtype']:>8} {int(r['batch']):>5} "
+                     f"{_num(r['p50_ms']):>8} {_num(r['p90_ms']):>8} {ratio:>24} "
+                     f"{_num(r.get('macs_ratio')):>10}  {'yes' if r['busy'] is True else 'no'}"
+                     + (f"  ({r['error']})" if isinstance(r.get("error"), str) else ""))
+    return "\n".join(lines)
+
+
+def _check_args(runtime, device, threads, batch_sizes, rounds, warmup, memory_format) -> tuple[torch.device, int]:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime: {runtime!r} not allowed; allowed: {', '.join(RUNTIMES)}")
+    if memory_format not in MEMORY_FORMATS or (runtime == "onnx" and memory_format != "contiguous"):
+        allowed = "contiguous" if runtime == "onnx" else ", ".join(MEMORY_FORMATS)
+        raise ValueError(f"memory_format: {memory_format!r} not allowed with runtime {runtime}; allowed: {allowed}")
+    if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes: {batch_sizes!r} not allowed; allowed: positive integers, e.g. 1,64")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: {threads!r} not allowed; allowed: a positive integer")
+    if rounds < 3 or warmup < 0:
+        raise ValueError(f"rounds/warmup: {rounds}/{warmup} not allowed; allowed: rounds >= 3, warmup >= 0")
+    from harness.run.runner import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev, threads if threads is not None else torch.get_num_threads()
+
+
+def _selected(rows: dict[str, dict], only: Sequence[str] | str | None) -> set[str]:
+    pats = [only] if isinstance(only, str) else list(only or [])
+    pats = [p if any(ch in p for ch in "*?[") else f"*{p}*" for p in pats]
+    return {k for k in rows if not pats or any(fnmatch.fnmatch(k, p) for p in pats)}
+
+
+def _dense_of(row: dict, denses: dict[int, str]) -> tuple[str | None, bool]:
+    if row.get("seed") in denses:
+        return denses[row["seed"]], True
+    return (denses[min(denses)], False) if denses else (None, False)
+
+
+def _macs_ratio(row: dict, dense: dict | None) -> float | None:
+    mine = row.get("macs_nonzero", row.get("macs"))
+    ref = None if dense is None else dense.get("macs")
+    return mine / ref if mine and ref else None
+
+
+def _input(row: dict, batch: int, device: torch.device, dtype: torch.dtype, memory_format: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, row["in_channels"], row["image_size"], row["image_size"], generator=gen)
+    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    return x.to(device=device, dtype=dtype).contiguous(memory_format=layout)
+
+
+def _store_rows(store: Path) -> dict[str, dict]:
+    """Latest ok rows with a readable artefact meta, each with the meta fields the pass needs."""
+    from harness.run.artefacts import read_meta
+
+    if not (store / "runs.jsonl").exists():
+        raise ValueError(f"store: no runs.jsonl in {str(store)!r}; allowed: a suite directory written by bunitbench run")
+    out = {}
+    for key, row in ResultStore(store).latest().items():
+        if row.get("status") != "ok":
+            continue
+        try:
+            meta = read_meta(store, key)
+        except CorruptArtefact:
+            continue  # no artefact (a run from before artefacts were kept): nothing to time
+        out[key] = {**{c: meta.get(c) for c in ("in_channels", "image_size", "seed", "family", "method")},
+                    **{c: v for c, v in row.items() if v is not None}}
+    return out
+
+
+def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: str = "eager", threads: int | None = None,
+               batch_sizes: Sequence[int] = (1, 64), rounds: int = 40, warmup: int = 5, settle: int = 2,
+               memory_format: str = "contiguous", only: Sequence[str] | str | None = None, progress: bool = True,
+               timer: Timer | None = None, seed: int = 0) -> TimingOutcome:
+    """Time every ``ok`` model of a store against its dense reference and append rows to ``timings.jsonl``.
+
+    Args:
+        store_dir: the suite directory (``runs.jsonl`` and ``models/``), or a copy of it.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (``auto`` picks CUDA when present).
+        runtime: ``eager``, ``compile`` or ``onnx``.
+        threads: intra-op threads (torch, or the ONNX Runtime session); None keeps torch's current count.
+        batch_sizes: one condition per batch size.
+        rounds: timed rounds per session (every model one timed call per round).
+        warmup: untimed rounds first.
+        settle: untimed calls before each timed call.
+        memory_format: ``contiguous`` or ``channels_last`` (eager and compile).
+        only: wildcard patterns on keys (substring when no wildcard); dense references are timed regardless, and
+            their rows are written only when they match.
+        progress: one line per session on stderr.
+        timer: replaces :func:`bunit.timing.interleaved_times` (tests inject timings).
+        seed: seed of the shuffled order.
+
+    Returns:
+        A :class:`TimingOutcome`.
+    """
+    dev, n_threads = _check_args(runtime, device, threads, tuple(batch_sizes), rounds, warmup, memory_format)
+    store = Path(store_dir)
+    rows = _store_rows(store)
+    wanted = _selected(rows, only)
+    out = TimingOutcome(path=store / TIMINGS_FILE)
+    done = {_conditions_key(r) for r in read_rows(out.path)} if out.path.exists() else set()
+    settings: dict[tuple, list[str]] = {}
+    for key, row in rows.items():
+        settings.setdefault(tuple(row.get(c) for c in SETTING_COLUMNS), []).append(key)
+    dtypes = ["float32"] + (["bfloat16", "bfloat16+2:4"] if dev.type == "cuda" and runtime == "eager" else [])
+    from harness.measure.devices import device_info
+
+    base = {"runtime": runtime, "device": str(dev), "device_name": device_info(dev)["device_name"],
+            "threads": n_threads, "memory_format": memory_format}
+    own = _OwnLoad()
+    for setting, keys in sorted(settings.items(), key=lambda kv: str(kv[0])):
+        denses = {rows[k].get("seed", 0): k for k in sorted(keys, reverse=True) if rows[k].get("family") == "dense"}
+        for dtype in dtypes:
+            for batch in batch_sizes:
+                cond = {**base, "dtype": dtype, "batch": int(batch)}
+                todo = sorted(k for k in keys if k in wanted and _conditions_key({"key": k, **cond}) not in done)
+                out.skipped += sum(1 for k in keys if k in wanted) - len(todo)
+                if todo:
+                    _session(store, rows, todo, denses, cond, out, dev, rounds=rounds, warmup=warmup, settle=settle,
+                             timer=timer or interleaved_times, seed=seed, own=own, progress=progress, setting=setting)
+    return out
+
+
+def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], cond: dict, out: TimingOutcome,
+             dev: torch.device, *, rounds: int, warmup: int, settle: int, timer: Timer, seed: int, own: _OwnLoad,
+             progress: bool, setting: tuple) -> None:
+    """Time ``todo`` and their dense references together under one condition; append one row per ``todo`` key."""
+    refs = {k: _dense_of(rows[k], denses) for k in todo}
+    members = sorted(set(todo) | {r for r, _ in refs.values() if r is not None})
+    fns, infos, failed, missing = {}, {}, {}, set()
+    if cond["runtime"] == "compile":
+        import torch._dynamo as dynamo
+
+        dynamo.reset()  # compiled models of earlier sessions go; their guards would be checked on every call
+    with set_torch_threads(cond["threads"]):
+        for key in members:
+            try:
+                fns[key], infos[key] = _runner(store, rows[key], key, cond, dev)
+            except (CorruptArtefact, FileNotFoundError) as err:  # no row: a re-run tries again
+                missing.add(key)
+                out.errors.append(str(err))
+            except Exception as err:  # noqa: BLE001 - one model's failure is its row's error, not the pass's end
+                lines = str(err).strip().splitlines()
+                failed[key] = f"{type(err).__name__}: {lines[0] if lines else ''}"
+                out.errors.append(f"{key}: {failed[key]}")
+        start_load, own_start = machine_load(), own.sample()
+        times = {}
+        if fns:
+            with torch.inference_mode():
+                times = timer(fns, rounds=rounds, warmup=warmup, device=dev if cond["runtime"] != "onnx" else "cpu",
+                              settle=settle, order="shuffle", seed=seed)
+        end_load, own_end = machine_load(), own.sample()
+    cpus = start_load["cpus"]
+    busy_flags = [is_busy(start_load["load1"], own_start, cpus, cond["threads"]),
+                  is_busy(end_load["load1"], own_end, cpus, cond["threads"])]
+    busy = None if None in busy_flags else any(busy_flags)
+    out.sessions += 1
+    if busy:
+        out.busy_sessions += 1
+        warnings.warn(f"timing pass: the machine was busy (load {start_load['load1']} -> {end_load['load1']}, "
+                      f"{cpus} CPUs, {cond['threads']} threads): rows flagged busy=true", RuntimeWarning, stacklevel=3)
+    if progress:
+        print(f"[time] {'/'.join(str(s) for s in setting)} {cond['runtime']} {cond['dtype']} batch {cond['batch']}: "
+              f"{len(fns)} models, {rounds} rounds, load {start_load['load1']} -> {end_load['load1']}"
+              f"{' BUSY' if busy else ''}", file=sys.stderr)
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    for key in todo:
+        if key in missing:
+            continue
+        ref, same_seed = refs[key]
+        row = {"key": key, **cond, **{c: rows[key].get(c) for c in (*SETTING_COLUMNS, "method", "family", "seed")},
+               "dense_key": ref, "dense_same_seed": same_seed if ref else None,
+               "macs_ratio": _macs_ratio(rows[key], rows.get(ref) if ref else None),
+               "busy": busy, "load1_start": start_load["load1"], "load1_end": end_load["load1"], "cpus": cpus,
+               "own_load_start": own_start, "own_load_end": own_end, "rounds": rounds, "warmup": warmup,
+               "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95", "session_models": len(fns),
+               "timed_at": stamp, "hostname": socket.gethostname(), "torch": torch.__version__,
+               "model_path": f"models/{artefact_name(key)}.pt", **infos.get(key, {}),
+               "error": failed.get(key) or (f"dense reference {ref}: unusable" if ref in failed or ref in missing
+                                            else None)}
+        if key in times:
+            row.update(summary_ms(times[key]))
+            if ref in times:
+                row["latency_ratio"], row["latency_ratio_lo"], row["latency_ratio_hi"] = paired_ratio(
+                    times[key], times[ref])
+        append_row(out.path, row)
+        out.written += 1
+
+
+def _runner(store: Path, row: dict, key: str, cond: dict, dev: torch.device) -> tuple[Callable[[], Any], dict]:
+    """Load, prepare and hand one model to its runtime for one condition."""
+    from baselines import get_method
+
+    model = load_model(store, key, device=dev)
+    x32 = _input(row, cond["batch"], dev, torch.float32, cond["memory_format"])
+    if cond["memory_format"] == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    # ONNX exports the model as rebuilt: prepare_for_inference picks eager kernels, some of which (a C++ extension
+    # op) tracing cannot see, and ONNX Runtime picks its own kernels for the exported graph.
+    prepared = {} if cond["runtime"] == "onnx" else get_method(row["method"]).prepare_for_inference(model, x32)
+    net, info = (model, {}) if cond["dtype"] == "float32" else variant_copy(model, cond["dtype"], dev,
+                                                                            cond["memory_format"])
+    x = x32 if cond["dtype"] == "float32" else x32.to(torch.bfloat16)
+    run, runtime_info = make_runner(cond["runtime"], net, x, threads=cond["threads"], device=dev)
+    run()  # one untimed call outside the session: lazy caches (BUnit's block-diagonal weights) are built now
+    return run, {"prepared": prepared or None, **info, **runtime_info}
