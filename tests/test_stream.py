@@ -82,6 +82,27 @@ def test_shards_are_disjoint_and_rebuild_the_one_process_batches(small_tree):
         assert torch.equal(torch.cat([x0, x1]), xb) and torch.equal(torch.cat([y0, y1]), yb)  # same crops, flips
 
 
+def test_crops_follow_the_imagenet_transforms(tmp_path):
+    from PIL import Image
+
+    from harness.run.decode import crop_box, decode_batch, scan_folder
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random-resized crop: inside the image, 8-100% of its area, aspect 3/4-4/3
+        left, top, right, bottom, _ = crop_box(300, 200, 32, train=True, rng=rng)
+        w, h = right - left, bottom - top
+        assert 0 <= left and right <= 300 and 0 <= top and bottom <= 200
+        assert 0.08 * 60_000 * 0.95 <= w * h <= 60_000 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    assert crop_box(200, 100, 16, train=False) == (56.25, 6.25, 143.75, 93.75, False)  # 87.5 px: 100 * 0.875
+    (tmp_path / "a").mkdir()
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[:, :100, 0], img[:, 100:, 2] = 255, 255  # red left half, blue right half
+    Image.fromarray(img).save(tmp_path / "a" / "x.png")
+    x, y, bad = decode_batch(scan_folder(tmp_path), np.array([0]), 16, train=False, seed=0, epoch=0)
+    assert x.shape == (1, 16, 16, 3) and y.tolist() == [0] and bad == []
+    assert (x[0, :, :7, 0] > 250).all() and (x[0, :, 9:, 2] > 250).all()  # the centre crop keeps both halves
+
+
 def test_data_protocol_on_streamed_data(small_tree):
     data = _stream(small_tree, size=16)
     examples = data.example_inputs(8)
