@@ -132,7 +132,8 @@ def _fold_key(layer: Any) -> list:
             if any(t is None for t in tensors):
                 raise ValueError("fused_cpu: a BatchNorm without affine parameters or running statistics "
                                  "cannot be folded")
-            key += [(t.data_ptr(), t._version) for t in tensors]
+            for t in tensors:  # a flat list: one container per call, not one per tensor (less GC work)
+                key += (t.data_ptr(), t._version)
             key.append(bn.eps)
     return key
 

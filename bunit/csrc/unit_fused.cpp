@@ -128,25 +128,22 @@ inline void conv_range(const float* src, int64_t cs, int64_t ps, int64_t rs, int
   }
 }
 
-// The unit's input planes into the zero-padded, phase-split buffer [a][s][hp][wq].
-void fill_input(const Geometry& g, const float* x, float* buf) {
+// The unit's input planes into the padded, phase-split buffer [a][s][hp][wq]. Only the interior is written: the
+// buffer starts zeroed and its borders are the same for every item, so they stay zero.
+template <int S>
+void fill_input(const Geometry& g, const float* __restrict x, float* __restrict buf) {
+  const int64_t s = S ? S : g.s;
   for (int64_t i = 0; i < g.a; ++i)
-    for (int64_t q = 0; q < g.s; ++q) {
+    for (int64_t q = 0; q < s; ++q) {
       // columns m of phase q read input column m*s + q - p
-      const int64_t m_lo = std::max<int64_t>(0, (g.p - q + g.s - 1) / g.s);
+      const int64_t m_lo = std::max<int64_t>(0, (g.p - q + s - 1) / s);
       const int64_t last = g.w - 1 + g.p - q;  // m*s <= last
-      const int64_t m_hi = last < 0 ? 0 : std::min<int64_t>(g.wq, last / g.s + 1);
-      for (int64_t pr = 0; pr < g.hp; ++pr) {
-        float* d = buf + ((i * g.s + q) * g.hp + pr) * g.wq;
-        const int64_t row = pr - g.p;
-        if (row < 0 || row >= g.h || m_hi <= m_lo) {
-          std::memset(d, 0, sizeof(float) * g.wq);
-          continue;
-        }
-        const float* srow = x + (i * g.h + row) * g.w + q - g.p;
-        std::memset(d, 0, sizeof(float) * m_lo);
-        for (int64_t m = m_lo; m < m_hi; ++m) d[m] = srow[m * g.s];
-        std::memset(d + m_hi, 0, sizeof(float) * (g.wq - m_hi));
+      const int64_t m_hi = last < 0 ? 0 : std::min<int64_t>(g.wq, last / s + 1);
+      const int64_t r_hi = std::min(g.hp, g.h + g.p);
+      for (int64_t pr = g.p; pr < r_hi && m_lo < m_hi; ++pr) {
+        float* __restrict d = buf + ((i * s + q) * g.hp + pr) * g.wq;
+        const float* __restrict srow = x + (i * g.h + pr - g.p) * g.w + q - g.p;
+        for (int64_t m = m_lo; m < m_hi; ++m) d[m] = srow[m * s];  // inline: a memcpy call per row costs more
       }
     }
 }
@@ -155,7 +152,7 @@ void fill_input(const Geometry& g, const float* x, float* buf) {
 template <int VW, int A, int B, int C, int K, int S, int OB1, int OB2, int R1, int R2>
 void run_item(const Geometry& g, const float* x, float* y, const float* res, const float* w1, const float* b1,
               const float* w2, const float* b2, float* inbuf, float* hid) {
-  fill_input(g, x, inbuf);
+  fill_input<S>(g, x, inbuf);
   const int64_t p = g.p, hrows = g.th + 2 * p, hcs = hrows * g.wh;
   for (int64_t t0 = 0; t0 < g.ho; t0 += g.th) {
     const int64_t t1 = std::min(g.ho, t0 + g.th);
@@ -169,12 +166,12 @@ void run_item(const Geometry& g, const float* x, float* y, const float* res, con
     conv_range<VW, A, K, S, OB1, R1>(inbuf, g.s * g.hp * g.wq, g.hp * g.wq, g.wq, lo * g.s, lo, hi, g.a, g.k, g.s,
                                      g.b / OB1, w1, b1, hid + (lo - base) * g.wh + p, nullptr, hcs, g.wh, g.wo_r,
                                      g.wo_r);
-    for (int64_t j = 0; j < g.b; ++j)  // zero the columns outside the plane (conv2's horizontal padding)
-      for (int64_t r = lo; r < hi; ++r) {
-        float* row = hid + j * hcs + (r - base) * g.wh;
-        std::memset(row, 0, sizeof(float) * p);
-        std::memset(row + p + g.wo, 0, sizeof(float) * (g.wh - p - g.wo));
-      }
+    // conv2's horizontal padding: columns [0, p) and [p + wo_r, wh) are never written (zero from the start);
+    // [p + wo, p + wo_r) holds the lanes past the row end of the last vector and is cleared here
+    if (g.wo_r > g.wo)
+      for (int64_t j = 0; j < g.b; ++j)
+        for (int64_t r = lo; r < hi; ++r)
+          std::memset(hid + j * hcs + (r - base) * g.wh + p + g.wo, 0, sizeof(float) * (g.wo_r - g.wo));
     conv_range<VW, B, K, 1, OB2, R2>(hid, hcs, 0, g.wh, 0, t0, t1, g.b, g.k, 1, g.c / OB2, w2, b2,
                                      y + t0 * g.wo, res ? res + t0 * g.wo : nullptr, g.ho * g.wo, g.wo, g.wo_r,
                                      g.wo);
