@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from baselines.counting import count_macs
+from baselines.counting import count_macs, count_params
 from bunit import CATALOGUE, UnitLayer, bunitify, compact_specs, hybrid_mix, uniform_units
 from bunit.blocks import block_io, block_kind
 from bunit.convert import layer_seed
@@ -158,7 +158,7 @@ class PlanChoice:
 
 
 def _param_count(*modules: nn.Module) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
+    return sum(count_params(m) for m in modules)
 
 
 def _specs(shape: str, path: str, cin: int, cout: int) -> list:

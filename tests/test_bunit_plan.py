@@ -7,7 +7,7 @@ import torch
 
 import harness  # noqa: F401  (torchvision shim first)
 from baselines import MethodContext, get_method
-from baselines.bunit_plan import TOLERANCE, CostTarget, build_for_target, choose_plan, parse_cost_target, plan_family
+from baselines.bunit_plan import TOLERANCE, CostTarget, choose_plan, parse_cost_target, plan_family
 from baselines.counting import count_macs
 from bunit import bunitify
 from harness.run.models import create_backbone

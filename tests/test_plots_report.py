@@ -20,6 +20,8 @@ import harness  # noqa: F401  (torchvision shim first)
 from harness.analyse.metrics import add_relative_metrics, summarize
 from harness.analyse.plots import PANEL_W, plot_metric_bars, plot_tradeoff, prepare_summary, write_plots
 from harness.analyse.report import DENSE_TARGET, MISSING, write_report
+from harness.analyse.verdict import compare_area, compare_points
+from harness.analyse.claim import check_claim
 from harness.run.store import load_results
 from fixtures_store import FIXTURE_FAILED, write_fixture_store
 
@@ -201,7 +203,8 @@ def test_report_numbers_match_metric_functions(store, summary):
     assert set(sections) >= {"cifar10 \u00b7 resnet56 (shortcut A) \u00b7 32 px", "cifar10 \u00b7 vgg16 \u00b7 32 px"}
     checked = 0
     for _, setting in summary.groupby(["backbone"]):
-        title = next(t for t in sections if t.split(" \u00b7 ")[1].split(" ")[0] == setting["backbone"].iloc[0])
+        title = next(t for t in sections if not t.startswith("Verdict")
+                     and t.split(" \u00b7 ")[1].split(" ")[0] == setting["backbone"].iloc[0])
         main, trade = sections[title][:2]
         assert len(main) == len(trade) == len(setting) == 9
         for table in (main, trade):
@@ -237,11 +240,13 @@ def test_report_content(store):
                  "Rows: 54 (53 ok, 1 failed)", "| slimming | structured | 0.4, 0.6 | oneshot | 200 | 11 | 1 |"):
         assert text in md, text
     pngs = sorted((store / "plots").glob("*.png"))
-    assert len(pngs) == 5
+    assert {p.stem for p in pngs} == {f"{s}_cifar10" for s in (
+        "accuracy_vs_macs", "accuracy_vs_params", "accuracy_vs_latency", "metric_acc", "metric_eff", "verdict",
+        "curves_macs", "curves_params", "curves_latency")}
     for p in pngs:
         assert f"](plots/{p.name})" in md
     # self-contained: every image is a data URI, nothing is fetched from elsewhere
-    assert page.count('src="data:image/png;base64,') == 5
+    assert page.count('src="data:image/png;base64,') == 9
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert "<table>" in page and reason in page and "slimming" in page
 
@@ -262,3 +267,55 @@ def test_prepare_summary_accepts_all_inputs(store, summary):
     c = prepare_summary(summary)
     pd.testing.assert_frame_equal(a, b)
     assert c is summary
+
+
+# ------------------------------------------------------------------------------------------------- verdict
+_DIFF = re.compile(r"^([+-]?\d+\.\d\d)(?: \[([+-]?\d+\.\d\d), ([+-]?\d+\.\d\d)\])? (.+)$")
+_SHORT = {"BUnit \u25b2": "bunit better", "BUnit \u25bc": "bunit worse", "\u2248": "indistinguishable",
+          "few seeds": "too few seeds"}
+
+
+def test_report_leads_with_the_verdict_and_its_numbers(store):
+    md = write_report(store, plots=False)[0].read_text(encoding="utf-8")
+    assert [line for line in md.splitlines() if line.startswith("## ")][0] == "## Verdict"
+    df = load_results(store)
+    points, area = compare_points(df), compare_area(df)
+    assert set(points["label"]) >= {"bunit worse", "indistinguishable", "not reached", "bunit not reached"}
+    sections = _tables(md)
+    checked = 0
+    for backbone in ("resnet56", "vgg16"):
+        title = next(t for t in sections if t.startswith("Verdict") and backbone in t)
+        table = sections[title][0]
+        assert len(table) == 3 * 3  # axes x non-BUnit methods
+        for cell_row in table:
+            ref = points[(points["backbone"] == backbone) & (points["axis"] == cell_row["Axis"])
+                         & (points["method"] == cell_row["Method"])]
+            for header, cell in cell_row.items():
+                if not header.endswith("% less"):
+                    continue
+                r = ref[ref["point"] == header].iloc[0]
+                if cell in ("not reached", "BUnit not reached"):
+                    assert r["label"] == cell.lower(), (backbone, header, cell)
+                    continue
+                m = _DIFF.match(cell)
+                assert m, cell
+                assert float(m.group(1)) == pytest.approx(r["diff"], abs=0.005 + 1e-9)
+                assert float(m.group(2)) == pytest.approx(r["lo"], abs=0.005 + 1e-9)
+                assert float(m.group(3)) == pytest.approx(r["hi"], abs=0.005 + 1e-9)
+                assert _SHORT[m.group(4)] == r["label"]
+                checked += 1
+        ra = area[(area["backbone"] == backbone) & (area["method"] != "bunit")]
+        assert len(ra) and (ra["range_reduction"] > 0.5).all()
+    assert checked == 16  # the cells where both curves reach (the rest are checked as "not reached")
+    claim = check_claim(df)
+    for _, c in claim[claim["axis"] == "claim"].iterrows():
+        assert f"**{c['status'].upper()}**" in md
+
+
+def test_verdict_text_names_each_family_and_direction(store):
+    md = write_report(store, plots=False)[0].read_text(encoding="utf-8")
+    verdict = md.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    for text in ("vs unstructured `global-magnitude`", "vs structured `l1-filter`", "vs structured `slimming`",
+                 "**Parameters (non-zero)**", "**MACs (non-zero weights)**", "**Latency (batch 1)**",
+                 "The paper's claim", "Comparable means BUnit loses at most 1 point"):
+        assert text in verdict, text

@@ -1,9 +1,10 @@
 """Comparison plots: accuracy against MACs, parameters and measured latency, and the two trade-off metrics.
 
-Every plotted number comes from :func:`harness.analyse.metrics.summarize` (mean and std over seeds). Figures are built on
-``matplotlib.figure.Figure`` directly (no pyplot, so no global backend or interactive state) and saved as PNG and
-SVG (text kept as text) under ``RESULTS_DIR/plots/``. Sizes follow a paper column: about 3.5 in per panel,
-fonts of 7-8 pt.
+Every plotted number comes from :func:`harness.analyse.metrics.summarize` (mean and std over seeds). Figures are
+built on ``matplotlib.figure.Figure`` directly (no pyplot, so no global backend or interactive state) and saved as PNG
+and SVG (text kept as text) under ``RESULTS_DIR/plots/``. Sizes follow a paper column: about 3.5 in per panel,
+fonts of 7-8 pt. The verdict's curves with 95% bands and its heat map are drawn by
+:mod:`harness.analyse.verdict_plots`, which :func:`harness.analyse.report.write_report` calls next to these.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from harness.analyse.metrics import COST_AXES, FAMILY_ORDER, SETTING_KEYS, add_relative_metrics, summarize, target_sort_key
+from harness.analyse.metrics import (COST_AXES, FAMILY_ORDER, SETTING_KEYS, add_relative_metrics, summarize,
+                                     target_sort_key)
 
-__all__ = ["FAMILY_COLORS", "RC", "method_styles", "setting_label", "plot_tradeoff", "plot_metric_bars",
-           "write_plots", "prepare_summary"]
+__all__ = ["FAMILY_COLORS", "RC", "PANEL_W", "method_styles", "setting_label", "plot_tradeoff", "plot_metric_bars",
+           "write_plots", "prepare_summary", "save_figure", "file_slug", "legend_ncol"]
 
 FAMILY_COLORS = {"dense": "#222222", "bunit": "#d62728", "unstructured": "#1f77b4", "structured": "#2ca02c"}
 _EXTRA_COLORS = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -129,7 +131,7 @@ def _count_scale(values: np.ndarray) -> tuple[float, str]:
     return 1.0, ""
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "dataset"
 
 
@@ -220,7 +222,7 @@ def plot_tradeoff(summary: pd.DataFrame, axis: str, *, styles: dict[str, tuple[s
             ax.tick_params(width=0.6, length=2.5)
         handles = _legend_handles(used, styles)
         handles.append(Line2D([], [], color="0.55", lw=2.4, alpha=0.35, label="Pareto front"))
-        ncol = _legend_ncol(handles, PANEL_W * cols)
+        ncol = legend_ncol(handles, PANEL_W * cols)
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False, handletextpad=0.4,
                    columnspacing=1.2)
         fig.set_size_inches(PANEL_W * cols, 2.6 * rows + 0.3 + 0.17 * math.ceil(len(handles) / ncol))
@@ -237,7 +239,7 @@ def _legend_handles(used: dict[str, str], styles: dict[str, tuple[str, str, str]
     return handles
 
 
-def _legend_ncol(handles: list, width_in: float) -> int:
+def legend_ncol(handles: list, width_in: float) -> int:
     """Legend columns that fit ``width_in``: every column is as wide as the longest entry (7 pt text)."""
     longest = max((len(re.sub(r"\$[^$]*\$", "xx", h.get_label())) for h in handles), default=1)
     entry_in = 0.05 * longest + 0.5  # ~0.05 in per character at 7 pt, plus handle and spacing
@@ -327,7 +329,7 @@ def plot_metric_bars(summary: pd.DataFrame, metric: str, *,
         handles = [Patch(color=styles[str(body[body["family"] == f]["method"].iloc[0])][0], alpha=0.85, label=f)
                    for f in present]
         why = "R$_c \\leq$ 0 or no dense reference" if metric == "acc_cost" else "no dense reference"
-        fig.legend(handles=handles, loc="outside lower center", ncol=_legend_ncol(handles, PANEL_W * ncols),
+        fig.legend(handles=handles, loc="outside lower center", ncol=legend_ncol(handles, PANEL_W * ncols),
                    frameon=False)
         width = int(PANEL_W * ncols * 13)
         title = textwrap.fill(meaning, width=width)
@@ -335,7 +337,7 @@ def plot_metric_bars(summary: pd.DataFrame, metric: str, *,
     return fig
 
 
-def _save(fig: Figure, out_dir: Path, stem: str, formats: tuple[str, ...], dpi: int) -> list[Path]:
+def save_figure(fig: Figure, out_dir: Path, stem: str, formats: tuple[str, ...], dpi: int) -> list[Path]:
     paths = []
     with matplotlib.rc_context(RC):
         for fmt in formats:
@@ -374,14 +376,14 @@ def write_plots(results: Any, out_dir: str | os.PathLike | None = None, *, forma
     styles = method_styles(summary)
     written: list[Path] = []
     for dataset, part in summary.groupby("dataset", sort=True, dropna=False):
-        slug = _slug(dataset)
+        slug = file_slug(dataset)
         for axis in ("macs", "params", "latency"):
             if not np.isfinite(part[f"{_AXIS[axis][0]}_mean"].to_numpy(dtype=float)).any():
                 continue
-            written += _save(plot_tradeoff(part, axis, styles=styles), out_dir, f"accuracy_vs_{axis}_{slug}",
+            written += save_figure(plot_tradeoff(part, axis, styles=styles), out_dir, f"accuracy_vs_{axis}_{slug}",
                              formats, dpi)
         if (part["family"] != "dense").any():
             for metric, tag in (("acc_cost", "acc"), ("eff", "eff")):
-                written += _save(plot_metric_bars(part, metric, styles=styles), out_dir, f"metric_{tag}_{slug}",
+                written += save_figure(plot_metric_bars(part, metric, styles=styles), out_dir, f"metric_{tag}_{slug}",
                                  formats, dpi)
     return written

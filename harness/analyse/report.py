@@ -1,23 +1,36 @@
 """The suite report: ``report.md`` and a self-contained ``report.html`` (figures embedded as base64 PNG).
 
-Sections: environment (devices, versions, git revisions, all read from the rows), the suite, the metric
-definitions, one table pair per setting (dataset, backbone, shortcut, image size) in the layout of pruning papers,
-the figures of :mod:`harness.analyse.plots`, and the failed runs with their reasons. Every number in a table is a value of
-:func:`harness.analyse.metrics.summarize` on the rows of the store, rounded for display; nothing is computed here.
+Sections: the verdict first (:mod:`harness.analyse.verdict_report`: where BUnit is better, worse or
+indistinguishable from each pruning method at equal cost, the paper's claim checked, the verdict table and figure),
+then environment (devices, versions, git revisions, all read from the rows), the suite, the metric definitions, one
+table pair per setting (dataset, backbone, shortcut, image size) in the layout of pruning papers, the figures of
+:mod:`harness.analyse.plots`, and the failed runs with their reasons. Every number in a table is a value of
+:func:`harness.analyse.metrics.summarize` or of :mod:`harness.analyse.verdict` on the rows of the store, rounded for
+display; nothing is computed here.
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from harness.analyse.blocks import (
+    DENSE_TARGET,
+    MISSING,
+    Block,
+    count_unit,
+    fmt_mean_std,
+    fmt_value,
+    render_html,
+    render_markdown,
+    setting_title,
+    target_text,
+)
+from harness.analyse.latency_source import LatencyTable, load_latency_table
 from harness.analyse.metrics import (
     COST_AXES,
     FAMILY_ORDER,
@@ -29,88 +42,10 @@ from harness.analyse.metrics import (
     target_label,
     target_sort_key,
 )
+from harness.analyse.verdict_report import verdict_blocks
 
 __all__ = ["Block", "build_report", "render_markdown", "render_html", "write_report", "fmt_value", "fmt_mean_std",
-           "setting_title", "MISSING"]
-
-MISSING = "n/a"
-DENSE_TARGET = "\u2014"  # an em dash stands for the dense reference's absent target
-
-
-@dataclass
-class Block:
-    """One piece of the report: ``kind`` is h1/h2/h3, p, ul, table or img."""
-
-    kind: str
-    text: str = ""
-    items: list[str] = field(default_factory=list)
-    header: list[str] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)
-    path: Path | None = None  # img: the PNG file
-
-
-# --------------------------------------------------------------------------------------------------- formatting
-def _finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def fmt_value(value: Any, decimals: int | None = None, *, sig: int = 4, sign: bool = False) -> str:
-    """A number as fixed-point text (never exponent notation); ``n/a`` for NaN/None.
-
-    Args:
-        value: the number.
-        decimals: digits after the point; None picks enough for ``sig`` significant digits (at most 6).
-        sig: significant digits when ``decimals`` is None.
-        sign: always show the sign.
-
-    Returns:
-        The text.
-    """
-    if not _finite(value):
-        return MISSING
-    v = float(value)
-    if decimals is None:
-        decimals = 0 if v == 0 else max(0, min(6, sig - 1 - math.floor(math.log10(abs(v)))))
-    text = f"{v:+.{decimals}f}" if sign else f"{v:.{decimals}f}"
-    return text.replace("-0." + "0" * decimals, "0." + "0" * decimals) if decimals and float(text) == 0 else text
-
-
-def fmt_mean_std(mean: Any, std: Any, decimals: int | None = None, *, sig: int = 4, sign: bool = False) -> str:
-    """``mean ± std`` with the same decimals; the std is left out when NaN (one seed) or zero at that precision."""
-    m = fmt_value(mean, decimals, sig=sig, sign=sign)
-    if m == MISSING or not _finite(std):
-        return m
-    d = len(m.split(".")[1]) if "." in m else 0
-    s = f"{float(std):.{d}f}"
-    return m if float(s) == 0 else f"{m} \u00b1 {s}"
-
-
-def _count_unit(values: pd.Series) -> tuple[float, str]:
-    top = pd.to_numeric(values, errors="coerce").max()
-    if not _finite(top):
-        return 1.0, ""
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if top >= div:
-            return div, unit
-    return 1.0, ""
-
-
-def setting_title(row: pd.Series | dict) -> str:
-    """Heading of a setting's tables: ``dataset · backbone (shortcut X) · N px``."""
-    parts = [str(row["dataset"]), str(row["backbone"])]
-    shortcut = row.get("shortcut")
-    if isinstance(shortcut, str) and shortcut:
-        parts[-1] += f" (shortcut {shortcut})"
-    if _finite(row.get("image_size")):
-        parts.append(f"{int(float(row['image_size']))} px")
-    return " \u00b7 ".join(parts)
-
-
-def _target_text(label: Any) -> str:
-    return DENSE_TARGET if label in ("", None) else str(label)
+           "setting_title", "MISSING", "DENSE_TARGET"]
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -174,7 +109,7 @@ def _suite(df: pd.DataFrame) -> list[Block]:
     if "method" in df.columns:
         for method, part in df.groupby("method", sort=False):
             family = str(part["family"].iloc[0]) if "family" in part.columns else ""
-            targets = sorted({_target_text(t) for t in part["target_label"]}, key=target_sort_key)
+            targets = sorted({target_text(t) for t in part["target_label"]}, key=target_sort_key)
             epochs = ", ".join(str(int(e)) for e in sorted(set(part["epochs_total"].dropna()))) \
                 if "epochs_total" in part.columns else MISSING
             n_ok = int((part["status"] == "ok").sum())
@@ -209,12 +144,12 @@ def _tables(summary: pd.DataFrame) -> list[Block]:
     blocks = [Block("h2", "Results")]
     keys = [k for k in SETTING_KEYS if k in summary.columns]
     for _, part in summary.groupby(keys, sort=False, dropna=False):
-        p_div, p_unit = _count_unit(part["cost_params_mean"])
-        m_div, m_unit = _count_unit(part["cost_macs_mean"])
+        p_div, p_unit = count_unit(part["cost_params_mean"])
+        m_div, m_unit = count_unit(part["cost_macs_mean"])
         main, trade = [], []
         for _, r in part.iterrows():
             front = " ".join(tag for tag, axis in zip("PML", COST_AXES) if bool(r[f"pareto_{axis}"]))
-            ident = [str(r["method"]), _target_text(r["target_label"])]
+            ident = [str(r["method"]), target_text(r["target_label"])]
             main.append(ident[:1] + [str(r["family"])] + ident[1:] + [
                 str(r["schedule"]), str(int(r["n_seeds"])),
                 fmt_mean_std(r["top1_mean"], r["top1_std"], 2),
@@ -251,7 +186,7 @@ def _failures(df: pd.DataFrame, metrics: pd.DataFrame) -> list[Block]:
     else:
         rows = []
         for _, r in failed.iterrows():
-            rows.append([f"`{r.get('key', '')}`", str(r.get("method", "")), _target_text(r.get("target_label")),
+            rows.append([f"`{r.get('key', '')}`", str(r.get("method", "")), target_text(r.get("target_label")),
                          str(r.get("seed", "")), str(r.get("status", "")), str(r.get("reason") or MISSING)])
         blocks.append(Block("table", header=["Key", "Method", "Target", "Seed", "Status", "Reason"], rows=rows))
     if "dense_key" in metrics.columns:
@@ -282,13 +217,15 @@ def _figures(plots: list[Path], out_dir: Path) -> list[Block]:
     return blocks
 
 
-def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Path | None = None) -> list[Block]:
+def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Path | None = None, *,
+                 latency: LatencyTable | None = None) -> list[Block]:
     """The report as blocks, from raw rows.
 
     Args:
         df: result rows (all statuses).
-        plots: figure files to include (PNG ones are shown).
+        plots: figure files to include (PNG ones are shown; ``verdict_*`` and ``curves_*`` ones in the verdict).
         out_dir: where the report will be written (image paths are made relative to it).
+        latency: the timing pass's ratios to dense, preferred on the latency axis of the verdict.
 
     Returns:
         The blocks, in order.
@@ -300,73 +237,14 @@ def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Pat
     blocks = [Block("h1", "bunit-bench report"),
               Block("p", "Generated by `bunitbench report` from the rows of the result store; each table cell is "
                          "`harness.analyse.metrics.summarize(add_relative_metrics(load_results(dir)))`, rounded.")]
+    verdict_figs = [p for p in plots or [] if p.stem.startswith(("verdict_", "curves_"))]
+    blocks += verdict_blocks(metrics, verdict_figs, latency=latency) if len(metrics) else []
     blocks += _environment(df) + _suite(df) + _definitions()
     blocks += _tables(summary) if len(summary) else [Block("h2", "Results"), Block("p", "No ok rows.")]
-    blocks += _figures(plots or [], out_dir or Path("."))
+    blocks += _figures([p for p in plots or [] if p not in verdict_figs], out_dir or Path("."))
     blocks += _failures(df, metrics)
     return blocks
 
-
-# --------------------------------------------------------------------------------------------------- rendering
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(blocks: list[Block], out_dir: Path) -> str:
-    """Markdown text of the blocks; images are linked relative to ``out_dir``."""
-    lines: list[str] = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            lines += ["#" * int(b.kind[1]) + " " + b.text, ""]
-        elif b.kind == "p":
-            lines += [b.text, ""]
-        elif b.kind == "ul":
-            lines += [f"- {item}" for item in b.items] + [""]
-        elif b.kind == "table":
-            lines.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
-            lines.append("|" + "|".join("---" for _ in b.header) + "|")
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            lines.append("")
-        elif b.kind == "img" and b.path is not None:
-            rel = os.path.relpath(b.path, out_dir).replace(os.sep, "/")
-            lines += [f"![{b.text}]({rel})", "", f"*{b.text}*", ""]
-    return "\n".join(lines)
-
-
-def _inline_html(text: str) -> str:
-    """Escape, then turn `code` spans into <code>."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-_CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.85em}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;white-space:nowrap}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}code{font-size:.9em;background:#f6f6f6}
-figure{margin:1em 0}img{max-width:100%;height:auto}figcaption{font-style:italic;font-size:.9em}"""
-
-
-def render_html(blocks: list[Block]) -> str:
-    """Self-contained HTML of the blocks: inline CSS, PNG figures embedded as base64 data URIs."""
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>bunit-bench report</title>",
-           f"<style>{_CSS}</style></head><body>"]
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            out.append(f"<{b.kind}>{_inline_html(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            out.append(f"<p>{_inline_html(b.text)}</p>")
-        elif b.kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            body = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b.kind == "img" and b.path is not None:
-            data = base64.b64encode(Path(b.path).read_bytes()).decode("ascii")
-            out.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
-    out.append("</body></html>")
-    return "\n".join(out)
 
 
 def write_report(results: Any, out_dir: str | os.PathLike | None = None, *, plots: bool = True) -> tuple[Path, Path]:
@@ -391,12 +269,14 @@ def write_report(results: Any, out_dir: str | os.PathLike | None = None, *, plot
         out_dir = Path(results) if out_dir is None else out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    latency = load_latency_table(None if isinstance(results, pd.DataFrame) else results)
     figures: list[Path] = []
     if plots and len(df):
         from harness.analyse.plots import write_plots
+        from harness.analyse.verdict_plots import write_verdict_plots
 
-        figures = write_plots(df, out_dir / "plots")
-    blocks = build_report(df, figures, out_dir)
+        figures = write_verdict_plots(df, out_dir / "plots", latency=latency) + write_plots(df, out_dir / "plots")
+    blocks = build_report(df, figures, out_dir, latency=latency)
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(render_markdown(blocks, out_dir), encoding="utf-8")
     page.write_text(render_html(blocks), encoding="utf-8")
