@@ -13,6 +13,15 @@ import torch.nn.functional as F
 import harness  # noqa: F401  (torchvision shim before anything imports torchvision or ptflops)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fused_cpu_extension():
+    """Build or load the ``fused_cpu`` C++ extension once per session from the default cache (before the
+    per-test cache isolation below), so that no test session compiles it again (a minute on 2 cores)."""
+    from bunit import fused_cpu
+
+    fused_cpu.is_available()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     """Keep autotuner and data caches out of the user's home during tests."""
