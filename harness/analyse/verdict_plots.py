@@ -60,10 +60,12 @@ def plot_curve_bands(metrics: pd.DataFrame, axis: str, *, latency: LatencyTable 
             ax.set_visible(False)
         handles = {}
         for ax, cur in zip(axes, curves):
+            means = []
             for name in sorted(cur.curves, key=lambda n: (n != BUNIT, n)):
                 x, mean, lo, hi = band(cur, name)
                 if not len(x):
                     continue
+                means.append(mean)
                 colour, _, ls = styles.get(name.split(" (")[0], ("0.4", "o", "-"))
                 handles[name] = ax.plot(np.exp(x), mean, ls, color=colour, lw=1.1, label=name)[0]
                 ok = np.isfinite(lo) & np.isfinite(hi)
@@ -71,6 +73,9 @@ def plot_curve_bands(metrics: pd.DataFrame, axis: str, *, latency: LatencyTable 
             dense = list(cur.dense.values())
             if dense:
                 ax.plot([1.0], [float(np.mean(dense))], "*", color="#222222", ms=9, mec="white", mew=0.5)
+            if means:  # the means set the view; a band wider than it (few seeds) is cut at its edge
+                values = np.concatenate(means)
+                ax.set_ylim(max(0.0, np.nanmin(values) - 2.0), min(100.5, np.nanmax(values) + 1.0))
             ax.set_xscale("log")
             ax.set_xlabel(f"{AXIS_NAMES[axis]}, relative to dense")
             ax.set_ylabel("Top-1 accuracy (%)")
@@ -123,7 +128,7 @@ def plot_verdict_heatmap(points: pd.DataFrame, area: pd.DataFrame) -> Figure:
         if image is not None:
             fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8,
                          label="\u0394 = method \u2212 BUnit (top-1 points)")
-        fig.suptitle("\u25b2 BUnit better, \u25bc BUnit worse, \u2248 indistinguishable (95%), n/r not reached")
+        fig.suptitle("\u25b2 BUnit better, \u25bc BUnit worse,\n\u2248 indistinguishable (95%), n/r not reached")
     return fig
 
 
