@@ -14,12 +14,14 @@ compiler raises ``RuntimeError`` naming the build error, so the autotuner record
 and never picks it.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` (``-O3 -march=native``, OpenMP)
-into ``<cache dir>/ext/`` (``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the
-cached build. The build time and outcome are printed once per process and kept in :func:`build_info`.
+into ``<cache dir>/ext/<name>-torch<version>-cpu<hash of the CPU model and flags>`` (cache dir:
+``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the cached build. The build time and outcome are printed once per process and kept in :func:`build_info`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,17 @@ def cache_dir() -> Path:
     """``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``: where bunit keeps its builds and tuning."""
     base = os.environ.get("BUNITBENCH_CACHE_DIR")
     return Path(base) if base else Path.home() / ".cache" / "bunitbench"
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU model and instruction-set flags: a ``-march=native`` build runs on this CPU only."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            text += "".join(ln for ln in fh if ln.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def _build(build_dir: Path) -> Any:
@@ -66,7 +79,7 @@ def load_extension(*, quiet: bool = False) -> Any:
         return _state["module"]
     if "error" in _state:
         raise RuntimeError(f"fused_cpu: the C++ extension is unavailable: {_state['error']}")
-    build_dir = cache_dir() / "ext" / f"{_NAME}-torch{torch.__version__.replace('+', '_')}"
+    build_dir = cache_dir() / "ext" / f"{_NAME}-torch{torch.__version__.replace('+', '_')}-cpu{_cpu_tag()}"
     t0 = time.perf_counter()
     try:
         module = _build(build_dir)
