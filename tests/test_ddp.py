@@ -13,7 +13,7 @@ import torch.nn as nn
 from harness.run.checkpoints import dense_key
 from harness.run.config import TrainConfig, expand, load_suite
 from harness.run.data import DeviceLoader, load_dataset
-from harness.run.distributed import ShardedLoader
+from harness.run.parallel import ShardedLoader
 from harness.run.models import create_backbone
 from harness.run.runner import run_suite
 from harness.run.store import ResultStore
@@ -53,7 +53,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from harness.run.distributed import init_distributed
+    from harness.run.parallel import init_distributed
 
     parallel = init_distributed("cpu")
     data = load_dataset("digits", image_size=8)

@@ -208,7 +208,7 @@ def _rank_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from harness.run.distributed import init_distributed
+    from harness.run.parallel import init_distributed
 
     parallel = init_distributed("cpu")
     data = _stream(root, size=16, workers=1)

@@ -20,7 +20,7 @@ from harness.run.config import TrainConfig
 from harness.run.data import ImageData
 
 if TYPE_CHECKING:
-    from harness.run.distributed import DataParallel
+    from harness.run.parallel import DataParallel
 
 __all__ = ["TrainingDiverged", "TrainResult", "lr_at", "train_model", "evaluate", "seed_everything"]
 
@@ -94,7 +94,7 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
         after_step: called after each optimizer step (keeps pruned weights at zero).
         warmup: use the recipe's linear warm-up (off for short fine-tunes).
         progress: called after every epoch with a dict (epoch, epochs, loss, seconds).
-        parallel: data-parallel training under torchrun (:class:`harness.run.distributed.DataParallel`): this process
+        parallel: data-parallel training under torchrun (:class:`harness.run.parallel.DataParallel`): this process
             trains on its slice of every global batch and DDP all-reduces the gradients; None trains alone.
 
     Returns:
