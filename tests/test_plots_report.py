@@ -319,3 +319,28 @@ def test_verdict_text_names_each_family_and_direction(store):
                  "**Parameters (non-zero)**", "**MACs (non-zero weights)**", "**Latency (batch 1)**",
                  "The paper's claim", "Comparable means BUnit loses at most 1 point"):
         assert text in verdict, text
+
+
+def test_verdict_figures_written_and_inside_the_canvas(store, tmp_path):
+    from harness.analyse.verdict_plots import band, plot_verdict_heatmap, write_verdict_plots
+    from harness.analyse.verdict import build_curves
+
+    df = load_results(store)
+    paths = write_verdict_plots(df, tmp_path)
+    assert {p.name for p in paths} == {f"{s}_cifar10.{e}" for s in ("verdict", "curves_macs", "curves_params",
+                                                                   "curves_latency") for e in ("png", "svg")}
+    fig = plot_verdict_heatmap(compare_points(df), compare_area(df))
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = _drawn_texts(fig)
+    assert sum(t.get_text().startswith(("+", "-")) for t in texts) >= 16  # one signed delta per reached cell
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= fig.bbox.x0 - 1 and box.x1 <= fig.bbox.x1 + 1, t.get_text()
+    # the band is the seed mean and its t-interval at every grid point
+    cur = next(c for c in build_curves(df, "macs") if c.setting["backbone"] == "resnet56")
+    x, mean, lo, hi = band(cur, "bunit")
+    seeds = [v for v in cur.at("bunit", x[len(x) // 2]).values()]
+    assert mean[len(x) // 2] == pytest.approx(sum(seeds) / len(seeds))
+    assert (lo <= mean + 1e-9).all() and (hi >= mean - 1e-9).all()
