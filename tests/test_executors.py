@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from harness.run.checkpoints import dense_key
 from harness.run.config import expand, load_suite
@@ -15,7 +14,7 @@ from harness.run.experiment import failed_row
 from harness.run.runner import run_suite, select
 from harness.run.store import ResultStore
 
-from conftest import write_suite
+from conftest import torch_threads, write_suite
 
 METHODS = """[[methods]]
 name = "dense"
@@ -78,12 +77,8 @@ def local_rows(tmp_path_factory, tiny):
     """The sequential runner with one torch thread: what a Ray task (OMP_NUM_THREADS=1) and a pool worker on a
     2-core machine (2 cores // 2 workers) compute with, so the results are bit-identical, not merely close."""
     out = tmp_path_factory.mktemp("local")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         outcome = run_suite(tiny[1], results_dir=out, device="cpu", progress=False)
-    finally:
-        torch.set_num_threads(threads)
     assert outcome.ok == 3
     return out, _rows(out)
 
