@@ -113,7 +113,8 @@ def test_copied_store_is_timed_from_artefacts_alone_and_resumes(store, tmp_path)
     assert first.written == 2 * len(ENTRIES) and first.skipped == 0 and not first.errors
     table = load_timings(copy)
     assert (table.p50_ms > 0).all() and (table.p90_ms >= table.p50_ms).all()
-    assert (table.latency_ratio_lo <= table.latency_ratio).all() and (table.latency_ratio <= table.latency_ratio_hi).all()
+    assert (table.latency_ratio_lo <= table.latency_ratio).all()
+    assert (table.latency_ratio <= table.latency_ratio_hi).all()
     assert set(table.runtime) == {"eager"} and set(table.threads) == {1} and set(table.dtype) == {"float32"}
     bunit = table[table.key.str.contains("/bunit/")].iloc[0]
     assert bunit.prepared["bunit_backend"]  # BUnit picked its execution backends before timing

@@ -6,8 +6,9 @@ format) the pass builds one session: every model of the setting whose row is ``o
 that condition, plus the dense reference of each. A model is rebuilt from its artefact
 (:func:`harness.run.artefacts.load_model`), prepared by its method (``prepare_for_inference``: BUnit picks its
 execution backends for this batch; not for ``onnx``, which exports the model as rebuilt and lets ONNX Runtime
-pick its kernels), handed to its runtime (:mod:`harness.measure.runtimes`), and called once untimed. The input is a fixed random batch of the model's input shape: latency does not depend on the values,
-and no data set is needed.
+pick its kernels), handed to its runtime (:mod:`harness.measure.runtimes`), and called once untimed. The input
+is a fixed random batch of the model's input shape: latency does not depend on the values, and no data set is
+needed.
 
 All models of a session are then timed together by :func:`bunit.timing.interleaved_times`: ``warmup`` untimed
 rounds, then ``rounds`` rounds in each of which every model, in a freshly shuffled order, gets ``settle`` untimed
@@ -223,7 +224,8 @@ def _store_rows(store: Path) -> dict[str, dict]:
     from harness.run.artefacts import read_meta
 
     if not (store / "runs.jsonl").exists():
-        raise ValueError(f"store: no runs.jsonl in {str(store)!r}; allowed: a suite directory written by bunitbench run")
+        raise ValueError(f"store: no runs.jsonl in {str(store)!r}; allowed: a suite directory written by "
+                         "bunitbench run")
     out = {}
     for key, row in ResultStore(store).latest().items():
         if row.get("status") != "ok":

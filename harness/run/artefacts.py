@@ -3,8 +3,9 @@
 Every run keeps its trained model so that latency can be measured again later (another machine, runtime or
 quiet moment) without training again. One artefact is two files under ``<store>/models/``:
 
-- ``<name>.pt``: the ``state_dict`` (CPU tensors), written atomically with :func:`harness.run.checkpoints.save_checkpoint`;
-  any ``torch.nn.utils.prune`` re-parametrisation is made permanent first, on a copy.
+- ``<name>.pt``: the ``state_dict`` (CPU tensors), written atomically with
+  :func:`harness.run.checkpoints.save_checkpoint`; any ``torch.nn.utils.prune`` re-parametrisation is made
+  permanent first, on a copy.
 - ``<name>.json``: the meta the model is rebuilt from — ``method``, ``architecture`` (``method.architecture(model)``),
   ``backbone``, ``shortcut``, ``num_classes``, ``in_channels``, ``image_size``, ``dataset``, ``family``, ``git_rev``,
   ``config_hash`` (and ``seed`` when given) — plus the ``key``, the file's SHA-256 and its size.
