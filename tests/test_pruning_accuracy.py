@@ -1,28 +1,35 @@
-"""Global magnitude pruning at 90% on a trained digits model, through the whole harness.
+"""Global magnitude pruning on a trained digits model keeps its accuracy, through the whole harness.
 
-Measured (ResNet-20 B, digits 16x16, 6 dense epochs + 2 fine-tune epochs, seeds 0-2, CPU): dense top-1
-98.6 / 99.4 / 98.3 %, pruned 97.5 / 96.7 / 97.8 %: drops of 1.1, 2.8 and 0.6 points with 28,639 of
-272,186 parameters non-zero. The test asserts that behaviour with a stated margin: every seed within
-4 points of its dense model, the mean drop within 3 points, and sparsity within 0.5 points of 90%.
+Full strength (slow), measured (ResNet-20 B, digits 16x16, 6 dense epochs + 2 fine-tune epochs, seeds 0-2,
+CPU): dense top-1 98.6 / 99.4 / 98.3 %, pruned to 90% 97.5 / 96.7 / 97.8 %: drops of 1.1, 2.8 and 0.6 points
+with 28,639 of 272,186 parameters non-zero. The test asserts that behaviour with a stated margin: every seed
+within 4 points of its dense model, the mean drop within 3 points, and sparsity within 0.5 points of 90%.
+
+Small (in CI), measured (ResNet-8 B, digits 8x8, 3 dense epochs + 1 fine-tune epoch, seeds 0-1, CPU, 2 threads):
+dense top-1 95.6 / 96.9 %, pruned to 70% 97.5 / 96.1 % (drops of -1.9 and 0.8 points); at 90% the small
+network loses 17 and 13 points, which is why the small case prunes to 70%. The test asserts seed 0 within
+3 points of its dense model.
 """
 import numpy as np
+import pytest
 
 from harness.run.config import load_suite
 from harness.run.runner import run_suite
 from harness.run.store import load_results
 
 SUITE = """
-name = "gm90"
+name = "gm"
 dataset = "digits"
-image_size = 16
-backbones = ["resnet20"]
+image_size = {size}
+backbones = ["{backbone}"]
 shortcut = "B"
-seeds = [0, 1]
+seeds = {seeds}
+keep_models = false
 
 [train]
-epochs = 6
+epochs = {epochs}
 batch_size = 64
-finetune_epochs = 2
+finetune_epochs = {finetune}
 warmup_epochs = 1
 
 [measure]
@@ -33,22 +40,40 @@ name = "dense"
 
 [[methods]]
 name = "global-magnitude"
-targets = [0.9]
+targets = [{target}]
 """
 
 
+def _dense_and_pruned(tmp_path, **fields):
+    (tmp_path / "gm.toml").write_text(SUITE.format(**fields))
+    outcome = run_suite(load_suite(str(tmp_path / "gm.toml")), results_dir=tmp_path, progress=False)
+    assert outcome.ok == 2 * len(fields["seeds"]) and outcome.failed == 0
+    df = load_results(tmp_path / "gm")
+    return df[df.method == "dense"].set_index("seed"), df[df.method == "global-magnitude"].set_index("seed")
+
+
+def _check_unstructured(dense, pruned, target):
+    assert np.allclose(pruned["sparsity"], target, atol=0.005)
+    assert (pruned["params"] == dense["params"].iloc[0]).all()  # unstructured: same dense tensors
+    assert (pruned["params_nonzero"] < (1 - target + 0.02) * pruned["params"]).all()  # conv/linear zeros
+
+
+def test_global_magnitude_70_on_a_small_model_keeps_accuracy(tmp_path):
+    dense, pruned = _dense_and_pruned(tmp_path, size=8, backbone="resnet8", seeds=[0], epochs=3, finetune=1,
+                                      target=0.7)
+    assert (dense["top1"] >= 90).all()  # the dense model really learned the digits
+    drops = dense.loc[pruned.index, "top1"] - pruned["top1"]
+    assert (drops <= 3.0).all(), drops.to_dict()
+    _check_unstructured(dense, pruned, 0.7)
+
+
+@pytest.mark.slow
 def test_global_magnitude_90_keeps_accuracy_within_margin(tmp_path):
-    (tmp_path / "gm90.toml").write_text(SUITE)
-    outcome = run_suite(load_suite(str(tmp_path / "gm90.toml")), results_dir=tmp_path, progress=False)
-    assert outcome.ok == 4 and outcome.failed == 0
-    df = load_results(tmp_path / "gm90")
-    dense = df[df.method == "dense"].set_index("seed")
-    pruned = df[df.method == "global-magnitude"].set_index("seed")
+    dense, pruned = _dense_and_pruned(tmp_path, size=16, backbone="resnet20", seeds=[0, 1], epochs=6, finetune=2,
+                                      target=0.9)
     drops = dense.loc[pruned.index, "top1"] - pruned["top1"]
     assert (drops <= 4.0).all(), drops.to_dict()
     assert drops.mean() <= 3.0, drops.to_dict()
     assert (dense["top1"] >= 95).all()  # the dense models really learned the digits
-    assert np.allclose(pruned["sparsity"], 0.9, atol=0.005)
-    assert (pruned["params_nonzero"] < 0.12 * pruned["params"]).all()  # 90% of conv/linear weights are zero
+    _check_unstructured(dense, pruned, 0.9)
     assert (pruned["macs_nonzero"] < 0.25 * pruned["macs"]).all()  # ~0.21: a global threshold spares early layers
-    assert (pruned["params"] == dense["params"].iloc[0]).all()  # unstructured: same dense tensors
