@@ -123,6 +123,33 @@ def make_finetune(method, batches, *, lr: float = 0.05, use_hook: bool = True):
     return finetune, calls
 
 
+def apply_iterative(name: str, target, batches, *, shortcut: str, steps: int, finetune_epochs: int, **ctx_fields):
+    """Apply method ``name`` to a fresh one-channel ResNet-8 (seed 0) with the iterative schedule.
+
+    Args:
+        name: a registered method.
+        target: its target.
+        batches: digit batches (:func:`digits_batches`) for the example inputs and the fine-tune callback.
+        shortcut: "A" or "B".
+        steps: prune steps of the schedule.
+        finetune_epochs: the fine-tune budget the method splits between its steps and the harness.
+        **ctx_fields: further :class:`baselines.MethodContext` fields (``calib_batches``, ``sparse_epochs``).
+
+    Returns:
+        ``(model, ctx, calls)``: the compressed model, its method context (with the record) and the fine-tune calls.
+    """
+    from baselines import MethodContext, get_method
+    from harness.run.models import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet8", in_channels=1, shortcut=shortcut)
+    method = get_method(name)
+    finetune, calls = make_finetune(method, batches)
+    ctx = MethodContext(example_inputs=batches[0][0], finetune=finetune, schedule="iterative", steps=steps,
+                        finetune_epochs=finetune_epochs, **ctx_fields)
+    return method.apply(model, target, ctx), ctx, calls
+
+
 TINY_SUITE = """
 name = "{name}"
 dataset = "digits"

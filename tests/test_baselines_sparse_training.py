@@ -10,7 +10,7 @@ from baselines.depgraph import group_penalty
 from baselines.shortcut import convert_pad_shortcuts
 from harness.run.models import create_backbone
 
-from conftest import digits_batches, make_finetune, spread_bn
+from conftest import apply_iterative, digits_batches, spread_bn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,15 +28,10 @@ def is_slice_of(new: torch.Tensor, old: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("name", ["slimming", "depgraph"])
 def test_sparse_training_then_iterative_pruning(name):
-    torch.manual_seed(0)
+    assert get_method(name).uses_sparse_training
     batches = digits_batches(192)
-    model = create_backbone("resnet8", in_channels=1, shortcut="A")
-    method = get_method(name)
-    assert method.uses_sparse_training
-    finetune, calls = make_finetune(method, batches)
-    ctx = MethodContext(example_inputs=batches[0][0], calib_batches=batches[:1], finetune=finetune,
-                        schedule="iterative", steps=2, finetune_epochs=3, sparse_epochs=1)
-    model = method.apply(model, 0.4, ctx)
+    model, ctx, calls = apply_iterative(name, 0.4, batches, shortcut="A", steps=2, finetune_epochs=3,
+                                        calib_batches=batches[:1], sparse_epochs=1)
     assert calls == [(1, True), (1, False)]  # sparse training with the regularizer, then 3 // 2 between the steps
     assert ctx.record["epochs_sparse"] == 1
     assert ctx.record["epochs_finetune"] == 3 and ctx.record["epochs_finetune_final"] == 2  # 1 inside + 2 after
@@ -104,14 +99,9 @@ def test_taylor_uses_calibration_gradients_and_leaves_none_behind():
 
 
 def test_iterative_structured_schedule_finetunes_between_steps():
-    torch.manual_seed(0)
     batches = digits_batches(192)
-    model = create_backbone("resnet8", in_channels=1, shortcut="A")
-    method = get_method("l1-filter")
-    finetune, calls = make_finetune(method, batches)
-    ctx = MethodContext(example_inputs=batches[0][0], finetune=finetune, schedule="iterative", steps=3,
-                        finetune_epochs=3)
-    model = method.apply(model, {"macs_reduction": 0.5}, ctx)
+    model, ctx, calls = apply_iterative("l1-filter", {"macs_reduction": 0.5}, batches, shortcut="A", steps=3,
+                                        finetune_epochs=3)
     assert calls == [(1, False), (1, False)]
     assert ctx.record["epochs_finetune"] == 3 and ctx.final_finetune_epochs() == 1  # 2 inside apply + 1 after
     assert ctx.record["epochs_sparse"] == 0

@@ -7,7 +7,7 @@ from baselines.counting import prunable_layers, weight_sparsity
 from baselines.lamp import lamp_scores
 from harness.run.models import create_backbone
 
-from conftest import digits_batches, make_finetune
+from conftest import apply_iterative, digits_batches, make_finetune
 
 UNSTRUCTURED = list_methods(family="unstructured")
 
@@ -61,14 +61,8 @@ def test_after_optimizer_step_keeps_pruned_weights_at_zero(name):
 
 
 def test_iterative_schedule_prunes_in_steps_and_finetunes_between():
-    torch.manual_seed(0)
-    batches = digits_batches(256)
-    model = create_backbone("resnet8", in_channels=1, shortcut="B")
-    method = get_method("global-magnitude")
-    finetune, calls = make_finetune(method, batches)
-    ctx = MethodContext(example_inputs=batches[0][0], finetune=finetune, schedule="iterative", steps=3,
-                        finetune_epochs=4)
-    model = method.apply(model, 0.875, ctx)
+    _, ctx, calls = apply_iterative("global-magnitude", 0.875, digits_batches(256), shortcut="B", steps=3,
+                                    finetune_epochs=4)
     assert calls == [(1, False), (1, False)]  # 4 // 3 = 1 epoch after steps 1 and 2
     assert ctx.record["epochs_finetune"] == 4 and ctx.final_finetune_epochs() == 2  # 2 inside apply + 2 after
     assert ctx.record["achieved"]["step_targets"] == pytest.approx([0.5, 0.75, 0.875])
