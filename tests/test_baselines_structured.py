@@ -1,4 +1,5 @@
 """Structured baselines: targets reached and measured, smaller dense models that train, option-A shortcuts."""
+import copy
 import functools
 import json
 
@@ -16,29 +17,18 @@ from baselines.shortcut import ChannelMapPruner, ChannelMapShortcut, convert_pad
 from baselines.structured import parse_structured_target
 from harness.run.models import create_backbone
 
+from conftest import spread_bn
+
 STRUCTURED = list_methods(family="structured")
 LOCAL = [n for n in STRUCTURED if not get_method(n).global_pruning]
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(4) % 10
+# Every method on both shortcut variants; CI runs option A (zero padding, the path that needs the channel-map fix),
+# the plain option B runs with the slow tests (the schedule and rebuild tests below prune option B in CI).
+SHORTCUTS = ["A", pytest.param("B", marks=pytest.mark.slow)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy 2-core machine makes torch's thread pool spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Spread BN scales and shifts as training does (fresh BN scales are all 1, which no criterion can rank)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data = 0.2 + torch.rand(m.num_features, generator=gen)
-            m.bias.data = 0.1 * torch.randn(m.num_features, generator=gen)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -52,9 +42,8 @@ def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
 def pruned(name: str, target, shortcut: str):
     """(dense copy, pruned model, record) for one method, target and shortcut variant; pruned once per session."""
     torch.manual_seed(0)
-    dense = trained_like(create_backbone("resnet20", shortcut=shortcut))
-    model = trained_like(create_backbone("resnet20", shortcut=shortcut))
-    model.load_state_dict(dense.state_dict())
+    dense = spread_bn(create_backbone("resnet20", shortcut=shortcut), 0)
+    model = copy.deepcopy(dense)
     ctx = MethodContext(example_inputs=X, calib_batches=[(X, Y)], seed=0)
     model = get_method(name).apply(model, target, ctx)
     return dense, model, ctx.record
@@ -64,7 +53,7 @@ def conv_channels(model: nn.Module) -> int:
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("shortcut", SHORTCUTS)
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_channel_ratio_target_is_achieved(name, shortcut):
     dense, model, record = pruned(name, 0.5, shortcut)
@@ -77,7 +66,7 @@ def test_channel_ratio_target_is_achieved(name, shortcut):
         assert all(w == record["achieved"]["widths_dense"][n] // 2 for n, w in layer_widths(model).items() if n != "fc")
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("shortcut", SHORTCUTS)
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_macs_target_is_reached_within_five_points(name, shortcut):
     dense, model, record = pruned(name, "macs:0.5", shortcut)
@@ -87,7 +76,7 @@ def test_macs_target_is_reached_within_five_points(name, shortcut):
     assert record["achieved"]["macs"] == count_macs(model, X)
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("shortcut", SHORTCUTS)
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_pruned_model_is_a_smaller_dense_model_that_trains(name, shortcut):
     dense, model, _ = pruned(name, 0.5, shortcut)
@@ -107,7 +96,7 @@ def test_pruned_model_is_a_smaller_dense_model_that_trains(name, shortcut):
         assert p.grad.abs().sum() > 0, pname
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("shortcut", SHORTCUTS)
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_save_and_load_round_trip(name, shortcut, tmp_path):
     _, model, _ = pruned(name, "macs:0.5", shortcut)
@@ -147,7 +136,7 @@ def test_channel_map_shortcut_equals_the_pad_shortcut():
 def test_pruning_through_the_option_a_shortcut_is_exact():
     """Remove a stage-1 stream channel and a zero-padded stage-2 channel that carry nothing: outputs stay equal."""
     torch.manual_seed(0)
-    model = trained_like(create_backbone("resnet20", shortcut="A")).eval()
+    model = spread_bn(create_backbone("resnet20", shortcut="A"), 0).eval()
     convert_pad_shortcuts(model)
     c, j = 3, 1  # stage-1 channel 3 lands on stage-2 channel 11; stage-2 channel 1 is padding
     with torch.no_grad():
@@ -223,10 +212,10 @@ def test_taylor_needs_calibration_batches():
         get_method("taylor").apply(create_backbone("resnet8"), 0.5, MethodContext(example_inputs=X[:, :, :8, :8]))
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", "resnet18"])
+@pytest.mark.parametrize("backbone", ["vgg16", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_other_backbones_prune_and_round_trip(backbone, tmp_path):
     torch.manual_seed(0)
-    model = trained_like(create_backbone(backbone))
+    model = spread_bn(create_backbone(backbone), 0)
     ctx = MethodContext(example_inputs=X)
     model = get_method("l1-filter").apply(model, "macs:0.5", ctx).eval()
     dense = create_backbone(backbone)
@@ -261,8 +250,7 @@ def test_oneshot_scores_once_and_equals_one_prune_at_the_found_ratio(name):
     achieved = record["achieved"]
     assert achieved["scoring_steps"] == 1 and achieved["ratio_search_trials"] >= 2
     assert record["macs_reduction"] >= 0.5
-    again = trained_like(create_backbone("resnet20", shortcut="B"))
-    again.load_state_dict(dense.state_dict())
+    again = copy.deepcopy(dense)
     method = get_method(name)
     ctx = MethodContext(example_inputs=X, calib_batches=[(X, Y)], seed=0)
     with torch.enable_grad():
@@ -274,7 +262,7 @@ def test_oneshot_scores_once_and_equals_one_prune_at_the_found_ratio(name):
 def test_progressive_rescores_and_lands_closer_than_its_steps():
     _, model, record = pruned("l1-filter", "macs:0.5", "B")
     ctx = MethodContext(example_inputs=X, calib_batches=[(X, Y)], seed=0, schedule="progressive")
-    dense = trained_like(create_backbone("resnet20", shortcut="B"))
+    dense = spread_bn(create_backbone("resnet20", shortcut="B"), 0)
     progressive = get_method("l1-filter").apply(dense, "macs:0.5", ctx)
     assert ctx.record["achieved"]["scoring_steps"] > 1 and ctx.record["achieved"]["ratio_search_trials"] == 0
     assert 0.5 <= ctx.record["macs_reduction"] <= 0.55

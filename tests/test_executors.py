@@ -130,6 +130,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # a Ray cluster, three runs and a CLI run against it; the local pool stays in CI
 def test_ray_cluster_gives_the_local_rows_and_resumes(ray_cluster, tiny, local_rows, tmp_path):
     from harness.run.ray_executor import run_suite_ray
 
