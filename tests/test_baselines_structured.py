@@ -23,9 +23,6 @@ STRUCTURED = list_methods(family="structured")
 LOCAL = [n for n in STRUCTURED if not get_method(n).global_pruning]
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(4) % 10
-# Every method on both shortcut variants; CI runs option A (zero padding, the path that needs the channel-map fix),
-# the plain option B runs with the slow tests (the schedule and rebuild tests below prune option B in CI).
-SHORTCUTS = ["A", pytest.param("B", marks=pytest.mark.slow)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +50,7 @@ def conv_channels(model: nn.Module) -> int:
     return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-@pytest.mark.parametrize("shortcut", SHORTCUTS)
+@pytest.mark.parametrize("shortcut", ["A", "B"])
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_channel_ratio_target_is_achieved(name, shortcut):
     dense, model, record = pruned(name, 0.5, shortcut)
@@ -66,7 +63,7 @@ def test_channel_ratio_target_is_achieved(name, shortcut):
         assert all(w == record["achieved"]["widths_dense"][n] // 2 for n, w in layer_widths(model).items() if n != "fc")
 
 
-@pytest.mark.parametrize("shortcut", SHORTCUTS)
+@pytest.mark.parametrize("shortcut", ["A", "B"])
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_macs_target_is_reached_within_five_points(name, shortcut):
     dense, model, record = pruned(name, "macs:0.5", shortcut)
@@ -76,7 +73,7 @@ def test_macs_target_is_reached_within_five_points(name, shortcut):
     assert record["achieved"]["macs"] == count_macs(model, X)
 
 
-@pytest.mark.parametrize("shortcut", SHORTCUTS)
+@pytest.mark.parametrize("shortcut", ["A", "B"])
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_pruned_model_is_a_smaller_dense_model_that_trains(name, shortcut):
     dense, model, _ = pruned(name, 0.5, shortcut)
@@ -96,7 +93,7 @@ def test_pruned_model_is_a_smaller_dense_model_that_trains(name, shortcut):
         assert p.grad.abs().sum() > 0, pname
 
 
-@pytest.mark.parametrize("shortcut", SHORTCUTS)
+@pytest.mark.parametrize("shortcut", ["A", "B"])
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_save_and_load_round_trip(name, shortcut, tmp_path):
     _, model, _ = pruned(name, "macs:0.5", shortcut)
@@ -212,7 +209,7 @@ def test_taylor_needs_calibration_batches():
         get_method("taylor").apply(create_backbone("resnet8"), 0.5, MethodContext(example_inputs=X[:, :, :8, :8]))
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", pytest.param("resnet18", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet18"])
 def test_other_backbones_prune_and_round_trip(backbone, tmp_path):
     torch.manual_seed(0)
     model = spread_bn(create_backbone(backbone), 0)
