@@ -13,7 +13,7 @@ import pandas as pd
 from harness.analyse.blocks import MISSING, Block, fmt_value, setting_title
 from harness.analyse.claim import CLAIM_POINTS, COMPARABLE_POINTS, check_claim
 from harness.analyse.latency_source import LatencyTable
-from harness.analyse.metrics import COST_AXES, FAMILY_ORDER, SETTING_KEYS
+from harness.analyse.metrics import COST_AXES, FAMILY_ORDER, SETTING_KEYS, target_sort_key
 from harness.analyse.verdict import AREA_MIN_REDUCTION, REDUCTIONS, build_curves, compare_area, compare_points
 
 __all__ = ["verdict_blocks", "diff_text", "SHORT_LABELS", "AXIS_NAMES"]
@@ -128,7 +128,8 @@ def _claim_blocks(claim: pd.DataFrame) -> list[Block]:
 
 def _table(points: pd.DataFrame, area: pd.DataFrame) -> Block:
     fixed = [p for p in points["point"].drop_duplicates() if p.endswith("% less")]
-    at_bunit = [p for p in points["point"].drop_duplicates() if not p.endswith("% less")]
+    at_bunit = sorted((p for p in points["point"].drop_duplicates() if not p.endswith("% less")),
+                      key=lambda p: target_sort_key(p.removeprefix("BUnit ")))
     rows = []
     for (axis, method), part in points.groupby(["axis", "method"], sort=False):
         cells = []
