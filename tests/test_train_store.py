@@ -14,6 +14,8 @@ from harness.run.train import TrainingDiverged, evaluate, lr_at, train_model
 
 RECIPE = TrainConfig(epochs=2, batch_size=128, lr=0.1, warmup_epochs=0.5)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def digits8():
