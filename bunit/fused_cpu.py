@@ -130,11 +130,13 @@ def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor
     return weight, (bn.bias - bn.running_mean * scale).float().contiguous()
 
 
-def _fold_key(layer: Any) -> list:
+def _fold_key(layer: Any) -> list | None:
     """What the folded weights depend on: storage and version of every tensor folding reads, and each BN's eps.
 
-    The tensors are reached through the modules' own dicts: ``nn.Module`` attribute access costs about a
-    microsecond each, which at batch 1 would cost more than the kernel.
+    None when a tensor is an inference tensor (made under ``torch.inference_mode``): those have no version
+    counter, so in-place changes cannot be seen and nothing is cached. The tensors are reached through the
+    modules' own dicts: ``nn.Module`` attribute access costs about a microsecond each, which at batch 1 would
+    cost more than the kernel.
     """
     key: list = []
     for grp in layer._modules["groups"]._modules.values():
@@ -146,6 +148,8 @@ def _fold_key(layer: Any) -> list:
                 raise ValueError("fused_cpu: a BatchNorm without affine parameters or running statistics "
                                  "cannot be folded")
             for t in tensors:  # a flat list: one container per call, not one per tensor (less GC work)
+                if t.is_inference():
+                    return None
                 key += (t.data_ptr(), t._version)
             key.append(bn.eps)
     return key
@@ -155,11 +159,12 @@ def folded_weights(layer: Any) -> list[tuple[torch.Tensor, ...]]:
     """Per group of a fused :class:`bunit.layers.UnitLayer`: ``(w1, b1, w2, b2)`` with its BNs folded in.
 
     Cached in the layer (``_fold_cache``) and rebuilt when any weight, BN parameter, running statistic or eps
-    changes (tensor storage or version counter), as the ``blockdiag`` backend caches its dense weights.
+    changes (tensor storage or version counter), as the ``blockdiag`` backend caches its dense weights; folded
+    afresh on every call when the weights are inference tensors.
     """
     key = _fold_key(layer)
     cache = layer.__dict__.get("_fold_cache")
-    if cache is None or cache[0] != key:
+    if key is None or cache is None or cache[0] != key:
         with torch.no_grad():
             cache = (key, [(*_fold(g.conv1, g.bn1), *_fold(g.conv2, g.bn2)) for g in layer.groups])
         layer.__dict__["_fold_cache"] = cache

@@ -475,6 +475,8 @@ class UnitLayer(nn.Module):
         weights = [w for grp in self.groups for w in (grp.conv1.weight, grp.conv2.weight)]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return self.blockdiag_weights()  # autograd records: rebuild so gradients reach the group weights
+        if any(w.is_inference() for w in weights):
+            return self.blockdiag_weights()  # inference tensors have no version counter: nothing can be cached
         key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
         cache = self.__dict__.get("_bd_cache")
         if cache is None or cache[0] != key:

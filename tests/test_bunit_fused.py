@@ -151,3 +151,17 @@ def test_unavailable_backend_is_never_chosen(tmp_path, monkeypatch):
     chosen = autotune(nn.Sequential(layer), torch.randn(2, 8, 6, 6), backends=["grouped", "fused_cpu"],
                       cache_path=tmp_path / "t.json", repeats=3)
     assert chosen == {"0": "grouped"} and set(layer.autotune_ms) == {"grouped"}
+
+
+def test_layer_made_in_inference_mode():
+    with torch.inference_mode():  # weights are inference tensors: no version counters, so nothing is cached
+        layer = spread_bn(UnitLayer(["4x2-4-2"]), 0).eval()
+        x = torch.randn(2, 8, 6, 6)
+        ref = layer(x)
+        for backend in ("fused_cpu", "blockdiag"):
+            layer.backend = backend
+            y0 = layer(x)
+            layer.groups[0].bn2.running_var.mul_(4.0)
+            y1 = layer(x)
+            layer.groups[0].bn2.running_var.div_(4.0)
+            assert _rel_err(y0, ref) < RTOL and (y1 - y0).abs().max() > 1e-3, backend
