@@ -11,10 +11,13 @@ from ptflops import get_model_complexity_info
 
 from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv, block_kind
 from bunit.convert import PRESETS, bunitify, layer_seed, resolve_plan
-from bunit.layers import UnitLayer, convert_units, unit_layers, unit_macs, unit_params
+from bunit.layers import UnitLayer, convert_units, unit_layers
+from bunit.units import unit_macs, unit_params
 from bunit.spec import CATALOGUE, hybrid_mix, parse_specs
 from baselines.counting import count_macs, layer_macs
 from harness.run.models import create_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (backbone, shortcut, plan, image size, dense params, BUnit params, dense MACs, BUnit MACs), MACs as ptflops aten
 FIGURES = [

@@ -11,6 +11,8 @@ from baselines.counting import count_macs
 from harness.measure.inspection import format_inspection, inspect_backbone, sections
 from harness.run.models import create_backbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _aten(model, res=32):
     macs, params = get_model_complexity_info(model, (3, res, res), as_strings=False, print_per_layer_stat=False,

@@ -31,7 +31,8 @@ def _identities(folder) -> dict[str, tuple[int, int, str]]:
     return out
 
 
-@pytest.mark.parametrize("seeds, epochs", [pytest.param(2, 1, id="2-seeds"),
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("seeds, epochs", [pytest.param(3, 1, id="3-seeds"),
                                            pytest.param(6, 2, id="6-seeds", marks=pytest.mark.slow)])
 def test_kill_mid_suite_then_resume(tmp_path, seeds, epochs):
     suite = write_suite(tmp_path / "kill.toml", name="kill", seeds=range(seeds), epochs=epochs)
@@ -41,7 +42,8 @@ def test_kill_mid_suite_then_resume(tmp_path, seeds, epochs):
     runs, ckpts, models = store / "runs.jsonl", store / "checkpoints", store / MODELS_DIR
     cmd = [sys.executable, "-m", "harness.cli", "run", str(suite), "--results-dir", str(tmp_path / "results"),
            "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as the resumed run below
     deadline = time.time() + 240
     while time.time() < deadline:  # wait for the first finished row, then kill without warning
         if runs.exists() and runs.read_text().strip():
