@@ -8,11 +8,14 @@ import pytest
 import torch
 from ptflops import get_model_complexity_info
 
-from bunit.layers import UnitLayer, to_fused, to_reference, unit_macs, unit_params
+from bunit.layers import UnitLayer, to_fused, to_reference
+from bunit.units import unit_macs, unit_params
 from bunit.spec import (CATALOGUE, UnitSpec, compact_specs, hybrid_mix, parse_spec, parse_specs, uniform_units)
 from baselines.counting import count_macs
 
 from conftest import spread_bn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- specs --------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
 """The README's worked plugin example, run exactly as the README shows it, through a real suite."""
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,8 @@ def test_plugin_runs_through_a_real_suite(tmp_path):
     suite = write_suite(tmp_path / "plugin.toml", name="plugin", epochs=1, methods=methods)
     out = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(suite), "--plugin", str(EXAMPLE),
                           "--results-dir", str(tmp_path / "results"), "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # two threads spin on a busy machine
     assert out.returncode == 0, out.stderr
     df = load_results(tmp_path / "results" / "plugin").set_index("target", drop=False)
     rows = df[df["method"] == "l2-filter"]
