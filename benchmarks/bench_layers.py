@@ -41,7 +41,8 @@ import torch._dynamo
 import torch.nn as nn
 
 from bunit import fused_cpu
-from bunit.layers import EAGER_BACKENDS, UnitLayer, unit_macs
+from bunit.layers import EAGER_BACKENDS, UnitLayer
+from bunit.units import unit_macs
 from bunit.spec import parse_specs
 from bunit.timing import interleaved_times, machine_load, summary_ms
 

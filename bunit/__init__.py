@@ -1,6 +1,7 @@
 """BUnit-Net: compact CNNs from stacked hybrid units (Lan, Cheung et al., TPAMI 2024).
 
-``bunit`` depends on torch only. ``spec`` describes units, ``layers`` runs a row of them (reference and
+``bunit`` depends on torch only. ``spec`` describes units, ``units`` builds one (and a fused group of them),
+``functional`` holds the eager backends' pieces, ``layers`` runs a row of them (reference and
 fused forms, several execution backends), ``blocks`` wraps rows as ResNet/VGG blocks, ``convert`` turns a
 dense backbone into its BUnit form from a JSON-able plan, and ``autotune`` picks the fastest backend.
 """
@@ -8,7 +9,8 @@ from bunit.autotune import autotune, default_cache_path
 from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv
 from bunit.convert import PAPER, PRESETS, bunitify, paper_preset, resolve_plan
 from bunit.layers import (BACKENDS, EAGER_BACKENDS, IMPLS, UnitLayer, convert_units, set_backend, to_fused,
-                          to_reference, unit_layers, unit_macs, unit_params)
+                          to_reference, unit_layers)
+from bunit.units import unit_macs, unit_params
 from bunit.spec import CATALOGUE, UnitSpec, compact_specs, hybrid_mix, parse_spec, parse_specs, uniform_units
 
 __all__ = [

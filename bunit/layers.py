@@ -42,17 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bunit import fused_cpu
+from bunit.functional import bn_cat, bn_mode, bn_slice, conv_bmm, conv_stencil
 from bunit.spec import UnitSpec, compact_specs, parse_specs
+from bunit.units import BasicUnit, UnitGroup
 
 __all__ = [
     "BACKENDS",
     "EAGER_BACKENDS",
     "IMPLS",
-    "BasicUnit",
-    "UnitGroup",
     "UnitLayer",
-    "unit_params",
-    "unit_macs",
     "to_reference",
     "to_fused",
     "convert_units",
@@ -65,184 +63,6 @@ BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fus
 EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu")
 _UNIT_KEYS = ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
               "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var")
-
-
-# --- closed forms -------------------------------------------------------------------------------
-
-
-def _out_size(size: int, kernel: int, stride: int) -> int:
-    return (size + 2 * (kernel // 2) - kernel) // stride + 1
-
-
-def unit_params(specs: Iterable[UnitSpec | str]) -> int:
-    """Parameters of a unit row: ``sum k*k*(a*b + b*c) + 2*(b + c)`` (conv weights + affine BN)."""
-    return sum(s.params for s in parse_specs(list(specs)))
-
-
-def unit_macs(specs: Iterable[UnitSpec | str], h: int, w: int, stride: int | None = None) -> int:
-    """Multiply-accumulates of a unit row for one ``h x w`` input (batch 1).
-
-    Args:
-        specs: the unit specs.
-        h: input height.
-        w: input width.
-        stride: stride of the first convs; None takes each spec's own stride.
-
-    Returns:
-        ``sum Ho*Wo*k*k*(a*b + b*c)`` with ``Ho, Wo`` the output size of the first conv.
-    """
-    total = 0
-    for s in parse_specs(list(specs)):
-        st = s.stride if stride is None else stride
-        hw = _out_size(h, s.kernel, st) * _out_size(w, s.kernel, st)
-        total += hw * s.kernel * s.kernel * (s.a * s.b + s.b * s.c)
-    return total
-
-
-# --- modules ------------------------------------------------------------------------------------
-
-
-class BasicUnit(nn.Module):
-    """One basic unit ``a-b-c`` (the reference form): conv-BN-ReLU, conv-BN-ReLU, no bias."""
-
-    def __init__(self, spec: UnitSpec):
-        super().__init__()
-        self.spec = spec
-        k, p = spec.kernel, spec.kernel // 2
-        self.conv1 = nn.Conv2d(spec.a, spec.b, k, spec.stride, p, bias=False)
-        self.bn1 = nn.BatchNorm2d(spec.b)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(spec.b, spec.c, k, 1, p, bias=False)
-        self.bn2 = nn.BatchNorm2d(spec.c)
-        self.act2 = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))  # (B, b, H/s, W/s)
-        return self.act2(self.bn2(self.conv2(x)))  # (B, c, H/s, W/s)
-
-    def extra_repr(self) -> str:
-        return str(self.spec)
-
-
-class UnitGroup(nn.Module):
-    """``n`` units of one spec as grouped convolutions (``groups=n``) and one BN per conv over all of them.
-
-    Unit ``j`` of the group owns rows ``j*b:(j+1)*b`` of ``conv1``/``bn1`` and ``j*c:(j+1)*c`` of
-    ``conv2``/``bn2``.
-    """
-
-    def __init__(self, spec: UnitSpec, n: int):
-        super().__init__()
-        self.spec, self.n = spec, n
-        k, p = spec.kernel, spec.kernel // 2
-        self.conv1 = nn.Conv2d(n * spec.a, n * spec.b, k, spec.stride, p, groups=n, bias=False)
-        self.bn1 = nn.BatchNorm2d(n * spec.b)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(n * spec.b, n * spec.c, k, 1, p, groups=n, bias=False)
-        self.bn2 = nn.BatchNorm2d(n * spec.c)
-        self.act2 = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))  # (B, n*b, H/s, W/s)
-        return self.act2(self.bn2(self.conv2(x)))  # (B, n*c, H/s, W/s)
-
-    def extra_repr(self) -> str:
-        return f"{self.n}x{self.spec}"
-
-
-# --- functional helpers -------------------------------------------------------------------------
-
-
-def _bn_mode(bn: nn.BatchNorm2d) -> tuple[bool, float]:
-    """What ``_BatchNorm.forward`` does before ``F.batch_norm``: bump the counter, return (batch stats?, factor)."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return batch_stats, factor
-
-
-def _stats(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    use = not bn.training or bn.track_running_stats
-    return (bn.running_mean, bn.running_var) if use else (None, None)
-
-
-def _sl(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
-    return None if t is None else t[sl]
-
-
-def _bn_slice(bn: nn.BatchNorm2d, x: torch.Tensor, sl: slice, mode: tuple[bool, float]) -> torch.Tensor:
-    """BN over channels ``sl`` of ``bn``; running stats are updated in place through the slice views."""
-    rm, rv = _stats(bn)
-    return F.batch_norm(x, _sl(rm, sl), _sl(rv, sl), _sl(bn.weight, sl), _sl(bn.bias, sl), mode[0], mode[1], bn.eps)
-
-
-def _bn_cat(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """One BN call over the concatenated channels of ``bns`` (reordered by ``perm``), writing running stats back."""
-    modes = [_bn_mode(bn) for bn in bns]
-    batch_stats, factor = modes[0]
-
-    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
-        if any(t is None for t in ts):
-            return None
-        t = ts[0] if len(ts) == 1 else torch.cat(ts)
-        return t if perm is None else t.index_select(0, perm)
-
-    stats = [_stats(bn) for bn in bns]
-    rm, rv = cat([s[0] for s in stats]), cat([s[1] for s in stats])
-    if len(bns) == 1 and perm is None:  # the buffers themselves: F.batch_norm updates them in place
-        return F.batch_norm(x, rm, rv, bns[0].weight, bns[0].bias, batch_stats, factor, bns[0].eps)
-    out = F.batch_norm(x, rm, rv, cat([bn.weight for bn in bns]), cat([bn.bias for bn in bns]),
-                       batch_stats, factor, bns[0].eps)
-    if batch_stats and rm is not None:  # write the updated statistics back into each module's buffers
-        with torch.no_grad():
-            if perm is not None:
-                rm, rv = torch.empty_like(rm).index_copy_(0, perm, rm), torch.empty_like(rv).index_copy_(0, perm, rv)
-            sizes = [bn.num_features for bn in bns]
-            for bn, m, v in zip(bns, rm.split(sizes), rv.split(sizes)):
-                bn.running_mean.copy_(m)
-                bn.running_var.copy_(v)
-    return out
-
-
-def _conv_bmm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A grouped conv as an unfold (im2col) + one batched matmul over the groups.
-
-    The patches come from ``Tensor.unfold`` views of the padded input, copied once into the
-    ``(groups, a*k*k, B*Ho*Wo)`` matrix; on CPU this is about ten times faster than ``F.unfold``.
-    """
-    n, k, s, p = conv.groups, conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    bsz, cin, h, w = x.shape
-    ho, wo = _out_size(h, k, s), _out_size(w, k, s)
-    patches = F.pad(x, (p, p, p, p)).unfold(2, k, s).unfold(3, k, s)  # (B, n*a, Ho, Wo, k, k), a view
-    cols = patches.reshape(bsz, n, cin // n, ho, wo, k, k).permute(1, 2, 5, 6, 0, 3, 4)  # (n, a, k, k, B, Ho, Wo)
-    cols = cols.reshape(n, (cin // n) * k * k, bsz * ho * wo)  # (n, a*k*k, B*Ho*Wo), the one copy
-    weight = conv.weight.reshape(n, conv.out_channels // n, -1)  # (n, b, a*k*k); copies a channels_last weight
-    out = torch.bmm(weight, cols)  # (n, b, B*Ho*Wo)
-    return out.view(conv.out_channels, bsz, ho, wo).transpose(0, 1)  # (B, n*b, Ho, Wo), a strided view
-
-
-def _conv_stencil(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """A grouped conv as ``k*k`` shifted multiply-adds: ``y[u, o] = sum_{j, tap} w[u, o, j, tap] * x[u, j] shifted``.
-
-    Every tap broadcasts the ``(n, 1, a)`` input slices against the ``(n, b, a)`` weights and sums over ``a``;
-    there is no convolution call, so under ``torch.compile`` the whole conv (and the BN and ReLU after it)
-    becomes one pointwise loop nest with ``k*k*a`` loads per output.
-    """
-    n, k, s, p = conv.groups, conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    bsz, cin, h, w = x.shape
-    a, b = cin // n, conv.out_channels // n
-    ho, wo = _out_size(h, k, s), _out_size(w, k, s)
-    xp = F.pad(x, (p, p, p, p)).unflatten(1, (n, 1, a))  # (B, n, 1, a, H+2p, W+2p)
-    weight = conv.weight.reshape(n, b, a, k, k)
-    out = None
-    for dy in range(k):
-        for dx in range(k):
-            xs = xp[..., dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s]  # (B, n, 1, a, Ho, Wo)
-            term = (xs * weight[:, :, :, dy, dx, None, None]).sum(3)  # (B, n, b, Ho, Wo)
-            out = term if out is None else out + term
-    return out.flatten(1, 2)  # (B, n*b, Ho, Wo)
 
 
 # --- the layer ----------------------------------------------------------------------------------
@@ -409,9 +229,9 @@ class UnitLayer(nn.Module):
         if backend == "grouped_cl":
             return self._forward_groups(x.contiguous(memory_format=torch.channels_last), _call_module)
         if backend == "bmm":
-            return self._forward_groups(x, _conv_bmm)
+            return self._forward_groups(x, conv_bmm)
         if backend == "stencil":
-            return self._forward_groups(x, _conv_stencil)
+            return self._forward_groups(x, conv_stencil)
         if backend == "blockdiag":
             return self._forward_blockdiag(x)
         if backend == "loop":
@@ -439,7 +259,7 @@ class UnitLayer(nn.Module):
         return y if self.out_perm is None else y.index_select(1, self.out_perm)  # layer order
 
     def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
-        modes = {id(bn): _bn_mode(bn) for grp in self.groups for bn in (grp.bn1, grp.bn2)}
+        modes = {id(bn): bn_mode(bn) for grp in self.groups for bn in (grp.bn1, grp.bn2)}
         parts = torch.split(x, [s.a for s in self.specs], dim=1)
         outs = []
         for u, part in enumerate(parts):
@@ -447,9 +267,9 @@ class UnitLayer(nn.Module):
             grp, s = self.groups[g], self.specs[u]
             hb, hc = slice(j * s.b, (j + 1) * s.b), slice(j * s.c, (j + 1) * s.c)
             h = F.conv2d(part, grp.conv1.weight[hb], None, self.stride, s.kernel // 2)  # (B, b, H/s, W/s)
-            h = F.relu(_bn_slice(grp.bn1, h, hb, modes[id(grp.bn1)]))
+            h = F.relu(bn_slice(grp.bn1, h, hb, modes[id(grp.bn1)]))
             h = F.conv2d(h, grp.conv2.weight[hc], None, 1, s.kernel // 2)  # (B, c, H/s, W/s)
-            outs.append(F.relu(_bn_slice(grp.bn2, h, hc, modes[id(grp.bn2)])))
+            outs.append(F.relu(bn_slice(grp.bn2, h, hc, modes[id(grp.bn2)])))
         return torch.cat(outs, dim=1)  # (B, out, H/s, W/s)
 
     def blockdiag_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,9 +309,9 @@ class UnitLayer(nn.Module):
         w1, w2 = self._cached_blockdiag()
         p = self.kernel // 2
         h = F.conv2d(x, w1, None, self.stride, p)  # (B, hidden, H/s, W/s), group order
-        h = F.relu(_bn_cat([grp.bn1 for grp in self.groups], h))
+        h = F.relu(bn_cat([grp.bn1 for grp in self.groups], h))
         y = F.conv2d(h, w2, None, 1, p)  # (B, out, H/s, W/s), layer order
-        return F.relu(_bn_cat([grp.bn2 for grp in self.groups], y, self.out_perm))
+        return F.relu(bn_cat([grp.bn2 for grp in self.groups], y, self.out_perm))
 
     def _forward_fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))

@@ -160,7 +160,8 @@ def test_macs_equal_ptflops_aten_backend(name, shortcut):
 def test_bunit_macs_equal_the_units_closed_form():
     """A BUnit model as bunitify builds it (default backend) counts exactly the units' closed forms."""
     from bunit import bunitify
-    from bunit.layers import unit_layers, unit_macs
+    from bunit.layers import unit_layers
+    from bunit.units import unit_macs
 
     dense = create_backbone("resnet20", num_classes=10, in_channels=3, shortcut="A").eval()
     model = bunitify(dense, "cifar-resnet-all").eval()
