@@ -5,8 +5,9 @@ inference, plus what the runtime did to get there. Nothing here times anything (
 every runner's output is checked against the eager model before it is handed out:
 
 - ``eager``: the model itself (the caller runs the timing under ``torch.inference_mode``).
-- ``compile``: ``torch.compile(model)`` with static shapes (automatic dynamic shapes off, the recompile limit
-  raised so that dynamo never falls back to eager silently); the first call compiles and its wall time is
+- ``compile``: ``torch.compile(model, dynamic=False)``; the whole session runs under :func:`runtime_context`
+  (automatic dynamic shapes off, the recompile limits raised so that dynamo never falls back to eager
+  silently); the first call compiles and its wall time is
   reported as ``compile_s``, never as latency. Output must match eager within ``rtol=1e-3, atol=1e-4``.
 - ``onnx``: ``torch.onnx.export(..., dynamo=False, opset_version=17)`` for exactly this batch shape, then an
   ``onnxruntime.InferenceSession`` on the CPU execution provider (CUDA provider on a GPU: untested), all graph
@@ -21,6 +22,7 @@ builds (GPU paths untested here: no GPU was available when this was written).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import time
@@ -30,7 +32,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["RUNTIMES", "DTYPES", "RTOL", "ATOL", "make_runner", "variant_copy", "has_onnxruntime"]
+__all__ = ["RUNTIMES", "DTYPES", "RTOL", "ATOL", "make_runner", "runtime_context", "variant_copy",
+           "has_onnxruntime"]
 
 RUNTIMES = ("eager", "compile", "onnx")
 DTYPES = ("float32", "bfloat16", "bfloat16+2:4")
@@ -81,11 +84,24 @@ def _check(got: torch.Tensor, expected: torch.Tensor, what: str) -> float:
     return err
 
 
-def _compiled(net: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> tuple[Callable[[], Any], dict]:
+def runtime_context(runtime: str) -> contextlib.AbstractContextManager:
+    """Settings a whole session of ``runtime`` runs under: for ``compile``, static shapes and no recompile limit.
+
+    Every model of a session is compiled through the same code objects (a backbone's block ``forward``), and frames
+    after a graph break compile on later calls; with dynamo's defaults the ninth entry would fall back to eager
+    silently and automatic dynamic shapes would compile shape-generic kernels.
+    """
+    if runtime != "compile":
+        return contextlib.nullcontext()
     import torch._dynamo
 
-    compiled = torch.compile(net)
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=1024), torch.inference_mode():
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False, assume_static_by_default=True,
+                                      recompile_limit=100_000, accumulated_recompile_limit=100_000)
+
+
+def _compiled(net: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> tuple[Callable[[], Any], dict]:
+    compiled = torch.compile(net, dynamic=False)
+    with runtime_context("compile"), torch.inference_mode():
         t0 = time.perf_counter()  # one compile, reported as such; latency is timed by bunit.timing
         out = compiled(x)
         compile_s = time.perf_counter() - t0

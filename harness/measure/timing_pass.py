@@ -49,7 +49,7 @@ import torch
 from torch.utils.benchmark.utils.common import set_torch_threads
 
 from bunit.timing import interleaved_times, machine_load, summary_ms
-from harness.measure.runtimes import RUNTIMES, make_runner, variant_copy
+from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
 from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
 from harness.run.store import ResultStore, append_row, read_rows
 
@@ -303,7 +303,7 @@ def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], c
         import torch._dynamo as dynamo
 
         dynamo.reset()  # compiled models of earlier sessions go; their guards would be checked on every call
-    with set_torch_threads(cond["threads"]):
+    with set_torch_threads(cond["threads"]), runtime_context(cond["runtime"]):
         for key in members:
             try:
                 fns[key], infos[key] = _runner(store, rows[key], key, cond, dev)
