@@ -4,7 +4,8 @@ Both read the same generated JPEG tree (mixed sizes), use the same worker count,
 (training: RandomResizedCrop + RandomHorizontalFlip; normalised float32 NCHW batches delivered on the device), and
 keep their workers across epochs. One call is one training epoch of batches; the two take turns round-robin in one
 process (``bunit.timing.interleaved_times``), so a slow spell of the machine lands on both. Peak memory is measured
-apart: each loader runs one epoch in its own subprocess, which reports its own peak RSS and its largest worker's.
+apart: each loader alone runs one epoch in its own subprocess, which reports its own peak RSS and its largest
+worker's. Both normalise with ImageNet's mean and std, so nothing is decoded before the first epoch.
 
 Usage: ``python benchmarks/bench_loader.py [--images 1000] [--sizes 224 64] [--workers 2] [--rounds 3]``.
 Prints one line per (image size, loader) and writes ``results/benchmarks/loader.csv``.
@@ -22,15 +23,15 @@ from pathlib import Path
 
 import harness  # noqa: F401  (torchvision shim)
 import numpy as np
+import pandas as pd
 import torch
 
 from bunit.timing import interleaved_times, machine_load, summary_ms
 from harness.compat import ensure_torchvision
-from harness.run.data import load_dataset
 from harness.run.decode import write_image_tree
+from harness.run.stream import IMAGENET_STATS, StreamData, scan_splits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_layers import write_csv  # noqa: E402  (this folder's CSV writer)
+LOADERS = ("stream", "torchvision")
 
 
 def _torchvision_loader(root: Path, size: int, batch: int, workers: int, device: torch.device, mean, std):
@@ -43,11 +44,16 @@ def _torchvision_loader(root: Path, size: int, batch: int, workers: int, device:
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
-def _loaders(root: Path, size: int, batch: int, workers: int, device: torch.device) -> dict:
-    data = load_dataset(f"imagefolder:{root}", image_size=size, loader="stream", workers=workers, device=device)
-    mean, std = (data.mean / 255).flatten().tolist(), (data.std / 255).flatten().tolist()  # the same normalisation
-    return {"stream": data.train_loader(batch, seed=0, augment=True),
-            "torchvision": _torchvision_loader(root, size, batch, workers, device, mean, std)}
+def _loaders(root: Path, size: int, batch: int, workers: int, device: torch.device, which=LOADERS) -> dict:
+    """The loaders named in ``which``, both normalising with ImageNet's mean and std (nothing decoded up front)."""
+    loaders = {}
+    if "stream" in which:
+        train, test = scan_splits("bench", root)
+        data = StreamData("bench", train, test, size, device=device, workers=workers, **IMAGENET_STATS)
+        loaders["stream"] = data.train_loader(batch, seed=0, augment=True)
+    if "torchvision" in which:
+        loaders["torchvision"] = _torchvision_loader(root, size, batch, workers, device, **IMAGENET_STATS)
+    return loaders
 
 
 def _epoch(loader, device: torch.device) -> int:
@@ -84,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if args._memory:  # the subprocess of _peak_memory
-        loaders = _loaders(Path(args.root), args.sizes[0], args.batch, args.workers, device)
+        loaders = _loaders(Path(args.root), args.sizes[0], args.batch, args.workers, device, which=(args._memory,))
         _epoch(loaders[args._memory], device)
         del loaders  # the workers exit and are waited for: RUSAGE_CHILDREN then covers them
         gc.collect()
@@ -115,7 +121,10 @@ def main() -> None:
                       f"(x{row['images_per_s'] / base['images_per_s']:.2f})  epoch p50 {row['p50_ms'] / 1e3:.2f} s "
                       f"iqr {row['iqr_ms'] / 1e3:.2f} s  peak RSS {row['peak_rss_mb']:.0f} MB, "
                       f"largest worker {row['worker_rss_mb']:.0f} MB  load {row['load1_start']}-{row['load1_end']}")
-    print(f"wrote {write_csv(rows, args.out)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out, index=False)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
