@@ -125,8 +125,10 @@ def test_paper_resnet18_figures():
     assert [len(s) for s in layer2] == [32, 64] and str(layer2[0][0]) == "2-4-4/s2" and str(layer2[1][0]) == "2-4-2"
 
 
-@pytest.mark.parametrize("name,shortcut,plan", [("resnet56", "B", "cifar-resnet-hybrid"), ("vgg16", None, "vgg16-middle"),
-                                                ("resnet50", None, "resnet-paper"), ("resnet20", "A", "cifar-resnet-all")])
+@pytest.mark.parametrize("name,shortcut,plan", [
+    ("resnet56", "B", "cifar-resnet-hybrid"), ("vgg16", None, "vgg16-middle"), ("resnet50", None, "resnet-paper"),
+    ("resnet20", "A", "cifar-resnet-all"),
+])
 def test_rebuild_from_recorded_plan(name, shortcut, plan):
     model = bunitify(create_backbone(name, shortcut=shortcut), plan)
     recorded = json.loads(json.dumps(model.bunit_plan))  # survives JSON

@@ -30,8 +30,10 @@ def test_dense_cifar_resnet_reference_counts(name, params, macs):
     assert count_macs(model, (3, 32, 32)) == macs  # from the shape
 
 
-@pytest.mark.parametrize("name,plan,shortcut", [("resnet56", "cifar-resnet-paper", "A"), ("vgg16", "vgg16-middle", None),
-                                                ("resnet18", "resnet-paper", None), ("resnet20", "cifar-resnet-hybrid", "B")])
+@pytest.mark.parametrize("name,plan,shortcut", [
+    ("resnet56", "cifar-resnet-paper", "A"), ("vgg16", "vgg16-middle", None), ("resnet18", "resnet-paper", None),
+    ("resnet20", "cifar-resnet-hybrid", "B"),
+])
 def test_rows_sum_to_total_and_match_ptflops(name, plan, shortcut):
     rows = inspect_backbone(name, plan, shortcut=shortcut)
     total = rows[-1]
