@@ -18,8 +18,10 @@ Schedules (``baselines.SCHEDULES``); the row records ``scoring_steps``, how many
 - ``oneshot``: one scoring pass. The channels are scored once on the trained model and removed in one step, by
   the smallest torch-pruning ratio whose result reaches the target. That ratio is found by bisection on copies
   (:data:`ONE_PASS_BISECTIONS` halvings; each copy scores the same weights, so it removes exactly what the final
-  prune removes); ``ratio_search_trials`` counts them. This is the correction step a MACs target needs: a ratio
-  of channels does not map to a MACs reduction in closed form.
+  prune removes); ``ratio_search_trials`` counts them (a ratio of channels does not map to a MACs reduction in
+  closed form). When even the largest ratio of one pass stops short of the target (global ranking, e.g.
+  slimming and depgraph, can protect whole groups), re-scoring steps as in ``progressive`` finish the stage; the
+  row counts them in ``correction_steps`` and ``scoring_steps`` then exceeds one.
 - ``iterative``: ``ctx.steps`` one-pass prunes to the geometric stage targets of
   :func:`~baselines.schedule.stage_targets`, fine-tuning ``ctx.finetune_epochs // ctx.steps`` epochs between them
   (the rule of :mod:`baselines.base`).
@@ -287,7 +289,7 @@ class StructuredMethod(Method):
                 widths = layer_widths(net)
                 return 1.0 - sum(widths[n] for n in names) / dense_channels
 
-            spent, scoring, trials, ratio = 0, 0, 0, 0.0
+            spent, scoring, trials, corrections, ratio = 0, 0, 0, 0, 0.0
             for k, stage in enumerate(stages):
                 self.before_stage(model, ctx)
                 if ctx.schedule == "progressive":
@@ -299,6 +301,11 @@ class StructuredMethod(Method):
                 else:
                     ratio, tried = self._one_pass(model, ctx, stage, achieved)
                     scoring, trials = scoring + 1, trials + tried
+                    if achieved(model) < stage - 1e-9:  # one pass stops short (global ranking): the correction step
+                        driver = _RatioDriver(self._pruner(model, ctx, classifier_of(model)), self.max_layer_ratio,
+                                              self.coarse_steps, None)
+                        driver.reach(stage, lambda: achieved(model))
+                        scoring, corrections = scoring + driver.steps, corrections + driver.steps
                 if k < len(stages) - 1 and per_step > 0:
                     model = finetune_in_place(ctx, model, per_step)
                     spent += per_step
@@ -309,7 +316,8 @@ class StructuredMethod(Method):
             warnings.warn(f"{self.name}: target {goal.kind}={goal.value} not reached ({achieved(model):.4f}); "
                           f"layers stop at max_layer_ratio={self.max_layer_ratio}", RuntimeWarning, stacklevel=2)
         self._record(model, ctx, goal, stages, dense_widths, dense_macs, names, dense_channels,
-                     {"epochs": (sparse, spent, final), "scoring": scoring, "trials": trials, "ratio": ratio,
+                     {"epochs": (sparse, spent, final), "scoring": scoring, "trials": trials,
+                      "corrections": corrections, "ratio": ratio,
                       "reached": reached, "converted": converted})
         return model
 
@@ -376,6 +384,7 @@ class StructuredMethod(Method):
             "step_targets": stages,
             "scoring_steps": run["scoring"],
             "ratio_search_trials": run["trials"],
+            "correction_steps": run["corrections"],
             "pruner_ratio": run["ratio"],
             "macs": macs,
             "macs_dense": dense_macs,
