@@ -187,6 +187,7 @@ class StreamData:
             mean, std = self._estimate_stats()
         self.mean = torch.tensor(mean, device=self.device).mul(255).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).mul(255).view(1, 3, 1, 1)
+        self._scale, self._shift = 1 / self.std, -self.mean / self.std
 
     def _estimate_stats(self) -> tuple[list[float], list[float]]:
         n = len(self.train_files)
@@ -214,7 +215,7 @@ class StreamData:
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` on the host -> normalised float32 ``(B, 3, H, W)`` (channels_last) on the device."""
         x = xb.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()  # (B, 3, H, W), NHWC in memory
-        return x.sub_(self.mean).div_(self.std)
+        return torch.addcmul(self._shift, x, self._scale)  # (x - mean) / std in one pass
 
     # --- the ImageData protocol ---
 
@@ -255,6 +256,7 @@ class StreamData:
     def to(self, device: torch.device | str) -> "StreamData":
         self.device = torch.device(device)
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+        self._scale, self._shift = 1 / self.std, -self.mean / self.std
         return self
 
 
