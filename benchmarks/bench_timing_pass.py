@@ -33,6 +33,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtime", default="eager")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="sessions per condition, models loaded afresh")
     parser.add_argument("--settle", type=int, default=2)
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--threads", type=int, default=None)
@@ -54,7 +55,7 @@ def run_twice(args: argparse.Namespace) -> list[dict]:
             shutil.copytree(store, copy, ignore=shutil.ignore_patterns(TIMINGS_FILE, "timings.csv", "plots"))
             t0 = time.perf_counter()
             out = time_store(copy, runtime=args.runtime, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
-                             settle=args.settle, only=args.only,
+                             settle=args.settle, only=args.only, repeats=args.repeats,
                              batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
             print(f"pass {i}: {out.written} rows, {out.busy_sessions}/{out.sessions} busy sessions, "
                   f"{time.perf_counter() - t0:.0f} s, errors: {out.errors or 'none'}", file=sys.stderr)

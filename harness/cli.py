@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
     tim.add_argument("--rounds", default="40", help="timed rounds per session (default 40)")
     tim.add_argument("--warmup", default="5", help="untimed rounds first (default 5)")
+    tim.add_argument("--repeats", default="3", help="sessions per condition, models loaded afresh each time, rounds "
+                     "pooled (default 3)")
     tim.add_argument("--only", action="append", metavar="PATTERN", help="time keys matching this wildcard "
                      "(repeatable; dense references are timed regardless)")
     tim.add_argument("--no-progress", action="store_true", help="no per-session lines")
@@ -174,7 +176,8 @@ def _cmd_time(args) -> int:
     outcome = time_store(args.results_dir, device=args.device, runtime=args.runtime,
                          threads=_int_option("--threads", args.threads, 1), batch_sizes=batches,
                          rounds=_int_option("--rounds", args.rounds, 3), warmup=_int_option("--warmup", args.warmup, 0),
-                         only=args.only, progress=not args.no_progress)
+                         repeats=_int_option("--repeats", args.repeats, 1), only=args.only,
+                         progress=not args.no_progress)
     table = load_timings(args.results_dir)
     if table is not None:
         print(format_timings(table, runtime=args.runtime))

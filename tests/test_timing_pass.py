@@ -23,7 +23,7 @@ from test_artefacts import build_store, compressed, run_key
 
 ENTRIES = [("dense", None, 0), ("bunit", "paper", 0), ("global-magnitude", 0.7, 0), ("l1-filter", 0.5, 0),
            ("global-magnitude", 0.7, 1)]  # seed 1 has no dense: its reference is the dense model of seed 0
-FAST = dict(rounds=3, warmup=0, settle=0, threads=1, progress=False)
+FAST = dict(rounds=3, warmup=0, settle=0, threads=1, progress=False, repeats=1)
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +89,23 @@ def test_injected_timings_give_paired_ratios_and_the_right_dense(store, tmp_path
     assert 0 < other.macs_ratio < 1
     for column in tp.TIMING_COLUMNS:
         assert column in table.reset_index().columns
+
+
+def test_repeats_reload_the_models_and_pool_their_rounds(store, tmp_path, monkeypatch):
+    copy = copy_of(store, tmp_path)
+    calls, loads = [], []
+    runner = tp._runner
+    monkeypatch.setattr(tp, "_runner", lambda *a, **kw: (loads.append(a[2]), runner(*a, **kw))[1])
+
+    def timer(fns, **kw):
+        calls.append(kw["seed"])
+        return {k: [1.0 + i] * kw["rounds"] for i, k in enumerate(sorted(fns))}
+
+    time_store(copy, batch_sizes=(1,), timer=timer, **{**FAST, "rounds": 4, "repeats": 3})
+    assert calls == [0, 1, 2]  # a new shuffled order each repeat
+    assert sorted(loads) == sorted(3 * [run_key(m, t, "B", s) for m, t, s in ENTRIES])  # every model loaded afresh
+    table = load_timings(copy)
+    assert set(table["rounds"]) == {12} and set(table["repeats"]) == {3}  # 3 x 4 rounds pooled per model
 
 
 def test_interleaving_gives_every_model_one_turn_per_round_in_shuffled_order(store, tmp_path):

@@ -184,7 +184,7 @@ def _check_args(runtime, device, threads, batch_sizes, rounds, warmup, memory_fo
         raise ValueError(f"batch_sizes: {batch_sizes!r} not allowed; allowed: positive integers, e.g. 1,64")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads: {threads!r} not allowed; allowed: a positive integer")
-    if rounds < 3 or warmup < 0:
+    if rounds < 3 or warmup < 0:  # repeats are checked by time_store
         raise ValueError(f"rounds/warmup: {rounds}/{warmup} not allowed; allowed: rounds >= 3, warmup >= 0")
     from harness.run.runner import resolve_device
 
@@ -242,7 +242,7 @@ def _store_rows(store: Path) -> dict[str, dict]:
 def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: str = "eager", threads: int | None = None,
                batch_sizes: Sequence[int] = (1, 64), rounds: int = 40, warmup: int = 5, settle: int = 2,
                memory_format: str = "contiguous", only: Sequence[str] | str | None = None, progress: bool = True,
-               timer: Timer | None = None, seed: int = 0) -> TimingOutcome:
+               timer: Timer | None = None, seed: int = 0, repeats: int = 3) -> TimingOutcome:
     """Time every ``ok`` model of a store against its dense reference and append rows to ``timings.jsonl``.
 
     Args:
@@ -260,11 +260,17 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
         progress: one line per session on stderr.
         timer: replaces :func:`bunit.timing.interleaved_times` (tests inject timings).
         seed: seed of the shuffled order.
+        repeats: the session of a condition runs this many times, every model loaded afresh each time (new
+            allocations, a new shuffled order); the rounds of all repeats are pooled, pairs staying within their
+            round. One load of a model can sit differently in memory than the next and time differently by 10-30%
+            at batch 1 on CPU; pooling repeats averages that out, where more rounds of one load cannot.
 
     Returns:
         A :class:`TimingOutcome`.
     """
     dev, n_threads = _check_args(runtime, device, threads, tuple(batch_sizes), rounds, warmup, memory_format)
+    if repeats < 1:
+        raise ValueError(f"repeats: {repeats} not allowed; allowed: an integer >= 1")
     store = Path(store_dir)
     rows = _store_rows(store)
     wanted = _selected(rows, only)
@@ -288,14 +294,16 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
                 out.skipped += sum(1 for k in keys if k in wanted) - len(todo)
                 if todo:
                     _session(store, rows, todo, denses, cond, out, dev, rounds=rounds, warmup=warmup, settle=settle,
-                             timer=timer or interleaved_times, seed=seed, own=own, progress=progress, setting=setting)
+                             timer=timer or interleaved_times, seed=seed, own=own, progress=progress, setting=setting,
+                             repeats=repeats)
     return out
 
 
 def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], cond: dict, out: TimingOutcome,
              dev: torch.device, *, rounds: int, warmup: int, settle: int, timer: Timer, seed: int, own: _OwnLoad,
-             progress: bool, setting: tuple) -> None:
-    """Time ``todo`` and their dense references together under one condition; append one row per ``todo`` key."""
+             progress: bool, setting: tuple, repeats: int = 1) -> None:
+    """Time ``todo`` and their dense references together under one condition, ``repeats`` times with the models
+    loaded afresh each time; append one row per ``todo`` key."""
     refs = {k: _dense_of(rows[k], denses) for k in todo}
     members = sorted(set(todo) | {r for r, _ in refs.values() if r is not None})
     fns, infos, failed, missing = {}, {}, {}, set()
@@ -303,23 +311,31 @@ def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], c
         import torch._dynamo as dynamo
 
         dynamo.reset()  # compiled models of earlier sessions go; their guards would be checked on every call
-    with set_torch_threads(cond["threads"]), runtime_context(cond["runtime"]):
-        for key in members:
-            try:
-                fns[key], infos[key] = _runner(store, rows[key], key, cond, dev)
-            except (CorruptArtefact, FileNotFoundError) as err:  # no row: a re-run tries again
-                missing.add(key)
-                out.errors.append(str(err))
-            except Exception as err:  # noqa: BLE001 - one model's failure is its row's error, not the pass's end
-                lines = str(err).strip().splitlines()
-                failed[key] = f"{type(err).__name__}: {lines[0] if lines else ''}"
-                out.errors.append(f"{key}: {failed[key]}")
-        start_load, own_start = machine_load(), own.sample()
-        times = {}
-        if fns:
-            with torch.inference_mode():
-                times = timer(fns, rounds=rounds, warmup=warmup, device=dev if cond["runtime"] != "onnx" else "cpu",
-                              settle=settle, order="shuffle", seed=seed)
+    times: dict[str, list[float]] = {}
+    start_load, own_start = machine_load(), own.sample()
+    for repeat in range(repeats):
+        with set_torch_threads(cond["threads"]), runtime_context(cond["runtime"]):
+            fns = {}
+            for key in members:
+                if key in failed or key in missing:
+                    continue
+                try:
+                    fns[key], infos[key] = _runner(store, rows[key], key, cond, dev)
+                except (CorruptArtefact, FileNotFoundError) as err:  # no row: a re-run tries again
+                    missing.add(key)
+                    out.errors.append(str(err))
+                except Exception as err:  # noqa: BLE001 - one model's failure is its row's error, not the pass's end
+                    lines = str(err).strip().splitlines()
+                    failed[key] = f"{type(err).__name__}: {lines[0] if lines else ''}"
+                    out.errors.append(f"{key}: {failed[key]}")
+            if fns:
+                with torch.inference_mode():
+                    got = timer(fns, rounds=rounds, warmup=warmup, device=dev if cond["runtime"] != "onnx" else "cpu",
+                                settle=settle, order="shuffle", seed=seed + repeat)
+                for key, values in got.items():  # round r of every model stays at the same index: pairs hold
+                    times.setdefault(key, []).extend(values)
+            del fns
+    with set_torch_threads(cond["threads"]):
         end_load, own_end = machine_load(), own.sample()
     cpus = start_load["cpus"]
     busy_flags = [is_busy(start_load["load1"], own_start, cpus, cond["threads"]),
@@ -332,7 +348,7 @@ def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], c
                       f"{cpus} CPUs, {cond['threads']} threads): rows flagged busy=true", RuntimeWarning, stacklevel=3)
     if progress:
         print(f"[time] {'/'.join(str(s) for s in setting)} {cond['runtime']} {cond['dtype']} batch {cond['batch']}: "
-              f"{len(fns)} models, {rounds} rounds, load {start_load['load1']} -> {end_load['load1']}"
+              f"{len(times)} models, {repeats} x {rounds} rounds, load {start_load['load1']} -> {end_load['load1']}"
               f"{' BUSY' if busy else ''}", file=sys.stderr)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for key in todo:
@@ -343,8 +359,9 @@ def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], c
                "dense_key": ref, "dense_same_seed": same_seed if ref else None,
                "macs_ratio": _macs_ratio(rows[key], rows.get(ref) if ref else None),
                "busy": busy, "load1_start": start_load["load1"], "load1_end": end_load["load1"], "cpus": cpus,
-               "own_load_start": own_start, "own_load_end": own_end, "rounds": rounds, "warmup": warmup,
-               "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95", "session_models": len(fns),
+               "own_load_start": own_start, "own_load_end": own_end, "rounds": rounds * repeats, "warmup": warmup,
+               "repeats": repeats, "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95",
+               "session_models": len(members) - len(failed) - len(missing),
                "timed_at": stamp, "hostname": socket.gethostname(), "torch": torch.__version__,
                "model_path": f"models/{artefact_name(key)}.pt", **infos.get(key, {}),
                "error": failed.get(key) or (f"dense reference {ref}: unusable" if ref in failed or ref in missing
