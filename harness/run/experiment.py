@@ -65,7 +65,7 @@ def run_experiment(exp: Experiment, ctx: RunContext, *, executor: str = "local")
     """Run one experiment and return its row (status ``ok``, or ``failed`` with a one-line reason)."""
     t0 = time.perf_counter()
     row = {**base_row(exp, image_size=ctx.data.image_size, executor=executor), "device": str(ctx.device),
-           "started_at": now()}
+           "data_loader": getattr(ctx.data, "data_loader", None), "started_at": now()}
     try:
         row.update(_train_and_measure(exp, get_method(exp.method), ctx))
         row["status"], row["reason"] = "ok", None

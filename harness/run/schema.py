@@ -81,6 +81,7 @@ ROW_COLUMNS: dict[str, str] = {
     "git_dirty": "true when the work tree had uncommitted changes",
     "versions": "package versions (torch, torchvision, torch_pruning, ptflops, python)",
     "device": "training device (cpu, cuda:0)",
+    "data_loader": "device (decoded once into tensors on the device) | stream (decoded from disk by workers)",
     "hostname": "machine name",
     "started_at": "UTC ISO time the run started",
     "finished_at": "UTC ISO time the run ended",
