@@ -103,6 +103,7 @@ def test_crops_follow_the_imagenet_transforms(tmp_path):
     assert (x[0, :, :7, 0] > 250).all() and (x[0, :, 9:, 2] > 250).all()  # the centre crop keeps both halves
 
 
+@pytest.mark.slow  # 20 s; the end-to-end stream test covers the protocol in CI
 def test_data_protocol_on_streamed_data(small_tree):
     data = _stream(small_tree, size=16)
     examples = data.example_inputs(8)
@@ -182,6 +183,7 @@ def test_a_few_bad_files_are_reported_and_skipped(tmp_path, caplog):
     assert all(any(path in r.getMessage() for r in caplog.records) for path in bad)
 
 
+@pytest.mark.slow  # 10 s; CI keeps the few-bad-files case (reported with paths, skipped, no hang)
 def test_too_many_bad_files_stop_the_run_naming_them(tmp_path):
     root = write_image_tree(tmp_path, n_train=200, n_val=8, sizes=(20, 40))
     bad = _corrupt(root, 10)
