@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.run.data import DeviceLoader, augment_batch, load_dataset
+from harness.run.data import load_dataset
+from harness.run.device_loader import DeviceLoader, augment_batch
 
 
 def test_digits_split_and_normalisation():

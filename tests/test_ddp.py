@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from harness.run.checkpoints import dense_key
 from harness.run.config import TrainConfig, expand, load_suite
-from harness.run.data import DeviceLoader, load_dataset
+from harness.run.data import load_dataset
+from harness.run.device_loader import DeviceLoader
 from harness.run.parallel import ShardedLoader
 from harness.run.models import create_backbone
 from harness.run.runner import run_suite
