@@ -123,6 +123,10 @@ class _OwnLoad:
         return round(self.load, 2)
 
 
+_PROCESS_LOAD = _OwnLoad()
+"""This process's own-load estimate, from import on (one per process, shared by every pass it runs)."""
+
+
 def _conditions_key(row: dict) -> tuple:
     return (row.get("key"), *(row.get(c) for c in CONDITION_COLUMNS))
 
@@ -284,7 +288,7 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
 
     base = {"runtime": runtime, "device": str(dev), "device_name": device_info(dev)["device_name"],
             "threads": n_threads, "memory_format": memory_format}
-    own = _OwnLoad()
+    own = _PROCESS_LOAD  # process-wide: an earlier pass of this process is its own load, not someone else's
     for setting, keys in sorted(settings.items(), key=lambda kv: str(kv[0])):
         denses = {rows[k].get("seed", 0): k for k in sorted(keys, reverse=True) if rows[k].get("family") == "dense"}
         for dtype in dtypes:
