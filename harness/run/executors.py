@@ -1,20 +1,16 @@
 """Executors for the grid: where the experiments of a suite run.
 
-- ``local`` (:func:`run_suite_local`): one process runs the grid in order (:func:`harness.run.runner.run_suite`), or,
-  with several visible GPUs, one worker process per GPU takes experiments from a shared queue.
-- ``ray`` (:func:`harness.run.ray_executor.run_suite_ray`): every experiment is a Ray task asking for one GPU (or CPUs when the cluster has
-  none), on a local Ray instance or an existing cluster (``address="auto"`` or ``ray://host:10001``). Ray is an
-  optional extra, imported only here and only when chosen.
+- ``local`` (:func:`run_suite_local`): one process runs the grid in order (:func:`harness.run.runner.run_suite`),
+  or, with several visible GPUs, one worker process per GPU takes experiments from a shared queue.
+- ``ray`` (:func:`harness.run.ray_executor.run_suite_ray`): every experiment is a Ray task on a local Ray
+  instance or an existing cluster; Ray is an optional extra, imported only when chosen.
 
-Both follow the same rules as the sequential runner. A dense pre-training job (the dense run itself, or a
-checkpoint-only job when the dense run is not selected) goes first for every dense checkpoint that a selected
-run needs and that does not exist yet; a pruning run starts only once its checkpoint exists, and runs that need
-none start at once. The driver process alone appends rows to the store, as each run ends, so rows land atomically
-from one writer; keys already ``ok`` are skipped, so either executor resumes where any executor stopped.
-
-Ray workers need no shared file system: the driver loads the dataset once and puts it in Ray's object store,
-plugin files travel as source text, and dense checkpoints go back to the driver (which writes them under
-``results/<suite>/checkpoints``) and on to the runs that need them through the object store.
+Both follow the sequential runner's rules (:func:`harness.run.runner.open_suite`, :class:`harness.run.runner.RowSink`,
+:func:`harness.run.experiment.run_experiment`). :func:`plan_jobs` puts one checkpoint-only pre-training job first for
+every dense checkpoint that a selected run starts from (its method's pipeline starts from ``dense``) and that does
+not exist yet; such a run starts only once its checkpoint exists, and runs that need none start at once. The
+driver process alone appends rows to the store, as each run ends; keys already ``ok`` are skipped, so either
+executor resumes where any executor stopped.
 """
 from __future__ import annotations
 
