@@ -15,7 +15,7 @@ from harness.analyse.metrics import (
     efficiency,
     pareto_mask,
     summarize,
-    target_label,
+    display_target,
     target_sort_key,
 )
 
@@ -178,7 +178,7 @@ def test_pareto_columns_per_seed_and_on_means():
 def test_target_labels():
     values = (None, float("nan"), 0.5, 2.0, 3, "preset", {"macs_reduction": 0.5}, '{"macs_reduction": 0.5}',
               {"b": 1.0, "a": [1, 2]}, [0.5, 0.7], "{not json")
-    assert [target_label(v) for v in values] == [
+    assert [display_target(v) for v in values] == [
         "", "", "0.5", "2", "3", "preset", "macs_reduction=0.5", "macs_reduction=0.5", "a=[1,2],b=1", "[0.5,0.7]",
         "{not json"]
 

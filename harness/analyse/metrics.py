@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from baselines import FAMILIES
+
 __all__ = [
     "COST_AXES",
     "SETTING_KEYS",
@@ -49,7 +51,8 @@ __all__ = [
     "METRIC_DEFINITIONS",
     "LATENCY_CONTEXT",
     "FAMILY_ORDER",
-    "target_label",
+    "display_target",
+    "family_rank",
     "target_sort_key",
     "ok_rows",
     "failed_rows",
@@ -66,7 +69,12 @@ SETTING_KEYS = ("dataset", "backbone", "shortcut", "image_size")
 REFERENCE_KEYS = SETTING_KEYS + ("seed",)
 SUMMARY_KEYS = ("dataset", "backbone", "shortcut", "image_size", "method", "family", "target_label", "schedule")
 LATENCY_CONTEXT = ("latency_device", "device_name", "dtype", "memory_format", "threads")
-FAMILY_ORDER = ("dense", "bunit", "unstructured", "structured")
+FAMILY_ORDER = FAMILIES  # dense first, then BUnit, unstructured and structured (baselines.FAMILIES)
+
+
+def family_rank(family: Any) -> int:
+    """Position of a family in tables and legends (unknown families last)."""
+    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
 
 # per-row columns averaged over seeds by summarize() (those present in the frame)
 METRIC_COLUMNS = (
@@ -101,7 +109,7 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def target_label(value: Any) -> str:
+def display_target(value: Any) -> str:
     """Canonical text of a target knob, used to group and display it.
 
     Args:
@@ -125,9 +133,9 @@ def target_label(value: Any) -> str:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             return value
-        return target_label(parsed) if isinstance(parsed, dict) else value
+        return display_target(parsed) if isinstance(parsed, dict) else value
     if isinstance(value, dict):
-        return ",".join(f"{k}={target_label(v) if not isinstance(v, (dict, list)) else _compact(v)}"
+        return ",".join(f"{k}={display_target(v) if not isinstance(v, (dict, list)) else _compact(v)}"
                         for k, v in sorted(value.items()))
     if isinstance(value, (list, tuple)):
         return _compact(value)
@@ -280,7 +288,7 @@ def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.D
         ``latency_comparable`` and per-seed ``pareto_{params,macs,latency}``.
     """
     out = ok_rows(df).reset_index(drop=True)
-    out["target_label"] = out["target"].map(target_label) if "target" in out.columns else ""
+    out["target_label"] = out["target"].map(display_target) if "target" in out.columns else ""
     for axis, (sparse_col, plain_col) in _COST_SOURCES.items():
         plain = _num(out, plain_col)
         out[f"cost_{axis}"] = _num(out, sparse_col).fillna(plain) if sparse_aware else plain
@@ -397,9 +405,6 @@ def order_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Sort a summary like a pruning-paper table: setting, then dense first, families, method, target."""
     if summary.empty:
         return summary
-
-    def family_rank(f: Any) -> int:
-        return FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER)
 
     order = sorted(summary.index, key=lambda i: (
         _key_part(summary.at[i, "dataset"]), _key_part(summary.at[i, "backbone"]),

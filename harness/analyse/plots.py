@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from harness.analyse.metrics import (COST_AXES, FAMILY_ORDER, SETTING_KEYS, add_relative_metrics, summarize,
+from harness.analyse.metrics import (COST_AXES, SETTING_KEYS, add_relative_metrics, family_rank, summarize,
                                      target_sort_key)
 
 __all__ = ["FAMILY_COLORS", "RC", "PANEL_W", "method_styles", "setting_label", "plot_tradeoff", "plot_metric_bars",
@@ -73,9 +73,6 @@ def prepare_summary(results: Any) -> pd.DataFrame:
     return summarize(add_relative_metrics(df))
 
 
-def _family_rank(family: Any) -> int:
-    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
-
 
 def method_styles(summary: pd.DataFrame) -> dict[str, tuple[str, str, str]]:
     """A (colour, marker, line style) per method: colour by family; marker, and line style within a family, by method.
@@ -88,7 +85,7 @@ def method_styles(summary: pd.DataFrame) -> dict[str, tuple[str, str, str]]:
     """
     pairs = summary[["method", "family"]].drop_duplicates()
     pairs = sorted(((str(m), str(f)) for m, f in pairs.itertuples(index=False)),
-                   key=lambda p: (_family_rank(p[1]), p[0]))
+                   key=lambda p: (family_rank(p[1]), p[0]))
     extra = iter(_EXTRA_COLORS * 4)
     colours: dict[str, str] = dict(FAMILY_COLORS)
     styles: dict[str, tuple[str, str, str]] = {}
@@ -231,7 +228,7 @@ def plot_tradeoff(summary: pd.DataFrame, axis: str, *, styles: dict[str, tuple[s
 
 def _legend_handles(used: dict[str, str], styles: dict[str, tuple[str, str, str]]) -> list:
     handles = []
-    for method, family in sorted(used.items(), key=lambda kv: (_family_rank(kv[1]), kv[0])):
+    for method, family in sorted(used.items(), key=lambda kv: (family_rank(kv[1]), kv[0])):
         colour, marker, ls = styles[method]
         label = method if family in (method, "dense") else f"{method} ({family})"
         handles.append(Line2D([], [], color=colour, marker=marker, ms=8 if marker == "*" else 4.5,
@@ -272,7 +269,7 @@ def plot_metric_bars(summary: pd.DataFrame, metric: str, *,
     styles = styles or method_styles(summary)
     body = summary[summary["family"] != "dense"]
     cats = body[["family", "method", "target_label"]].drop_duplicates()
-    cats = sorted(cats.itertuples(index=False), key=lambda c: (_family_rank(c.family), c.method,
+    cats = sorted(cats.itertuples(index=False), key=lambda c: (family_rank(c.family), c.method,
                                                                 target_sort_key(c.target_label)))
     ypos, y, prev = {}, 0.0, None
     for c in cats:
@@ -325,7 +322,7 @@ def plot_metric_bars(summary: pd.DataFrame, metric: str, *,
                 if r == 0:
                     ax.set_title(setting_label(part.iloc[0], with_size=multi_size))
         axes[0, 0].invert_yaxis()  # shared: first category on top in every panel
-        present = sorted({str(f) for f in body["family"]}, key=_family_rank)
+        present = sorted({str(f) for f in body["family"]}, key=family_rank)
         handles = [Patch(color=styles[str(body[body["family"] == f]["method"].iloc[0])][0], alpha=0.85, label=f)
                    for f in present]
         why = "R$_c \\leq$ 0 or no dense reference" if metric == "acc_cost" else "no dense reference"

@@ -33,13 +33,13 @@ from harness.analyse.blocks import (
 from harness.analyse.latency_source import LatencyTable, load_latency_table
 from harness.analyse.metrics import (
     COST_AXES,
-    FAMILY_ORDER,
     METRIC_DEFINITIONS,
     SETTING_KEYS,
     add_relative_metrics,
+    display_target,
     failed_rows,
+    family_rank,
     summarize,
-    target_label,
     target_sort_key,
 )
 from harness.analyse.verdict_report import verdict_blocks
@@ -113,7 +113,7 @@ def _suite(df: pd.DataFrame) -> list[Block]:
             epochs = ", ".join(str(int(e)) for e in sorted(set(part["epochs_total"].dropna()))) \
                 if "epochs_total" in part.columns else MISSING
             n_ok = int((part["status"] == "ok").sum())
-            rows.append((FAMILY_ORDER.index(family) if family in FAMILY_ORDER else 9, str(method),
+            rows.append((family_rank(family), str(method),
                          [str(method), family, ", ".join(targets),
                           ", ".join(sorted(map(str, _unique(part, "schedule")))) or MISSING,
                           epochs or MISSING, str(n_ok), str(len(part) - n_ok)]))
@@ -231,7 +231,7 @@ def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Pat
         The blocks, in order.
     """
     df = df.copy()
-    df["target_label"] = df["target"].map(target_label) if "target" in df.columns else ""
+    df["target_label"] = df["target"].map(display_target) if "target" in df.columns else ""
     metrics = add_relative_metrics(df)
     summary = summarize(metrics) if len(metrics) else pd.DataFrame()
     blocks = [Block("h1", "bunit-bench report"),

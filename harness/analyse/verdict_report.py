@@ -13,7 +13,7 @@ import pandas as pd
 from harness.analyse.blocks import MISSING, Block, fmt_value, setting_title
 from harness.analyse.claim import CLAIM_POINTS, COMPARABLE_POINTS, check_claim
 from harness.analyse.latency_source import LatencyTable
-from harness.analyse.metrics import COST_AXES, FAMILY_ORDER, SETTING_KEYS, target_sort_key
+from harness.analyse.metrics import COST_AXES, SETTING_KEYS, family_rank, target_sort_key
 from harness.analyse.verdict import AREA_MIN_REDUCTION, REDUCTIONS, build_curves, compare_area, compare_points
 
 __all__ = ["verdict_blocks", "diff_text", "SHORT_LABELS", "AXIS_NAMES"]
@@ -51,9 +51,6 @@ def _setting_rows(frame: pd.DataFrame, setting: dict) -> pd.DataFrame:
     return frame[mask]
 
 
-def _family_rank(family: str) -> int:
-    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
-
 
 def _method_sentence(rows: pd.DataFrame, area: pd.DataFrame) -> str:
     """``BUnit ▲ at 75% less (-1.23 [...]); ≈ at 50% less (...); mean top-1 over 0-75% less: ...``; points that one
@@ -78,7 +75,7 @@ def _axis_blocks(axis: str, points: pd.DataFrame, area: pd.DataFrame, note: str)
     for method, rows in points.groupby("method", sort=False):
         sentence = _method_sentence(rows, area[area["method"] == method])
         if sentence:
-            items.append((_family_rank(str(rows["family"].iloc[0])), str(rows["family"].iloc[0]),
+            items.append((family_rank(str(rows["family"].iloc[0])), str(rows["family"].iloc[0]),
                           f"vs {rows['family'].iloc[0]} `{method}`: {sentence}"))
         else:
             apart.append(f"`{method}`")
