@@ -49,6 +49,7 @@ import torch
 from torch.utils.benchmark.utils.common import set_torch_threads
 
 from bunit.timing import interleaved_times, machine_load, summary_ms
+from harness.measure.latency import MEMORY_FORMATS
 from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
 from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
 from harness.run.store import ResultStore, append_row, read_rows
@@ -64,7 +65,7 @@ TIMING_COLUMNS = ("key", *CONDITION_COLUMNS, "p50_ms", "p90_ms", "latency_ratio"
 SETTING_COLUMNS = ("dataset", "backbone", "shortcut", "image_size")
 BUSY_MARGIN = 0.5
 LOAD_TAU_S = 60.0  # the kernel's 1-minute load average time constant
-MEMORY_FORMATS = ("contiguous", "channels_last")
+TIMED_LAYOUTS = tuple(f for f in MEMORY_FORMATS if f != "auto")  # the pass times one layout, named
 Timer = Callable[..., dict[str, list[float]]]
 """``timer(fns, *, rounds, warmup, device, settle, order, seed) -> name -> seconds per round`` (interleaved_times)."""
 
@@ -181,8 +182,8 @@ def format_timings(table, *, runtime: str | None = None) -> str:
 def _check_args(runtime, device, threads, batch_sizes, rounds, warmup, memory_format) -> tuple[torch.device, int]:
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime: {runtime!r} not allowed; allowed: {', '.join(RUNTIMES)}")
-    if memory_format not in MEMORY_FORMATS or (runtime == "onnx" and memory_format != "contiguous"):
-        allowed = "contiguous" if runtime == "onnx" else ", ".join(MEMORY_FORMATS)
+    if memory_format not in TIMED_LAYOUTS or (runtime == "onnx" and memory_format != "contiguous"):
+        allowed = "contiguous" if runtime == "onnx" else ", ".join(TIMED_LAYOUTS)
         raise ValueError(f"memory_format: {memory_format!r} not allowed with runtime {runtime}; allowed: {allowed}")
     if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes: {batch_sizes!r} not allowed; allowed: positive integers, e.g. 1,64")
