@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from harness.run.artefacts import load_model
 from harness.run.checkpoints import dense_key
 from harness.run.config import expand, load_suite
 from harness.run.executors import plan_jobs, run_suite_local
@@ -147,6 +149,10 @@ def test_ray_cluster_gives_the_local_rows_and_resumes(ray_cluster, tiny, local_r
     name = dense_key(expand(suite)[0])
     ckpt = f"checkpoints/{name}.pt"
     assert _sha(tmp_path / "tiny" / ckpt) == _sha(local_dir / "tiny" / ckpt)  # the driver wrote the worker's bytes
+    for key, row in rows.items():  # kept models travelled back from the workers and load as the local ones do
+        assert row["model_path"] == local[key]["model_path"] and (tmp_path / "tiny" / row["model_path"]).is_file()
+        x = torch.randn(2, 1, 8, 8)
+        torch.testing.assert_close(load_model(tmp_path / "tiny", key)(x), load_model(local_dir / "tiny", key)(x))
 
     again = run_suite_ray(suite, results_dir=tmp_path, device="auto", progress=False)
     assert (again.ran, again.skipped) == (0, 3)
