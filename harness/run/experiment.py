@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from baselines import Method, MethodContext, get_method
-from baselines.counting import weight_sparsity
+from baselines.counting import count_macs, count_params, weight_sparsity
 from harness import measure
 from harness.run.config import Experiment
 from harness.run.context import RunContext, now, one_line, provenance
@@ -110,14 +110,17 @@ def _train_and_measure(exp: Experiment, method: Method, ctx: RunContext) -> dict
     ctx.reporter.evaluated(metrics["top1"])
     example = ctx.data.example_inputs(max(exp.measure.batch_sizes))
     shape = tuple(example.shape[1:])
-    reference = measure.measure_size(ctx.new_backbone(exp), shape)
+    dense = ctx.new_backbone(exp)  # the reduction columns compare with the dense backbone's counts
     row: dict[str, Any] = {**metrics, **measure.measure_size(model, shape), **spend}
     record = dict(mctx.record)
-    zeros, total = weight_sparsity(model)
-    row["sparsity"] = record.pop("sparsity", zeros / total if total else 0.0)
+    if "sparsity" in record:
+        row["sparsity"] = record.pop("sparsity")
+    else:
+        zeros, total = weight_sparsity(model)
+        row["sparsity"] = zeros / total if total else 0.0
     row["channel_ratio"] = record.pop("channel_ratio", None)
-    row["macs_reduction"] = 1.0 - row["macs"] / reference["macs"]
-    row["params_reduction"] = 1.0 - row["params"] / reference["params"]
+    row["macs_reduction"] = 1.0 - row["macs"] / count_macs(dense, shape)
+    row["params_reduction"] = 1.0 - row["params"] / count_params(dense)
     row["architecture"] = method.architecture(model)
     extras = record.pop("achieved", None)
     if isinstance(extras, dict):
