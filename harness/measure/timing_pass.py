@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.utils.benchmark.utils.common import set_torch_threads
 
-from bunit.timing import interleaved_times, machine_load, summary_ms
+from bunit.timing import interleaved_times, machine_load, steady_allocator, summary_ms
 from harness.measure.latency import MEMORY_FORMATS
 from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
 from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
@@ -368,6 +368,7 @@ def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], c
                "repeats": repeats, "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95",
                "session_models": len(members) - len(failed) - len(missing),
                "timed_at": stamp, "hostname": socket.gethostname(), "torch": torch.__version__,
+               "allocator": steady_allocator(),
                "model_path": f"models/{artefact_name(key)}.pt", **infos.get(key, {}),
                "error": failed.get(key) or (f"dense reference {ref}: unusable" if ref in failed or ref in missing
                                             else None)}
