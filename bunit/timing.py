@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["call_times", "interleaved_times", "summary_ms", "machine_load", "steady_allocator", "ORDERS"]
+__all__ = ["call_times", "interleaved_times", "summary_ms", "machine_load", "steady_allocator", "cpu_snapshot",
+           "others_cpus", "ORDERS"]
 
 ORDERS = ("rotate", "shuffle")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
@@ -185,3 +186,42 @@ def machine_load() -> dict[str, float | int | None]:
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     return {"load1": load1, "cpus": cpus}
+
+
+def _usable_cpus() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_snapshot() -> dict[str, float] | None:
+    """CPU seconds spent so far: busy on this process's usable CPUs (``/proc/stat``: user, nice, system, irq,
+    softirq and steal, the time the hypervisor gave to other machines) and by this process itself; None where
+    ``/proc/stat`` does not exist (macOS, Windows).
+
+    Two snapshots give :func:`others_cpus`: how many CPUs other work kept busy in between, at once and without the
+    minute-long lag of the load average.
+    """
+    usable = _usable_cpus()
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            lines = [ln.split() for ln in fh if ln.startswith("cpu") and not ln.startswith("cpu ")]
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for parts in lines:
+        if usable is None or int(parts[0][3:]) in usable:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in parts[1:9])
+            busy += user + nice + system + irq + softirq + steal
+    return {"wall": time.monotonic(), "busy": busy / hz, "own": time.process_time()}
+
+
+def others_cpus(start: dict[str, float] | None, end: dict[str, float] | None) -> float | None:
+    """CPUs kept busy by anything but this process between two :func:`cpu_snapshot` calls (0 on a quiet machine,
+    1.0 when another process ran one core flat out), or None when either snapshot is missing."""
+    if start is None or end is None or end["wall"] <= start["wall"]:
+        return None
+    others = (end["busy"] - start["busy"]) - (end["own"] - start["own"])
+    return round(max(0.0, others) / (end["wall"] - start["wall"]), 3)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import harness.measure.timing_pass as tp
-from bunit.timing import interleaved_times
+from bunit.timing import cpu_snapshot, interleaved_times, others_cpus
 from harness.measure.runtimes import make_runner
 from harness.measure.timing_pass import is_busy, load_timings, paired_ratio, time_store
 from harness.run.artefacts import load_model
@@ -57,10 +57,25 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
 
 def test_busy_rule():
-    assert is_busy(2.6, own=0.0, cpus=2, threads=2) is True  # others take more than the 0 CPUs left free (+0.5)
-    assert is_busy(2.4, own=2.0, cpus=2, threads=2) is False  # the load is this pass's own threads
-    assert is_busy(1.4, own=0.0, cpus=2, threads=1) is False and is_busy(1.6, own=0.0, cpus=2, threads=1) is True
-    assert is_busy(None, own=0.0, cpus=2, threads=1) is None
+    assert is_busy(0.3, cpus=2, threads=2) is True  # others took more than the 0 CPUs left free (+0.25)
+    assert is_busy(0.2, cpus=2, threads=2) is False
+    assert is_busy(1.2, cpus=2, threads=1) is False and is_busy(1.3, cpus=2, threads=1) is True
+    assert is_busy(0.3, cpus=8, threads=16) is True  # more threads than CPUs leave none free
+    assert is_busy(None, cpus=2, threads=1) is None
+
+
+def test_other_work_is_measured_from_cpu_time_not_the_load_average():
+    a = {"wall": 10.0, "busy": 100.0, "own": 5.0}
+    b = {"wall": 12.0, "busy": 104.0, "own": 7.0}  # 4 CPU-s busy in 2 s, 2 of them this process's
+    assert others_cpus(a, b) == 1.0
+    assert others_cpus(a, {**b, "busy": 102.0}) == 0.0  # all the busy time was this process
+    assert others_cpus(a, None) is None and others_cpus(b, a) is None
+    snap = cpu_snapshot()
+    if snap is not None:  # Linux: real counters
+        spin = time.process_time() + 0.2
+        while time.process_time() < spin:  # this process works: that is not other work
+            pass
+        assert others_cpus(snap, cpu_snapshot()) < 1.0
 
 
 def test_injected_timings_give_paired_ratios_and_the_right_dense(store, tmp_path):
@@ -108,6 +123,18 @@ def test_repeats_reload_the_models_and_pool_their_rounds(store, tmp_path, monkey
     assert set(table["rounds"]) == {12} and set(table["repeats"]) == {3}  # 3 x 4 rounds pooled per model
 
 
+def test_the_conditions_of_a_setting_take_turns_across_repeats(store, tmp_path):
+    copy = copy_of(store, tmp_path)
+    batches = []
+
+    def timer(fns, **kw):
+        batches.append(next(iter(fns.values()))())  # each runner returns its model's output: its batch size
+        return {k: [1.0] * kw["rounds"] for k in fns}
+
+    time_store(copy, batch_sizes=(1, 2), timer=timer, **{**FAST, "repeats": 2})
+    assert [out.shape[0] for out in batches] == [1, 2, 1, 2]  # not 1, 1, 2, 2: each batch's repeats span the pass
+
+
 def test_interleaving_gives_every_model_one_turn_per_round_in_shuffled_order(store, tmp_path):
     copy = copy_of(store, tmp_path)
     log = []
@@ -144,11 +171,13 @@ def test_copied_store_is_timed_from_artefacts_alone_and_resumes(store, tmp_path)
 def test_busy_machine_is_flagged(store, tmp_path, monkeypatch):
     copy = copy_of(store, tmp_path)
     monkeypatch.setattr(tp, "machine_load", lambda: {"load1": 9.0, "cpus": 2})
+    calls = iter(range(1000))  # every snapshot 1 s after the last, with 3 more busy CPU-seconds, none of them ours
+    monkeypatch.setattr(tp, "cpu_snapshot", lambda: (lambda i: {"wall": i, "busy": 3.0 * i, "own": 0.0})(next(calls)))
     with pytest.warns(RuntimeWarning, match="busy"):
         out = time_store(copy, batch_sizes=(1,), only="dense", **FAST)
     assert out.busy_sessions == 1
     rows = list(read_rows(copy / "timings.jsonl"))
-    assert [r["busy"] for r in rows] == [True] and rows[0]["load1_start"] == 9.0
+    assert [r["busy"] for r in rows] == [True] and rows[0]["load1_start"] == 9.0 and rows[0]["others_cpus"] > 2
 
 
 @pytest.mark.parametrize("method,target", [("dense", None), ("bunit", "paper"), ("global-magnitude", 0.7),

@@ -12,33 +12,34 @@ needed.
 
 All models of a session are then timed together by :func:`bunit.timing.interleaved_times`: ``warmup`` untimed
 rounds, then ``rounds`` rounds in each of which every model, in a freshly shuffled order, gets ``settle`` untimed
-calls and one timed call. Per model the row holds the median and p90 (``summary_ms``) and the **paired ratio to
+calls and one timed call. A session runs ``repeats`` times (default 3), the sessions of a setting's conditions
+taking turns (batch 1, batch 64, batch 1, ...), every model loaded afresh each time; the rounds are pooled, so
+each figure spans the setting's whole timing and several loads of every model. Per model the row holds the median and p90 (``summary_ms``) and the **paired ratio to
 dense**: per round, the model's time over its dense reference's time in the same round; ``latency_ratio`` is the
 median of these ratios and ``latency_ratio_lo``/``_hi`` a 95% bootstrap interval of that median (2,000 resamples
 of the rounds, seed 0). The reference is the dense model of the same seed when the store has one, else the dense
 model of the lowest seed (``dense_same_seed`` says which).
 
-Load guard: before and after each session the pass records the 1-minute load average and the usable CPUs
-(:func:`bunit.timing.machine_load`). The load average counts this process too, so its own share is estimated as
-an exponential average of its CPU use (``time.process_time``) with the kernel's 1-minute time constant. The
-session is **busy** when ``load1 - own > cpus - threads + 0.5`` at either end: other work wants more than the
-CPUs this pass leaves free (0.5 absorbs the lag of the average). A busy session warns and its rows say
-``busy: true``.
+Load guard: around each session the pass reads the CPU time of the usable CPUs and of this process
+(:func:`bunit.timing.cpu_snapshot`): the difference is the number of CPUs that other work (other processes, and
+the hypervisor's steal) kept busy while the models were timed, measured directly, with no lag. The session is
+**busy** when that exceeds, in any of its repeats, the CPUs the pass leaves free plus 0.25
+(``others_cpus > max(0, cpus - threads) + 0.25``). A busy session warns and its rows say ``busy: true`` and
+``others_cpus``; the 1-minute load average before and after (``load1_start``, ``load1_end``) and the usable CPUs
+are recorded as well.
 
 Rows go to ``<store>/timings.jsonl``, one per (model key, condition), appended atomically
 (:func:`harness.run.store.append_row`). A (key, condition) already in the table is skipped, so a pass killed at
-any moment resumes: the rows of a session are written after it ends, and a re-run times the models still
-missing (with their dense reference again, whose own row is not written twice).
+any moment resumes: the rows of a setting are written once all its repeats are timed, and a re-run times the
+models still missing (with their dense reference again, whose own row is not written twice).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
-import math
 import os
 import socket
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ import numpy as np
 import torch
 from torch.utils.benchmark.utils.common import set_torch_threads
 
-from bunit.timing import interleaved_times, machine_load, steady_allocator, summary_ms
+from bunit.timing import (cpu_snapshot, interleaved_times, machine_load, others_cpus, steady_allocator,
+                          summary_ms)
 from harness.measure.latency import MEMORY_FORMATS
 from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
 from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
@@ -63,8 +65,7 @@ TIMING_COLUMNS = ("key", *CONDITION_COLUMNS, "p50_ms", "p90_ms", "latency_ratio"
                   "latency_ratio_hi", "dense_key", "busy", "load1_start", "load1_end", "rounds", "timed_at")
 """Columns :func:`load_timings` always has (analysis reads them by name)."""
 SETTING_COLUMNS = ("dataset", "backbone", "shortcut", "image_size")
-BUSY_MARGIN = 0.5
-LOAD_TAU_S = 60.0  # the kernel's 1-minute load average time constant
+BUSY_MARGIN = 0.25  # CPUs of other work tolerated beyond those the pass leaves free
 TIMED_LAYOUTS = tuple(f for f in MEMORY_FORMATS if f != "auto")  # the pass times one layout, named
 Timer = Callable[..., dict[str, list[float]]]
 """``timer(fns, *, rounds, warmup, device, settle, order, seed) -> name -> seconds per round`` (interleaved_times)."""
@@ -104,28 +105,11 @@ def paired_ratio(times: Sequence[float], ref_times: Sequence[float], *, resample
     return float(np.median(ratios)), float(lo), float(hi)
 
 
-def is_busy(load1: float | None, own: float, cpus: int, threads: int) -> bool | None:
-    """The load rule of the module docstring: other work wants more than the CPUs this pass leaves free."""
-    return None if load1 is None else bool(load1 - own > cpus - threads + BUSY_MARGIN)
+def is_busy(others: float | None, cpus: int, threads: int) -> bool | None:
+    """The load rule of the module docstring: other work kept more CPUs busy than this pass leaves free."""
+    return None if others is None else bool(others > max(0, cpus - threads) + BUSY_MARGIN)
 
 
-class _OwnLoad:
-    """This process's share of the load average: its CPU use, averaged like the kernel averages the load."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu, self.load = time.monotonic(), time.process_time(), 0.0
-
-    def sample(self) -> float:
-        wall, cpu = time.monotonic(), time.process_time()
-        dt = max(wall - self.wall, 1e-6)
-        decay = math.exp(-dt / LOAD_TAU_S)
-        self.load = self.load * decay + (cpu - self.cpu) / dt * (1 - decay)
-        self.wall, self.cpu = wall, cpu
-        return round(self.load, 2)
-
-
-_PROCESS_LOAD = _OwnLoad()
-"""This process's own-load estimate, from import on (one per process, shared by every pass it runs)."""
 
 
 def _conditions_key(row: dict) -> tuple:
@@ -265,10 +249,12 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
         progress: one line per session on stderr.
         timer: replaces :func:`bunit.timing.interleaved_times` (tests inject timings).
         seed: seed of the shuffled order.
-        repeats: the session of a condition runs this many times, every model loaded afresh each time (new
-            allocations, a new shuffled order); the rounds of all repeats are pooled, pairs staying within their
-            round. One load of a model can sit differently in memory than the next and time differently by 10-30%
-            at batch 1 on CPU; pooling repeats averages that out, where more rounds of one load cannot.
+        repeats: every session of a setting runs this many times, the sessions of its conditions taking turns
+            (batch 1, batch 64, batch 1, ...), every model loaded afresh each time (new allocations, a new shuffled
+            order); the rounds of all repeats are pooled, pairs staying within their round. One load of a model can
+            sit differently in memory than the next and time differently by 10-30% at batch 1 on CPU, and the
+            machine drifts over minutes; spreading a condition's repeats over the setting's whole timing averages
+            both out, where more rounds of one load at one time cannot.
 
     Returns:
         A :class:`TimingOutcome`.
@@ -289,96 +275,122 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
 
     base = {"runtime": runtime, "device": str(dev), "device_name": device_info(dev)["device_name"],
             "threads": n_threads, "memory_format": memory_format}
-    own = _PROCESS_LOAD  # process-wide: an earlier pass of this process is its own load, not someone else's
     for setting, keys in sorted(settings.items(), key=lambda kv: str(kv[0])):
         denses = {rows[k].get("seed", 0): k for k in sorted(keys, reverse=True) if rows[k].get("family") == "dense"}
+        sessions = []
         for dtype in dtypes:
             for batch in batch_sizes:
                 cond = {**base, "dtype": dtype, "batch": int(batch)}
                 todo = sorted(k for k in keys if k in wanted and _conditions_key({"key": k, **cond}) not in done)
                 out.skipped += sum(1 for k in keys if k in wanted) - len(todo)
                 if todo:
-                    _session(store, rows, todo, denses, cond, out, dev, rounds=rounds, warmup=warmup, settle=settle,
-                             timer=timer or interleaved_times, seed=seed, own=own, progress=progress, setting=setting,
-                             repeats=repeats)
+                    sessions.append(_Session(cond, todo, {k: _dense_of(rows[k], denses) for k in todo}))
+        for repeat in range(repeats):  # the conditions take turns: each one's repeats span the setting's timing
+            for session in sessions:
+                session.time_once(store, rows, dev, rounds=rounds, warmup=warmup, settle=settle,
+                                  timer=timer or interleaved_times, seed=seed + repeat, out=out)
+        for session in sessions:  # rows only once every repeat is in: a kill re-times the setting
+            session.write(rows, out, setting=setting, rounds=rounds, warmup=warmup, settle=settle, repeats=repeats,
+                          progress=progress)
     return out
 
 
-def _session(store: Path, rows: dict, todo: list[str], denses: dict[int, str], cond: dict, out: TimingOutcome,
-             dev: torch.device, *, rounds: int, warmup: int, settle: int, timer: Timer, seed: int, own: _OwnLoad,
-             progress: bool, setting: tuple, repeats: int = 1) -> None:
-    """Time ``todo`` and their dense references together under one condition, ``repeats`` times with the models
-    loaded afresh each time; append one row per ``todo`` key."""
-    refs = {k: _dense_of(rows[k], denses) for k in todo}
-    members = sorted(set(todo) | {r for r, _ in refs.values() if r is not None})
-    fns, infos, failed, missing = {}, {}, {}, set()
-    if cond["runtime"] == "compile":
-        import torch._dynamo as dynamo
+@dataclass
+class _Session:
+    """The models of one setting timed under one condition: pooled timings over the repeats, the machine's state."""
 
-        dynamo.reset()  # compiled models of earlier sessions go; their guards would be checked on every call
-    times: dict[str, list[float]] = {}
-    start_load, own_start = machine_load(), own.sample()
-    for repeat in range(repeats):
+    cond: dict
+    todo: list[str]
+    refs: dict[str, tuple[str | None, bool]]
+    times: dict[str, list[float]] = field(default_factory=dict)
+    infos: dict[str, dict] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)
+    loads: list[dict] = field(default_factory=list)  # machine_load() before the first and after the last repeat
+    others: list[float | None] = field(default_factory=list)  # CPUs others kept busy, per repeat
+    members: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.members = sorted(set(self.todo) | {r for r, _ in self.refs.values() if r is not None})
+
+    def time_once(self, store: Path, rows: dict, dev: torch.device, *, rounds: int, warmup: int, settle: int,
+                  timer: Timer, seed: int, out: TimingOutcome) -> None:
+        """Load every member afresh and time them all together once; pool the rounds."""
+        cond = self.cond
+        if cond["runtime"] == "compile":
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # compiled models of earlier sessions go; their guards would be checked on every call
         with set_torch_threads(cond["threads"]), runtime_context(cond["runtime"]):
+            if not self.loads:
+                self.loads.append(machine_load())
+            start = cpu_snapshot()
             fns = {}
-            for key in members:
-                if key in failed or key in missing:
+            for key in self.members:
+                if key in self.failed or key in self.missing:
                     continue
                 try:
-                    fns[key], infos[key] = _runner(store, rows[key], key, cond, dev)
+                    fns[key], self.infos[key] = _runner(store, rows[key], key, cond, dev)
                 except (CorruptArtefact, FileNotFoundError) as err:  # no row: a re-run tries again
-                    missing.add(key)
+                    self.missing.add(key)
                     out.errors.append(str(err))
                 except Exception as err:  # noqa: BLE001 - one model's failure is its row's error, not the pass's end
                     lines = str(err).strip().splitlines()
-                    failed[key] = f"{type(err).__name__}: {lines[0] if lines else ''}"
-                    out.errors.append(f"{key}: {failed[key]}")
+                    self.failed[key] = f"{type(err).__name__}: {lines[0] if lines else ''}"
+                    out.errors.append(f"{key}: {self.failed[key]}")
             if fns:
                 with torch.inference_mode():
                     got = timer(fns, rounds=rounds, warmup=warmup, device=dev if cond["runtime"] != "onnx" else "cpu",
-                                settle=settle, order="shuffle", seed=seed + repeat)
+                                settle=settle, order="shuffle", seed=seed)
                 for key, values in got.items():  # round r of every model stays at the same index: pairs hold
-                    times.setdefault(key, []).extend(values)
+                    self.times.setdefault(key, []).extend(values)
             del fns
-    with set_torch_threads(cond["threads"]):
-        end_load, own_end = machine_load(), own.sample()
-    cpus = start_load["cpus"]
-    busy_flags = [is_busy(start_load["load1"], own_start, cpus, cond["threads"]),
-                  is_busy(end_load["load1"], own_end, cpus, cond["threads"])]
-    busy = None if None in busy_flags else any(busy_flags)
-    out.sessions += 1
-    if busy:
-        out.busy_sessions += 1
-        warnings.warn(f"timing pass: the machine was busy (load {start_load['load1']} -> {end_load['load1']}, "
-                      f"{cpus} CPUs, {cond['threads']} threads): rows flagged busy=true", RuntimeWarning, stacklevel=3)
-    if progress:
-        print(f"[time] {'/'.join(str(s) for s in setting)} {cond['runtime']} {cond['dtype']} batch {cond['batch']}: "
-              f"{len(times)} models, {repeats} x {rounds} rounds, load {start_load['load1']} -> {end_load['load1']}"
-              f"{' BUSY' if busy else ''}", file=sys.stderr)
-    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    for key in todo:
-        if key in missing:
-            continue
-        ref, same_seed = refs[key]
-        row = {"key": key, **cond, **{c: rows[key].get(c) for c in (*SETTING_COLUMNS, "method", "family", "seed")},
-               "dense_key": ref, "dense_same_seed": same_seed if ref else None,
-               "macs_ratio": _macs_ratio(rows[key], rows.get(ref) if ref else None),
-               "busy": busy, "load1_start": start_load["load1"], "load1_end": end_load["load1"], "cpus": cpus,
-               "own_load_start": own_start, "own_load_end": own_end, "rounds": rounds * repeats, "warmup": warmup,
-               "repeats": repeats, "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95",
-               "session_models": len(members) - len(failed) - len(missing),
-               "timed_at": stamp, "hostname": socket.gethostname(), "torch": torch.__version__,
-               "allocator": steady_allocator(),
-               "model_path": f"models/{artefact_name(key)}.pt", **infos.get(key, {}),
-               "error": failed.get(key) or (f"dense reference {ref}: unusable" if ref in failed or ref in missing
-                                            else None)}
-        if key in times:
-            row.update(summary_ms(times[key]))
-            if ref in times:
-                row["latency_ratio"], row["latency_ratio_lo"], row["latency_ratio_hi"] = paired_ratio(
-                    times[key], times[ref])
-        append_row(out.path, row)
-        out.written += 1
+            self.others.append(others_cpus(start, cpu_snapshot()))
+
+    def write(self, rows: dict, out: TimingOutcome, *, setting: tuple, rounds: int, warmup: int, settle: int,
+              repeats: int, progress: bool) -> None:
+        """Append one row per ``todo`` key (the models still missing their artefact get none)."""
+        cond = self.cond
+        with set_torch_threads(cond["threads"]):
+            end_load = machine_load()
+        start_load = self.loads[0] if self.loads else end_load
+        cpus = start_load["cpus"]
+        known = [o for o in self.others if o is not None]
+        others = max(known) if known else None
+        busy = is_busy(others, cpus, cond["threads"])
+        out.sessions += 1
+        if busy:
+            out.busy_sessions += 1
+            warnings.warn(f"timing pass: the machine was busy (other work kept {others} CPUs busy, {cpus} CPUs, "
+                          f"{cond['threads']} threads): rows flagged busy=true", RuntimeWarning, stacklevel=3)
+        if progress:
+            print(f"[time] {'/'.join(str(s) for s in setting)} {cond['runtime']} {cond['dtype']} batch "
+                  f"{cond['batch']}: {len(self.times)} models, {repeats} x {rounds} rounds, other work "
+                  f"{others if others is not None else '?'} CPUs{' BUSY' if busy else ''}", file=sys.stderr)
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        for key in self.todo:
+            if key in self.missing:
+                continue
+            ref, same_seed = self.refs[key]
+            row = {"key": key, **cond, **{c: rows[key].get(c) for c in (*SETTING_COLUMNS, "method", "family", "seed")},
+                   "dense_key": ref, "dense_same_seed": same_seed if ref else None,
+                   "macs_ratio": _macs_ratio(rows[key], rows.get(ref) if ref else None),
+                   "busy": busy, "others_cpus": others, "load1_start": start_load["load1"],
+                   "load1_end": end_load["load1"], "cpus": cpus, "rounds": rounds * repeats, "warmup": warmup,
+                   "repeats": repeats, "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95",
+                   "session_models": len(self.members) - len(self.failed) - len(self.missing),
+                   "timed_at": stamp, "hostname": socket.gethostname(), "torch": torch.__version__,
+                   "allocator": steady_allocator(), "model_path": f"models/{artefact_name(key)}.pt",
+                   **self.infos.get(key, {}),
+                   "error": self.failed.get(key) or (f"dense reference {ref}: unusable"
+                                                     if ref in self.failed or ref in self.missing else None)}
+            if key in self.times:
+                row.update(summary_ms(self.times[key]))
+                if ref in self.times:
+                    row["latency_ratio"], row["latency_ratio_lo"], row["latency_ratio_hi"] = paired_ratio(
+                        self.times[key], self.times[ref])
+            append_row(out.path, row)
+            out.written += 1
 
 
 def _runner(store: Path, row: dict, key: str, cond: dict, dev: torch.device) -> tuple[Callable[[], Any], dict]:
