@@ -59,7 +59,10 @@ def run_twice(args: argparse.Namespace) -> list[dict]:
                              batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
             print(f"pass {i}: {out.written} rows, {out.busy_sessions}/{out.sessions} busy sessions, "
                   f"{time.perf_counter() - t0:.0f} s, errors: {out.errors or 'none'}", file=sys.stderr)
-            tables.append(load_timings(copy).set_index(["key", "batch"]))
+            table = load_timings(copy)
+            print(f"pass {i}: other work kept at most {table.others_cpus.max()} CPUs busy during a session",
+                  file=sys.stderr)
+            tables.append(table.set_index(["key", "batch"]))
     first, second = tables
     rows = []
     for (key, batch), a in first.iterrows():
