@@ -164,3 +164,30 @@ def test_torchrun_suite_rank0_writes_once_and_resumes(tmp_path, one_thread):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 ok, 0 failed, 2 already done" in again.stdout
     assert len(ResultStore(tmp_path / "ddp" / "tiny").rows()) == 2
+
+
+class _FakeRank:
+    """A rank of a 2-process group without the group: rank 0's broadcast value is given."""
+
+    def __init__(self, rank: int, rank0_value, device="cpu"):
+        self.local_rank, self.is_writer, self.device, self._value = rank, rank == 0, torch.device(device), rank0_value
+
+    def broadcast(self, obj):
+        return obj if self.is_writer else self._value
+
+    def barrier(self):
+        pass
+
+
+def test_every_rank_loads_the_data_the_way_rank_0_chose(tmp_path):
+    from harness.run.config import parse_suite
+    from harness.run.decode import write_image_tree
+    from harness.run.distributed import load_rank_data
+
+    root = write_image_tree(tmp_path / "tree", n_train=12, n_val=4, classes=2)
+    suite = parse_suite({"name": "s", "dataset": f"imagefolder:{root}", "image_size": 16, "backbones": ["resnet8"],
+                         "methods": [{"name": "dense"}], "loader_workers": 0})
+    assert suite.data_loader == "auto"
+    assert load_rank_data(suite, _FakeRank(0, None)).data_loader == "device"  # 16 tiny images fit: rank 0 holds them
+    # rank 0 chose to stream (its node had less free memory): rank 1, for which "auto" would hold them, streams too
+    assert load_rank_data(suite, _FakeRank(1, "stream")).data_loader == "stream"

@@ -43,7 +43,7 @@ from harness.run.context import RunContext
 from harness.run.experiment import run_experiment
 from harness.run.runner import RowSink, SuiteOutcome, open_suite, select
 
-__all__ = ["run_suite_ddp", "build_parser", "main"]
+__all__ = ["run_suite_ddp", "load_rank_data", "build_parser", "main"]
 
 
 class _DDPContext(RunContext):
@@ -64,6 +64,22 @@ class _DDPContext(RunContext):
 
 def _without_latency(exp: Experiment) -> Experiment:
     return dataclasses.replace(exp, measure=dataclasses.replace(exp.measure, latency=False))
+
+
+def load_rank_data(suite: Suite, parallel: DataParallel):
+    """This rank's dataset, loaded first by the first rank of each node (one download per node) and the way rank 0
+    loaded it: ``data_loader = "auto"`` decides from the free memory a process sees, which differs between ranks
+    and nodes, so every rank follows rank 0's choice and all ranks stream or none does."""
+    data = None
+    if parallel.local_rank == 0:
+        data = load_suite_data(suite, parallel.device)  # on the device, or streamed as suite.data_loader says
+    loader = parallel.broadcast(data.data_loader if parallel.is_writer else None)
+    if data is not None and data.data_loader != loader:
+        data = None
+    parallel.barrier()
+    if data is None:
+        data = load_suite_data(dataclasses.replace(suite, data_loader=loader), parallel.device)
+    return data
 
 
 def run_suite_ddp(suite: Suite, parallel: DataParallel, *, results_dir: str | os.PathLike = "results",
@@ -88,12 +104,7 @@ def run_suite_ddp(suite: Suite, parallel: DataParallel, *, results_dir: str | os
     outcome = plan.outcome if parallel.is_writer else SuiteOutcome()
     if not todo:
         return outcome
-    data = None
-    if parallel.local_rank == 0:  # one download per node, then the others read the files
-        data = load_suite_data(suite, parallel.device)  # on the device, or streamed as suite.data_loader says
-    parallel.barrier()
-    if data is None:
-        data = load_suite_data(suite, parallel.device)  # on the device, or streamed as suite.data_loader says
+    data = load_rank_data(suite, parallel)
     with Reporter(len(todo), enabled=progress and parallel.is_writer) as reporter:
         out_dir = Path(results_dir) / suite.name
         ctx = _DDPContext(data, parallel.device, out_dir, reporter, parallel, suite.keep_models)
