@@ -24,7 +24,7 @@ from bunit.timing import machine_load
 from harness.measure.timing_pass import TIMINGS_FILE, load_timings, time_store
 
 COLUMNS = ["key", "batch", "latency_ratio_1", "latency_ratio_2", "ci_1", "ci_2", "agree", "macs_ratio", "p50_ms_1",
-           "p50_ms_2", "busy_1", "busy_2"]
+           "p50_ms_2", "busy_1", "busy_2", "unsteady_1", "unsteady_2"]
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +57,8 @@ def run_twice(args: argparse.Namespace) -> list[dict]:
             out = time_store(copy, runtime=args.runtime, threads=args.threads, rounds=args.rounds, warmup=args.warmup,
                              settle=args.settle, only=args.only, repeats=args.repeats,
                              batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")))
-            print(f"pass {i}: {out.written} rows, {out.busy_sessions}/{out.sessions} busy sessions, "
+            print(f"pass {i}: {out.written} rows, {out.busy_sessions}/{out.sessions} busy and "
+                  f"{out.unsteady_sessions}/{out.sessions} unsteady sessions, "
                   f"{time.perf_counter() - t0:.0f} s, errors: {out.errors or 'none'}", file=sys.stderr)
             table = load_timings(copy)
             print(f"pass {i}: other work kept at most {table.others_cpus.max()} CPUs busy during a session",
@@ -72,7 +73,8 @@ def run_twice(args: argparse.Namespace) -> list[dict]:
                      "ci_1": f"[{a.latency_ratio_lo:.3f}, {a.latency_ratio_hi:.3f}]",
                      "ci_2": f"[{b.latency_ratio_lo:.3f}, {b.latency_ratio_hi:.3f}]",
                      "agree": bool(abs(r2 - r1) <= args.tolerance * r1), "macs_ratio": a.macs_ratio,
-                     "p50_ms_1": a.p50_ms, "p50_ms_2": b.p50_ms, "busy_1": a.busy, "busy_2": b.busy})
+                     "p50_ms_1": a.p50_ms, "p50_ms_2": b.p50_ms, "busy_1": a.busy, "busy_2": b.busy,
+                     "unsteady_1": a.unsteady, "unsteady_2": b.unsteady})
     return rows
 
 
@@ -81,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     start = machine_load()
     rows = run_twice(args)
     end = machine_load()
-    print(f"{'key':<72} {'batch':>5} {'ratio 1':>8} {'ratio 2':>8} {'agree':>6} {'MACs':>6}")
+    print(f"{'key':<72} {'batch':>5} {'ratio 1':>8} {'ratio 2':>8} {'agree':>6} {'MACs':>6}  unsteady")
     for r in sorted(rows, key=lambda r: (r["batch"], r["key"])):
         print(f"{r['key'][:72]:<72} {r['batch']:>5} {r['latency_ratio_1']:>8.3f} {r['latency_ratio_2']:>8.3f} "
-              f"{'yes' if r['agree'] else 'NO':>6} {r['macs_ratio']:>6.3f}")
+              f"{'yes' if r['agree'] else 'NO':>6} {r['macs_ratio']:>6.3f}  "
+              f"{'/'.join('yes' if r[f'unsteady_{i}'] is True else 'no' for i in (1, 2))}")
     agree = sum(r["agree"] for r in rows)
     print(f"{agree} of {len(rows)} ratios agree within ±{args.tolerance:.0%} ({args.runtime}, {args.rounds} rounds, "
           f"warm-up {args.warmup}; load {start['load1']} -> {end['load1']} on {start['cpus']} CPUs)")

@@ -123,6 +123,24 @@ def test_repeats_reload_the_models_and_pool_their_rounds(store, tmp_path, monkey
     assert set(table["rounds"]) == {12} and set(table["repeats"]) == {3}  # 3 x 4 rounds pooled per model
 
 
+def test_a_reference_whose_repeats_disagree_flags_the_session_unsteady(store, tmp_path):
+    copy = copy_of(store, tmp_path)
+    dense0 = run_key("dense", None, "B", 0)
+    level = iter([1.0, 1.0, 1.0, 2.0])  # repeat medians of the reference: batch 1: 1.0, 1.0; batch 2: 1.0, 2.0
+
+    def timer(fns, **kw):
+        ref = next(level)
+        return {k: [ref if k == dense0 else 0.5] * kw["rounds"] for k in fns}
+
+    with pytest.warns(RuntimeWarning, match="unsteady"):
+        out = time_store(copy, batch_sizes=(1, 2), only="l1-filter", timer=timer, **{**FAST, "repeats": 2})
+    assert out.unsteady_sessions == 1
+    rows = {r["batch"]: r for r in read_rows(copy / "timings.jsonl")}
+    assert rows[1]["dense_repeat_spread"] == 0.0 and rows[1]["unsteady"] is False
+    assert rows[2]["dense_repeat_spread"] == 1.0 and rows[2]["unsteady"] is True
+    assert rows[2]["repeat_p50_ms"] == [500.0, 500.0]
+
+
 def test_the_conditions_of_a_setting_take_turns_across_repeats(store, tmp_path):
     copy = copy_of(store, tmp_path)
     batches = []

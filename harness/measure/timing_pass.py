@@ -28,6 +28,12 @@ the hypervisor's steal) kept busy while the models were timed, measured directly
 ``others_cpus``; the 1-minute load average before and after (``load1_start``, ``load1_end``) and the usable CPUs
 are recorded as well.
 
+Steadiness: a machine can also change state without other work (on a virtual machine, batch-1 latency with two
+threads was seen to switch for minutes between two levels, 1.1 and 2.3 ms for a dense ResNet-20, moving paired
+ratios by up to 40%; ``benchmarks/bench_timing_sessions.py`` shows it). Each row keeps its model's median per
+repeat (``repeat_p50_ms``) and the spread of its dense reference's (``dense_repeat_spread``: slowest over fastest
+minus 1); above 0.15 the session warns and its rows say ``unsteady: true``.
+
 Rows go to ``<store>/timings.jsonl``, one per (model key, condition), appended atomically
 (:func:`harness.run.store.append_row`). A (key, condition) already in the table is skipped, so a pass killed at
 any moment resumes: the rows of a setting are written once all its repeats are timed, and a re-run times the
@@ -66,6 +72,7 @@ TIMING_COLUMNS = ("key", *CONDITION_COLUMNS, "p50_ms", "p90_ms", "latency_ratio"
 """Columns :func:`load_timings` always has (analysis reads them by name)."""
 SETTING_COLUMNS = ("dataset", "backbone", "shortcut", "image_size")
 BUSY_MARGIN = 0.25  # CPUs of other work tolerated beyond those the pass leaves free
+UNSTEADY_SPREAD = 0.15  # the dense reference's repeats may differ by this much (slowest / fastest median - 1)
 TIMED_LAYOUTS = tuple(f for f in MEMORY_FORMATS if f != "auto")  # the pass times one layout, named
 Timer = Callable[..., dict[str, list[float]]]
 """``timer(fns, *, rounds, warmup, device, settle, order, seed) -> name -> seconds per round`` (interleaved_times)."""
@@ -80,6 +87,7 @@ class TimingOutcome:
     skipped: int = 0
     sessions: int = 0
     busy_sessions: int = 0
+    unsteady_sessions: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -110,6 +118,13 @@ def is_busy(others: float | None, cpus: int, threads: int) -> bool | None:
     return None if others is None else bool(others > max(0, cpus - threads) + BUSY_MARGIN)
 
 
+
+
+def _spread(medians: Sequence[float] | None) -> float | None:
+    """Slowest over fastest of a model's per-repeat medians, minus 1; None with fewer than two repeats."""
+    if not medians or len(medians) < 2 or min(medians) <= 0:
+        return None
+    return round(max(medians) / min(medians) - 1, 4)
 
 
 def _conditions_key(row: dict) -> tuple:
@@ -307,6 +322,7 @@ class _Session:
     failed: dict[str, str] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
     loads: list[dict] = field(default_factory=list)  # machine_load() before the first and after the last repeat
+    repeat_p50: dict[str, list[float]] = field(default_factory=dict)  # per model, the median (ms) of each repeat
     others: list[float | None] = field(default_factory=list)  # CPUs others kept busy, per repeat
     members: list[str] = field(default_factory=list)
 
@@ -344,6 +360,7 @@ class _Session:
                                 settle=settle, order="shuffle", seed=seed)
                 for key, values in got.items():  # round r of every model stays at the same index: pairs hold
                     self.times.setdefault(key, []).extend(values)
+                    self.repeat_p50.setdefault(key, []).append(round(float(np.median(values)) * 1e3, 4))
             del fns
             self.others.append(others_cpus(start, cpu_snapshot()))
 
@@ -359,6 +376,13 @@ class _Session:
         others = max(known) if known else None
         busy = is_busy(others, cpus, cond["threads"])
         out.sessions += 1
+        spreads = {ref: _spread(self.repeat_p50.get(ref)) for ref, _ in self.refs.values() if ref is not None}
+        worst = max((v for v in spreads.values() if v is not None), default=None)
+        if worst is not None and worst > UNSTEADY_SPREAD:
+            out.unsteady_sessions += 1
+            warnings.warn(f"timing pass: the dense reference's repeats differ by up to {worst:.0%} "
+                          f"(batch {cond['batch']}): the machine changed state during the pass; rows flagged "
+                          "unsteady=true", RuntimeWarning, stacklevel=3)
         if busy:
             out.busy_sessions += 1
             warnings.warn(f"timing pass: the machine was busy (other work kept {others} CPUs busy, {cpus} CPUs, "
@@ -375,7 +399,9 @@ class _Session:
             row = {"key": key, **cond, **{c: rows[key].get(c) for c in (*SETTING_COLUMNS, "method", "family", "seed")},
                    "dense_key": ref, "dense_same_seed": same_seed if ref else None,
                    "macs_ratio": _macs_ratio(rows[key], rows.get(ref) if ref else None),
-                   "busy": busy, "others_cpus": others, "load1_start": start_load["load1"],
+                   "busy": busy, "others_cpus": others, "repeat_p50_ms": self.repeat_p50.get(key),
+                   "dense_repeat_spread": spreads.get(ref),
+                   "unsteady": None if spreads.get(ref) is None else spreads[ref] > UNSTEADY_SPREAD, "load1_start": start_load["load1"],
                    "load1_end": end_load["load1"], "cpus": cpus, "rounds": rounds * repeats, "warmup": warmup,
                    "repeats": repeats, "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95",
                    "session_models": len(self.members) - len(self.failed) - len(self.missing),
