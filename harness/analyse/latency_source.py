@@ -80,7 +80,7 @@ def load_latency_table(store_dir: str | os.PathLike | None) -> LatencyTable | No
     if store_dir is None:
         return None
     try:
-        from harness.measure.timing_pass import load_timings
+        from harness.measure.timing_table import load_timings
     except ImportError:
         return None
     try:

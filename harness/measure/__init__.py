@@ -6,6 +6,9 @@
 - :mod:`harness.measure.lowp`: bfloat16 and 2:4 semi-structured copies timed on CUDA.
 - :mod:`harness.measure.devices`: device name, threads, dtype names.
 - :mod:`harness.measure.inspection`: ``bunitbench inspect``, dense vs BUnit per stage.
+- :mod:`harness.measure.timing_pass`: ``bunitbench time``, every kept model re-timed against its dense reference,
+  interleaved; :mod:`harness.measure.runtimes` (eager, compile, ONNX Runtime) and
+  :mod:`harness.measure.timing_table` (``timings.jsonl`` read and printed) serve it.
 
 Every timing goes through :mod:`bunit.timing`, every count through :mod:`baselines.counting`.
 """

@@ -60,16 +60,13 @@ from bunit.timing import (cpu_snapshot, interleaved_times, machine_load, others_
 from harness.measure.latency import MEMORY_FORMATS
 from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
 from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
+from harness.measure.timing_table import (CONDITION_COLUMNS, TIMING_COLUMNS, TIMINGS_FILE, _conditions_key,
+                                          format_timings, load_timings)
 from harness.run.store import ResultStore, append_row, read_rows
 
 __all__ = ["TIMINGS_FILE", "CONDITION_COLUMNS", "TIMING_COLUMNS", "TimingOutcome", "time_store", "load_timings",
            "format_timings", "paired_ratio", "is_busy"]
 
-TIMINGS_FILE = "timings.jsonl"
-CONDITION_COLUMNS = ("runtime", "device", "device_name", "dtype", "threads", "batch", "memory_format")
-TIMING_COLUMNS = ("key", *CONDITION_COLUMNS, "p50_ms", "p90_ms", "latency_ratio", "latency_ratio_lo",
-                  "latency_ratio_hi", "dense_key", "busy", "load1_start", "load1_end", "rounds", "timed_at")
-"""Columns :func:`load_timings` always has (analysis reads them by name)."""
 SETTING_COLUMNS = ("dataset", "backbone", "shortcut", "image_size")
 BUSY_MARGIN = 0.25  # CPUs of other work tolerated beyond those the pass leaves free
 UNSTEADY_SPREAD = 0.15  # the dense reference's repeats may differ by this much (slowest / fastest median - 1)
@@ -125,57 +122,6 @@ def _spread(medians: Sequence[float] | None) -> float | None:
     if not medians or len(medians) < 2 or min(medians) <= 0:
         return None
     return round(max(medians) / min(medians) - 1, 4)
-
-
-def _conditions_key(row: dict) -> tuple:
-    return (row.get("key"), *(row.get(c) for c in CONDITION_COLUMNS))
-
-
-def load_timings(store_dir: str | os.PathLike):
-    """The timing table of a store as a pandas DataFrame, one row per (model key, condition); None when absent.
-
-    Args:
-        store_dir: the suite directory holding ``timings.jsonl``.
-
-    Returns:
-        A DataFrame with at least the columns of ``TIMING_COLUMNS`` (the latest row of a duplicated pair), or None.
-    """
-    import pandas as pd
-
-    path = Path(store_dir) / TIMINGS_FILE
-    if not path.exists():
-        return None
-    rows = list({_conditions_key(r): r for r in read_rows(path)}.values())
-    frame = pd.DataFrame(rows)
-    for col in TIMING_COLUMNS:
-        if col not in frame.columns:
-            frame[col] = None
-    return frame
-
-
-def _num(value, fmt: str = ".3f") -> str:
-    return format(value, fmt) if value is not None and value == value else "-"  # NaN != NaN
-
-
-def format_timings(table, *, runtime: str | None = None) -> str:
-    """A plain-text table of a timing table: per model and batch, p50, p90, ratio to dense [95% CI], MACs ratio.
-
-    Args:
-        table: what :func:`load_timings` returned.
-        runtime: keep only this runtime's rows (None: all).
-    """
-    rows = table if runtime is None else table[table["runtime"] == runtime]
-    head = f"{'key':<64} {'runtime':>7} {'dtype':>8} {'batch':>5} {'p50 ms':>8} {'p90 ms':>8} " \
-           f"{'ratio to dense [95% CI]':>24} {'MACs ratio':>10}  busy"
-    lines = [head, "-" * len(head)]
-    for _, r in rows.sort_values(["runtime", "dtype", "batch", "key"]).iterrows():
-        ratio = "-" if _num(r["latency_ratio"]) == "-" else \
-            f"{r['latency_ratio']:.3f} [{r['latency_ratio_lo']:.3f}, {r['latency_ratio_hi']:.3f}]"
-        lines.append(f"{str(r['key'])[:64]:<64} {r['runtime']:>7} {r['dtype']:>8} {int(r['batch']):>5} "
-                     f"{_num(r['p50_ms']):>8} {_num(r['p90_ms']):>8} {ratio:>24} "
-                     f"{_num(r.get('macs_ratio')):>10}  {'yes' if r['busy'] is True else 'no'}"
-                     + (f"  ({r['error']})" if isinstance(r.get("error"), str) else ""))
-    return "\n".join(lines)
 
 
 def _check_args(runtime, device, threads, batch_sizes, rounds, warmup, memory_format) -> tuple[torch.device, int]:
