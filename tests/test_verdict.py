@@ -151,11 +151,12 @@ def test_latency_prefers_the_timing_pass():
     table = pd.DataFrame([
         {"key": k, "runtime": "eager", "batch": 1, "device": "cpu", "device_name": "CPU-X", "dtype": "float32",
          "threads": 2, "memory_format": "contiguous", "latency_ratio": 0.5, "latency_ratio_lo": 0.45,
-         "latency_ratio_hi": 0.55, "busy": k.endswith("/0")}
+         "latency_ratio_hi": 0.55, "busy": k.endswith("/0"), "unsteady": k.endswith("/1")}
         for k in store.loc[store["method"] == "bunit", "key"]
     ] + [{"key": "x", "runtime": "compiled", "batch": 1, "latency_ratio": 0.1}])
     latency = select_condition(table)
     assert latency.condition["runtime"] == "eager" and len(latency.ratio) == 12 and len(latency.busy) == 3
+    assert len(latency.unsteady) == 3 and "3 timed while the machine changed state" in latency.describe()
     curves = build_curves(store, "latency", latency=latency)[0]
     assert curves.sources == {"pass": 12, "isolated": 44}
     # every BUnit row now sits at half the dense latency: BUnit's curve spans x in [log 0.5, 0] only

@@ -29,19 +29,23 @@ class LatencyTable:
         ratio: ``{row key: latency_ratio}`` (model time / dense time, median over interleaved rounds).
         interval: ``{row key: (lo, hi)}`` of that ratio.
         busy: keys whose session the pass flagged busy.
+        unsteady: keys whose session the pass flagged unsteady (the dense reference's repeats disagreed).
         condition: ``{runtime, device, device_name, dtype, threads, batch, memory_format}`` of the ratios.
     """
 
     ratio: dict[str, float] = field(default_factory=dict)
     interval: dict[str, tuple[float, float]] = field(default_factory=dict)
     busy: set[str] = field(default_factory=set)
+    unsteady: set[str] = field(default_factory=set)
     condition: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for the report: the condition and how many ratios (and busy ones) it holds."""
         cond = ", ".join(f"{k} {v}" for k, v in self.condition.items() if v is not None and v == v)
         busy = f"; {len(self.busy)} timed while the machine was busy" if self.busy else ""
-        return f"{len(self.ratio)} rows timed by the timing pass ({cond}){busy}"
+        unsteady = (f"; {len(self.unsteady)} timed while the machine changed state (the dense reference's repeats "
+                    "differed by more than 15%)" if self.unsteady else "")
+        return f"{len(self.ratio)} rows timed by the timing pass ({cond}){busy}{unsteady}"
 
 
 def select_condition(table: pd.DataFrame) -> LatencyTable | None:
@@ -64,13 +68,15 @@ def select_condition(table: pd.DataFrame) -> LatencyTable | None:
     best = max(groups.groups, key=lambda k: len(groups.groups[k]))
     t = t.loc[groups.groups[best]]
     first = t.iloc[0]
-    busy = t["busy"].fillna(False).astype(bool) if "busy" in t.columns else pd.Series(False, index=t.index)
+    busy, unsteady = (t[c].fillna(False).astype(bool) if c in t.columns else pd.Series(False, index=t.index)
+                      for c in ("busy", "unsteady"))
     lo = pd.to_numeric(t.get("latency_ratio_lo"), errors="coerce")
     hi = pd.to_numeric(t.get("latency_ratio_hi"), errors="coerce")
     return LatencyTable(
         ratio=dict(zip(t["key"], pd.to_numeric(t["latency_ratio"]).astype(float))),
         interval={k: (float(a), float(b)) for k, a, b in zip(t["key"], lo, hi)},
         busy=set(t.loc[busy, "key"]),
+        unsteady=set(t.loc[unsteady, "key"]),
         condition={c: first[c] for c in _CONDITION},
     )
 
