@@ -185,7 +185,7 @@ def _cmd_time(args) -> int:
     for error in outcome.errors:
         print(f"[error] {error}", file=sys.stderr)
     print(f"time: {outcome.written} rows written, {outcome.skipped} already timed, {outcome.busy_sessions} of "
-          f"{outcome.sessions} sessions on a busy machine -> {outcome.path}")
+          f"{outcome.sessions} sessions on a busy machine, {outcome.unsteady_sessions} unsteady -> {outcome.path}")
     return 0 if not outcome.errors else 1
 
 
