@@ -82,6 +82,9 @@ def test_kill_mid_suite_then_resume(tmp_path, seeds, epochs):
     # One kept model per ok key, where its row says.
     assert sorted(p.name for p in models.glob("*.pt")) == sorted(f"{artefact_name(k)}.pt" for k in keys)
     assert all(r["model_path"] == f"{MODELS_DIR}/{artefact_name(r['key'])}.pt" for r in rows)
+    for row in rows:  # each artefact says which seed and target made it, as its row does
+        meta = json.loads((models / f"{artefact_name(row['key'])}.json").read_text())
+        assert (meta["seed"], meta["target"]) == (by_key[row["key"]].seed, by_key[row["key"]].target)
     kept = _identities(models)
     assert len(kept) == len(grid)
 

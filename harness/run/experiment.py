@@ -143,7 +143,7 @@ def _keep(exp: Experiment, method: Method, model: nn.Module, row: dict[str, Any]
     from harness.run.artefacts import save_model
 
     meta = {"method": exp.method, "family": method.family, "architecture": row["architecture"],
-            "dataset": exp.dataset, "backbone": exp.backbone, "shortcut": exp.shortcut,
-            "num_classes": ctx.data.num_classes, "in_channels": ctx.data.in_channels,
+            "dataset": exp.dataset, "backbone": exp.backbone, "shortcut": exp.shortcut, "seed": exp.seed,
+            "target": exp.target, "num_classes": ctx.data.num_classes, "in_channels": ctx.data.in_channels,
             "image_size": ctx.data.image_size, "git_rev": row.get("git_rev"), "config_hash": exp.config_hash}
     return save_model(ctx.results_dir, exp.key, model, meta=meta)
