@@ -21,7 +21,11 @@ Models (CIFAR inputs, 32x32, 10 classes; weights are freshly initialised, which 
 ``macs_ratio`` is ``macs_nonzero / reference macs`` (``baselines.counting.count_costs``): for BUnit and structured
 pruning it equals the plain MACs ratio, for unstructured pruning it is what FLOP counts in papers claim.
 
-Usage: ``python benchmarks/bench_networks.py [--device cpu|cuda] [--repeats 30] [--quick] [--out CSV]``.
+``--stages`` (eager only) also times every top-level child of every model (stem conv, BN, ReLU, each residual
+stage, pool, classifier) on the input it sees in the whole model, the children of all models of a configuration
+interleaved, and prints where each model's time goes (``stages_ms`` column: child -> p50 ms).
+
+Usage: ``python benchmarks/bench_networks.py [--device cpu|cuda] [--repeats 30] [--quick] [--stages] [--out CSV]``.
 Prints one line per model and configuration and writes ``results/benchmarks/networks.csv``.
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import harness  # noqa: F401  (torchvision shim, before anything imports torchvision or ptflops)
 import torch
@@ -152,9 +156,35 @@ def _prepare(entry: Entry, x: torch.Tensor, *, mode: str, fmt: torch.memory_form
     return net, meta
 
 
+def _stage_fns(net: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """One function per top-level child of ``net`` that ``net(x)`` calls, each on (a copy of) the input it sees."""
+    inputs: dict[str, torch.Tensor] = {}
+    children = dict(net.named_children())
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, args[0].clone()))
+             for name, m in children.items()]
+    try:
+        net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: (lambda m=children[name], t=t: m(t)) for name, t in inputs.items()}
+
+
+def time_stages(nets: dict[str, nn.Module], x: torch.Tensor, *, repeats: int, warmup: int,
+                device: torch.device) -> dict[str, dict[str, float]]:
+    """``{model: {child: p50 ms}}``: every top-level child of every model timed on its own input, all interleaved."""
+    fns = {(name, child): fn for name, net in nets.items() for child, fn in _stage_fns(net, x).items()}
+    times = interleaved_times({f"{n}/{c}": fn for (n, c), fn in fns.items()}, rounds=repeats, warmup=warmup,
+                              device=device)
+    out: dict[str, dict[str, float]] = {name: {} for name in nets}
+    for name, child in fns:
+        out[name][child] = round(summary_ms(times[f"{name}/{child}"])["p50_ms"], 4)
+    return out
+
+
 def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dtype, channels_last: bool,
                mode: str, device: torch.device, repeats: int, warmup: int, plan: str, cache: Path,
-               tune_repeats: int, tune_backends: list[str]) -> list[dict[str, Any]]:
+               tune_repeats: int, tune_backends: list[str], stages: bool = False) -> list[dict[str, Any]]:
     """Time every entry of ``group`` (those that take part in ``mode``) round-robin; one row per entry."""
     torch._dynamo.reset()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -178,6 +208,7 @@ def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dt
             e.model.cpu()
         fns = {name: (lambda net=net: net(x)) for name, net in nets.items()}
         times = interleaved_times(fns, rounds=repeats, warmup=warmup, device=device)
+        by_stage = time_stages(nets, x, repeats=repeats, warmup=warmup, device=device) if stages else {}
     load_end = load1()
     summaries = {name: summary_ms(t) for name, t in times.items()}
     by_name = {e.name: e for e in group}
@@ -197,6 +228,7 @@ def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dt
             "achieved": e.info.get("achieved"), "throughput_img_s": batch / (s["p50_ms"] / 1e3),
             "repeats": repeats, "compile_plan": plan if mode == "compiled" and e.family == "bunit" else None,
             **metas[e.name], "load1_start": load_start, "load1_end": load_end,
+            "stages_ms": json.dumps(by_stage[e.name]) if e.name in by_stage else None,
         })
     return rows
 
@@ -211,6 +243,11 @@ def _print_config(rows: list[dict[str, Any]]) -> None:
         print(f"{head} {r['model']:24s} p50 {r['p50_ms']:9.3f} ms p90 {r['p90_ms']:9.3f} | latency ratio "
               f"{r['latency_ratio']:.3f} vs MACs ratio {r['macs_ratio']:.3f} (ref {r['reference']}){extra} "
               f"| load {r['load1_start']}", flush=True)
+        if r["stages_ms"]:
+            parts = json.loads(r["stages_ms"])
+            print(f"{head}   stages of {r['model']}: " + ", ".join(
+                f"{k} {v:.3f} ms ({v / r['p50_ms']:.0%})" for k, v in parts.items()) +
+                f"; sum {sum(parts.values()):.3f} ms", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="autotuner JSON cache (default: autotune.json next to --out; a temporary file "
                              "with --quick); delete it to tune afresh")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--stages", action="store_true",
+                        help="eager only: also time each top-level child (stem, stages, head) of every model")
     parser.add_argument("--out", default="results/benchmarks/networks.csv")
     return parser
 
@@ -296,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                         config = run_config(group, backbone, batch=batch, dtype=dtype,
                                             channels_last=fmt == "channels_last", mode=mode, device=device,
                                             repeats=repeats, warmup=warmup, plan=plan, cache=cache,
-                                            tune_repeats=args.tune_repeats, tune_backends=tune_backends)
+                                            tune_repeats=args.tune_repeats, tune_backends=tune_backends,
+                                            stages=args.stages and mode == "eager")
                         _print_config(config)
                         rows += [{**r, **env} for r in config]
                         write_csv(rows, args.out)  # after every configuration: an interrupt keeps what ran
