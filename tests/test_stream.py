@@ -183,6 +183,24 @@ def test_a_few_bad_files_are_reported_and_skipped(tmp_path, caplog):
     assert all(any(path in r.getMessage() for r in caplog.records) for path in bad)
 
 
+
+def test_cpu_workers_normalise_to_the_values_of_the_uint8_path(tmp_path):
+    from harness.run.decode import decode_batch
+
+    root = write_image_tree(tmp_path, n_train=64, n_val=4, sizes=(20, 60))
+    _corrupt(root, 1)  # one batch comes out a row short
+    data = _stream(root, size=16, workers=2)
+    assert data.host_affine() is not None  # a CPU device: the workers hand over finished float32 batches
+    loader = data.train_loader(32, seed=5, augment=True)
+    rows = []
+    for (xb, yb), indices in zip(loader, loader.batch_indices(0)):
+        pixels, labels, _ = decode_batch(data.train_files, indices, 16, train=True, seed=5, epoch=0)
+        ref = data.normalise(pixels)  # the uint8 batch normalised in the training process, as on a CUDA device
+        assert torch.equal(xb, ref) and xb.stride() == ref.stride() and torch.equal(yb, labels)
+        assert xb.is_shared()  # written in shared memory by the worker, not copied there
+        rows.append(len(yb))
+    assert sorted(rows) == [31, 32]
+
 @pytest.mark.slow  # 10 s; CI keeps the few-bad-files case (reported with paths, skipped, no hang)
 def test_too_many_bad_files_stop_the_run_naming_them(tmp_path):
     root = write_image_tree(tmp_path, n_train=200, n_val=8, sizes=(20, 40))

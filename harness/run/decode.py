@@ -5,7 +5,8 @@ paths live in one numpy byte array rather than a Python list: forked decoding wo
 copy-on-write growth that reference counts cause on lists of strings. :func:`decode_batch` opens the files of one
 batch with Pillow and applies the training transform (random-resized crop, flip) or the evaluation transform
 (resize the shorter side to ``size / 0.875``, centre crop), both in one ``Image.resize`` with a source box, after
-``Image.draft`` has let the JPEG decoder skip the resolution the crop does not need.
+``Image.draft`` has let the JPEG decoder skip the resolution the crop does not need. Given a per-channel affine
+map, it also normalises each image to float32 right after decoding it (the CPU-device path of the loader).
 """
 from __future__ import annotations
 
@@ -120,26 +121,57 @@ def _load(path: str, size: int, *, train: bool, rng: np.random.Generator | None)
         return np.asarray(out)
 
 
-def decode_batch(files: FileList, indices: np.ndarray, size: int, *, train: bool, seed: int, epoch: int
+def decode_batch(files: FileList, indices: np.ndarray, size: int, *, train: bool, seed: int, epoch: int,
+                 affine: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """Decode ``files[indices]``: uint8 ``(B', size, size, 3)``, labels ``(B',)``, and the ``(path, error)`` of
-    every file that could not be decoded (left out, so ``B'`` may be smaller than ``len(indices)``).
+    """Decode ``files[indices]``: the images, labels ``(B',)``, and the ``(path, error)`` of every file that could
+    not be decoded (left out, so ``B'`` may be smaller than ``len(indices)``).
 
     A file's augmentation comes from a generator seeded by ``(seed, epoch, index)``: the same draws whichever
     process decodes it.
+
+    Args:
+        files, indices: the split and the files of the batch.
+        size: side of the square output.
+        train: the training transform (seeded random-resized crop and flip), else the evaluation transform.
+        seed, epoch: seed the training transform.
+        affine: per-channel ``(scale, shift)``, each of 3 values: the images come out as float32
+            ``x * scale + shift`` (one ``addcmul``, the values of normalising the uint8 batch), ``(B', 3, size,
+            size)`` in channels_last memory, in shared memory when called in a ``DataLoader`` worker (so the batch
+            reaches the training process without a copy). None: uint8 ``(B', size, size, 3)``.
     """
-    out = np.empty((len(indices), size, size, 3), dtype=np.uint8)
-    keep = np.zeros(len(indices), dtype=bool)
+    n = len(indices)
+    pixels = np.empty((n if affine is None else 1, size, size, 3), dtype=np.uint8)  # the batch, or one image
+    if affine is not None:
+        scale, shift = (t.reshape(3, 1, 1) for t in affine)
+        image = torch.from_numpy(pixels[0]).permute(2, 0, 1)  # (3, S, S) view of the one-image buffer
+        nhwc = _float_batch(n, size)  # (B, S, S, 3)
+        out = nhwc.permute(0, 3, 1, 2)  # (B, 3, S, S), NHWC in memory
+    keep = np.zeros(n, dtype=bool)
     bad = []
     for k, i in enumerate(indices):
         rng = np.random.default_rng((seed, epoch, int(i))) if train else None
         try:
-            out[k] = _load(files.path(i), size, train=train, rng=rng)
-            keep[k] = True
+            pixels[k if affine is None else 0] = _load(files.path(i), size, train=train, rng=rng)
         except Exception as err:  # corrupt, truncated, not an image: reported by the caller, never silent
             bad.append((files.path(i), f"{type(err).__name__}: {err}"[:300]))
-    labels = files.labels[np.asarray(indices, dtype=np.int64)][keep]
-    return torch.from_numpy(out[keep] if bad else out), torch.from_numpy(labels), bad
+            continue
+        if affine is not None:  # normalised while the decoded image is still in the cache
+            torch.addcmul(shift, image.float(), scale, out=out[k])
+        keep[k] = True
+    labels = torch.from_numpy(files.labels[np.asarray(indices, dtype=np.int64)][keep])
+    if affine is None:
+        return torch.from_numpy(pixels[keep] if bad else pixels), labels, bad
+    return (nhwc[torch.from_numpy(keep)].permute(0, 3, 1, 2) if bad else out), labels, bad
+
+
+def _float_batch(n: int, size: int) -> torch.Tensor:
+    """An uninitialised float32 ``(n, size, size, 3)``; in shared memory inside a ``DataLoader`` worker, as the
+    default collate allocates its batches there, so that sending it to the training process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(n, size, size, 3)
+    storage = torch.empty(0)._typed_storage()._new_shared(n * size * size * 3)
+    return torch.empty(0).new(storage).view(n, size, size, 3)
 
 
 def write_image_tree(root: Path, *, n_train: int, n_val: int, classes: int = 4, sizes: tuple[int, int] = (40, 160),
