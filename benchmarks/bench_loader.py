@@ -8,7 +8,9 @@ apart: each loader alone runs one epoch in its own subprocess, which reports its
 worker's. Both normalise with ImageNet's mean and std, so nothing is decoded before the first epoch.
 
 Usage: ``python benchmarks/bench_loader.py [--images 1000] [--sizes 224 64] [--workers 2] [--rounds 3]``.
-Prints one line per (image size, loader) and writes ``results/benchmarks/loader.csv``.
+Prints one line per (image size, loader) and writes ``results/benchmarks/loader.csv``: images/s at the median epoch
+and its ratio to torchvision's, and the paired ratio (this loader's images/s over torchvision's in the same round;
+median and minimum over the rounds), which a slow spell of the machine moves less.
 """
 from __future__ import annotations
 
@@ -111,14 +113,17 @@ def main() -> None:
             del loaders
             for name, ts in times.items():
                 memory = _peak_memory(root, size, args.batch, args.workers, args.device, name)
+                paired = (counts[name] / np.asarray(ts)) / (counts["torchvision"] / np.asarray(times["torchvision"]))
                 row = {"image_size": size, "loader": name, "workers": args.workers, "batch": args.batch,
                        "images": counts[name], "images_per_s": counts[name] / float(np.median(ts)),
+                       "speedup_paired_p50": float(np.median(paired)), "speedup_paired_min": float(paired.min()),
                        **summary_ms(ts), **memory, "load1_start": load_start["load1"], "load1_end": load_end["load1"]}
                 rows.append(row)
             base = next(r for r in rows if r["image_size"] == size and r["loader"] == "torchvision")
             for row in rows[-2:]:
                 print(f"size {size:4d}  {row['loader']:12s} {row['images_per_s']:8.1f} images/s "
-                      f"(x{row['images_per_s'] / base['images_per_s']:.2f})  epoch p50 {row['p50_ms'] / 1e3:.2f} s "
+                      f"(x{row['images_per_s'] / base['images_per_s']:.2f}; paired x{row['speedup_paired_p50']:.2f}, "
+                      f"min x{row['speedup_paired_min']:.2f})  epoch p50 {row['p50_ms'] / 1e3:.2f} s "
                       f"iqr {row['iqr_ms'] / 1e3:.2f} s  peak RSS {row['peak_rss_mb']:.0f} MB, "
                       f"largest worker {row['worker_rss_mb']:.0f} MB  load {row['load1_start']}-{row['load1_end']}")
     out = Path(args.out)
