@@ -89,10 +89,12 @@ inline void conv_rows(const float* __restrict src, int64_t cs, int64_t ps, int64
         float* dp = dst + off;
         typename V::type y = V::relu(acc[r][o]);
         const bool whole = x0 + VW <= valid;
-        if (res) {
+        if (res && whole) {
+          y = V::relu(y + V::load(res + off));
+        } else if (res) {  // the last, partial vector of a residual row: its lanes past the row end read zeros
           float tmp[VW] = {};
-          if (!whole) std::memcpy(tmp, res + off, sizeof(float) * (valid - x0));
-          y = V::relu(y + V::load(whole ? res + off : tmp));
+          std::memcpy(tmp, res + off, sizeof(float) * (valid - x0));
+          y = V::relu(y + V::load(tmp));
         }
         if (whole) {
           V::store(dp, y);
@@ -158,7 +160,9 @@ void run_item(const Geometry& g, const float* x, float* y, const float* res, con
     const int64_t t1 = std::min(g.ho, t0 + g.th);
     const int64_t lo = std::max<int64_t>(0, t0 - p), hi = std::min(g.ho, t1 + p);  // hidden rows of this tile
     const int64_t base = t0 - p;  // hidden row r lives in buffer row r - base
-    for (int64_t j = 0; j < g.b; ++j) {  // zero rows outside the plane (conv2's vertical padding)
+    // zero rows outside the plane (conv2's vertical padding); with one tile per plane they are never written
+    // (the buffer starts zeroed), so only tiled planes clear them
+    for (int64_t j = 0; j < g.b && g.th < g.ho; ++j) {
       if (lo > base) std::memset(hid + j * hcs, 0, sizeof(float) * (lo - base) * g.wh);
       if (base + hrows > hi)
         std::memset(hid + j * hcs + (hi - base) * g.wh, 0, sizeof(float) * (base + hrows - hi) * g.wh);
