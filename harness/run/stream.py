@@ -15,10 +15,10 @@ device-resident :class:`~harness.run.data.Splits`, reading ``train/`` and ``val/
   drawn from a generator seeded by (seed, epoch, file index), so a sample's augmentation does not depend on which
   worker or rank decoded it; evaluation resizes the shorter side to ``size / 0.875`` and takes the centre crop.
   On a CUDA device both end as uint8 ``(B, H, W, 3)``, pinned, moved to the device and normalised there. On a CPU
-  device the workers normalise every image right after decoding it, into a float32 batch in shared memory: the
-  training process then receives finished batches and spends none of the cores the workers share with it on
-  them (normalising 64 images of 224 px in the training process cost ~28 ms and ~19,000 page faults a batch, as
-  its float32 buffers exceed glibc's largest mmap threshold). The values are the same either way.
+  device the workers normalise every image right after decoding it, into a float32 batch in shared memory, and the
+  training process receives finished batches: normalising there took ~60 ms of every 224-px batch of 64 beside two
+  workers on two cores (two fresh 38.5 MB float32 buffers, above glibc's largest mmap threshold: ~19,000 page
+  faults a batch). The values are the same either way.
 - Unreadable files: a file that cannot be decoded (corrupt, truncated, not an image) is logged with its path and
   the error and left out of its batch. When more than 0.1% of a split's files (at least one) have failed, the
   next batch raises :class:`BadImagesError` listing them, so a broken tree stops the run instead of training on
@@ -155,8 +155,7 @@ class StreamLoader:
             if xb.shape[0] == 0:
                 raise BadImagesError(f"dataset {self.data.name}: no file of a batch could be decoded: "
                                      f"{', '.join(path for path, _ in bad[:5])}")
-            if xb.dtype == torch.uint8:
-                xb = self.data.normalise(xb)
+            xb = self.data.normalise(xb) if xb.dtype == torch.uint8 else xb.to(self.data.device, non_blocking=True)
             yield xb, yb.to(self.data.device, non_blocking=True)
         self.epoch += 1
 
