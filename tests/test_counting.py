@@ -42,6 +42,7 @@ def _bias_adds(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 @pytest.mark.parametrize("name,params,macs", [("resnet20", 269_722, 40_551_050), ("resnet56", 853_018, 125_485_706)])
 def test_cifar_resnet_counts_match_the_literature(name, params, macs):
+    torch.manual_seed(0)  # unseeded, an initialisation can draw an exact 0.0 now and then (seen once under xdist)
     model = create_backbone(name, num_classes=10, shortcut="A")
     counts = count_costs(model, (3, 32, 32))
     assert counts["params"] == count_params(model) == params
