@@ -279,3 +279,20 @@ def test_loaded_models_are_what_was_timed(store):
         with torch.no_grad():
             assert torch.equal(load_model(store, key)(torch.ones(1, 3, 16, 16)),
                                compressed(m, t, "B", s)(torch.ones(1, 3, 16, 16)))
+
+
+def test_a_reference_that_fails_in_a_later_repeat_leaves_rows_without_a_ratio(store, tmp_path, monkeypatch):
+    copy = copy_of(store, tmp_path)
+    dense0, runner, loads = run_key("dense", None, "B", 0), tp._runner, []
+
+    def flaky(store_dir, row, key, cond, dev):
+        loads.append(key)
+        if key == dense0 and loads.count(dense0) == 2:
+            raise RuntimeError("export failed this time")
+        return runner(store_dir, row, key, cond, dev)
+
+    monkeypatch.setattr(tp, "_runner", flaky)
+    out = time_store(copy, batch_sizes=(1,), only="l1-filter", **{**FAST, "repeats": 2})
+    row = next(iter(read_rows(copy / "timings.jsonl")))
+    assert out.written == 1 and "dense reference" in row["error"] and "latency_ratio" not in row
+    assert row["rounds"] == 6 and len(row["repeat_p50_ms"]) == 2  # the model itself was timed in both repeats

@@ -358,7 +358,7 @@ class _Session:
                                                      if ref in self.failed or ref in self.missing else None)}
             if key in self.times:
                 row.update(summary_ms(self.times[key]))
-                if ref in self.times:
+                if ref in self.times and len(self.times[ref]) == len(self.times[key]):  # both timed in every repeat
                     row["latency_ratio"], row["latency_ratio_lo"], row["latency_ratio_hi"] = paired_ratio(
                         self.times[key], self.times[ref])
             append_row(out.path, row)
