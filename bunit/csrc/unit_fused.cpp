@@ -66,21 +66,46 @@ inline void conv_rows(const float* __restrict src, int64_t cs, int64_t ps, int64
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o) acc[r][o] = V::splat(bias[o]);
+    if constexpr (K > 0 && S == 1) {
+      // Known sizes, stride 1: each source row is loaded once per (channel, dx) and feeds every output row and
+      // dy it touches (R + K - 1 loads instead of R * K); the K * OB weights of the column stay in registers.
 #pragma GCC unroll 8
-    for (int64_t i = 0; i < cin; ++i)
+      for (int64_t i = 0; i < cin; ++i)
 #pragma GCC unroll 8
-      for (int64_t dy = 0; dy < k; ++dy)
+        for (int dx = 0; dx < K; ++dx) {
+          typename V::type wv[K][OB];
 #pragma GCC unroll 8
-        for (int64_t dx = 0; dx < k; ++dx) {
-          const float* sp = src + i * cs + (dx % s) * ps + (row0 + dy) * rs + x0 + dx / s;
-          const float* wp = wt + (i * k + dy) * k + dx;
+          for (int dy = 0; dy < K; ++dy)
 #pragma GCC unroll 8
-          for (int r = 0; r < R; ++r) {
-            const typename V::type v = V::load(sp + r * s * rs);
+            for (int o = 0; o < OB; ++o) wv[dy][o] = V::splat(wt[o * wstride + (i * K + dy) * K + dx]);
+          const float* sp = src + i * cs + row0 * rs + x0 + dx;
+#pragma GCC unroll 16
+          for (int j = 0; j < R + K - 1; ++j) {
+            const typename V::type v = V::load(sp + j * rs);
 #pragma GCC unroll 8
-            for (int o = 0; o < OB; ++o) acc[r][o] += V::splat(wp[o * wstride]) * v;
+            for (int dy = 0; dy < K; ++dy)
+              if (j - dy >= 0 && j - dy < R)
+#pragma GCC unroll 8
+                for (int o = 0; o < OB; ++o) acc[j - dy][o] += wv[dy][o] * v;
           }
         }
+    } else {
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < cin; ++i)
+#pragma GCC unroll 8
+        for (int64_t dy = 0; dy < k; ++dy)
+#pragma GCC unroll 8
+          for (int64_t dx = 0; dx < k; ++dx) {
+            const float* sp = src + i * cs + (dx % s) * ps + (row0 + dy) * rs + x0 + dx / s;
+            const float* wp = wt + (i * k + dy) * k + dx;
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+              const typename V::type v = V::load(sp + r * s * rs);
+#pragma GCC unroll 8
+              for (int o = 0; o < OB; ++o) acc[r][o] += V::splat(wp[o * wstride]) * v;
+            }
+          }
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
