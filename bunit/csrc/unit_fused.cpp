@@ -66,9 +66,9 @@ inline void conv_rows(const float* __restrict src, int64_t cs, int64_t ps, int64
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o) acc[r][o] = V::splat(bias[o]);
-    if constexpr (K > 0 && S == 1) {
-      // Known sizes, stride 1: each source row is loaded once per (channel, dx) and feeds every output row and
-      // dy it touches (R + K - 1 loads instead of R * K); the K * OB weights of the column stay in registers.
+    if constexpr (K > 0 && S > 0) {
+      // Known sizes: each source row is loaded once per (channel, dx) and feeds every output row and dy it
+      // touches ((R - 1) * S + K loads instead of R * K); the K * OB weights of the column stay in registers.
 #pragma GCC unroll 8
       for (int64_t i = 0; i < cin; ++i)
 #pragma GCC unroll 8
@@ -78,15 +78,15 @@ inline void conv_rows(const float* __restrict src, int64_t cs, int64_t ps, int64
           for (int dy = 0; dy < K; ++dy)
 #pragma GCC unroll 8
             for (int o = 0; o < OB; ++o) wv[dy][o] = V::splat(wt[o * wstride + (i * K + dy) * K + dx]);
-          const float* sp = src + i * cs + row0 * rs + x0 + dx;
-#pragma GCC unroll 16
-          for (int j = 0; j < R + K - 1; ++j) {
+          const float* sp = src + i * cs + (dx % S) * ps + row0 * rs + x0 + dx / S;
+#pragma GCC unroll 32
+          for (int j = 0; j < (R - 1) * S + K; ++j) {  // source row j feeds output row (j - dy) / S
             const typename V::type v = V::load(sp + j * rs);
 #pragma GCC unroll 8
             for (int dy = 0; dy < K; ++dy)
-              if (j - dy >= 0 && j - dy < R)
+              if (j - dy >= 0 && (j - dy) % S == 0 && (j - dy) / S < R)
 #pragma GCC unroll 8
-                for (int o = 0; o < OB; ++o) acc[j - dy][o] += wv[dy][o] * v;
+                for (int o = 0; o < OB; ++o) acc[(j - dy) / S][o] += wv[dy][o] * v;
           }
         }
     } else {
