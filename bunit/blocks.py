@@ -69,6 +69,7 @@ class BUnitBasicBlock(nn.Module):
         self.units = units
         self.shortcut = nn.Identity() if shortcut is None else shortcut
         self.relu = nn.ReLU(inplace=True)
+        self._pad_map = _pad_map(self.shortcut)
 
     @classmethod
     def from_block(cls, block: nn.Module, specs: Iterable[UnitSpec | str], *, impl: str = "fused",
@@ -91,6 +92,9 @@ class BUnitBasicBlock(nn.Module):
         return cls(units, _shortcut_of(block))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_map = self.__dict__.get("_pad_map")
+        if pad_map is not None and self.units.backend == "fused_cpu":  # the kernel reads the shortcut from x
+            return self.units(x, residual=x, residual_map=pad_map)  # (B, out, H/s, W/s)
         return self.units(x, residual=self.shortcut(x))  # relu(units(x) + shortcut(x)), (B, out, H/s, W/s)
 
 
@@ -151,6 +155,17 @@ class BUnitConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.units(x)  # (B, out, H/s, W/s)
+
+
+def _pad_map(shortcut: nn.Module) -> tuple[int, int] | None:
+    """``(stride, channel offset)`` of an option-A shortcut (``PadShortcut`` of the CIFAR ResNets: subsample by
+    ``stride``, zero-pad channels evenly on both sides), else None."""
+    if type(shortcut).__name__ != "PadShortcut" or any(True for _ in shortcut.parameters()):
+        return None
+    cin, cout, stride = (getattr(shortcut, a, None) for a in ("in_channels", "out_channels", "stride"))
+    if not all(isinstance(v, int) for v in (cin, cout, stride)) or cout < cin or stride < 1:
+        return None
+    return stride, (cout - cin) // 2
 
 
 def _check_widths(units: UnitLayer, cin: int, cout: int) -> None:

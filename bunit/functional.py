@@ -9,12 +9,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["bn_mode", "bn_stats", "bn_slice", "bn_cat", "conv_bmm", "conv_stencil", "out_size"]
+__all__ = ["bn_mode", "bn_stats", "bn_slice", "bn_cat", "conv_bmm", "conv_stencil", "out_size", "shift_residual"]
 
 
 def out_size(size: int, kernel: int, stride: int) -> int:
     """Output side of a convolution with ``kernel // 2`` padding."""
     return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def shift_residual(r: torch.Tensor, step: int, offset: int, channels: int) -> torch.Tensor:
+    """An option-A shortcut of ``r`` (B, C, H, W): every ``step``-th row and column, channel ``o`` of the result
+    taken from channel ``o - offset`` of ``r`` (zero where that does not exist), ``channels`` channels in all."""
+    r = r[:, :, ::step, ::step] if step > 1 else r
+    return F.pad(r, (0, 0, 0, 0, offset, channels - r.shape[1] - offset))  # (B, channels, H/step, W/step)
 
 
 def bn_mode(bn: nn.BatchNorm2d) -> tuple[bool, float]:

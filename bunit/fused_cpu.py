@@ -174,7 +174,8 @@ def folded_weights(layer: Any) -> list[tuple[torch.Tensor, ...]]:
 # --- forward ------------------------------------------------------------------------------------
 
 
-def forward(layer: Any, x: torch.Tensor, plan: list[tuple], residual: torch.Tensor | None = None) -> torch.Tensor:
+def forward(layer: Any, x: torch.Tensor, plan: list[tuple], residual: torch.Tensor | None = None,
+            residual_map: tuple[int, int] = (1, 0)) -> torch.Tensor:
     """Eval-mode output of a fused :class:`bunit.layers.UnitLayer` on ``x``, one kernel call per group.
 
     Args:
@@ -184,6 +185,9 @@ def forward(layer: Any, x: torch.Tensor, plan: list[tuple], residual: torch.Tens
             with each unit's first input and output channel in layer order.
         residual: None, or a tensor of the output's shape: then ``relu(units(x) + residual)`` is returned (a
             residual block's shortcut and final ReLU, applied as each output row is written).
+        residual_map: ``(step, offset)`` other than ``(1, 0)``: ``residual`` is the tensor an option-A shortcut
+            reads (output channel ``o`` at ``(i, j)`` adds ``residual[:, o - offset, i * step, j * step]``, zero
+            where that channel does not exist); the kernel reads it so, and the shortcut is never built.
 
     Returns:
         ``(B, out, H/s, W/s)`` float32, NCHW.
@@ -200,11 +204,17 @@ def forward(layer: Any, x: torch.Tensor, plan: list[tuple], residual: torch.Tens
     ho = (x.shape[2] + 2 * (k // 2) - k) // stride + 1
     wo = (x.shape[3] + 2 * (k // 2) - k) // stride + 1
     y = torch.empty(x.shape[0], layer.out_channels, ho, wo, dtype=x.dtype)
-    if residual is not None:
+    step, offset = residual_map
+    if residual is not None and (step, offset) != (1, 0):
+        if residual.device.type != "cpu" or residual.dim() != 4 or residual.shape[0] != y.shape[0]:
+            raise ValueError(f"fused_cpu: residual of shape {tuple(residual.shape)} on {residual.device}; "
+                             f"expected (B={y.shape[0]}, C, H, W) on cpu")
+        residual = residual.to(torch.float32).contiguous()
+    elif residual is not None:
         if residual.shape != y.shape or residual.device.type != "cpu":
             raise ValueError(f"fused_cpu: residual of shape {tuple(residual.shape)} on {residual.device}; "
                              f"expected {tuple(y.shape)} on cpu")
         residual = residual.to(torch.float32).contiguous()
     for (a, b, c, kg, s, in_start, out_start), weights in zip(plan, folded_weights(layer)):
-        ext.unit_group_forward(x, y, residual, *weights, in_start, out_start, a, b, c, kg, s)
+        ext.unit_group_forward(x, y, residual, *weights, in_start, out_start, a, b, c, kg, s, step, offset)
     return y  # (B, out, H/s, W/s), layer order

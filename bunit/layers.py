@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bunit import fused_cpu
-from bunit.functional import bn_cat, bn_mode, bn_slice, conv_bmm, conv_stencil
+from bunit.functional import bn_cat, bn_mode, bn_slice, conv_bmm, conv_stencil, shift_residual
 from bunit.spec import UnitSpec, compact_specs, parse_specs
 from bunit.units import BasicUnit, UnitGroup
 
@@ -209,18 +209,23 @@ class UnitLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_map: tuple[int, int] = (1, 0)) -> torch.Tensor:
         """The units' output; with ``residual``, ``relu(units(x) + residual)`` (a residual block's tail).
 
         Args:
             x: input ``(B, in, H, W)``.
             residual: None, or the shortcut ``(B, out, H/s, W/s)`` (``fused_cpu`` adds it inside the kernel).
+            residual_map: ``(step, offset)``: the residual is ``shift_residual(residual, step, offset, out)``, an
+                option-A shortcut of the tensor passed (``fused_cpu`` reads it so in the kernel, never building it).
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if self.impl == "fused" and self._backend == "fused_cpu":
-            return self._forward_fused_cpu(x, residual)
+            return self._forward_fused_cpu(x, residual, residual_map)
         y = self._forward_reference(x) if self.impl == "reference" else self._run(x, self._backend)
+        if residual is not None and tuple(residual_map) != (1, 0):
+            residual = shift_residual(residual, *residual_map, self.out_channels)
         return y if residual is None else F.relu(y + residual, inplace=True)  # (B, out, H/s, W/s)
 
     def _run(self, x: torch.Tensor, backend: str) -> torch.Tensor:
@@ -313,12 +318,15 @@ class UnitLayer(nn.Module):
         y = F.conv2d(h, w2, None, 1, p)  # (B, out, H/s, W/s), layer order
         return F.relu(bn_cat([grp.bn2 for grp in self.groups], y, self.out_perm))
 
-    def _forward_fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                           residual_map: tuple[int, int] = (1, 0)) -> torch.Tensor:
         records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if self.training or records:  # the kernel has no backward and uses running statistics
             y = self._forward_groups(x, _call_module)
+            if residual is not None and tuple(residual_map) != (1, 0):
+                residual = shift_residual(residual, *residual_map, self.out_channels)
             return y if residual is None else F.relu(y + residual, inplace=True)
-        return fused_cpu.forward(self, x, self._kernel_plan, residual)  # (B, out, H/s, W/s), layer order
+        return fused_cpu.forward(self, x, self._kernel_plan, residual, residual_map)  # (B, out, H/s, W/s)
 
     def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
         base = self.compile_base

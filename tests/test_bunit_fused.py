@@ -96,6 +96,26 @@ def test_basic_block_adds_shortcut_in_kernel():
     assert (y >= 0).all() and (ref - torch.relu(block.units.to_impl("reference")(x) + x)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("cin, cout, stride, hw", [(16, 32, 2, 16), (8, 16, 2, 9), (6, 12, 1, 7), (8, 8, 1, 6)])
+def test_option_a_shortcut_read_in_kernel(cin, cout, stride, hw):
+    from harness.run.models import PadShortcut
+
+    dense = nn.Module()
+    dense.conv1, dense.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+    dense.conv2, dense.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+    dense.shortcut = PadShortcut(cin, cout, stride)
+    block = spread_bn(BUnitBasicBlock.from_block(dense, [f"{cin // 2}x2-4-{2 * cout // cin}"]), 2).eval()
+    assert block._pad_map == (stride, (cout - cin) // 2)
+    x = torch.randn(3, cin, hw, hw)
+    with torch.no_grad():
+        ref = torch.relu(block.units.to_impl("reference")(x) + dense.shortcut(x))
+        grouped = block(x)  # grouped backend: the shortcut module runs
+        block.units.backend = "fused_cpu"
+        y = block(x)  # the kernel reads the shortcut from x
+    assert _rel_err(grouped, ref) < RTOL and _rel_err(y, ref) < RTOL
+    assert ((y - ref).abs() > 1e-3).sum() == 0
+
+
 def test_training_mode_runs_grouped_and_learns():
     layer = spread_bn(UnitLayer(["4x2-4-2"]), 0)
     twin = UnitLayer(["4x2-4-2"])

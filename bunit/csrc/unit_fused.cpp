@@ -258,18 +258,40 @@ Geometry make_geometry(int64_t a, int64_t b, int64_t c, int64_t k, int64_t s, in
   return g;
 }
 
+// The residual of one item gathered into buf [c][ho][wo]: output channel `first + j` adds channel `first + j`
+// of r at rows and columns times `step` (zero where that channel does not exist: an option-A shortcut's
+// padding). Returns false when none of the item's channels exists (no residual to add).
+bool gather_residual(const float* r, int64_t rc, int64_t rh, int64_t rw, int64_t step, int64_t first, int64_t c,
+                     int64_t ho, int64_t wo, float* __restrict buf) {
+  if (first >= rc || first + c <= 0) return false;
+  for (int64_t j = 0; j < c; ++j) {
+    float* __restrict d = buf + j * ho * wo;
+    if (first + j < 0 || first + j >= rc) {
+      std::memset(d, 0, sizeof(float) * ho * wo);
+      continue;
+    }
+    const float* src = r + (first + j) * rh * rw;
+    for (int64_t yy = 0; yy < ho; ++yy)
+      for (int64_t xx = 0; xx < wo; ++xx) d[yy * wo + xx] = src[yy * step * rw + xx * step];
+  }
+  return true;
+}
+
 }  // namespace
 
 // y[:, out_start[u]:out_start[u]+c] = unit_u(x[:, in_start[u]:in_start[u]+a]) for every unit u of one group.
 // x: (N, Cin, H, W) float32 contiguous; y: (N, Cout, Ho, Wo) float32 contiguous, written in place.
 // w1: (U*b, a, k, k), b1: (U*b,), w2: (U*c, b, k, k), b2: (U*c,): BN already folded in.
 // residual: None, or a tensor like y: then y = relu(units(x) + residual) on the group's channels (a residual
-// block's shortcut and final ReLU). in_start, out_start: (U,) int64.
+// block's shortcut and final ReLU). With res_step > 1 or res_offset != 0 the residual is read as an option-A
+// shortcut: output channel o at (i, j) adds residual[:, o - res_offset, i * res_step, j * res_step], zero where
+// that channel does not exist. in_start, out_start: (U,) int64.
 // Returns whether a specialised kernel ran (false: the generic path).
 bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::optional<torch::Tensor>& residual,
                         const torch::Tensor& w1, const torch::Tensor& b1,
                         const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& in_start,
-                        const torch::Tensor& out_start, int64_t a, int64_t b, int64_t c, int64_t k, int64_t s) {
+                        const torch::Tensor& out_start, int64_t a, int64_t b, int64_t c, int64_t k, int64_t s,
+                        int64_t res_step, int64_t res_offset) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 4,
               "x: a contiguous float32 CPU tensor (N, C, H, W) is required");
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == torch::kFloat && y.is_contiguous() && y.dim() == 4,
@@ -285,10 +307,18 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
   const Geometry g = make_geometry(a, b, c, k, s, h, w);
   TORCH_CHECK(y.size(0) == n && y.size(2) == g.ho && y.size(3) == g.wo, "y: wrong shape for this input and stride");
   const float* rp = nullptr;
+  TORCH_CHECK(res_step >= 1, "res_step: 1 or more required");
+  const bool gather = residual.has_value() && (res_step != 1 || res_offset != 0);
+  int64_t rc = 0, rh = 0, rw = 0;
   if (residual.has_value()) {
     const torch::Tensor& r = *residual;
-    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == torch::kFloat && r.is_contiguous() && r.sizes() == y.sizes(),
-                "residual: a contiguous float32 CPU tensor of the output's shape is required");
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == torch::kFloat && r.is_contiguous() && r.dim() == 4,
+                "residual: a contiguous float32 CPU tensor (N, C, H, W) is required");
+    TORCH_CHECK(gather || r.sizes() == y.sizes(), "residual: the output's shape is required with res_step 1, "
+                "res_offset 0");
+    rc = r.size(1), rh = r.size(2), rw = r.size(3);
+    TORCH_CHECK(r.size(0) == n && (g.ho - 1) * res_step < rh && (g.wo - 1) * res_step < rw,
+                "residual: batch or plane too small for the output at res_step");
     rp = r.data_ptr<float>();
   }
   auto ins = in_start.to(torch::kLong).contiguous();
@@ -310,11 +340,15 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
   const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   const int64_t in_plane = h * w, out_plane = g.ho * g.wo;
   at::parallel_for(0, n * units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> inbuf(g.in_size() + kMaxVW), hid(g.hid_size() + kMaxVW);
+    std::vector<float> inbuf(g.in_size() + kMaxVW), hid(g.hid_size() + kMaxVW), rbuf(gather ? c * out_plane : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t img = item / units, u = item % units;
       const int64_t out_off = (img * cout + out_p[u]) * out_plane;
-      fn(g, xp + (img * cin + in_p[u]) * in_plane, yp + out_off, rp ? rp + out_off : nullptr,
+      const float* res = rp && !gather ? rp + out_off : nullptr;
+      if (gather && gather_residual(rp + img * rc * rh * rw, rc, rh, rw, res_step, out_p[u] - res_offset, c, g.ho,
+                                    g.wo, rbuf.data()))
+        res = rbuf.data();
+      fn(g, xp + (img * cin + in_p[u]) * in_plane, yp + out_off, res,
          w1p + u * b * a * k * k, b1p + u * b, w2p + u * c * b * k * k, b2p + u * c, inbuf.data(), hid.data());
     }
   });
