@@ -175,11 +175,11 @@ void fill_input(const Geometry& g, const float* __restrict x, float* __restrict 
     }
 }
 
-// One (image, unit) item: the unit's input channels of image x to its output channels of image y.
+// One (image, unit) item: the unit's input channels of image x (already in inbuf, see fill_input) to its output
+// channels of image y.
 template <int VW, int A, int B, int C, int K, int S, int OB1, int OB2, int R1, int R2>
-void run_item(const Geometry& g, const float* x, float* y, const float* res, const float* w1, const float* b1,
+void run_item(const Geometry& g, float* y, const float* res, const float* w1, const float* b1,
               const float* w2, const float* b2, float* inbuf, float* hid) {
-  fill_input<S>(g, x, inbuf);
   const int64_t p = g.p, hrows = g.th + 2 * p, hcs = hrows * g.wh;
   for (int64_t t0 = 0; t0 < g.ho; t0 += g.th) {
     const int64_t t1 = std::min(g.ho, t0 + g.th);
@@ -207,7 +207,8 @@ void run_item(const Geometry& g, const float* x, float* y, const float* res, con
   }
 }
 
-using ItemFn = void (*)(const Geometry&, const float*, float*, const float*, const float*, const float*,
+using FillFn = void (*)(const Geometry&, const float*, float*);
+using ItemFn = void (*)(const Geometry&, float*, const float*, const float*, const float*,
                         const float*, const float*, float*, float*);
 
 // Rows per step: about 16 accumulators (R rows x all outputs), so each weight, broadcast once per step, feeds R
@@ -223,11 +224,13 @@ constexpr ItemFn fixed_item() {
 struct Variant {
   int a, b, c, k, s;
   ItemFn fn8, fn16;
+  FillFn fill;
 };
 
 // The specialised unit shapes: the paper's exploration catalogue and the uniform 2-4 plans (2-4-2 keeps the
 // width, 2-4-4 doubles it), each at stride 1 and 2, kernel 3.
-#define BUNIT_STRIDE(A, B, C, S) {A, B, C, 3, S, fixed_item<8, A, B, C, 3, S>(), fixed_item<16, A, B, C, 3, S>()}
+#define BUNIT_STRIDE(A, B, C, S) \
+  {A, B, C, 3, S, fixed_item<8, A, B, C, 3, S>(), fixed_item<16, A, B, C, 3, S>(), &fill_input<S>}
 #define BUNIT_VARIANT(A, B, C) BUNIT_STRIDE(A, B, C, 1), BUNIT_STRIDE(A, B, C, 2)
 const Variant kVariants[] = {
     BUNIT_VARIANT(1, 2, 1), BUNIT_VARIANT(1, 2, 2), BUNIT_VARIANT(1, 2, 3), BUNIT_VARIANT(2, 1, 1),
@@ -330,8 +333,9 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
                 "in_start/out_start: a unit's channels fall outside the tensors");
   const Variant* variant = find_variant(a, b, c, k, s);
   ItemFn fn = nullptr;
+  FillFn fill = &fill_input<0>;
   if (variant)
-    fn = g.vw == 8 ? variant->fn8 : variant->fn16;
+    fn = g.vw == 8 ? variant->fn8 : variant->fn16, fill = variant->fill;
   else  // the generic path: runtime sizes, one output channel per pass
     fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 0, 0, 1, 1, 1, 1> : &run_item<16, 0, 0, 0, 0, 0, 1, 1, 1, 1>;
   const float* xp = x.data_ptr<float>();
@@ -340,16 +344,22 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
   const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
   const int64_t in_plane = h * w, out_plane = g.ho * g.wo;
   at::parallel_for(0, n * units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> inbuf(g.in_size() + kMaxVW), hid(g.hid_size() + kMaxVW), rbuf(gather ? c * out_plane : 0);
+    // two input buffers: the next item's input is copied in before this item runs, so that its stores have
+    // retired when the convolution loads them (a load that overlaps a pending store at another offset stalls)
+    std::vector<float> inbuf(2 * (g.in_size() + kMaxVW)), hid(g.hid_size() + kMaxVW), rbuf(gather ? c * out_plane : 0);
+    float* bufs[2] = {inbuf.data(), inbuf.data() + g.in_size() + kMaxVW};
+    auto input_of = [&](int64_t item) { return xp + ((item / units) * cin + in_p[item % units]) * in_plane; };
+    if (begin < end) fill(g, input_of(begin), bufs[0]);
     for (int64_t item = begin; item < end; ++item) {
+      if (item + 1 < end) fill(g, input_of(item + 1), bufs[(item + 1 - begin) & 1]);
       const int64_t img = item / units, u = item % units;
       const int64_t out_off = (img * cout + out_p[u]) * out_plane;
       const float* res = rp && !gather ? rp + out_off : nullptr;
       if (gather && gather_residual(rp + img * rc * rh * rw, rc, rh, rw, res_step, out_p[u] - res_offset, c, g.ho,
                                     g.wo, rbuf.data()))
         res = rbuf.data();
-      fn(g, xp + (img * cin + in_p[u]) * in_plane, yp + out_off, res,
-         w1p + u * b * a * k * k, b1p + u * b, w2p + u * c * b * k * k, b2p + u * c, inbuf.data(), hid.data());
+      fn(g, yp + out_off, res, w1p + u * b * a * k * k, b1p + u * b, w2p + u * c * b * k * k, b2p + u * c,
+         bufs[(item - begin) & 1], hid.data());
     }
   });
   return variant != nullptr;
