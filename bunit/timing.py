@@ -25,6 +25,7 @@ two candidates within one round) are then meaningful.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import random
@@ -41,32 +42,29 @@ ORDERS = ("rotate", "shuffle")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value (4 * 1024 * 1024 * sizeof(long))
 TRIM_THRESHOLD = 1 << 30
-_ALLOCATOR: dict[str, Any] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def steady_allocator() -> str:
     """Make glibc's malloc keep freed buffers for reuse: a fixed mmap threshold of 32 MiB (only larger blocks get
-    their own pages) and a 1 GiB trim threshold (freed heap memory is not handed back). Process-wide, idempotent,
-    never undone; the harness and benchmarks time nothing without it.
+    their own pages) and a 1 GiB trim threshold (freed heap memory is not handed back). Process-wide, once per
+    process (cached), never undone; the harness and benchmarks time nothing without it.
 
     Returns:
         What the process's allocator is now, as recorded in timing rows: ``"glibc-steady"``, or ``"default"``
         where the C library is not glibc (musl, macOS, Windows), which this leaves alone.
     """
-    if "name" not in _ALLOCATOR:
-        _ALLOCATOR["name"] = "default"
-        try:
-            import ctypes
-            import ctypes.util
+    try:
+        import ctypes
+        import ctypes.util
 
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
-                ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                                     TRIM_THRESHOLD)
-                _ALLOCATOR["name"] = "glibc-steady" if ok else "default"
-        except OSError:
-            pass
-    return _ALLOCATOR["name"]
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return "default"
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version")):
+        return "default"
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return "glibc-steady" if ok else "default"
 
 
 @contextlib.contextmanager
@@ -181,14 +179,12 @@ def machine_load() -> dict[str, float | int | None]:
         load1: float | None = round(os.getloadavg()[0], 2)
     except OSError:
         load1 = None
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return {"load1": load1, "cpus": cpus}
+    usable = _usable_cpus()
+    return {"load1": load1, "cpus": len(usable) if usable else (os.cpu_count() or 1)}
 
 
 def _usable_cpus() -> set[int] | None:
+    """The CPUs this process may run on; None where the OS does not say (macOS, Windows)."""
     try:
         return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
