@@ -224,9 +224,16 @@ class UnitLayer(nn.Module):
         if self.impl == "fused" and self._backend == "fused_cpu":
             return self._forward_fused_cpu(x, residual, residual_map)
         y = self._forward_reference(x) if self.impl == "reference" else self._run(x, self._backend)
-        if residual is not None and tuple(residual_map) != (1, 0):
+        return self._add_residual(y, residual, residual_map)  # (B, out, H/s, W/s)
+
+    def _add_residual(self, y: torch.Tensor, residual: torch.Tensor | None,
+                      residual_map: tuple[int, int]) -> torch.Tensor:
+        """``relu(y + residual)`` with the residual mapped as ``forward`` says; ``y`` alone without one."""
+        if residual is None:
+            return y
+        if tuple(residual_map) != (1, 0):
             residual = shift_residual(residual, *residual_map, self.out_channels)
-        return y if residual is None else F.relu(y + residual, inplace=True)  # (B, out, H/s, W/s)
+        return F.relu(y + residual, inplace=True)
 
     def _run(self, x: torch.Tensor, backend: str) -> torch.Tensor:
         if backend == "grouped":
@@ -322,10 +329,7 @@ class UnitLayer(nn.Module):
                            residual_map: tuple[int, int] = (1, 0)) -> torch.Tensor:
         records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if self.training or records:  # the kernel has no backward and uses running statistics
-            y = self._forward_groups(x, _call_module)
-            if residual is not None and tuple(residual_map) != (1, 0):
-                residual = shift_residual(residual, *residual_map, self.out_channels)
-            return y if residual is None else F.relu(y + residual, inplace=True)
+            return self._add_residual(self._forward_groups(x, _call_module), residual, residual_map)
         return fused_cpu.forward(self, x, self._kernel_plan, residual, residual_map)  # (B, out, H/s, W/s)
 
     def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
