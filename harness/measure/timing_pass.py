@@ -13,12 +13,12 @@ needed.
 All models of a session are then timed together by :func:`bunit.timing.interleaved_times`: ``warmup`` untimed
 rounds, then ``rounds`` rounds in each of which every model, in a freshly shuffled order, gets ``settle`` untimed
 calls and one timed call. A session runs ``repeats`` times (default 3), the sessions of a setting's conditions
-taking turns (batch 1, batch 64, batch 1, ...), every model loaded afresh each time; the rounds are pooled, so
-each figure spans the setting's whole timing and several loads of every model. Per model the row holds the median and p90 (``summary_ms``) and the **paired ratio to
-dense**: per round, the model's time over its dense reference's time in the same round; ``latency_ratio`` is the
-median of these ratios and ``latency_ratio_lo``/``_hi`` a 95% bootstrap interval of that median (2,000 resamples
-of the rounds, seed 0). The reference is the dense model of the same seed when the store has one, else the dense
-model of the lowest seed (``dense_same_seed`` says which).
+taking turns (batch 1, batch 64, batch 1, ...), every model loaded afresh each time; the rounds are pooled, so each
+figure spans the setting's whole timing and several loads of every model. Per model the row holds the median and p90
+(``summary_ms``) and the **paired ratio to dense**: per round, the model's time over its dense reference's time in
+the same round; ``latency_ratio`` is the median of these ratios and ``latency_ratio_lo``/``_hi`` a 95% bootstrap
+interval of that median (2,000 resamples of the rounds, seed 0). The reference is the dense model of the same seed
+when the store has one, else the dense model of the lowest seed (``dense_same_seed`` says which).
 
 Load guard: around each session the pass reads the CPU time of the usable CPUs and of this process
 (:func:`bunit.timing.cpu_snapshot`): the difference is the number of CPUs that other work (other processes, and
@@ -59,9 +59,9 @@ from bunit.timing import (cpu_snapshot, interleaved_times, machine_load, others_
                           summary_ms)
 from harness.measure.latency import MEMORY_FORMATS
 from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
-from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
 from harness.measure.timing_table import (CONDITION_COLUMNS, TIMING_COLUMNS, TIMINGS_FILE, _conditions_key,
                                           format_timings, load_timings)
+from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
 from harness.run.store import ResultStore, append_row, read_rows
 
 __all__ = ["TIMINGS_FILE", "CONDITION_COLUMNS", "TIMING_COLUMNS", "TimingOutcome", "time_store", "load_timings",
@@ -113,8 +113,6 @@ def paired_ratio(times: Sequence[float], ref_times: Sequence[float], *, resample
 def is_busy(others: float | None, cpus: int, threads: int) -> bool | None:
     """The load rule of the module docstring: other work kept more CPUs busy than this pass leaves free."""
     return None if others is None else bool(others > max(0, cpus - threads) + BUSY_MARGIN)
-
-
 
 
 def _spread(medians: Sequence[float] | None) -> float | None:
@@ -267,10 +265,10 @@ class _Session:
     infos: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
-    loads: list[dict] = field(default_factory=list)  # machine_load() before the first and after the last repeat
+    start_load: dict | None = None  # machine_load() before the first repeat
     repeat_p50: dict[str, list[float]] = field(default_factory=dict)  # per model, the median (ms) of each repeat
     others: list[float | None] = field(default_factory=list)  # CPUs others kept busy, per repeat
-    members: list[str] = field(default_factory=list)
+    members: list[str] = field(init=False)  # todo and their dense references
 
     def __post_init__(self) -> None:
         self.members = sorted(set(self.todo) | {r for r, _ in self.refs.values() if r is not None})
@@ -284,8 +282,8 @@ class _Session:
 
             dynamo.reset()  # compiled models of earlier sessions go; their guards would be checked on every call
         with set_torch_threads(cond["threads"]), runtime_context(cond["runtime"]):
-            if not self.loads:
-                self.loads.append(machine_load())
+            if self.start_load is None:
+                self.start_load = machine_load()
             start = cpu_snapshot()
             fns = {}
             for key in self.members:
@@ -316,16 +314,17 @@ class _Session:
         cond = self.cond
         with set_torch_threads(cond["threads"]):
             end_load = machine_load()
-        start_load = self.loads[0] if self.loads else end_load
+        start_load = self.start_load or end_load
         cpus = start_load["cpus"]
         known = [o for o in self.others if o is not None]
         others = max(known) if known else None
         busy = is_busy(others, cpus, cond["threads"])
         out.sessions += 1
         spreads = {ref: _spread(self.repeat_p50.get(ref)) for ref, _ in self.refs.values() if ref is not None}
-        worst = max((v for v in spreads.values() if v is not None), default=None)
-        if worst is not None and worst > UNSTEADY_SPREAD:
+        unsteady = {ref: None if v is None else v > UNSTEADY_SPREAD for ref, v in spreads.items()}
+        if any(unsteady.values()):
             out.unsteady_sessions += 1
+            worst = max(v for v in spreads.values() if v is not None)
             warnings.warn(f"timing pass: the dense reference's repeats differ by up to {worst:.0%} "
                           f"(batch {cond['batch']}): the machine changed state during the pass; rows flagged "
                           "unsteady=true", RuntimeWarning, stacklevel=3)
@@ -346,9 +345,9 @@ class _Session:
                    "dense_key": ref, "dense_same_seed": same_seed if ref else None,
                    "macs_ratio": _macs_ratio(rows[key], rows.get(ref) if ref else None),
                    "busy": busy, "others_cpus": others, "repeat_p50_ms": self.repeat_p50.get(key),
-                   "dense_repeat_spread": spreads.get(ref),
-                   "unsteady": None if spreads.get(ref) is None else spreads[ref] > UNSTEADY_SPREAD, "load1_start": start_load["load1"],
-                   "load1_end": end_load["load1"], "cpus": cpus, "rounds": rounds * repeats, "warmup": warmup,
+                   "dense_repeat_spread": spreads.get(ref), "unsteady": unsteady.get(ref),
+                   "load1_start": start_load["load1"], "load1_end": end_load["load1"], "cpus": cpus,
+                   "rounds": rounds * repeats, "warmup": warmup,
                    "repeats": repeats, "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95",
                    "session_models": len(self.members) - len(self.failed) - len(self.missing),
                    "timed_at": stamp, "hostname": socket.gethostname(), "torch": torch.__version__,
