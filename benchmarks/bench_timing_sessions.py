@@ -21,6 +21,7 @@ import torch
 
 from baselines import get_method
 from bunit.timing import cpu_snapshot, interleaved_times, others_cpus, summary_ms
+from harness.measure.timing_pass import paired_ratio
 from harness.run.artefacts import list_models, load_model
 
 
@@ -60,7 +61,7 @@ def main() -> None:
                 t = interleaved_times(fns, rounds=args.rounds, warmup=5, order="shuffle", seed=s)
                 busy = others_cpus(start, cpu_snapshot())
                 p50 = {k: summary_ms(v)["p50_ms"] for k, v in t.items()}
-                ratio = float(torch.tensor(t["other"]).div(torch.tensor(t["dense"])).median())
+                ratio = paired_ratio(t["other"], t["dense"])[0]  # the timing pass's paired ratio
                 if batch == args.batch:
                     ratios.append(ratio)
                 print(f"{s:>7} {batch:>5} {p50['dense']:>9.3f} {p50['other']:>9.3f} {ratio:>6.3f} {busy!s:>11}",
