@@ -25,7 +25,13 @@ pruning it equals the plain MACs ratio, for unstructured pruning it is what FLOP
 stage, pool, classifier) on the input it sees in the whole model, the children of all models of a configuration
 interleaved, and prints where each model's time goes (``stages_ms`` column: child -> p50 ms).
 
-Usage: ``python benchmarks/bench_networks.py [--device cpu|cuda] [--repeats 30] [--quick] [--stages] [--out CSV]``.
+``--formats best`` times NCHW and channels_last in ONE configuration: every model twice (each copy tuned for its
+own input), all (model, format) pairs interleaved. Besides a row per (model, format), ratio to dense in the same
+format, it adds one row per model with ``memory_format = "best"``: the model at its fastest format (``best_format``)
+over dense at dense's fastest (``ref_format``), both measured side by side.
+
+Usage: ``python benchmarks/bench_networks.py [--device cpu|cuda] [--repeats 30] [--quick] [--stages]
+[--formats contiguous,channels_last|best] [--out CSV]``.
 Prints one line per model and configuration and writes ``results/benchmarks/networks.csv``.
 """
 from __future__ import annotations
@@ -59,6 +65,7 @@ from bench_layers import (available_backends, dtype_from_name, environment, load
                           write_csv)
 
 COMPILE_PLANS = ("autotune", "grouped", "grouped_cl", "stencil")
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 INPUT_SHAPE = (3, 32, 32)
 
 
@@ -170,10 +177,11 @@ def _stage_fns(net: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     return {name: (lambda m=children[name], t=t: m(t)) for name, t in inputs.items()}
 
 
-def time_stages(nets: dict[str, nn.Module], x: torch.Tensor, *, repeats: int, warmup: int,
+def time_stages(nets: dict[str, nn.Module], inputs: dict[str, torch.Tensor], *, repeats: int, warmup: int,
                 device: torch.device) -> dict[str, dict[str, float]]:
-    """``{model: {child: p50 ms}}``: every top-level child of every model timed on its own input, all interleaved."""
-    fns = {(name, child): fn for name, net in nets.items() for child, fn in _stage_fns(net, x).items()}
+    """``{model: {child: p50 ms}}``: every top-level child of every model (``nets[k]`` fed ``inputs[k]``) timed on
+    its own input, all interleaved."""
+    fns = {(name, child): fn for name, net in nets.items() for child, fn in _stage_fns(net, inputs[name]).items()}
     times = interleaved_times({f"{n}/{c}": fn for (n, c), fn in fns.items()}, rounds=repeats, warmup=warmup,
                               device=device)
     out: dict[str, dict[str, float]] = {name: {} for name in nets}
@@ -182,44 +190,84 @@ def time_stages(nets: dict[str, nn.Module], x: torch.Tensor, *, repeats: int, wa
     return out
 
 
-def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dtype, channels_last: bool,
+def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``memory_format = "best"`` row per model of a configuration that timed several formats side by side.
+
+    Each model is taken at its fastest format (lowest p50), its reference at the reference's own fastest format;
+    ``latency_ratio`` is the one p50 over the other, ``latency_ratio_p90`` the p90s of those two formats.
+
+    Args:
+        rows: the per-(model, format) rows of one configuration (:func:`run_config`).
+
+    Returns:
+        Per model, in first-seen order, a copy of its winning row with ``memory_format`` ``"best"``,
+        ``best_format`` (the winner), ``ref_format`` (the reference's winner) and the reference columns and
+        ratios recomputed; ``stages_ms`` is left to the per-format rows.
+    """
+    fastest: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["model"] not in fastest or r["p50_ms"] < fastest[r["model"]]["p50_ms"]:
+            fastest[r["model"]] = r
+    out = []
+    for name, r in fastest.items():
+        ref = fastest[r["reference"]]
+        out.append({**r, "memory_format": "best", "best_format": r["memory_format"],
+                    "ref_format": ref["memory_format"], "ref_p50_ms": ref["p50_ms"],
+                    "latency_ratio": r["p50_ms"] / ref["p50_ms"], "latency_ratio_p90": r["p90_ms"] / ref["p90_ms"],
+                    "stages_ms": None})
+    return out
+
+
+def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dtype, formats: list[str],
                mode: str, device: torch.device, repeats: int, warmup: int, plan: str, cache: Path,
                tune_repeats: int, tune_backends: list[str], stages: bool = False) -> list[dict[str, Any]]:
-    """Time every entry of ``group`` (those that take part in ``mode``) round-robin; one row per entry."""
+    """Time every entry of ``group`` (those that take part in ``mode``) in every memory format of ``formats``,
+    all (entry, format) pairs round-robin in one :func:`bunit.timing.interleaved_times`.
+
+    Each pair is its own copy of the model, tuned (and compiled) for its own input, and checked against the eager
+    fp32 model before timing.
+
+    Returns:
+        One row per (entry, format), ratio to the reference in the same format; with several formats, then one
+        :func:`best_rows` row per entry.
+    """
     torch._dynamo.reset()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *INPUT_SHAPE, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    x = torch.randn(batch, *INPUT_SHAPE, generator=gen).to(device=device, dtype=dtype)
+    xs = {f: x.contiguous(memory_format=FORMATS[f]) for f in formats}
     entries = [e for e in group if mode == "eager" or e.compile]
+    pairs = {f"{e.name}@{f}": (e, f) for f in formats for e in entries}  # timing key -> (entry, format)
     load_start = load1()
     nets, metas, outs = {}, {}, {}
-    for e in entries:
-        nets[e.name], metas[e.name] = _prepare(e, x, mode=mode, fmt=fmt, plan=plan, cache=cache,
-                                               tune_repeats=tune_repeats, tune_backends=tune_backends)
+    for key, (e, f) in pairs.items():
+        nets[key], metas[key] = _prepare(e, xs[f], mode=mode, fmt=FORMATS[f], plan=plan, cache=cache,
+                                         tune_repeats=tune_repeats, tune_backends=tune_backends)
         with torch.inference_mode():
-            outs[e.name] = nets[e.name](x).float()
+            outs[key] = nets[key](xs[f]).float()
     with torch.inference_mode():  # a compiled or tuned model must still compute what the eager fp32 model does
         for e in entries:
             expected = e.model.to(device)(x.float().contiguous())
             tol = 1e-2 if dtype == torch.float32 else 0.5
-            err = (outs[e.name] - expected).abs().max().item() / max(1.0, expected.abs().max().item())
-            if err > tol:
-                raise RuntimeError(f"{backbone} {e.name} {mode}: output differs from the eager model by {err:.3g}")
+            for f in formats:
+                err = (outs[f"{e.name}@{f}"] - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+                if err > tol:
+                    raise RuntimeError(f"{backbone} {e.name} {mode} {f}: output differs from the eager model by "
+                                       f"{err:.3g}")
             e.model.cpu()
-        fns = {name: (lambda net=net: net(x)) for name, net in nets.items()}
+        fns = {key: (lambda net=nets[key], x=xs[f]: net(x)) for key, (_, f) in pairs.items()}
         times = interleaved_times(fns, rounds=repeats, warmup=warmup, device=device)
-        by_stage = time_stages(nets, x, repeats=repeats, warmup=warmup, device=device) if stages else {}
+        by_stage = time_stages(nets, {key: xs[f] for key, (_, f) in pairs.items()}, repeats=repeats, warmup=warmup,
+                               device=device) if stages else {}
     load_end = load1()
-    summaries = {name: summary_ms(t) for name, t in times.items()}
+    summaries = {key: summary_ms(t) for key, t in times.items()}
     by_name = {e.name: e for e in group}
     rows = []
-    for e in entries:
+    for key, (e, f) in pairs.items():
         ref = by_name[e.reference]
-        s, rs = summaries[e.name], summaries[ref.name]
+        s, rs = summaries[key], summaries[f"{ref.name}@{f}"]
         rows.append({
             "backbone": backbone, "model": e.name, "family": e.family, "reference": ref.name, "mode": mode,
-            "batch": batch, "dtype": str(dtype).removeprefix("torch."),
-            "memory_format": "channels_last" if channels_last else "contiguous",
+            "batch": batch, "dtype": str(dtype).removeprefix("torch."), "memory_format": f,
             **s, "ref_p50_ms": rs["p50_ms"], "latency_ratio": s["p50_ms"] / rs["p50_ms"],
             "latency_ratio_p90": s["p90_ms"] / rs["p90_ms"],
             "macs_ratio": e.info["macs_nonzero"] / ref.info["macs"],
@@ -227,21 +275,27 @@ def run_config(group: list[Entry], backbone: str, *, batch: int, dtype: torch.dt
             "params": e.info["params"], "params_nonzero": e.info["params_nonzero"],
             "achieved": e.info.get("achieved"), "throughput_img_s": batch / (s["p50_ms"] / 1e3),
             "repeats": repeats, "compile_plan": plan if mode == "compiled" and e.family == "bunit" else None,
-            **metas[e.name], "load1_start": load_start, "load1_end": load_end,
-            "stages_ms": json.dumps(by_stage[e.name]) if e.name in by_stage else None,
+            **metas[key], "load1_start": load_start, "load1_end": load_end,
+            "stages_ms": json.dumps(by_stage[key]) if key in by_stage else None,
         })
-    return rows
+    return rows + best_rows(rows) if len(formats) > 1 else rows
+
+
+def _format_label(row: dict[str, Any]) -> str:
+    if row["memory_format"] == "best":
+        return f"best ({row['best_format']})"
+    return "cl" if row["memory_format"] == "channels_last" else "nchw"
 
 
 def _print_config(rows: list[dict[str, Any]]) -> None:
-    r0 = rows[0]
-    head = (f"{r0['backbone']} {r0['mode']:8s} b{r0['batch']:<3d} {r0['dtype']} "
-            f"{'cl  ' if r0['memory_format'] == 'channels_last' else 'nchw'}")
+    width = max(len(_format_label(r)) for r in rows)
     for r in rows:
+        head = f"{r['backbone']} {r['mode']:8s} b{r['batch']:<3d} {r['dtype']} {_format_label(r):{width}s}"
+        ref = r["reference"] + (f" {r['ref_format']}" if r["memory_format"] == "best" else "")
         extra = f" backends={r['backends']}" if r["backends"] else ""
         extra += f" compile={r['compile_s']:.0f}s" if r["compile_s"] else ""
         print(f"{head} {r['model']:24s} p50 {r['p50_ms']:9.3f} ms p90 {r['p90_ms']:9.3f} | latency ratio "
-              f"{r['latency_ratio']:.3f} vs MACs ratio {r['macs_ratio']:.3f} (ref {r['reference']}){extra} "
+              f"{r['latency_ratio']:.3f} vs MACs ratio {r['macs_ratio']:.3f} (ref {ref}){extra} "
               f"| load {r['load1_start']}", flush=True)
         if r["stages_ms"]:
             parts = json.loads(r["stages_ms"])
@@ -263,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "resnet56, vgg16-middle, vgg16-all for vgg16; the '-all' ones with --quick)")
     parser.add_argument("--batches", default=None, help="comma-separated (default 1,64 CPU; 1,256 GPU)")
     parser.add_argument("--dtypes", default=None, help="comma-separated (default float32 CPU; float32,bfloat16 GPU)")
-    parser.add_argument("--formats", default="contiguous,channels_last")
+    parser.add_argument("--formats", default="contiguous,channels_last",
+                        help="comma-separated configurations: contiguous, channels_last (each timed on its own), "
+                             "best (both formats timed side by side, plus each model at its fastest format "
+                             "against dense at dense's fastest)")
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--compile-plan", default=None, choices=COMPILE_PLANS,
                         help="unit-layer backends under torch.compile (default autotune; grouped with --quick)")
@@ -299,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(m not in ("eager", "compiled") for m in modes):
         raise ValueError(f"modes: {modes} not allowed; allowed: eager, compiled")
     formats = args.formats.split(",")
-    if any(f not in ("contiguous", "channels_last") for f in formats):
-        raise ValueError(f"formats: {formats} not allowed; allowed: contiguous, channels_last")
+    if any(f not in (*FORMATS, "best") for f in formats):
+        raise ValueError(f"formats: {formats} not allowed; allowed: contiguous, channels_last, best")
     batches = [int(b) for b in args.batches.split(",")] if args.batches else [1, 256 if gpu else 64]
     dtypes = [dtype_from_name(d) for d in (args.dtypes.split(",") if args.dtypes else
                                            (["float32", "bfloat16"] if gpu else ["float32"]))]
@@ -333,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                 for fmt in formats:
                     for batch in batches:
                         config = run_config(group, backbone, batch=batch, dtype=dtype,
-                                            channels_last=fmt == "channels_last", mode=mode, device=device,
-                                            repeats=repeats, warmup=warmup, plan=plan, cache=cache,
+                                            formats=list(FORMATS) if fmt == "best" else [fmt], mode=mode,
+                                            device=device, repeats=repeats, warmup=warmup, plan=plan, cache=cache,
                                             tune_repeats=args.tune_repeats, tune_backends=tune_backends,
                                             stages=args.stages and mode == "eager")
                         _print_config(config)
