@@ -288,7 +288,7 @@ def _format_label(row: dict[str, Any]) -> str:
 
 
 def _print_config(rows: list[dict[str, Any]]) -> None:
-    width = max(len(_format_label(r)) for r in rows)
+    width = max(4, *(len(_format_label(r)) for r in rows))
     for r in rows:
         head = f"{r['backbone']} {r['mode']:8s} b{r['batch']:<3d} {r['dtype']} {_format_label(r):{width}s}"
         ref = r["reference"] + (f" {r['ref_format']}" if r["memory_format"] == "best" else "")
