@@ -7,15 +7,17 @@ uniform 2-4 plans are compiled with their sizes known (any other shape takes a g
 folded into the convolutions (``w' = w * gamma / sqrt(var + eps)``, ``bias' = beta - mean * gamma /
 sqrt(var + eps)``), so the kernel computes what the layer computes in eval mode.
 
-Scope: float32 NCHW on CPU, eval mode, no autograd. :class:`bunit.layers.UnitLayer` runs its ``grouped``
-backend instead whenever the layer is in training mode or autograd records (gradients and BN statistics
-then stay exact); other devices and dtypes raise ``ValueError``, and a machine without a working C++
+Scope: float32 on CPU, eval mode, no autograd; input and residual in any memory format (read through their
+strides: a channels_last network pays no conversion), output NCHW. :class:`bunit.layers.UnitLayer` runs its
+``grouped`` backend instead whenever the layer is in training mode or autograd records (gradients and BN
+statistics then stay exact); other devices and dtypes raise ``ValueError``, and a machine without a working C++
 compiler raises ``RuntimeError`` naming the build error, so the autotuner records the backend as failed
 and never picks it.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` (``-O3 -march=native``, OpenMP)
 into ``<cache dir>/ext/<name>-torch<version>-cpu<hash of the CPU model and flags>`` (cache dir:
-``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the cached build. The build time and outcome are printed once per process and kept in :func:`build_info`.
+``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the cached build. The build time
+and outcome are printed once per process and kept in :func:`build_info`.
 """
 from __future__ import annotations
 
@@ -134,24 +136,26 @@ def _fold_key(layer: Any) -> list | None:
     """What the folded weights depend on: storage and version of every tensor folding reads, and each BN's eps.
 
     None when a tensor is an inference tensor (made under ``torch.inference_mode``): those have no version
-    counter, so in-place changes cannot be seen and nothing is cached. The tensors are reached through the
-    modules' own dicts: ``nn.Module`` attribute access costs about a microsecond each, which at batch 1 would
-    cost more than the kernel.
+    counter (reading it raises), so in-place changes cannot be seen and nothing is cached. The tensors are
+    reached through the modules' own dicts, and nothing else is asked of them: at batch 1 a unit layer's whole
+    kernel takes a few microseconds, about what ``nn.Module`` attribute access or one more call per tensor
+    would add here.
     """
     key: list = []
-    for grp in layer._modules["groups"]._modules.values():
-        mods = grp._modules
-        for conv, bn in ((mods["conv1"], mods["bn1"]), (mods["conv2"], mods["bn2"])):
-            tensors = (conv._parameters["weight"], bn._parameters["weight"], bn._parameters["bias"],
-                       bn._buffers["running_mean"], bn._buffers["running_var"])
-            if any(t is None for t in tensors):
-                raise ValueError("fused_cpu: a BatchNorm without affine parameters or running statistics "
-                                 "cannot be folded")
-            for t in tensors:  # a flat list: one container per call, not one per tensor (less GC work)
-                if t.is_inference():
-                    return None
-                key += (t.data_ptr(), t._version)
-            key.append(bn.eps)
+    try:
+        for grp in layer._modules["groups"]._modules.values():
+            mods = grp._modules
+            for conv, bn in ((mods["conv1"], mods["bn1"]), (mods["conv2"], mods["bn2"])):
+                params, buffers = bn._parameters, bn._buffers
+                for t in (conv._parameters["weight"], params["weight"], params["bias"], buffers["running_mean"],
+                          buffers["running_var"]):  # a flat list: one container per call (less GC work)
+                    key += (t.data_ptr(), t._version)
+                key.append(bn.eps)
+    except AttributeError as err:  # a None among them: BN without affine parameters or running statistics
+        raise ValueError("fused_cpu: a BatchNorm without affine parameters or running statistics cannot be "
+                         "folded") from err
+    except RuntimeError:  # an inference tensor
+        return None
     return key
 
 
@@ -180,11 +184,11 @@ def forward(layer: Any, x: torch.Tensor, plan: list[tuple], residual: torch.Tens
 
     Args:
         layer: the unit layer (its ``groups``, ``stride``, ``kernel``, ``out_channels``).
-        x: input ``(B, in, H, W)``, float32 on CPU (any memory format; read as NCHW).
+        x: input ``(B, in, H, W)``, float32 on CPU, any memory format (the kernel reads it through its strides).
         plan: per group, ``(a, b, c, kernel, stride, in_start, out_start)``: the unit spec and int64 tensors
             with each unit's first input and output channel in layer order.
-        residual: None, or a tensor of the output's shape: then ``relu(units(x) + residual)`` is returned (a
-            residual block's shortcut and final ReLU, applied as each output row is written).
+        residual: None, or a tensor of the output's shape (any memory format): then ``relu(units(x) + residual)``
+            is returned (a residual block's shortcut and final ReLU, applied as each output row is written).
         residual_map: ``(step, offset)`` other than ``(1, 0)``: ``residual`` is the tensor an option-A shortcut
             reads (output channel ``o`` at ``(i, j)`` adds ``residual[:, o - offset, i * step, j * step]``, zero
             where that channel does not exist); the kernel reads it so, and the shortcut is never built.
@@ -196,25 +200,23 @@ def forward(layer: Any, x: torch.Tensor, plan: list[tuple], residual: torch.Tens
         ValueError: for a device or dtype the kernel does not run on.
         RuntimeError: when the extension is unavailable.
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if not x.is_cpu or x.dtype != torch.float32:
         raise ValueError(f"fused_cpu: input on {x.device} as {x.dtype}; allowed: cpu, torch.float32")
     ext = _state.get("module") or load_extension()
-    x = x.contiguous()
     k, stride = layer.kernel, layer.stride
-    ho = (x.shape[2] + 2 * (k // 2) - k) // stride + 1
-    wo = (x.shape[3] + 2 * (k // 2) - k) // stride + 1
-    y = torch.empty(x.shape[0], layer.out_channels, ho, wo, dtype=x.dtype)
+    n, _, h, w = x.shape
+    pad = k // 2
+    y = torch.empty(n, layer.out_channels, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1)
     step, offset = residual_map
-    if residual is not None and (step, offset) != (1, 0):
-        if residual.device.type != "cpu" or residual.dim() != 4 or residual.shape[0] != y.shape[0]:
+    if residual is not None:
+        mapped = step != 1 or offset != 0
+        if not residual.is_cpu or (residual.dim() != 4 or residual.shape[0] != n if mapped else
+                                   residual.shape != y.shape):
+            expected = f"(B={n}, C, H, W)" if mapped else str(tuple(y.shape))
             raise ValueError(f"fused_cpu: residual of shape {tuple(residual.shape)} on {residual.device}; "
-                             f"expected (B={y.shape[0]}, C, H, W) on cpu")
-        residual = residual.to(torch.float32).contiguous()
-    elif residual is not None:
-        if residual.shape != y.shape or residual.device.type != "cpu":
-            raise ValueError(f"fused_cpu: residual of shape {tuple(residual.shape)} on {residual.device}; "
-                             f"expected {tuple(y.shape)} on cpu")
-        residual = residual.to(torch.float32).contiguous()
+                             f"expected {expected} on cpu")
+        if residual.dtype != torch.float32:
+            residual = residual.float()
     for (a, b, c, kg, s, in_start, out_start), weights in zip(plan, folded_weights(layer)):
         ext.unit_group_forward(x, y, residual, *weights, in_start, out_start, a, b, c, kg, s, step, offset)
     return y  # (B, out, H/s, W/s), layer order

@@ -116,6 +116,49 @@ def test_option_a_shortcut_read_in_kernel(cin, cout, stride, hw):
     assert ((y - ref).abs() > 1e-3).sum() == 0
 
 
+def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same values as ``x`` in other memory layouts: channels_last, and a strided view of a wider tensor."""
+    wide = torch.randn(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3])
+    wide[..., ::2] = x
+    return {"channels_last": x.contiguous(memory_format=torch.channels_last), "strided view": wide[..., ::2]}
+
+
+@pytest.mark.parametrize("spec", ["2-4-2", "2-4-4", "1-2-3", "2-3-5"])  # specialised and generic
+@pytest.mark.parametrize("stride", [1, 2])
+def test_any_input_layout_gives_the_same_output(spec, stride):
+    torch.manual_seed(3)
+    layer = spread_bn(UnitLayer([f"4x{spec}"], stride=stride), 3).eval()
+    layer.backend = "fused_cpu"
+    x = torch.randn(3, layer.in_channels, 11, 9)
+    with torch.no_grad():
+        y = layer(x)
+        r = torch.randn_like(y)
+        y_res = layer(x, residual=r)
+        for name, other in _layouts(x).items():
+            assert not other.is_contiguous()
+            assert torch.equal(layer(other), y), name  # read through strides: the same arithmetic, bit for bit
+            for rname, r_other in _layouts(r).items():
+                assert torch.equal(layer(other, residual=r_other), y_res), (name, rname)
+    assert y.is_contiguous()
+
+
+def test_option_a_shortcut_from_channels_last_input():
+    from harness.run.models import PadShortcut
+
+    dense = nn.Module()
+    dense.conv1, dense.bn1 = nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32)
+    dense.conv2, dense.bn2 = nn.Conv2d(32, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)
+    dense.shortcut = PadShortcut(16, 32, 2)
+    block = spread_bn(BUnitBasicBlock.from_block(dense, ["8x2-4-4"]), 4).eval()
+    block.units.backend = "fused_cpu"
+    x = torch.randn(2, 16, 10, 10)
+    with torch.no_grad():
+        ref = torch.relu(block.units.to_impl("reference")(x) + dense.shortcut(x))
+        y = block(x)
+        y_cl = block(x.contiguous(memory_format=torch.channels_last))
+    assert _rel_err(y, ref) < RTOL and torch.equal(y_cl, y)
+
+
 def test_training_mode_runs_grouped_and_learns():
     layer = spread_bn(UnitLayer(["4x2-4-2"]), 0)
     twin = UnitLayer(["4x2-4-2"])

@@ -155,24 +155,43 @@ inline void conv_range(const float* src, int64_t cs, int64_t ps, int64_t rs, int
   }
 }
 
+// Element strides of a 4-D tensor (N, C, H, W): the kernel reads its input and residual in any memory format.
+struct Strides {
+  int64_t n, c, h, w;
+};
+
+// Columns [m_lo, m_hi) of phase q of the padded buffer read input columns m*s + q - p (the rest is padding).
+inline void phase_columns(const Geometry& g, int64_t s, int64_t q, int64_t& m_lo, int64_t& m_hi) {
+  m_lo = std::max<int64_t>(0, (g.p - q + s - 1) / s);
+  const int64_t last = g.w - 1 + g.p - q;  // m*s <= last
+  m_hi = last < 0 ? 0 : std::min<int64_t>(g.wq, last / s + 1);
+}
+
 // The unit's input planes into the padded, phase-split buffer [a][s][hp][wq]. Only the interior is written: the
-// buffer starts zeroed and its borders are the same for every item, so they stay zero.
+// buffer starts zeroed and its borders are the same for every item, so they stay zero. `x` points at the item's
+// first input channel; NCHW input (st.w == 1) is copied row by row, any other layout (channels_last: st.c == 1)
+// pixel by pixel, all `a` channels of a pixel together.
 template <int S>
-void fill_input(const Geometry& g, const float* __restrict x, float* __restrict buf) {
+void fill_input(const Geometry& g, const float* __restrict x, const Strides& st, float* __restrict buf) {
   const int64_t s = S ? S : g.s;
-  for (int64_t i = 0; i < g.a; ++i)
-    for (int64_t q = 0; q < s; ++q) {
-      // columns m of phase q read input column m*s + q - p
-      const int64_t m_lo = std::max<int64_t>(0, (g.p - q + s - 1) / s);
-      const int64_t last = g.w - 1 + g.p - q;  // m*s <= last
-      const int64_t m_hi = last < 0 ? 0 : std::min<int64_t>(g.wq, last / s + 1);
-      const int64_t r_hi = std::min(g.hp, g.h + g.p);
-      for (int64_t pr = g.p; pr < r_hi && m_lo < m_hi; ++pr) {
-        float* __restrict d = buf + ((i * s + q) * g.hp + pr) * g.wq;
-        const float* __restrict srow = x + (i * g.h + pr - g.p) * g.w + q - g.p;
-        for (int64_t m = m_lo; m < m_hi; ++m) d[m] = srow[m * s];  // inline: a memcpy call per row costs more
+  const int64_t r_hi = std::min(g.hp, g.h + g.p);
+  for (int64_t q = 0; q < s; ++q) {
+    int64_t m_lo, m_hi;
+    phase_columns(g, s, q, m_lo, m_hi);
+    if (m_lo >= m_hi) continue;
+    for (int64_t pr = g.p; pr < r_hi; ++pr) {
+      const float* __restrict srow = x + (pr - g.p) * st.h + (q - g.p) * st.w;
+      float* __restrict d = buf + (q * g.hp + pr) * g.wq;
+      const int64_t plane = s * g.hp * g.wq;  // channel i of the buffer is `plane` floats after channel i - 1
+      if (st.w == 1) {
+        for (int64_t i = 0; i < g.a; ++i)
+          for (int64_t m = m_lo; m < m_hi; ++m) d[i * plane + m] = srow[i * st.c + m * s];  // no memcpy call
+      } else {
+        for (int64_t m = m_lo; m < m_hi; ++m)
+          for (int64_t i = 0; i < g.a; ++i) d[i * plane + m] = srow[m * s * st.w + i * st.c];
       }
     }
+  }
 }
 
 // One (image, unit) item: the unit's input channels of image x (already in inbuf, see fill_input) to its output
@@ -207,7 +226,7 @@ void run_item(const Geometry& g, float* y, const float* res, const float* w1, co
   }
 }
 
-using FillFn = void (*)(const Geometry&, const float*, float*);
+using FillFn = void (*)(const Geometry&, const float*, const Strides&, float*);
 using ItemFn = void (*)(const Geometry&, float*, const float*, const float*, const float*,
                         const float*, const float*, float*, float*);
 
@@ -262,9 +281,9 @@ Geometry make_geometry(int64_t a, int64_t b, int64_t c, int64_t k, int64_t s, in
 }
 
 // The residual of one item gathered into buf [c][ho][wo]: output channel `first + j` adds channel `first + j`
-// of r at rows and columns times `step` (zero where that channel does not exist: an option-A shortcut's
-// padding). Returns false when none of the item's channels exists (no residual to add).
-bool gather_residual(const float* r, int64_t rc, int64_t rh, int64_t rw, int64_t step, int64_t first, int64_t c,
+// of r (rc channels, element strides st) at rows and columns times `step` (zero where that channel does not
+// exist: an option-A shortcut's padding). Returns false when none of the item's channels exists (no residual).
+bool gather_residual(const float* r, int64_t rc, const Strides& st, int64_t step, int64_t first, int64_t c,
                      int64_t ho, int64_t wo, float* __restrict buf) {
   if (first >= rc || first + c <= 0) return false;
   for (int64_t j = 0; j < c; ++j) {
@@ -273,9 +292,9 @@ bool gather_residual(const float* r, int64_t rc, int64_t rh, int64_t rw, int64_t
       std::memset(d, 0, sizeof(float) * ho * wo);
       continue;
     }
-    const float* src = r + (first + j) * rh * rw;
+    const float* src = r + (first + j) * st.c;
     for (int64_t yy = 0; yy < ho; ++yy)
-      for (int64_t xx = 0; xx < wo; ++xx) d[yy * wo + xx] = src[yy * step * rw + xx * step];
+      for (int64_t xx = 0; xx < wo; ++xx) d[yy * wo + xx] = src[yy * step * st.h + xx * step * st.w];
   }
   return true;
 }
@@ -283,20 +302,20 @@ bool gather_residual(const float* r, int64_t rc, int64_t rh, int64_t rw, int64_t
 }  // namespace
 
 // y[:, out_start[u]:out_start[u]+c] = unit_u(x[:, in_start[u]:in_start[u]+a]) for every unit u of one group.
-// x: (N, Cin, H, W) float32 contiguous; y: (N, Cout, Ho, Wo) float32 contiguous, written in place.
-// w1: (U*b, a, k, k), b1: (U*b,), w2: (U*c, b, k, k), b2: (U*c,): BN already folded in.
-// residual: None, or a tensor like y: then y = relu(units(x) + residual) on the group's channels (a residual
-// block's shortcut and final ReLU). With res_step > 1 or res_offset != 0 the residual is read as an option-A
-// shortcut: output channel o at (i, j) adds residual[:, o - res_offset, i * res_step, j * res_step], zero where
-// that channel does not exist. in_start, out_start: (U,) int64.
-// Returns whether a specialised kernel ran (false: the generic path).
+// x: (N, Cin, H, W) float32, any memory format (NCHW, channels_last, any strides); y: (N, Cout, Ho, Wo) float32
+// contiguous (NCHW), written in place. w1: (U*b, a, k, k), b1: (U*b,), w2: (U*c, b, k, k), b2: (U*c,): BN
+// already folded in. residual: None, or a tensor: then y = relu(units(x) + residual) on the group's channels (a
+// residual block's shortcut and final ReLU); with res_step 1 and res_offset 0 it has y's sizes (any memory
+// format), otherwise it is read as an option-A shortcut: output channel o at (i, j) adds
+// residual[:, o - res_offset, i * res_step, j * res_step], zero where that channel does not exist.
+// in_start, out_start: (U,) int64. Returns whether a specialised kernel ran (false: the generic path).
 bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::optional<torch::Tensor>& residual,
                         const torch::Tensor& w1, const torch::Tensor& b1,
                         const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& in_start,
                         const torch::Tensor& out_start, int64_t a, int64_t b, int64_t c, int64_t k, int64_t s,
                         int64_t res_step, int64_t res_offset) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 4,
-              "x: a contiguous float32 CPU tensor (N, C, H, W) is required");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 4,
+              "x: a float32 CPU tensor (N, C, H, W) is required");
   TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == torch::kFloat && y.is_contiguous() && y.dim() == 4,
               "y: a contiguous float32 CPU tensor (N, C, Ho, Wo) is required");
   TORCH_CHECK(a > 0 && b > 0 && c > 0 && k > 0 && k % 2 == 1 && s > 0, "unit spec: positive a, b, c, s and odd k");
@@ -307,21 +326,25 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
   for (const auto* t : {&w1, &b1, &w2, &b2})
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "weights: contiguous float32 required");
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3), cout = y.size(1);
+  const Strides xs{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const Geometry g = make_geometry(a, b, c, k, s, h, w);
   TORCH_CHECK(y.size(0) == n && y.size(2) == g.ho && y.size(3) == g.wo, "y: wrong shape for this input and stride");
   const float* rp = nullptr;
   TORCH_CHECK(res_step >= 1, "res_step: 1 or more required");
-  const bool gather = residual.has_value() && (res_step != 1 || res_offset != 0);
-  int64_t rc = 0, rh = 0, rw = 0;
+  const bool mapped = res_step != 1 || res_offset != 0;
+  bool gather = false;  // the residual is gathered per item (a map, or not laid out like y); else read in place
+  int64_t rc = 0;
+  Strides rs{};
   if (residual.has_value()) {
     const torch::Tensor& r = *residual;
-    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == torch::kFloat && r.is_contiguous() && r.dim() == 4,
-                "residual: a contiguous float32 CPU tensor (N, C, H, W) is required");
-    TORCH_CHECK(gather || r.sizes() == y.sizes(), "residual: the output's shape is required with res_step 1, "
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == torch::kFloat && r.dim() == 4,
+                "residual: a float32 CPU tensor (N, C, H, W) is required");
+    TORCH_CHECK(mapped || r.sizes() == y.sizes(), "residual: the output's shape is required with res_step 1, "
                 "res_offset 0");
-    rc = r.size(1), rh = r.size(2), rw = r.size(3);
-    TORCH_CHECK(r.size(0) == n && (g.ho - 1) * res_step < rh && (g.wo - 1) * res_step < rw,
+    rc = r.size(1), rs = Strides{r.stride(0), r.stride(1), r.stride(2), r.stride(3)};
+    TORCH_CHECK(r.size(0) == n && (g.ho - 1) * res_step < r.size(2) && (g.wo - 1) * res_step < r.size(3),
                 "residual: batch or plane too small for the output at res_step");
+    gather = mapped || !r.is_contiguous();
     rp = r.data_ptr<float>();
   }
   auto ins = in_start.to(torch::kLong).contiguous();
@@ -342,21 +365,21 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
   float* yp = y.data_ptr<float>();
   const float *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
   const float *w2p = w2.data_ptr<float>(), *b2p = b2.data_ptr<float>();
-  const int64_t in_plane = h * w, out_plane = g.ho * g.wo;
+  const int64_t out_plane = g.ho * g.wo;
   at::parallel_for(0, n * units, 1, [&](int64_t begin, int64_t end) {
     // two input buffers: the next item's input is copied in before this item runs, so that its stores have
     // retired when the convolution loads them (a load that overlaps a pending store at another offset stalls)
     std::vector<float> inbuf(2 * (g.in_size() + kMaxVW)), hid(g.hid_size() + kMaxVW), rbuf(gather ? c * out_plane : 0);
     float* bufs[2] = {inbuf.data(), inbuf.data() + g.in_size() + kMaxVW};
-    auto input_of = [&](int64_t item) { return xp + ((item / units) * cin + in_p[item % units]) * in_plane; };
-    if (begin < end) fill(g, input_of(begin), bufs[0]);
+    auto input_of = [&](int64_t item) { return xp + (item / units) * xs.n + in_p[item % units] * xs.c; };
+    if (begin < end) fill(g, input_of(begin), xs, bufs[0]);
     for (int64_t item = begin; item < end; ++item) {
-      if (item + 1 < end) fill(g, input_of(item + 1), bufs[(item + 1 - begin) & 1]);
+      if (item + 1 < end) fill(g, input_of(item + 1), xs, bufs[(item + 1 - begin) & 1]);
       const int64_t img = item / units, u = item % units;
       const int64_t out_off = (img * cout + out_p[u]) * out_plane;
       const float* res = rp && !gather ? rp + out_off : nullptr;
-      if (gather && gather_residual(rp + img * rc * rh * rw, rc, rh, rw, res_step, out_p[u] - res_offset, c, g.ho,
-                                    g.wo, rbuf.data()))
+      if (gather && gather_residual(rp + img * rs.n, rc, rs, res_step, out_p[u] - res_offset, c, g.ho, g.wo,
+                                    rbuf.data()))
         res = rbuf.data();
       fn(g, yp + out_off, res, w1p + u * b * a * k * k, b1p + u * b, w2p + u * c * b * k * k, b2p + u * c,
          bufs[(item - begin) & 1], hid.data());
