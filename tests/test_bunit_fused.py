@@ -82,6 +82,15 @@ def test_large_batch_and_plane_tiles():
     assert _fused_vs_reference(["8x2-4-4"], 2, (64, 8, 8)) < RTOL
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_row_widths_of_every_input_copy_path(stride):
+    # rows are copied in vectors of 16 and 8 (stride 1) or split into even and odd columns 32 and 16 at a time
+    # (stride 2), the rest one by one: widths that end in each of those, and odd heights
+    for w in (7, 8, 16, 24, 31, 32, 34, 48, 57, 64):
+        assert _fused_vs_reference(["3x2-4-4"], stride, (2, 5, w)) < RTOL, (stride, w)
+        assert _fused_vs_reference(["3x1-2-3"], stride, (1, w, 3), residual=True) < RTOL, (stride, w)
+
+
 def test_basic_block_adds_shortcut_in_kernel():
     conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
     dense = nn.Module()

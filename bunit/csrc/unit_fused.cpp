@@ -160,38 +160,63 @@ struct Strides {
   int64_t n, c, h, w;
 };
 
-// Columns [m_lo, m_hi) of phase q of the padded buffer read input columns m*s + q - p (the rest is padding).
-inline void phase_columns(const Geometry& g, int64_t s, int64_t q, int64_t& m_lo, int64_t& m_hi) {
-  m_lo = std::max<int64_t>(0, (g.p - q + s - 1) / s);
-  const int64_t last = g.w - 1 + g.p - q;  // m*s <= last
-  m_hi = last < 0 ? 0 : std::min<int64_t>(g.wq, last / s + 1);
+// Columns [c, c + 2*VW) of a unit-stride row split into their even and odd ones (for stride 2): column j goes to
+// phase (j + p) % 2, column (j + p) / 2 of the padded buffer row d (phases `phase_stride` floats apart).
+template <int VW>
+inline void split_columns(const float* __restrict src, float* __restrict d, int64_t phase_stride, int64_t c,
+                          int64_t p) {
+  using V = Vec<VW>;
+  const typename V::type lo = V::load(src + c), hi = V::load(src + c + VW);
+  typename V::type even, odd;
+  if constexpr (VW == 16) {
+    even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  } else {
+    even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+    odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
+  }
+  const int64_t ce = c + p, co = c + 1 + p;  // where the even and the odd lanes go
+  V::store(d + (ce % 2) * phase_stride + ce / 2, even);
+  V::store(d + (co % 2) * phase_stride + co / 2, odd);
+}
+
+// One input row (w floats, unit stride) into the s phases of a padded buffer row: input column c goes to phase
+// (c + p) % s, column (c + p) / s (phases `phase_stride` floats apart). In vectors of 16, then 8, for s = 1 (a
+// copy) and s = 2 (split_columns); scalar otherwise and for the last columns.
+template <int S>
+inline void fill_row(const float* __restrict src, float* __restrict d, int64_t phase_stride, int64_t w, int64_t p,
+                     int64_t s) {
+  int64_t c = 0;
+  if constexpr (S == 1) {
+    for (; c + 16 <= w; c += 16) Vec<16>::store(d + c + p, Vec<16>::load(src + c));
+    for (; c + 8 <= w; c += 8) Vec<8>::store(d + c + p, Vec<8>::load(src + c));
+  } else if constexpr (S == 2) {
+    for (; c + 32 <= w; c += 32) split_columns<16>(src, d, phase_stride, c, p);
+    for (; c + 16 <= w; c += 16) split_columns<8>(src, d, phase_stride, c, p);
+  }
+  for (; c < w; ++c) d[((c + p) % s) * phase_stride + (c + p) / s] = src[c];
 }
 
 // The unit's input planes into the padded, phase-split buffer [a][s][hp][wq]. Only the interior is written: the
 // buffer starts zeroed and its borders are the same for every item, so they stay zero. `x` points at the item's
-// first input channel; NCHW input (st.w == 1) is copied row by row, any other layout (channels_last: st.c == 1)
-// pixel by pixel, all `a` channels of a pixel together.
+// first input channel; rows with unit column stride (NCHW) are copied by fill_row, any other layout (channels_last)
+// element by element. Input rows and columns past the buffer's (never read by the convolution) are not copied.
 template <int S>
 void fill_input(const Geometry& g, const float* __restrict x, const Strides& st, float* __restrict buf) {
-  const int64_t s = S ? S : g.s;
-  const int64_t r_hi = std::min(g.hp, g.h + g.p);
-  for (int64_t q = 0; q < s; ++q) {
-    int64_t m_lo, m_hi;
-    phase_columns(g, s, q, m_lo, m_hi);
-    if (m_lo >= m_hi) continue;
-    for (int64_t pr = g.p; pr < r_hi; ++pr) {
-      const float* __restrict srow = x + (pr - g.p) * st.h + (q - g.p) * st.w;
-      float* __restrict d = buf + (q * g.hp + pr) * g.wq;
-      const int64_t plane = s * g.hp * g.wq;  // channel i of the buffer is `plane` floats after channel i - 1
-      if (st.w == 1) {
-        for (int64_t i = 0; i < g.a; ++i)
-          for (int64_t m = m_lo; m < m_hi; ++m) d[i * plane + m] = srow[i * st.c + m * s];  // no memcpy call
+  const int64_t s = S ? S : g.s, p = g.p;
+  const int64_t rows = std::min(g.hp, g.h + p) - p;    // input rows 0 .. rows-1 land in buffer rows p ..
+  const int64_t cols = std::min(g.w, g.wq * s - p);     // input columns 0 .. cols-1 land in buffer columns < wq
+  const int64_t phase = g.hp * g.wq, plane = s * phase;  // floats between phases, between channels
+  for (int64_t i = 0; i < g.a; ++i)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* __restrict src = x + i * st.c + r * st.h;
+      float* __restrict d = buf + i * plane + (r + p) * g.wq;
+      if (st.w == 1 && cols == g.w) {
+        fill_row<S>(src, d, phase, cols, p, s);
       } else {
-        for (int64_t m = m_lo; m < m_hi; ++m)
-          for (int64_t i = 0; i < g.a; ++i) d[i * plane + m] = srow[m * s * st.w + i * st.c];
+        for (int64_t c = 0; c < cols; ++c) d[((c + p) % s) * phase + (c + p) / s] = src[c * st.w];
       }
     }
-  }
 }
 
 // One (image, unit) item: the unit's input channels of image x (already in inbuf, see fill_input) to its output
