@@ -15,11 +15,9 @@ The fused form runs on one of several execution backends (``layer.backend``), al
 - ``loop``: the per-unit loop over slices of the fused weights (the reference algorithm).
 - ``grouped``: one grouped convolution per group and conv, NCHW (the default).
 - ``grouped_cl``: the same in channels_last memory format.
-- ``blockdiag``: one dense convolution per conv whose weight is zero off the unit blocks. Hidden channels
-  are kept in group order, output rows in layer order, so no activation permutation is needed. The dense
-  weight is rebuilt differentiably on every forward while autograd records (training is exact); otherwise
-  it is cached and the cache is invalidated whenever a weight changes (tensor version counter, storage,
-  dtype or device).
+- ``blockdiag``: one dense convolution per conv whose weight is zero off the unit blocks
+  (:mod:`bunit.blockdiag`): rebuilt differentiably while autograd records, otherwise cached until a weight
+  changes.
 - ``bmm``: ``unfold`` + one batched matmul over the units of a group.
 - ``stencil``: each grouped conv written out as ``k*k`` shifted, broadcast multiply-adds over the unit
   inputs, with no convolution kernel at all. Slow eagerly (it materialises a temporary per tap); it exists
@@ -41,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bunit import fused_cpu
-from bunit.functional import bn_cat, bn_mode, bn_slice, conv_bmm, conv_stencil, shift_residual
+from bunit import blockdiag, fused_cpu
+from bunit.functional import bn_mode, bn_slice, conv_bmm, conv_stencil, shift_residual
 from bunit.spec import UnitSpec, compact_specs, parse_specs
 from bunit.units import BasicUnit, UnitGroup
 
@@ -164,26 +162,8 @@ class UnitLayer(nn.Module):
                     pos += 1
         perm = None if cat_pos == list(range(self.out_channels)) else torch.tensor(cat_pos, dtype=torch.long)
         self.register_buffer("out_perm", perm, persistent=False)  # y = cat(groups)[:, out_perm]
-        self._build_blockdiag_index(in_off, out_off)
-
-    def _build_blockdiag_index(self, in_off: list[int], out_off: list[int]) -> None:
-        """Index pairs that place each group's weights into the dense block-diagonal weights."""
-        hidden_off = 0
-        for g, us in enumerate(self.group_units):
-            s, n = self.specs[us[0]], len(us)
-            unit_in = torch.tensor([in_off[u] for u in us])  # (n,) first input channel of each unit
-            unit_out = torch.tensor([out_off[u] for u in us])  # (n,) first output channel of each unit
-            rows1 = hidden_off + torch.arange(n * s.b)  # conv1 rows: hidden channels in group order
-            cols1 = unit_in.repeat_interleave(s.b)[:, None] + torch.arange(s.a)  # (n*b, a)
-            rows2 = unit_out.repeat_interleave(s.c) + torch.arange(s.c).repeat(n)  # conv2 rows: layer order
-            cols2 = hidden_off + (torch.arange(n) * s.b).repeat_interleave(s.c)[:, None] + torch.arange(s.b)  # (n*c, b)
-            self.register_buffer(f"bd_rows1_{g}", rows1[:, None].expand(-1, s.a).contiguous(), persistent=False)
-            self.register_buffer(f"bd_cols1_{g}", cols1, persistent=False)
-            self.register_buffer(f"bd_rows2_{g}", rows2[:, None].expand(-1, s.b).contiguous(), persistent=False)
-            self.register_buffer(f"bd_cols2_{g}", cols2, persistent=False)
-            hidden_off += n * s.b
-        self.hidden_channels = hidden_off
         self.kernel = max(s.kernel for s in self.specs)
+        blockdiag.register_index(self, in_off, out_off)
 
     # -- backend selection -----------------------------------------------------------------------
 
@@ -245,7 +225,7 @@ class UnitLayer(nn.Module):
         if backend == "stencil":
             return self._forward_groups(x, conv_stencil)
         if backend == "blockdiag":
-            return self._forward_blockdiag(x)
+            return blockdiag.forward(self, x)
         if backend == "loop":
             return self._forward_loop(x)
         if backend == "fused_cpu":
@@ -285,45 +265,9 @@ class UnitLayer(nn.Module):
         return torch.cat(outs, dim=1)  # (B, out, H/s, W/s)
 
     def blockdiag_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense weights ``(hidden, in, k, k)`` and ``(out, hidden, k, k)`` that are zero off the unit blocks.
-
-        Hidden channels are in group order, output rows in layer order. Built with ``index_put`` from the
-        group weights, hence differentiable with respect to them.
-        """
-        k = self.kernel
-        ref = self.groups[0].conv1.weight
-        w1 = ref.new_zeros(self.hidden_channels, self.in_channels, k, k)
-        w2 = ref.new_zeros(self.out_channels, self.hidden_channels, k, k)
-        for g, grp in enumerate(self.groups):
-            pad = (k - grp.spec.kernel) // 2
-            a1, a2 = grp.conv1.weight, grp.conv2.weight
-            if pad:
-                a1, a2 = F.pad(a1, (pad,) * 4), F.pad(a2, (pad,) * 4)
-            w1 = w1.index_put((getattr(self, f"bd_rows1_{g}"), getattr(self, f"bd_cols1_{g}")), a1)
-            w2 = w2.index_put((getattr(self, f"bd_rows2_{g}"), getattr(self, f"bd_cols2_{g}")), a2)
-        return w1, w2
-
-    def _cached_blockdiag(self) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = [w for grp in self.groups for w in (grp.conv1.weight, grp.conv2.weight)]
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return self.blockdiag_weights()  # autograd records: rebuild so gradients reach the group weights
-        if any(w.is_inference() for w in weights):
-            return self.blockdiag_weights()  # inference tensors have no version counter: nothing can be cached
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        cache = self.__dict__.get("_bd_cache")
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = (key, self.blockdiag_weights())
-            self.__dict__["_bd_cache"] = cache
-        return cache[1]
-
-    def _forward_blockdiag(self, x: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self._cached_blockdiag()
-        p = self.kernel // 2
-        h = F.conv2d(x, w1, None, self.stride, p)  # (B, hidden, H/s, W/s), group order
-        h = F.relu(bn_cat([grp.bn1 for grp in self.groups], h))
-        y = F.conv2d(h, w2, None, 1, p)  # (B, out, H/s, W/s), layer order
-        return F.relu(bn_cat([grp.bn2 for grp in self.groups], y, self.out_perm))
+        """The ``blockdiag`` backend's dense weights ``(hidden, in, k, k)`` and ``(out, hidden, k, k)``, zero off
+        the unit blocks, differentiable in the group weights (:func:`bunit.blockdiag.weights`)."""
+        return blockdiag.weights(self)
 
     def _forward_fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                            residual_map: tuple[int, int] = (1, 0)) -> torch.Tensor:
