@@ -3,9 +3,10 @@
 Each unit's conv -> BN -> ReLU -> conv -> BN -> ReLU runs in one pass over space (``csrc/unit_fused.cpp``): the
 hidden activations of a tile of rows stay in a small buffer, pixels are processed in vectors, work items
 (image, unit) run in parallel through ``at::parallel_for``, and the unit shapes of the catalogue and the
-uniform 2-4 plans are compiled with their sizes known (any other shape takes a generic path). BatchNorm is
-folded into the convolutions (``w' = w * gamma / sqrt(var + eps)``, ``bias' = beta - mean * gamma /
-sqrt(var + eps)``), so the kernel computes what the layer computes in eval mode.
+uniform 2-4 plans are compiled with their sizes known (other 3x3 shapes run with their channel counts known only
+at run time, other kernel sizes a generic path). BatchNorm is folded into the convolutions (``w' = w * gamma /
+sqrt(var + eps)``, ``bias' = beta - mean * gamma / sqrt(var + eps)``), so the kernel computes what the layer
+computes in eval mode.
 
 Scope: float32 on CPU, eval mode, no autograd; input and residual in any memory format (read through their
 strides: a channels_last network pays no conversion), output NCHW. :class:`bunit.layers.UnitLayer` runs its

@@ -10,7 +10,9 @@
 // Both convs are one routine, conv_rows: VW pixels of a row at a time in GCC vector registers (portable SIMD),
 // R rows and OB output channels at a time as independent accumulators. The unit shapes of the paper's catalogue
 // and of the uniform ResNet/VGG plans are compiled as templates with a, b, c, k, s known at compile time (the
-// loops unroll fully); any other shape runs the generic path (one output channel per pass, runtime sizes).
+// loops unroll fully); other 3x3 shapes at stride 1 or 2 (those a MACs-target plan picks, e.g. 2-2-2, 4-4-8) run
+// with the channel counts at run time but the same row reuse, one output channel per pass; any other kernel size
+// runs the generic path (all sizes at run time, one channel and one row per pass).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -132,7 +134,8 @@ inline void conv_rows(const float* __restrict src, int64_t cs, int64_t ps, int64
   }
 }
 
-// Rows [lo, hi) of one conv: blocks of R rows, then single rows. OB channels per pass, `passes` passes.
+// Rows [lo, hi) of one conv: blocks of R rows (then of R/2 where the channels are known only at run time), then
+// single rows. OB channels per pass, `passes` passes.
 template <int VW, int CIN, int K, int S, int OB, int R>
 inline void conv_range(const float* src, int64_t cs, int64_t ps, int64_t rs, int64_t src_row_of_lo, int64_t lo,
                        int64_t hi, int64_t cin, int64_t k, int64_t s, int64_t passes, const float* wt,
@@ -148,6 +151,11 @@ inline void conv_range(const float* src, int64_t cs, int64_t ps, int64_t rs, int
       conv_rows<VW, CIN, K, S, OB, R>(src, cs, ps, rs, src_row_of_lo + (r - lo) * s, cin, k, s, w, bq,
                                       d0 + (r - lo) * drs, r0 ? r0 + (r - lo) * drs : nullptr, dcs, drs,
                                       width_r, valid);
+    if constexpr (CIN == 0 && R >= 4)  // run-time channels (small planes are common there): half blocks next
+      for (; r + R / 2 <= hi; r += R / 2)
+        conv_rows<VW, CIN, K, S, OB, R / 2>(src, cs, ps, rs, src_row_of_lo + (r - lo) * s, cin, k, s, w, bq,
+                                            d0 + (r - lo) * drs, r0 ? r0 + (r - lo) * drs : nullptr, dcs, drs,
+                                            width_r, valid);
     for (; r < hi; ++r)
       conv_rows<VW, CIN, K, S, OB, 1>(src, cs, ps, rs, src_row_of_lo + (r - lo) * s, cin, k, s, w, bq,
                                       d0 + (r - lo) * drs, r0 ? r0 + (r - lo) * drs : nullptr, dcs, drs,
@@ -382,10 +390,17 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
   const Variant* variant = find_variant(a, b, c, k, s);
   ItemFn fn = nullptr;
   FillFn fill = &fill_input<0>;
-  if (variant)
+  if (variant) {
     fn = g.vw == 8 ? variant->fn8 : variant->fn16, fill = variant->fill;
-  else  // the generic path: runtime sizes, one output channel per pass
+  } else if (k == 3 && s == 1) {  // other 3x3 shapes: channels at run time, rows reused as in the fixed shapes
+    fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 3, 1, 1, 1, 8, 8> : &run_item<16, 0, 0, 0, 3, 1, 1, 1, 8, 8>;
+    fill = &fill_input<1>;
+  } else if (k == 3 && s == 2) {
+    fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 3, 2, 1, 1, 8, 8> : &run_item<16, 0, 0, 0, 3, 2, 1, 1, 8, 8>;
+    fill = &fill_input<2>;
+  } else {  // the generic path: runtime sizes, one output channel and row per pass
     fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 0, 0, 1, 1, 1, 1> : &run_item<16, 0, 0, 0, 0, 0, 1, 1, 1, 1>;
+  }
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float *w1p = w1.data_ptr<float>(), *b1p = b1.data_ptr<float>();
