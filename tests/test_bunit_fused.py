@@ -52,7 +52,7 @@ def _fused_vs_reference(specs, stride: int, shape: tuple[int, int, int], seed: i
 
 
 # catalogue shapes, the uniform 2-4 plan shapes, other 3x3 shapes (channels at run time) and other kernels (generic)
-SPECS = [*CATALOGUE, "2-4-2", "2-4-4", "2-3-5", "4-4-8", "8-8-8", "1-2-1/k5", "2-2-2/k1"]
+SPECS = [*CATALOGUE, "2-4-2", "2-4-4", "2-3-5", "2-2-2", "4-4-8", "8-8-8", "1-2-1/k5", "2-2-2/k1"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -273,6 +273,15 @@ constexpr ItemFn fixed_item() {
   return &run_item<VW, A, B, C, K, S, B, C, clamp_rows(B), clamp_rows(C)>;
 }
 
+// A 3x3 shape outside the fixed list: channel counts at run time, 4, 2 or 1 output channels per pass (the most
+// that divides both b and c), about 16 accumulators.
+template <int VW, int S>
+ItemFn k3_item(int64_t b, int64_t c) {
+  if (b % 4 == 0 && c % 4 == 0) return &run_item<VW, 0, 0, 0, 3, S, 4, 4, 4, 4>;
+  if (b % 2 == 0 && c % 2 == 0) return &run_item<VW, 0, 0, 0, 3, S, 2, 2, 8, 8>;
+  return &run_item<VW, 0, 0, 0, 3, S, 1, 1, 8, 8>;
+}
+
 struct Variant {
   int a, b, c, k, s;
   ItemFn fn8, fn16;
@@ -393,10 +402,10 @@ bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::opt
   if (variant) {
     fn = g.vw == 8 ? variant->fn8 : variant->fn16, fill = variant->fill;
   } else if (k == 3 && s == 1) {  // other 3x3 shapes: channels at run time, rows reused as in the fixed shapes
-    fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 3, 1, 1, 1, 8, 8> : &run_item<16, 0, 0, 0, 3, 1, 1, 1, 8, 8>;
+    fn = g.vw == 8 ? k3_item<8, 1>(b, c) : k3_item<16, 1>(b, c);
     fill = &fill_input<1>;
   } else if (k == 3 && s == 2) {
-    fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 3, 2, 1, 1, 8, 8> : &run_item<16, 0, 0, 0, 3, 2, 1, 1, 8, 8>;
+    fn = g.vw == 8 ? k3_item<8, 2>(b, c) : k3_item<16, 2>(b, c);
     fill = &fill_input<2>;
   } else {  // the generic path: runtime sizes, one output channel and row per pass
     fn = g.vw == 8 ? &run_item<8, 0, 0, 0, 0, 0, 1, 1, 1, 1> : &run_item<16, 0, 0, 0, 0, 0, 1, 1, 1, 1>;
