@@ -22,6 +22,7 @@ and outcome are printed once per process and kept in :func:`build_info`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -32,7 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["cache_dir", "build_info", "is_available", "load_extension", "has_variant", "folded_weights", "forward"]
+__all__ = ["cache_dir", "source_tag", "build_info", "is_available", "load_extension", "has_variant", "folded_weights",
+           "forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_fused.cpp"
 _NAME = "bunit_unit_fused"
@@ -43,6 +45,16 @@ def cache_dir() -> Path:
     """``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``: where bunit keeps its builds and tuning."""
     base = os.environ.get("BUNITBENCH_CACHE_DIR")
     return Path(base) if base else Path.home() / ".cache" / "bunitbench"
+
+
+@functools.lru_cache(maxsize=1)
+def source_tag() -> str:
+    """A short hash of the kernel's C++ source: what a timing of this backend was made with.
+
+    The autotuner keys its cached choices on it, so a changed kernel is timed afresh rather than judged by the
+    timings of its predecessor.
+    """
+    return hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
 
 
 def _cpu_tag() -> str:

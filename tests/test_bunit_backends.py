@@ -188,6 +188,24 @@ def test_autotune_picks_fastest_injected_and_caches(tmp_path):
     assert len(again.calls) == 4 * len(EAGER_BACKENDS)
 
 
+def test_autotune_times_a_changed_fused_kernel_afresh(tmp_path, monkeypatch):
+    from bunit import fused_cpu
+
+    model, x, cache = nn.Sequential(UnitLayer(["4x2-4-2"])), torch.randn(2, 8, 6, 6), tmp_path / "c.json"
+    first = _ScriptedTimer({"grouped": 2e-3, "fused_cpu": 1e-3})
+    assert autotune(model, x, backends=["grouped", "fused_cpu"], cache_path=cache, timer=first, repeats=1) == \
+        {"0": "fused_cpu"}
+    again = _ScriptedTimer({"grouped": 2e-3, "fused_cpu": 1e-3})
+    autotune(model, x, backends=["grouped", "fused_cpu"], cache_path=cache, timer=again, repeats=1)
+    assert again.calls == []  # same kernel source: the cached timings decide
+    monkeypatch.setattr(fused_cpu, "source_tag", lambda: "another-kernel")
+    changed = _ScriptedTimer({"grouped": 2e-3, "fused_cpu": 3e-3})  # the edited kernel is slower
+    assert autotune(model, x, backends=["grouped", "fused_cpu"], cache_path=cache, timer=changed, repeats=1) == \
+        {"0": "grouped"}
+    assert sorted(b for _, b in changed.calls) == ["fused_cpu", "grouped"]
+    assert len(json.loads(cache.read_text())["entries"]) == 2
+
+
 def test_autotune_restricted_backends_and_env_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BUNITBENCH_CACHE_DIR", str(tmp_path / "cache"))
     assert default_cache_path() == tmp_path / "cache" / "autotune.json"
