@@ -11,8 +11,8 @@
 // R rows and OB output channels at a time as independent accumulators. The unit shapes of the paper's catalogue
 // and of the uniform ResNet/VGG plans are compiled as templates with a, b, c, k, s known at compile time (the
 // loops unroll fully); other 3x3 shapes at stride 1 or 2 (those a MACs-target plan picks, e.g. 2-2-2, 4-4-8) run
-// with the channel counts at run time but the same row reuse, one output channel per pass; any other kernel size
-// runs the generic path (all sizes at run time, one channel and one row per pass).
+// with the channel counts at run time but the same row reuse, 4, 2 or 1 output channels per pass (k3_item); any
+// other kernel size runs the generic path (all sizes at run time, one channel and one row per pass).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
