@@ -196,7 +196,10 @@ inline void fill_row(const float* __restrict src, float* __restrict d, int64_t p
                      int64_t s) {
   int64_t c = 0;
   if constexpr (S == 1) {
-    for (; c + 16 <= w; c += 16) Vec<16>::store(d + c + p, Vec<16>::load(src + c));
+    for (; c + 16 <= w; c += 16) {
+      Vec<16>::store(d + c + p, Vec<16>::load(src + c));
+      asm volatile("");  // keeps GCC from turning the loop into a memmove call (a call per 64-byte row)
+    }
     for (; c + 8 <= w; c += 8) Vec<8>::store(d + c + p, Vec<8>::load(src + c));
   } else if constexpr (S == 2) {
     for (; c + 32 <= w; c += 32) split_columns<16>(src, d, phase_stride, c, p);
