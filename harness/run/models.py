@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from bunit.functional import shift_residual
 
 __all__ = [
     "BackboneInfo",
@@ -93,12 +94,10 @@ class PadShortcut(nn.Module):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
         extra = self.out_channels - x.shape[1]
-        if extra > 0:
-            x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
-        return x
+        if extra > 0:  # the map the fused BUnit kernel reads in place of this module (bunit.blocks)
+            return shift_residual(x, self.stride, extra // 2, self.out_channels)
+        return x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}"
