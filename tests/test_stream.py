@@ -183,7 +183,6 @@ def test_a_few_bad_files_are_reported_and_skipped(tmp_path, caplog):
     assert all(any(path in r.getMessage() for r in caplog.records) for path in bad)
 
 
-
 def test_cpu_workers_normalise_to_the_values_of_the_uint8_path(tmp_path):
     from harness.run.decode import decode_batch
 
@@ -200,6 +199,7 @@ def test_cpu_workers_normalise_to_the_values_of_the_uint8_path(tmp_path):
         assert xb.is_shared()  # written in shared memory by the worker, not copied there
         rows.append(len(yb))
     assert sorted(rows) == [31, 32]
+
 
 @pytest.mark.slow  # 10 s; CI keeps the few-bad-files case (reported with paths, skipped, no hang)
 def test_too_many_bad_files_stop_the_run_naming_them(tmp_path):

@@ -59,7 +59,7 @@ from bunit.timing import (cpu_snapshot, interleaved_times, machine_load, others_
                           summary_ms)
 from harness.measure.latency import MEMORY_FORMATS
 from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
-from harness.measure.timing_table import (CONDITION_COLUMNS, TIMING_COLUMNS, TIMINGS_FILE, _conditions_key,
+from harness.measure.timing_table import (CONDITION_COLUMNS, TIMING_COLUMNS, TIMINGS_FILE, conditions_key,
                                           format_timings, load_timings)
 from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
 from harness.run.store import ResultStore, append_row, read_rows
@@ -225,7 +225,7 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
     rows = _store_rows(store)
     wanted = _selected(rows, only)
     out = TimingOutcome(path=store / TIMINGS_FILE)
-    done = {_conditions_key(r) for r in read_rows(out.path)} if out.path.exists() else set()
+    done = {conditions_key(r) for r in read_rows(out.path)} if out.path.exists() else set()
     settings: dict[tuple, list[str]] = {}
     for key, row in rows.items():
         settings.setdefault(tuple(row.get(c) for c in SETTING_COLUMNS), []).append(key)
@@ -240,7 +240,7 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
         for dtype in dtypes:
             for batch in batch_sizes:
                 cond = {**base, "dtype": dtype, "batch": int(batch)}
-                todo = sorted(k for k in keys if k in wanted and _conditions_key({"key": k, **cond}) not in done)
+                todo = sorted(k for k in keys if k in wanted and conditions_key({"key": k, **cond}) not in done)
                 out.skipped += sum(1 for k in keys if k in wanted) - len(todo)
                 if todo:
                     sessions.append(_Session(cond, todo, {k: _dense_of(rows[k], denses) for k in todo}))

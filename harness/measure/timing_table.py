@@ -10,7 +10,7 @@ from pathlib import Path
 
 from harness.run.store import read_rows
 
-__all__ = ["TIMINGS_FILE", "CONDITION_COLUMNS", "TIMING_COLUMNS", "load_timings", "format_timings"]
+__all__ = ["TIMINGS_FILE", "CONDITION_COLUMNS", "TIMING_COLUMNS", "conditions_key", "load_timings", "format_timings"]
 
 TIMINGS_FILE = "timings.jsonl"
 CONDITION_COLUMNS = ("runtime", "device", "device_name", "dtype", "threads", "batch", "memory_format")
@@ -20,7 +20,8 @@ TIMING_COLUMNS = ("key", *CONDITION_COLUMNS, "p50_ms", "p90_ms", "latency_ratio"
 """Columns :func:`load_timings` always has (analysis reads them by name)."""
 
 
-def _conditions_key(row: dict) -> tuple:
+def conditions_key(row: dict) -> tuple:
+    """What identifies a row of the table: its model key and its condition."""
     return (row.get("key"), *(row.get(c) for c in CONDITION_COLUMNS))
 
 
@@ -38,7 +39,7 @@ def load_timings(store_dir: str | os.PathLike):
     path = Path(store_dir) / TIMINGS_FILE
     if not path.exists():
         return None
-    rows = list({_conditions_key(r): r for r in read_rows(path)}.values())
+    rows = list({conditions_key(r): r for r in read_rows(path)}.values())
     frame = pd.DataFrame(rows)
     for col in TIMING_COLUMNS:
         if col not in frame.columns:
