@@ -132,7 +132,7 @@ def build_info() -> dict[str, Any]:
 
 
 def has_variant(spec: Any) -> bool:
-    """Whether ``spec`` (a UnitSpec) runs a specialised kernel; False means the generic path."""
+    """Whether ``spec`` (a UnitSpec) runs a fixed-shape kernel; False: the run-time-channel 3x3 or the generic path."""
     return bool(load_extension().has_variant(spec.a, spec.b, spec.c, spec.kernel, spec.stride))
 
 

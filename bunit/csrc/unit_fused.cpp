@@ -353,7 +353,8 @@ bool gather_residual(const float* r, int64_t rc, const Strides& st, int64_t step
 // residual block's shortcut and final ReLU); with res_step 1 and res_offset 0 it has y's sizes (any memory
 // format), otherwise it is read as an option-A shortcut: output channel o at (i, j) adds
 // residual[:, o - res_offset, i * res_step, j * res_step], zero where that channel does not exist.
-// in_start, out_start: (U,) int64. Returns whether a specialised kernel ran (false: the generic path).
+// in_start, out_start: (U,) int64. Returns whether a fixed-shape kernel ran (false:
+// the run-time-channel 3x3 path or the generic path).
 bool unit_group_forward(const torch::Tensor& x, torch::Tensor& y, const std::optional<torch::Tensor>& residual,
                         const torch::Tensor& w1, const torch::Tensor& b1,
                         const torch::Tensor& w2, const torch::Tensor& b2, const torch::Tensor& in_start,
