@@ -25,7 +25,8 @@ The fused form runs on one of several execution backends (``layer.backend``), al
   beats the library's grouped convolution for units this small.
 - ``compiled``: ``torch.compile`` of ``layer.compile_base`` (an eager backend, ``grouped`` unless the
   autotuner found a faster one, often ``stencil`` on CPU); the first call compiles and may take tens of
-  seconds.
+  seconds. Each layer compiles a function with its own code object, so each has its own dynamo cache (dynamo
+  allows 8 graphs per code object and would otherwise run every layer past the eighth eagerly).
 - ``fused_cpu``: one C++ kernel per group (:mod:`bunit.fused_cpu`), BN folded into the convs, the hidden
   activations of a tile of rows kept in cache; float32 on CPU in eval mode. In training mode, or while
   autograd records, it runs ``grouped`` instead (exact gradients and BN statistics); without a C++ compiler
@@ -33,6 +34,8 @@ The fused form runs on one of several execution backends (``layer.backend``), al
 """
 from __future__ import annotations
 
+import sys
+import types
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -282,7 +285,7 @@ class UnitLayer(nn.Module):
             raise ValueError(f"compile_base: {base!r} is not allowed; allowed: {', '.join(EAGER_BACKENDS)}")
         compiled = self.__dict__.get("_compiled")
         if compiled is None or compiled[0] != base:
-            compiled = (base, torch.compile(lambda t: self._run(t, base)))
+            compiled = (base, torch.compile(_own_code(lambda t: self._run(t, base), f"unit_layer_{id(self):x}")))
             self.__dict__["_compiled"] = compiled
         return compiled[1](x)
 
@@ -353,6 +356,19 @@ class UnitLayer(nn.Module):
 
 def _call_module(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv(x)
+
+
+def _own_code(fn: types.FunctionType, name: str) -> types.FunctionType:
+    """``fn`` with a code object of its own (named ``name``), same closure and globals.
+
+    Dynamo keeps its compiled graphs per code object, at most ``recompile_limit`` (8) of them: every layer's
+    ``compiled`` closure shares the one lambda's code, so from the ninth layer on dynamo would stop compiling and
+    silently run the layer eagerly. A code object per layer gives each layer its own cache and leaves the global
+    limit alone.
+    """
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if sys.version_info >= (3, 11) else \
+        fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 # --- model-level helpers ------------------------------------------------------------------------
