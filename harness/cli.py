@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "reference, from the artefacts alone (rows go to DIR/timings.jsonl)")
     tim.add_argument("results_dir", metavar="DIR", help="a suite directory, e.g. results/quick")
     tim.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    tim.add_argument("--runtime", default="eager", help="eager, compile or onnx (default eager)")
+    tim.add_argument("--runtime", default="eager", help="eager, compile, onnx, openvino or openvino+units; several "
+                     "comma-separated are timed one after another (default eager)")
+    tim.add_argument("--memory-format", default="contiguous", help="contiguous or channels_last (eager and compile; "
+                     "default contiguous)")
     tim.add_argument("--threads", default=None, help="intra-op threads (default: torch's current count)")
     tim.add_argument("--batch-sizes", default="1,64", help="comma-separated batch sizes (default 1,64)")
     tim.add_argument("--rounds", default="40", help="timed rounds per session (default 40)")
@@ -169,24 +172,35 @@ def _cmd_time(args) -> int:
 
     from harness.measure.runtimes import RUNTIMES
     from harness.measure.timing_pass import format_timings, load_timings, time_store
+    from harness.measure.timing_table import best_deployment, format_best
 
-    if args.runtime not in RUNTIMES:
-        return _err(f"--runtime: {args.runtime!r} not allowed; allowed: {', '.join(RUNTIMES)}")
+    runtimes = [r.strip() for r in args.runtime.split(",")]
+    for runtime in runtimes:
+        if runtime not in RUNTIMES:
+            return _err(f"--runtime: {runtime!r} not allowed; allowed: {', '.join(RUNTIMES)}")
     batches = tuple(_int_option("--batch-sizes", b.strip(), 1) for b in args.batch_sizes.split(","))
-    outcome = time_store(args.results_dir, device=args.device, runtime=args.runtime,
-                         threads=_int_option("--threads", args.threads, 1), batch_sizes=batches,
-                         rounds=_int_option("--rounds", args.rounds, 3), warmup=_int_option("--warmup", args.warmup, 0),
-                         repeats=_int_option("--repeats", args.repeats, 1), only=args.only,
-                         progress=not args.no_progress)
+    errors = 0
+    for runtime in runtimes:
+        outcome = time_store(args.results_dir, device=args.device, runtime=runtime,
+                             threads=_int_option("--threads", args.threads, 1), batch_sizes=batches,
+                             rounds=_int_option("--rounds", args.rounds, 3),
+                             warmup=_int_option("--warmup", args.warmup, 0),
+                             repeats=_int_option("--repeats", args.repeats, 1), only=args.only,
+                             memory_format=args.memory_format, progress=not args.no_progress)
+        for error in outcome.errors:
+            print(f"[error] {error}", file=sys.stderr)
+        errors += len(outcome.errors)
+        print(f"time: {runtime}: {outcome.written} rows written, {outcome.skipped} already timed, "
+              f"{outcome.busy_sessions} of {outcome.sessions} sessions on a busy machine, "
+              f"{outcome.unsteady_sessions} unsteady -> {outcome.path}")
     table = load_timings(args.results_dir)
     if table is not None:
-        print(format_timings(table, runtime=args.runtime))
+        for runtime in runtimes:
+            print(format_timings(table, runtime=runtime))
+        print("\nEach model at its fastest runtime and format, over dense at its own fastest (every runtime timed):")
+        print(format_best(best_deployment(table)))
         table.to_csv(Path(args.results_dir) / "timings.csv", index=False)
-    for error in outcome.errors:
-        print(f"[error] {error}", file=sys.stderr)
-    print(f"time: {outcome.written} rows written, {outcome.skipped} already timed, {outcome.busy_sessions} of "
-          f"{outcome.sessions} sessions on a busy machine, {outcome.unsteady_sessions} unsteady -> {outcome.path}")
-    return 0 if not outcome.errors else 1
+    return 0 if not errors else 1
 
 
 def _cmd_plot(args) -> int:

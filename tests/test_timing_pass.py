@@ -222,7 +222,8 @@ def test_onnx_pass_writes_checked_rows(store, tmp_path):
 
 
 def test_bad_options_name_the_allowed_values(store):
-    for kwargs, match in [({"runtime": "tvm"}, "runtime: 'tvm' not allowed; allowed: eager, compile, onnx"),
+    for kwargs, match in [({"runtime": "tvm"}, r"runtime: 'tvm' not allowed; allowed: eager, compile, onnx, openvino, "
+                                               r"openvino\+units"),
                           ({"batch_sizes": (0,)}, "batch_sizes"),
                           ({"runtime": "onnx", "memory_format": "channels_last"}, "allowed: contiguous"),
                           ({"rounds": 1}, "rounds >= 3")]:
@@ -231,7 +232,7 @@ def test_bad_options_name_the_allowed_values(store):
     out = subprocess.run([sys.executable, "-m", "harness.cli", "time", str(store), "--runtime", "tvm"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        "bunitbench: error: --runtime: 'tvm' not allowed; allowed: eager, compile, onnx"]
+        "bunitbench: error: --runtime: 'tvm' not allowed; allowed: eager, compile, onnx, openvino, openvino+units"]
 
 
 def sigkill_when(proc: subprocess.Popen, ready, limit_s: float = 240.0) -> int:

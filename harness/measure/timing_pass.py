@@ -5,8 +5,9 @@ Latency that users compare is measured here, in its own pass, not while training
 format) the pass builds one session: every model of the setting whose row is ``ok`` and not yet timed under
 that condition, plus the dense reference of each. A model is rebuilt from its artefact
 (:func:`harness.run.artefacts.load_model`), prepared by its method (``prepare_for_inference``: BUnit picks its
-execution backends for this batch; not for ``onnx``, which exports the model as rebuilt and lets ONNX Runtime
-pick its kernels), handed to its runtime (:mod:`harness.measure.runtimes`), and called once untimed. The input
+execution backends for this batch; not for ``onnx`` and ``openvino``, which export the model as rebuilt and let
+ONNX Runtime or OpenVINO pick their kernels, nor ``openvino+units``, which exports BUnit's unit layers as its own
+kernel), handed to its runtime (:mod:`harness.measure.runtimes`), and called once untimed. The input
 is a fixed random batch of the model's input shape: latency does not depend on the values, and no data set is
 needed.
 
@@ -58,7 +59,7 @@ from torch.utils.benchmark.utils.common import set_torch_threads
 from bunit.timing import (cpu_snapshot, interleaved_times, machine_load, others_cpus, steady_allocator,
                           summary_ms)
 from harness.measure.latency import MEMORY_FORMATS
-from harness.measure.runtimes import RUNTIMES, make_runner, runtime_context, variant_copy
+from harness.measure.runtimes import ONNX_RUNTIMES, RUNTIMES, make_runner, runtime_context, runtime_version, variant_copy
 from harness.measure.timing_table import (CONDITION_COLUMNS, TIMING_COLUMNS, TIMINGS_FILE, conditions_key,
                                           format_timings, load_timings)
 from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
@@ -125,8 +126,8 @@ def _spread(medians: Sequence[float] | None) -> float | None:
 def _check_args(runtime, device, threads, batch_sizes, rounds, warmup, memory_format) -> tuple[torch.device, int]:
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime: {runtime!r} not allowed; allowed: {', '.join(RUNTIMES)}")
-    if memory_format not in TIMED_LAYOUTS or (runtime == "onnx" and memory_format != "contiguous"):
-        allowed = "contiguous" if runtime == "onnx" else ", ".join(TIMED_LAYOUTS)
+    if memory_format not in TIMED_LAYOUTS or (runtime in ONNX_RUNTIMES and memory_format != "contiguous"):
+        allowed = "contiguous" if runtime in ONNX_RUNTIMES else ", ".join(TIMED_LAYOUTS)
         raise ValueError(f"memory_format: {memory_format!r} not allowed with runtime {runtime}; allowed: {allowed}")
     if not batch_sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes: {batch_sizes!r} not allowed; allowed: positive integers, e.g. 1,64")
@@ -137,6 +138,8 @@ def _check_args(runtime, device, threads, batch_sizes, rounds, warmup, memory_fo
     from harness.run.runner import resolve_device
 
     dev = resolve_device(device)
+    if runtime.startswith("openvino") and dev.type != "cpu":
+        raise ValueError(f"device: {device!r} not allowed with runtime {runtime}; allowed: cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev, threads if threads is not None else torch.get_num_threads()
@@ -196,7 +199,7 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
     Args:
         store_dir: the suite directory (``runs.jsonl`` and ``models/``), or a copy of it.
         device: ``cpu``, ``cuda`` or ``cuda:N`` (``auto`` picks CUDA when present).
-        runtime: ``eager``, ``compile`` or ``onnx``.
+        runtime: ``eager``, ``compile``, ``onnx``, ``openvino`` or ``openvino+units`` (:mod:`harness.measure.runtimes`).
         threads: intra-op threads (torch, or the ONNX Runtime session); None keeps torch's current count.
         batch_sizes: one condition per batch size.
         rounds: timed rounds per session (every model one timed call per round).
@@ -300,7 +303,7 @@ class _Session:
                     out.errors.append(f"{key}: {self.failed[key]}")
             if fns:
                 with torch.inference_mode():
-                    got = timer(fns, rounds=rounds, warmup=warmup, device=dev if cond["runtime"] != "onnx" else "cpu",
+                    got = timer(fns, rounds=rounds, warmup=warmup, device=dev if cond["runtime"] not in ONNX_RUNTIMES else "cpu",
                                 settle=settle, order="shuffle", seed=seed)
                 for key, values in got.items():  # round r of every model stays at the same index: pairs hold
                     self.times.setdefault(key, []).extend(values)
@@ -351,6 +354,7 @@ class _Session:
                    "repeats": repeats, "settle": settle, "order": "shuffle", "ratio_interval": "bootstrap-95",
                    "session_models": len(self.members) - len(self.failed) - len(self.missing),
                    "timed_at": stamp, "hostname": socket.gethostname(), "torch": torch.__version__,
+                   "runtime_version": runtime_version(cond["runtime"]),
                    "allocator": steady_allocator(), "model_path": f"models/{artefact_name(key)}.pt",
                    **self.infos.get(key, {}),
                    "error": self.failed.get(key) or (f"dense reference {ref}: unusable"
@@ -374,7 +378,7 @@ def _runner(store: Path, row: dict, key: str, cond: dict, dev: torch.device) -> 
         model = model.to(memory_format=torch.channels_last)
     # ONNX exports the model as rebuilt: prepare_for_inference picks eager kernels, some of which (a C++ extension
     # op) tracing cannot see, and ONNX Runtime picks its own kernels for the exported graph.
-    prepared = {} if cond["runtime"] == "onnx" else get_method(row["method"]).prepare_for_inference(model, x32)
+    prepared = {} if cond["runtime"] in ONNX_RUNTIMES else get_method(row["method"]).prepare_for_inference(model, x32)
     net, info = (model, {}) if cond["dtype"] == "float32" else variant_copy(model, cond["dtype"], dev,
                                                                             cond["memory_format"])
     x = x32 if cond["dtype"] == "float32" else x32.to(torch.bfloat16)
