@@ -37,6 +37,7 @@ __all__ = ["cache_dir", "source_tag", "build_info", "is_available", "load_extens
            "forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_fused.cpp"
+_KERNEL = _SOURCE.parent / "unit_kernel.h"  # the kernel itself, shared with the OpenVINO custom operation
 _NAME = "bunit_unit_fused"
 _state: dict[str, Any] = {}
 
@@ -49,12 +50,12 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def source_tag() -> str:
-    """A short hash of the kernel's C++ source: what a timing of this backend was made with.
+    """A short hash of the kernel's C++ source (``unit_fused.cpp`` and ``unit_kernel.h``): what a timing was made with.
 
     The autotuner keys its cached choices on it, so a changed kernel is timed afresh rather than judged by the
     timings of its predecessor.
     """
-    return hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+    return hashlib.sha1(_SOURCE.read_bytes() + _KERNEL.read_bytes()).hexdigest()[:10]
 
 
 def _cpu_tag() -> str:
