@@ -68,8 +68,8 @@ def build_store(directory, entries, *, backbone: str = "resnet8", shortcut: str 
         key = run_key(method, target, shortcut, seed, backbone)
         path = save_model(directory, key, model, meta=meta_for(method, shortcut, backbone, image_size))
         costs = count_costs(model, (3, image_size, image_size))
-        store.append({"key": key, "status": "ok", "dataset": "digits", "image_size": image_size, "backbone": backbone,
-                      "shortcut": shortcut, "method": method, "family": get_method(method).family,
+        store.append({"key": key, "status": "ok", "top1": 50.0, "dataset": "digits", "image_size": image_size,
+                      "backbone": backbone, "shortcut": shortcut, "method": method, "family": get_method(method).family,
                       "target": target, "seed": seed, "macs": costs["macs"], "macs_nonzero": costs["macs_nonzero"],
                       "model_path": path})
         models[key] = model

@@ -16,7 +16,7 @@ def _suite(tmp_path):
 
 
 def _ok(exp, rev):
-    return {"key": exp.key, "status": "ok", "git_rev": rev}
+    return {"key": exp.key, "status": "ok", "top1": 90.0, "git_rev": rev}
 
 
 def test_ok_keys_are_skipped_and_other_revisions_kept_with_a_warning(tmp_path):

@@ -87,9 +87,12 @@ def test_store_skips_torn_row_and_resumes_on_new_line(tmp_path):
     with open(store.path, "a") as fh:
         fh.write('{"key": "b", "status": "o')  # a writer killed mid-row
     store.append({"key": "a", "status": "ok", "top1": 91.5, "suite": "s"})
-    store.append({"key": "c", "status": "ok", "top1": float("nan"), "suite": "s"})
+    for bad in (float("nan"), None, 100.5, "91"):  # an ok row without a finite top-1 would drop a seed silently
+        with pytest.raises(ValueError, match="top1: an ok row needs a finite top-1"):
+            store.append({"key": "c", "status": "ok", "top1": bad, "suite": "s"})
+    store.append({"key": "c", "status": "failed", "top1": float("nan"), "reason": "diverged", "suite": "s"})
     with pytest.warns(RuntimeWarning, match="torn"):
-        assert store.completed_keys() == {"a", "c"}
+        assert store.completed_keys() == {"a"}
     with pytest.warns(RuntimeWarning):
         df = load_results(tmp_path / "suite")
     assert sorted(df["key"]) == ["a", "c"]

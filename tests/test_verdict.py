@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
 import harness  # noqa: F401  (torchvision shim first)
 from harness.analyse.claim import check_claim, claim_status
@@ -36,19 +37,27 @@ def _line(reduction: float, slope: float, base: float = 95.0) -> float:
     return base + slope * math.log(1 - reduction)
 
 
-def _store(extra_noise=(0.3, -0.3, 0.2, -0.2), bunit_slope: float = 1.0) -> pd.DataFrame:
+SPREAD = (0.1, -0.1, 0.05, -0.05)  # per-seed noise of mean 0: intervals of known, non-zero width
+
+
+def _store(extra_noise=(0.3, -0.3, 0.2, -0.2), bunit_slope: float = 1.0, dense_noise=(0.0,) * 4) -> pd.DataFrame:
     rows = []
     for s, off in zip(SEEDS, SEED_OFFSET):
-        rows.append(_row("dense", "dense", 0.0, s, 95.0 + off))
+        rows.append(_row("dense", "dense", 0.0, s, 95.0 + off + dense_noise[s]))
         for r in (0.5, 0.75, 0.9):  # BUnit reaches 90% only
             rows.append(_row("bunit", "bunit", r, s, _line(r, bunit_slope) + off))
-        for r in (0.3, 0.6, 0.8, 0.95):  # A: BUnit + 2 points everywhere (other targets, same line)
-            rows.append(_row("winner", "structured", r, s, _line(r, bunit_slope) + off + 2.0))
+        for r in (0.3, 0.6, 0.8, 0.9, 0.95):  # A: BUnit + 2 points everywhere (other targets, same line), spread
+            rows.append(_row("winner", "structured", r, s, _line(r, bunit_slope) + off + 2.0 + SPREAD[s]))
         for r in (0.5, 0.75, 0.9, 0.95):  # B: BUnit's line plus seed noise of mean 0
             rows.append(_row("twin", "unstructured", r, s, _line(r, bunit_slope) + off + extra_noise[s]))
         for r in (0.3, 0.5):  # C: never goes past 50%
-            rows.append(_row("shy", "structured", r, s, _line(r, bunit_slope) + off - 1.0))
+            rows.append(_row("shy", "structured", r, s, _line(r, bunit_slope) + off - 1.0 + SPREAD[s]))
     return pd.DataFrame(rows)
+
+
+def _half(values) -> float:
+    """Half-width of the 95% t-interval of the mean of ``values`` (scipy's t quantile)."""
+    return scipy_stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
 
 
 def _at(points: pd.DataFrame, axis: str, point: str, method: str) -> pd.Series:
@@ -58,14 +67,15 @@ def _at(points: pd.DataFrame, axis: str, point: str, method: str) -> pd.Series:
 
 
 def test_t_quantiles_and_intervals():
-    assert t_quantile(1) == 12.706 and t_quantile(3) == 3.182 and t_quantile(3.9) == 3.182
-    assert t_quantile(60) == pytest.approx(2.000, abs=1e-3) and math.isnan(t_quantile(0))
+    assert t_quantile(1) == pytest.approx(12.7062, abs=1e-4) and t_quantile(3) == pytest.approx(3.1824, abs=1e-4)
+    assert t_quantile(2.55) == pytest.approx(scipy_stats.t.ppf(0.975, 2.55)) and t_quantile(2.55) < t_quantile(2)
+    assert t_quantile(60) == pytest.approx(2.0003, abs=1e-4) and math.isnan(t_quantile(0))
     d = diff_interval({0: 1.3, 1: 0.7, 2: 1.2, 3: 0.8}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})
-    half = 3.182 * np.std([0.3, -0.3, 0.2, -0.2], ddof=1) / 2
+    half = scipy_stats.t.ppf(0.975, 3) * np.std([0.3, -0.3, 0.2, -0.2], ddof=1) / 2
     assert (d.mean, d.lo, d.hi, d.n, d.rule) == pytest.approx((0.0, -half, half, 4, "paired t"))
     welch = diff_interval({0: 1.0, 1: 2.0}, {5: 0.0, 6: 0.0, 7: 0.0})  # no common seed: unpaired
     assert welch.rule == "Welch t" and welch.mean == pytest.approx(1.5)
-    assert welch.hi - welch.mean == pytest.approx(12.706 * math.sqrt(0.5 / 2))  # df = 1
+    assert welch.hi - welch.mean == pytest.approx(scipy_stats.t.ppf(0.975, 1) * math.sqrt(0.5 / 2))  # df = 1
     assert diff_interval({0: 1.0}, {0: 0.5}).rule == "too few seeds"
     assert mean_interval([1.0, float("nan")]).n == 1
 
@@ -75,13 +85,13 @@ def test_dominating_method_is_labelled_with_its_margin():
     for axis in ("params", "macs", "latency"):
         for point in ("50% less", "75% less", "90% less", "BUnit 0.75"):
             r = _at(points, axis, point, "winner")
-            assert r["diff"] == pytest.approx(2.0) and r["lo"] == pytest.approx(2.0)  # constant paired difference
+            assert (r["diff"], r["lo"], r["hi"]) == pytest.approx((2.0, 2.0 - _half(SPREAD), 2.0 + _half(SPREAD)))
             assert r["label"] == "bunit worse" and r["n_pairs"] == 4 and r["rule"] == "paired t"
 
 
 def test_equal_methods_are_indistinguishable_with_the_hand_interval():
     points = compare_points(_store())
-    half = 3.182 * np.std([0.3, -0.3, 0.2, -0.2], ddof=1) / 2
+    half = _half([0.3, -0.3, 0.2, -0.2])
     for point in ("50% less", "75% less", "90% less"):
         r = _at(points, "macs", point, "twin")
         assert (r["diff"], r["lo"], r["hi"]) == pytest.approx((0.0, -half, half))
@@ -101,7 +111,7 @@ def test_no_extrapolation():
     assert beyond["label"] == "bunit not reached" and math.isnan(beyond["top1_bunit"])
     assert beyond["top1_method"] == pytest.approx(_line(0.95, 1.0) + np.mean(SEED_OFFSET) + 0.0)
     curve = build_curves(_store(), "macs")[0].curves["shy"][0]
-    assert value_at(curve, math.log(0.5)) == pytest.approx(_line(0.5, 1.0) + 0.3 - 1.0)
+    assert value_at(curve, math.log(0.5)) == pytest.approx(_line(0.5, 1.0) + 0.3 - 1.0 + SPREAD[0])
     assert math.isnan(value_at(curve, math.log(0.49))) and math.isnan(value_at(curve, 0.01))
 
 
@@ -127,9 +137,10 @@ def test_area_over_the_common_range():
 
 @pytest.mark.parametrize("slope,expected", [(0.3, "true"), (3.0, "false")])
 def test_claim_true_and_false(slope, expected):
-    claim = check_claim(_store(bunit_slope=slope)).set_index("axis")
-    # at 80% fewer MACs: x = log 0.2, BUnit - dense = slope * log 0.2 on every seed (paired, no spread)
+    claim = check_claim(_store(bunit_slope=slope, dense_noise=SPREAD)).set_index("axis")
+    # at 80% fewer MACs: x = log 0.2, BUnit - dense = slope * log 0.2 - the dense noise, paired by seed
     assert claim.loc["macs", "diff"] == pytest.approx(slope * math.log(0.2))
+    assert claim.loc["macs", "hi"] - claim.loc["macs", "diff"] == pytest.approx(_half(SPREAD))
     assert claim.loc["macs", "status"] == expected and claim.loc["params", "status"] == expected
     assert claim.loc["claim", "status"] == expected
 
@@ -138,7 +149,7 @@ def test_claim_undecided_and_not_reached():
     assert claim_status(-1.5, 0.2, reached=True) == "undecided"
     assert claim_status(-0.5, 0.2, reached=False) == "undecided"
     assert claim_status(float("nan"), float("nan"), reached=True) == "undecided"
-    short = _store(bunit_slope=0.3)
+    short = _store(bunit_slope=0.3, dense_noise=SPREAD)
     short = short[~((short["method"] == "bunit") & (short["target"] == 0.9))]  # BUnit now stops at 75%
     claim = check_claim(short).set_index("axis")
     assert not claim.loc["macs", "reached"] and claim.loc["macs", "status"] == "undecided"
@@ -158,7 +169,9 @@ def test_latency_prefers_the_timing_pass():
     assert latency.condition["runtime"] == "eager" and len(latency.ratio) == 12 and len(latency.busy) == 3
     assert len(latency.unsteady) == 3 and "3 timed while the machine changed state" in latency.describe()
     curves = build_curves(store, "latency", latency=latency)[0]
-    assert curves.sources == {"pass": 12, "isolated": 44}
+    # seeds 0 and 1 of BUnit were timed busy or unsteady: left out of the latency curves, never read
+    assert curves.sources == {"pass": 6, "isolated": 44, "excluded": 6} and curves.excluded["bunit"] == 6
+    assert sorted(curves.curves["bunit"]) == [2, 3]
     # every BUnit row now sits at half the dense latency: BUnit's curve spans x in [log 0.5, 0] only
     assert curves.reach("bunit") == pytest.approx(math.log(0.5))
     points = compare_points(store, latency=latency, axes=("latency",))

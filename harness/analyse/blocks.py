@@ -1,12 +1,12 @@
 """The report's building blocks: a :class:`Block` list, number formatting, and rendering to Markdown and HTML.
 
 Shared by :mod:`harness.analyse.report` (the suite report) and :mod:`harness.analyse.verdict_report` (its first
-section). HTML is self-contained: inline CSS, PNG figures embedded as base64 data URIs.
+section). The Markdown is the one rendering; HTML is that Markdown through a CommonMark parser, self-contained: inline
+CSS, PNG figures embedded as base64 data URIs.
 """
 from __future__ import annotations
 
 import base64
-import html
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from markdown_it import MarkdownIt
 
 __all__ = ["Block", "MISSING", "DENSE_TARGET", "fmt_value", "fmt_mean_std", "count_unit", "setting_title",
            "target_text", "render_markdown", "render_html"]
@@ -24,7 +25,7 @@ DENSE_TARGET = "\u2014"  # an em dash stands for the dense reference's absent ta
 
 @dataclass
 class Block:
-    """One piece of the report: ``kind`` is h1/h2/h3, p, ul, table or img."""
+    """One piece of the report: ``kind`` is h1/h2/h3/h4, p, ul, table or img."""
 
     kind: str
     text: str = ""
@@ -103,11 +104,11 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(blocks: list[Block], out_dir: Path) -> str:
-    """Markdown text of the blocks; images are linked relative to ``out_dir``."""
+def render_markdown(blocks: list[Block], out_dir: Path, *, embed_images: bool = False) -> str:
+    """Markdown text of the blocks; images are linked relative to ``out_dir`` (or embedded as data URIs)."""
     lines: list[str] = []
     for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
+        if b.kind in ("h1", "h2", "h3", "h4"):
             lines += ["#" * int(b.kind[1]) + " " + b.text, ""]
         elif b.kind == "p":
             lines += [b.text, ""]
@@ -119,43 +120,28 @@ def render_markdown(blocks: list[Block], out_dir: Path) -> str:
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
             lines.append("")
         elif b.kind == "img" and b.path is not None:
-            rel = os.path.relpath(b.path, out_dir).replace(os.sep, "/")
+            rel = (f"data:image/png;base64,{base64.b64encode(Path(b.path).read_bytes()).decode('ascii')}"
+                   if embed_images else os.path.relpath(b.path, out_dir).replace(os.sep, "/"))
             lines += [f"![{b.text}]({rel})", "", f"*{b.text}*", ""]
     return "\n".join(lines)
 
 
-def _inline_html(text: str) -> str:
-    """Escape, then turn `code` spans into <code>."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
 _CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
-color:#222;line-height:1.45}table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.85em}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;white-space:nowrap}
+color:#222;line-height:1.45;overflow-wrap:anywhere}table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.85em;
+max-width:100%}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;vertical-align:top}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}code{font-size:.9em;background:#f6f6f6}
-figure{margin:1em 0}img{max-width:100%;height:auto}figcaption{font-style:italic;font-size:.9em}"""
+img{max-width:100%;height:auto}p>em:only-child{font-size:.9em}"""
+
+
+def _markdown_parser() -> MarkdownIt:
+    # CommonMark with GFM tables; raw HTML in the text is escaped, never passed through
+    return MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
 def render_html(blocks: list[Block]) -> str:
-    """Self-contained HTML of the blocks: inline CSS, PNG figures embedded as base64 data URIs."""
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>bunit-bench report</title>",
-           f"<style>{_CSS}</style></head><body>"]
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            out.append(f"<{b.kind}>{_inline_html(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            out.append(f"<p>{_inline_html(b.text)}</p>")
-        elif b.kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in b.items) + "</ul>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            body = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in b.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b.kind == "img" and b.path is not None:
-            data = base64.b64encode(Path(b.path).read_bytes()).decode("ascii")
-            out.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
-    out.append("</body></html>")
-    return "\n".join(out)
-
+    """Self-contained HTML of the blocks: their Markdown rendered by a CommonMark parser (markdown-it-py), inline
+    CSS, PNG figures embedded as base64 data URIs."""
+    body = _markdown_parser().render(render_markdown(blocks, Path("."), embed_images=True))
+    return "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+                      "<title>bunit-bench report</title>", f"<style>{_CSS}</style></head><body>", body,
+                      "</body></html>"])

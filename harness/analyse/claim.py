@@ -8,8 +8,10 @@ same seed: the paired 95% interval of ``top1_bunit - top1_dense`` (:mod:`harness
 - **true** at a point when the interval's lower end is at least -1 point (BUnit loses at most 1 point, at 95%
   confidence; doing better than dense also counts as comparable);
 - **false** when its upper end is below -1 point (BUnit loses more than 1 point for sure);
-- **undecided** otherwise: the interval straddles -1, fewer than two seeds, or BUnit's curve does not reach that
-  reduction (no extrapolation).
+- **undecided** otherwise: the interval straddles -1, has zero width (every seed the same difference: no spread to
+  judge from), fewer than two seeds, or BUnit's curve has no value there under the reading rule of
+  :mod:`harness.analyse.verdict` (not reached: no extrapolation; too sparse here: its points around the claim point
+  are too far apart).
 
 The claim for a setting is true when both points are true, false when either is false, undecided otherwise.
 """
@@ -21,7 +23,7 @@ import pandas as pd
 
 from harness.analyse.verdict import BUNIT, build_curves
 from harness.analyse.latency_source import LatencyTable
-from harness.analyse.stats import diff_interval, mean_interval
+from harness.analyse.stats import ZERO_WIDTH, diff_interval, mean_interval
 
 __all__ = ["COMPARABLE_POINTS", "CLAIM_POINTS", "check_claim", "claim_status"]
 
@@ -31,7 +33,7 @@ CLAIM_POINTS = (("macs", 0.80), ("params", 0.73))
 
 def claim_status(lo: float, hi: float, *, reached: bool, band: float = COMPARABLE_POINTS) -> str:
     """``true`` / ``false`` / ``undecided`` for an interval of ``top1_bunit - top1_dense`` (rule in the module doc)."""
-    if not reached or not (math.isfinite(lo) and math.isfinite(hi)):
+    if not reached or not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo < ZERO_WIDTH:
         return "undecided"
     if lo >= -band:
         return "true"
@@ -45,7 +47,8 @@ def check_claim(metrics: pd.DataFrame, *, latency: LatencyTable | None = None) -
 
     Returns:
         One row per (setting, point) with ``axis``, ``reduction``, ``top1_bunit``, ``top1_dense``, ``diff``, ``lo``,
-        ``hi``, ``n_pairs``, ``reached``, ``status``; plus one row per setting with ``axis == "claim"`` whose
+        ``hi``, ``n_pairs``, ``n_bunit``, ``n_dense``, ``reached``, ``why`` (why BUnit has no value there: ``not
+        reached`` / ``too sparse here``; empty otherwise), ``status``; plus one row per setting with ``axis == "claim"`` whose
         ``status`` combines the points. Empty when no setting has a BUnit curve.
     """
     rows = []
@@ -54,15 +57,18 @@ def check_claim(metrics: pd.DataFrame, *, latency: LatencyTable | None = None) -
         for cur in build_curves(metrics, axis, latency=latency):
             if BUNIT not in cur.curves:
                 continue
-            bunit = cur.at(BUNIT, math.log(1 - reduction))
-            reached = any(math.isfinite(v) for v in bunit.values())
+            x = math.log(1 - reduction)
+            bunit, reasons = cur.read(BUNIT, x)
+            why = cur.missing(BUNIT, x, bunit, reasons)
+            reached = not why
             iv = diff_interval(bunit, cur.dense)
             status = claim_status(iv.lo, iv.hi, reached=reached)
             per_setting.setdefault(repr(list(map(str, cur.setting.values()))), (cur.setting, []))[1].append(status)
             rows.append({**cur.setting, "axis": axis, "reduction": reduction,
                          "top1_bunit": mean_interval(bunit.values()).mean,
                          "top1_dense": mean_interval(cur.dense.values()).mean, "diff": iv.mean, "lo": iv.lo,
-                         "hi": iv.hi, "n_pairs": iv.n, "reached": reached, "status": status})
+                         "hi": iv.hi, "n_pairs": iv.n, "n_bunit": mean_interval(bunit.values()).n,
+                         "n_dense": len(cur.dense), "reached": reached, "why": why, "status": status})
     for setting, statuses in per_setting.values():
         overall = "false" if "false" in statuses else "true" if all(x == "true" for x in statuses) else "undecided"
         rows.append({**setting, "axis": "claim", "status": overall})

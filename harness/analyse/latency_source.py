@@ -16,7 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["LatencyTable", "load_latency_table", "select_condition"]
+from harness.analyse.metrics import acc_cost, efficiency
+
+__all__ = ["LatencyTable", "load_latency_table", "select_condition", "apply_pass_ratios"]
 
 _CONDITION = ("runtime", "device", "device_name", "dtype", "threads", "batch", "memory_format")
 
@@ -94,3 +96,28 @@ def load_latency_table(store_dir: str | os.PathLike | None) -> LatencyTable | No
     except (FileNotFoundError, OSError, ValueError):
         return None
     return select_condition(table) if table is not None else None
+
+
+def apply_pass_ratios(metrics: pd.DataFrame, latency: LatencyTable | None) -> pd.DataFrame:
+    """The per-row metrics with batch-1 latency taken from the timing pass where it timed the row.
+
+    A row the pass timed and did not flag gets ``speedup_b1 = 1 / latency_ratio`` and ``reduction_latency =
+    1 - latency_ratio`` (with ``acc_cost_latency`` and ``eff_latency`` recomputed from it); a row it flagged busy or
+    unsteady gets NaN there, never its noisy isolated timing; other rows keep their own timing. ``latency_source``
+    says which (``pass``, ``excluded``, ``isolated``).
+    """
+    out = metrics.copy()
+    out["latency_source"] = "isolated"
+    if latency is None or out.empty or "key" not in out.columns:
+        return out
+    ratio = pd.to_numeric(out["key"].map(latency.ratio), errors="coerce").astype(float)
+    flagged = out["key"].isin(latency.busy | latency.unsteady) & ratio.notna()
+    timed = ratio.notna() & ~flagged
+    out.loc[timed, "latency_source"] = "pass"
+    out.loc[flagged, "latency_source"] = "excluded"
+    reduction = (1.0 - ratio).where(timed)
+    out["speedup_b1"] = (1.0 / ratio).where(timed, out["speedup_b1"].where(~flagged))
+    out["reduction_latency"] = reduction.where(timed, out["reduction_latency"].where(~flagged))
+    out["acc_cost_latency"] = acc_cost(out["top1"], out["top1_dense"], out["reduction_latency"])
+    out["eff_latency"] = efficiency(out["top1"], out["top1_dense"], out["reduction_latency"])
+    return out

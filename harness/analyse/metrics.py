@@ -21,7 +21,8 @@ Our own definitions of the "two trade-off metrics" the BUnit-Net paper mentions;
 Latency metrics are NaN unless the row was timed under the same conditions as its reference (``LATENCY_CONTEXT``:
 device, dtype, memory format, threads; ``speedup_bt`` also the same throughput batch). A row without a dense
 reference gets NaN for every relative metric and ``dense_key`` null. Rows whose ``status`` is not ``ok`` are
-dropped before any metric is computed (the report lists them).
+dropped before any metric is computed, and so are the ok rows :func:`partition_rows` leaves out (no finite top-1, a
+configuration other than the latest of its curve, an earlier row of the same point); the report lists both.
 
 Metrics are computed per row (one seed) and then averaged: :func:`summarize` gives mean and sample standard
 deviation (ddof=1; NaN with one seed) over seeds; a metric that is NaN on any seed is NaN in the summary, so no
@@ -56,6 +57,10 @@ __all__ = [
     "target_sort_key",
     "ok_rows",
     "failed_rows",
+    "POINT_FIELDS",
+    "curve_configuration",
+    "partition_rows",
+    "resolution_points",
     "pareto_mask",
     "acc_cost",
     "efficiency",
@@ -194,6 +199,103 @@ def failed_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] != "ok"].copy()
 
 
+POINT_FIELDS = ("target", "seed")
+"""Config fields that vary along one curve; every other field that changes the weights must be equal on it."""
+_NOT_WEIGHTS = ("data_dir", "measure", "suite")  # never change the trained weights (Experiment.config_hash)
+_CURVE_KEYS = SETTING_KEYS + ("method", "schedule")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def curve_configuration(config: Any) -> dict[str, Any]:
+    """The fields of a row's ``config`` that must be equal along one curve, flattened (``train.epochs``).
+
+    Everything that changes the trained weights except the point's own knob and seed (:data:`POINT_FIELDS`).
+    An empty dict for a row without a config object.
+    """
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError:
+            return {}
+    if not isinstance(config, dict):
+        return {}
+    return {k: v for k, v in _flat({k: v for k, v in config.items() if k not in _NOT_WEIGHTS + POINT_FIELDS}).items()}
+
+
+def _config_difference(config: dict, kept: dict, limit: int = 3) -> str:
+    fields = sorted(k for k in set(config) | set(kept) if config.get(k) != kept.get(k))
+    text = ", ".join(f"{k} {config.get(k)!r} (kept: {kept.get(k)!r})" for k in fields[:limit])
+    return text + (f" and {len(fields) - limit} more" if len(fields) > limit else "")
+
+
+def partition_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ok rows analysis uses, and the ok rows it leaves out with the reason (``left_out_reason``).
+
+    Rules, in order (the report lists what they leave out):
+
+    1. An ok row must have a finite top-1 (the store refuses new ones; a hand-written store may still hold one).
+    2. One configuration per curve: the rows of one method (and schedule) in one setting must agree on every
+       config field that changes the weights except the target and the seed (:func:`curve_configuration`). Where
+       they do not, the configuration of the most recently finished row is kept and the others are left out.
+    3. One row per point: where one (setting, method, schedule, target, seed) still has several rows, the most
+       recently finished one is kept.
+
+    Args:
+        df: result rows (any status).
+
+    Returns:
+        ``(kept, left_out)``: both in the original row order.
+    """
+    ok = ok_rows(df)
+    reasons = pd.Series(None, index=ok.index, dtype=object)
+    top1 = _num(ok, "top1")
+    reasons[~np.isfinite(top1)] = "ok row without a finite top-1"
+    if ok.empty:
+        return ok, ok.assign(left_out_reason=reasons)
+    when = ok["finished_at"].astype(str) if "finished_at" in ok.columns else pd.Series("", index=ok.index)
+    order = pd.Series(range(len(ok)), index=ok.index)
+    configs = ok["config"].map(curve_configuration) if "config" in ok.columns else pd.Series(
+        [{}] * len(ok), index=ok.index)
+    ident = configs.map(lambda c: json.dumps(c, sort_keys=True, default=str))
+    valid = reasons.isna()
+    curve = _join_key(ok, _CURVE_KEYS)
+    for _, idx in ok[valid].groupby(curve[valid], sort=False).groups.items():
+        latest = max(idx, key=lambda i: (when[i], order[i]))
+        for i in idx:
+            if ident[i] != ident[latest]:
+                reasons[i] = ("configuration differs from the latest run of this method: "
+                              + _config_difference(configs[i], configs[latest]))
+    valid = reasons.isna()
+    point = _join_key(ok.assign(_t=ok["target"].map(display_target) if "target" in ok.columns else ""),
+                      _CURVE_KEYS + ("_t", "seed"))
+    for _, idx in ok[valid].groupby(point[valid], sort=False).groups.items():
+        latest = max(idx, key=lambda i: (when[i], order[i]))
+        for i in idx:
+            if i != latest:
+                reasons[i] = "an earlier row of the same point (method, target, seed): the latest is used"
+    left = reasons.notna()
+    return ok[~left].copy(), ok[left].assign(left_out_reason=reasons[left])
+
+
+def resolution_points(df: pd.DataFrame) -> float:
+    """One test image in top-1 points (``100 / n_test``) for rows of one setting; 0 when no row records ``n_test``.
+
+    The largest over the rows (the smallest test set), so that no difference finer than any row can resolve is
+    labelled.
+    """
+    n = _num(df, "n_test")
+    n = n[n > 0]
+    return float(100.0 / n.min()) if len(n) else 0.0
+
+
 def pareto_mask(cost: Any, acc: Any) -> np.ndarray:
     """Which points lie on the accuracy-cost Pareto front (minimise cost, maximise accuracy).
 
@@ -282,12 +384,12 @@ def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.D
         sparse_aware: measure the params/MACs axes by non-zero counts (default) or by plain counts.
 
     Returns:
-        A copy of the ok rows with added columns: ``target_label``, ``dense_key``, ``top1_dense``, ``cost_params``,
+        A copy of the ok rows that :func:`partition_rows` keeps, with added columns: ``target_label``, ``dense_key``, ``top1_dense``, ``cost_params``,
         ``cost_macs``, ``cost_latency``, ``acc_drop``, ``reduction_{params,macs,latency}``, ``speedup_b1``,
         ``speedup_bt``, ``compression_ratio``, ``acc_cost_{params,macs,latency}``, ``eff_{params,macs,latency}``,
         ``latency_comparable`` and per-seed ``pareto_{params,macs,latency}``.
     """
-    out = ok_rows(df).reset_index(drop=True)
+    out = partition_rows(df)[0].reset_index(drop=True)
     out["target_label"] = out["target"].map(display_target) if "target" in out.columns else ""
     for axis, (sparse_col, plain_col) in _COST_SOURCES.items():
         plain = _num(out, plain_col)

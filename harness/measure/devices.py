@@ -1,13 +1,14 @@
 """Where a measurement ran: the device, its name and the thread count, as row columns."""
 from __future__ import annotations
 
+import os
 import platform
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["normalize_device", "model_device", "device_info", "dtype_name"]
+__all__ = ["normalize_device", "model_device", "device_info", "dtype_name", "cpu_isa", "cpu_description"]
 
 
 def normalize_device(device: str | torch.device) -> torch.device:
@@ -42,6 +43,49 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+_ISA_FLAGS = (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The vector instruction sets that decide CPU training and inference speed, widest first: e.g.
+    ``AVX-512, AVX512-BF16`` or ``AVX2`` (two machines sold under one CPU name have differed 10x in training speed).
+
+    Args:
+        flags: the CPU's flags; read from /proc/cpuinfo when None.
+
+    Returns:
+        The names, comma-separated; ``""`` when none of them is known.
+    """
+    if flags is None:
+        flags = set()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.lower().startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            pass
+    have = [name for flag, name in _ISA_FLAGS if flag in flags]
+    if "AVX-512" in have:  # the AVX-512 machine has AVX2 too; naming it adds nothing
+        have = [h for h in have if h != "AVX2"]
+    order = ("AVX2", "AVX-512", "AVX512-BF16", "AMX")
+    return ", ".join(sorted(have, key=order.index))
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_description() -> str:
+    """``AMD EPYC (AVX-512, AVX512-BF16; 2 CPUs)``: the model, its instruction sets and the CPUs this process may use."""
+    isa = cpu_isa()
+    return f"{_cpu_name()} ({isa + '; ' if isa else ''}{_usable_cpus()} CPUs)"
+
+
 def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     """Name of the device and the torch intra-op thread count.
 
@@ -49,9 +93,10 @@ def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         device: ``cpu`` or a CUDA device.
 
     Returns:
-        ``device_name`` (CPU model from /proc/cpuinfo, or the GPU name) and ``threads``.
+        ``device_name`` (the GPU name, or :func:`cpu_description`: the CPU model from /proc/cpuinfo with its vector
+        instruction sets and usable CPU count) and ``threads``.
     """
     device = normalize_device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     return {"device_name": name, "threads": torch.get_num_threads()}
 

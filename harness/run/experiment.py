@@ -22,6 +22,7 @@ from baselines.counting import count_macs, count_params, weight_sparsity
 from harness import measure
 from harness.run.config import Experiment
 from harness.run.context import RunContext, now, one_line, provenance
+from harness.run.schema import check_ok_row
 from harness.run.train import evaluate, seed_everything
 
 __all__ = ["run_experiment", "base_row", "failed_row", "method_context"]
@@ -69,6 +70,7 @@ def run_experiment(exp: Experiment, ctx: RunContext, *, executor: str = "local")
     try:
         row.update(_train_and_measure(exp, get_method(exp.method), ctx))
         row["status"], row["reason"] = "ok", None
+        check_ok_row(row)
     except Exception as err:  # a failed run is a row, not a crash
         row["status"], row["reason"] = "failed", one_line(err)
     row["finished_at"] = now()

@@ -6,7 +6,9 @@ store check that a row names no unknown column. Analysis reads rows by column na
 """
 from __future__ import annotations
 
-__all__ = ["ROW_COLUMNS", "unknown_columns"]
+import math
+
+__all__ = ["ROW_COLUMNS", "unknown_columns", "check_ok_row"]
 
 ROW_COLUMNS: dict[str, str] = {
     # identity of the experiment
@@ -30,6 +32,7 @@ ROW_COLUMNS: dict[str, str] = {
     "top1": "top-1 accuracy on the held-out split, percent",
     "top5": "top-5 accuracy on the held-out split, percent (top-k with k = min(5, classes))",
     "test_loss": "mean cross-entropy on the held-out split",
+    "n_test": "images in the held-out split (one image is 100 / n_test points of top-1: the verdict's resolution)",
     # size and arithmetic (baselines.counting, the one counter)
     "params": "all parameters",
     "params_nonzero": "parameters that are not exactly zero",
@@ -92,3 +95,16 @@ ROW_COLUMNS: dict[str, str] = {
 def unknown_columns(row: dict) -> list[str]:
     """Columns of ``row`` that the schema does not document."""
     return sorted(set(row) - set(ROW_COLUMNS))
+
+
+def check_ok_row(row: dict) -> None:
+    """Refuse an ``ok`` row without a finite top-1 in [0, 100]: a seed that analysis would otherwise drop silently.
+
+    Raises:
+        ValueError: naming the column and what was found.
+    """
+    if row.get("status") != "ok":
+        return
+    top1 = row.get("top1")
+    if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1) or not 0 <= top1 <= 100:
+        raise ValueError(f"top1: an ok row needs a finite top-1 between 0 and 100; got {top1!r}")

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from harness.run.schema import unknown_columns
+from harness.run.schema import check_ok_row, unknown_columns
 
 __all__ = ["ResultStore", "append_row", "load_results", "read_rows", "RUNS_FILE"]
 
@@ -94,6 +94,7 @@ class ResultStore:
             raise ValueError(f"row: unknown column(s) {', '.join(unknown)}; document them in harness/run/schema.py")
         if "key" not in row or "status" not in row:
             raise ValueError("row: needs 'key' and 'status'")
+        check_ok_row(row)
         append_row(self.path, row)
 
     def rows(self) -> list[dict]:

@@ -53,7 +53,8 @@ def lr_at(step: int, total_steps: int, *, base_lr: float, warmup_steps: int) -> 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 512) -> dict:
-    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, and mean cross-entropy, over ``data.eval_batches``.
+    """Top-1, top-5 (top-k with k = min(5, classes)) in percent, mean cross-entropy, and the number of images
+    (``n_test``: one image is ``100 / n_test`` points of top-1), over ``data.eval_batches``.
 
     Args:
         model: the model, on the data's device.
@@ -74,7 +75,7 @@ def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 512) -> dic
         correct5 += hits.any(dim=1).sum().item()
         n += yb.shape[0]
     model.train(was_training)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "test_loss": loss_sum / n}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "test_loss": loss_sum / n, "n_test": n}
 
 
 def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epochs: int, lr: float | None = None,
