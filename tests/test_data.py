@@ -37,7 +37,9 @@ def test_mnist_from_idx_files(tmp_path, name, folder):
         labels = np.arange(n) % 10
         _write_idx(raw / f"{split}-images-idx3-ubyte", images, 2051)
         _write_idx(raw / f"{split}-labels-idx1-ubyte", labels, 2049)
-    d = load_dataset(name, data_dir=tmp_path)
+    with pytest.warns(UserWarning, match="20 \\+ 6 images, not the published 60,000 \\+ 10,000"):
+        d = load_dataset(name, data_dir=tmp_path)
+    assert d.origin == str(raw)
     assert d.x_train.shape == (20, 1, 28, 28) and d.x_test.shape == (6, 1, 28, 28)
     assert d.y_train.tolist() == [i % 10 for i in range(20)]
     assert d.num_classes == 10

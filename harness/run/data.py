@@ -10,8 +10,10 @@ with the training split's per-channel mean and std. :class:`DeviceLoader` slices
 on-device ``randperm`` and applies augmentation to the whole batch at once (random crop with zero padding,
 horizontal flip), so the training loop runs no per-sample Python — the airbench approach.
 
-Names: ``digits`` (the 1,797 real 8x8 images that ship inside scikit-learn: no download), ``mnist``,
-``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision download into ``data_dir``), and the image folders
+Names: ``digits`` (the 1,797 real 8x8 images that ship inside scikit-learn: no download), ``mnist`` and
+``fashion-mnist`` (IDX files, looked for in ``data_dir``, then in the system's copy under ``/usr/share/datasets``,
+then downloaded by torchvision; a copy of the published size must match the recorded SHA-256 of its decompressed
+content), ``cifar10``, ``cifar100`` (torchvision download into ``data_dir``), and the image folders
 ``imagefolder:PATH`` (``PATH/train`` and ``PATH/val`` or ``PATH/test`` in torchvision's ImageFolder layout) and
 ``imagenet`` (the same layout under ``data_dir/imagenet``).
 
@@ -42,6 +44,13 @@ __all__ = [
     "check_dataset_name",
     "load_dataset",
     "default_data_dir",
+    "SYSTEM_DATA_DIR",
+    "IDX_FILES",
+    "FASHION_MNIST_SHA256",
+    "IdxDataset",
+    "IDX_DATASETS",
+    "find_idx_copy",
+    "load_idx_copy",
     "LOADERS",
     "check_loader",
     "folder_root",
@@ -120,6 +129,7 @@ class Splits:
     y_test: torch.Tensor
     num_classes: int
     hflip: bool = True
+    origin: str = ""  # where the data was read from (the folder), when it came from files
     data_loader = "device"  # a class attribute, not a field: what ImageData.data_loader reports
 
     @property
@@ -253,11 +263,173 @@ def _torchvision_split(cls_name: str, data_dir: Path, train: bool):
     return cls(root=str(data_dir), train=train, download=True)
 
 
-def _mnist_like(cls_name: str, name: str, hflip: bool):
+# --- MNIST-format data (IDX files) ----------------------------------------------------------------------------------
+
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # where Debian's dataset-* packages put their data
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+# SHA-256 of the decompressed IDX files of the published Fashion-MNIST (Xiao et al. 2017), 60,000 + 10,000 images,
+# taken from Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1. Its .gz files are recompressed (their MD5
+# differs from torchvision's), the decompressed content is the original: 47,040,016 / 60,008 / 7,840,016 / 10,008 bytes.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """Where an MNIST-format dataset may be found and what its published files are.
+
+    Attributes:
+        name: the dataset's name.
+        torchvision_class: torchvision's class, which downloads into ``data_dir/<torchvision_class>/raw``.
+        sha256: SHA-256 of each decompressed published file; empty when none is recorded.
+        counts: images of the published (train, test) splits; a copy of this size must match ``sha256``.
+        apt_package: the Debian package that installs ``SYSTEM_DATA_DIR/<name>``, or None where there is none.
+    """
+
+    name: str
+    torchvision_class: str
+    sha256: dict[str, str]
+    counts: tuple[int, int] = (60_000, 10_000)
+    apt_package: str | None = None
+
+    def places(self, data_dir: Path) -> list[Path]:
+        """The folders looked in, in order: the data folder (our layout, then torchvision's), the system copy."""
+        places = [data_dir / self.name, data_dir / self.torchvision_class / "raw"]
+        if self.apt_package:
+            places.append(SYSTEM_DATA_DIR / self.name)
+        return places
+
+
+IDX_DATASETS = {
+    "fashion-mnist": IdxDataset("fashion-mnist", "FashionMNIST", FASHION_MNIST_SHA256,
+                                apt_package="dataset-fashion-mnist"),
+    "mnist": IdxDataset("mnist", "MNIST", {}),  # no Debian package and no recorded digest
+}
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    """The file ``stem`` in ``folder``, decompressed or as ``.gz`` (the decompressed one when both are there)."""
+    return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+
+
+def _read_idx(path: Path, magic: int) -> tuple[bytes, np.ndarray]:
+    """The decompressed content of an IDX file and its array; ValueError naming the damage."""
+    import gzip
+    import zlib
+
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            content = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # a truncated or corrupt .gz
+        raise ValueError(f"cannot be decompressed ({err})") from None
+    if len(content) < 4 or int.from_bytes(content[:4], "big") != magic:
+        raise ValueError(f"not an IDX file of this kind (magic number {content[:4].hex() or 'missing'}, expected "
+                         f"{magic:08x})")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(content[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    header = 4 + 4 * ndim
+    if len(content) != header + int(np.prod(shape)):
+        raise ValueError(f"{len(content):,} bytes where its header {shape} says {header + int(np.prod(shape)):,}")
+    return content, np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def _load_idx_folder(info: IdxDataset, folder: Path, fix: str) -> tuple[np.ndarray, ...]:
+    """``(x_train, y_train, x_test, y_test)`` as uint8 arrays from the four IDX files in ``folder``.
+
+    The published counts must match the recorded SHA-256 of the decompressed content; a copy of other counts (a
+    subset, data of one's own) loads with a warning. Anything else raises ValueError naming the file and ``fix``.
+    """
+    import hashlib
+    import warnings
+
+    arrays = []
+    for stem in IDX_FILES:
+        path = _idx_file(folder, stem)
+        if path is None:
+            raise ValueError(f"dataset: {info.name}: {folder} lacks {stem} (or {stem}.gz); {fix}")
+        try:
+            content, arr = _read_idx(path, 2051 if "images" in stem else 2049)
+        except ValueError as err:
+            raise ValueError(f"dataset: {info.name}: {path} is damaged: {err}; {fix}") from None
+        published = info.counts[0 if stem.startswith("train") else 1]
+        if info.sha256 and arr.shape[0] == published:
+            digest = hashlib.sha256(content).hexdigest()
+            if digest != info.sha256[stem]:
+                raise ValueError(f"dataset: {info.name}: {path} is damaged: the SHA-256 of its content is "
+                                 f"{digest[:16]}..., the published file's is {info.sha256[stem][:16]}...; {fix}")
+        arrays.append(arr)
+    x_train, y_train, x_test, y_test = arrays
+    for split, x, y in (("train", x_train, y_train), ("t10k", x_test, y_test)):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"dataset: {info.name}: {folder}: {x.shape[0]:,} {split} images but {y.shape[0]:,} "
+                             f"labels; {fix}")
+        if y.size and int(y.max()) >= 10:
+            raise ValueError(f"dataset: {info.name}: {folder}: {split} label {int(y.max())} outside 0-9; {fix}")
+    if (x_train.shape[0], x_test.shape[0]) != info.counts:
+        warnings.warn(f"{info.name}: {folder} holds {x_train.shape[0]:,} + {x_test.shape[0]:,} images, not the "
+                      f"published {info.counts[0]:,} + {info.counts[1]:,}; loaded as it is", stacklevel=3)
+    return x_train, y_train, x_test, y_test
+
+
+def find_idx_copy(name: str, data_dir: Path) -> tuple[Path | None, str]:
+    """The first folder that holds ``name``'s IDX files, or None, and the fix to name if that copy is bad.
+
+    A folder holding some of the four files is an incomplete copy and is returned (to be refused), except
+    torchvision's download folder, which its next download completes.
+    """
+    info = IDX_DATASETS[name]
+    for folder in info.places(data_dir):
+        present = [stem for stem in IDX_FILES if _idx_file(folder, stem) is not None]
+        if folder.parts[-1] == "raw" and len(present) < len(IDX_FILES):
+            continue
+        if present:
+            if folder.is_relative_to(SYSTEM_DATA_DIR):
+                return folder, f"reinstall it: apt-get install --reinstall {info.apt_package}"
+            return folder, f"replace the file with a good copy, or delete {folder} to use the next place"
+    return None, ""
+
+
+def _download_idx(info: IdxDataset, data_dir: Path) -> Path:
+    """torchvision's download of ``info`` into ``data_dir``; ValueError in one line, naming where we looked."""
+    try:
+        _torchvision_split(info.torchvision_class, data_dir, True)
+    except Exception as err:  # noqa: BLE001  (no network, a mirror down, a full disk: all end in the one line)
+        *others, last = (str(p) for p in info.places(data_dir))
+        looked = f"{', '.join(others)} or {last}"
+        install = (f"install it: apt-get install {info.apt_package} (or put the four IDX files in "
+                   f"{data_dir / info.name})" if info.apt_package else
+                   f"put the four IDX files ({', '.join(IDX_FILES)}, or .gz) in {data_dir / info.name}")
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"dataset: {info.name} not found in {looked}, and torchvision's download failed "
+                         f"({reason}); {install}") from None
+    return data_dir / info.torchvision_class / "raw"
+
+
+def load_idx_copy(name: str, data_dir: Path) -> tuple[Path, tuple[np.ndarray, ...]]:
+    """The folder ``name`` was read from and its ``(x_train, y_train, x_test, y_test)`` uint8 arrays.
+
+    Looks in :meth:`IdxDataset.places` in order and reads the first copy found; only when none is there does
+    torchvision download one into ``data_dir``. A damaged copy is refused, never replaced (ValueError, one line).
+    """
+    info = IDX_DATASETS[name]
+    folder, fix = find_idx_copy(name, data_dir)
+    if folder is None:
+        folder = _download_idx(info, data_dir)
+        fix = f"delete {folder} to download it again"
+    return folder, _load_idx_folder(info, folder, fix)
+
+
+def _mnist_like(name: str, hflip: bool):
     def load(data_dir: Path, size: int | None) -> Splits:
-        tr, te = (_torchvision_split(cls_name, data_dir, t) for t in (True, False))
-        return _finish(name, _uint8_nhwc(tr.data), tr.targets, _uint8_nhwc(te.data), te.targets,
-                       len(tr.classes), size=size, hflip=hflip)
+        folder, (x_tr, y_tr, x_te, y_te) = load_idx_copy(name, data_dir)
+        splits = _finish(name, _uint8_nhwc(x_tr), y_tr, _uint8_nhwc(x_te), y_te, 10, size=size, hflip=hflip)
+        splits.origin = str(folder)
+        return splits
 
     return load
 
@@ -271,10 +443,14 @@ def _cifar(cls_name: str, name: str):
     return load
 
 
-register_dataset("mnist", default_size=28, hflip=False, description="MNIST, torchvision download")(
-    _mnist_like("MNIST", "mnist", False))
-register_dataset("fashion-mnist", default_size=28, hflip=True, description="Fashion-MNIST, torchvision download")(
-    _mnist_like("FashionMNIST", "fashion-mnist", True))
+register_dataset("mnist", default_size=28, hflip=False,
+                 description="MNIST: data_dir/mnist, data_dir/MNIST/raw, or torchvision download")(
+    _mnist_like("mnist", False))
+register_dataset("fashion-mnist", default_size=28, hflip=True,
+                 description="Fashion-MNIST: data_dir/fashion-mnist, data_dir/FashionMNIST/raw, "
+                             "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist), "
+                             "or torchvision download")(
+    _mnist_like("fashion-mnist", True))
 register_dataset("cifar10", default_size=32, hflip=True, description="CIFAR-10, torchvision download")(
     _cifar("CIFAR10", "cifar10"))
 register_dataset("cifar100", default_size=32, hflip=True, description="CIFAR-100, torchvision download")(
