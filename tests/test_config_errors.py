@@ -26,6 +26,9 @@ CASES = [
      ["methods[0].schedule", "progressive", "not allowed for lamp", "oneshot, iterative"]),
     (_suite_text(shortcut='"C"'), [], ["shortcut", "'C'", "allowed", "A, B"]),
     (_suite_text(seeds='"zero"'), [], ["seeds", "list of integers"]),
+    (_suite_text(_tail='[[methods]]\nname = "dense"\nseeds = [1, 1]'), [], ["methods[0].seeds", "duplicate", "[1, 1]"]),
+    (_suite_text(_tail='[[methods]]\nname = "dense"\nseeds = []'), [], ["methods[0].seeds", "list of integers"]),
+    (_suite_text(_tail='[[methods]]\nname = "dense"\nseed = 3'), [], ["methods[0].seed", "unknown", "seeds"]),
     (_suite_text(_tail='[train]\nepochs = "ten"\n[[methods]]\nname = "dense"'), [], ["train.epochs", "integer"]),
     (_suite_text(_tail='[train]\nepoch = 3\n[[methods]]\nname = "dense"'), [], ["train.epoch", "unknown", "epochs"]),
     (_suite_text(_tail='[measure]\nmemory_format = "nhwc"\n[[methods]]\nname = "dense"'), [],
@@ -82,6 +85,17 @@ def test_dry_run_prints_grid(tmp_path, capsys):
     assert len(keys) == 3 and len(set(keys)) == 3
     assert all(k.startswith("digits/resnet8-B/dense/-/oneshot/s") for k in keys)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_method_may_run_its_own_seeds(tmp_path, capsys):
+    suite = tmp_path / "s.toml"
+    suite.write_text(_suite_text(seeds="[0, 1, 2, 3, 4]", _tail='[[methods]]\nname = "dense"\n[[methods]]\n'
+                                 'name = "global-magnitude"\ntargets = [0.5, 0.9]\nseeds = [0, 2]'))
+    assert main(["run", str(suite), "--dry-run", "--results-dir", str(tmp_path / "r")]) == 0
+    keys = capsys.readouterr().out.split()
+    assert sorted(k.split("/")[-1][:2] for k in keys if "/dense/" in k) == ["s0", "s1", "s2", "s3", "s4"]
+    pruned = [k.split("/")[3] + "/" + k.split("/")[-1][:2] for k in keys if "/global-magnitude/" in k]
+    assert sorted(pruned) == ["0.5/s0", "0.5/s2", "0.9/s0", "0.9/s2"]
 
 
 # One validation path: every field a suite file can get wrong, as an override, is refused with the same line.

@@ -78,6 +78,7 @@ class MethodEntry:
     targets: tuple[Any, ...] = (None,)
     schedule: str = "oneshot"
     steps: int = 1
+    seeds: tuple[int, ...] | None = None  # None: the suite's seeds
 
 
 @dataclass(frozen=True)
@@ -223,11 +224,7 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
     for b in backbones:
         if b not in allowed_backbones:
             raise ConfigError(f"backbones: unknown {b!r}; allowed: {', '.join(allowed_backbones)}")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"seeds: expected a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: duplicate seed in {seeds!r}")
+    seeds = _check_seeds("seeds", raw.get("seeds", [0]))
     shortcut = raw.get("shortcut", "A")
     if shortcut not in SHORTCUTS:
         raise ConfigError(f"shortcut: {shortcut!r} not allowed; allowed: {', '.join(SHORTCUTS)}")
@@ -258,7 +255,7 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
             raise ConfigError(f"{where}.name: missing; allowed: {', '.join(registered)}")
         extra = sorted(set(m) - {f.name for f in fields(MethodEntry)})
         if extra:
-            raise ConfigError(f"{where}.{extra[0]}: unknown field; allowed: name, targets, schedule, steps")
+            raise ConfigError(f"{where}.{extra[0]}: unknown field; allowed: name, targets, schedule, steps, seeds")
         if m["name"] not in registered:
             get_method(m["name"])  # resolves deprecated names, or raises naming the registered ones
         method = get_method(m["name"])
@@ -277,11 +274,23 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
         steps = m.get("steps", 1 if schedule == "oneshot" else 3)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ConfigError(f"{where}.steps: expected an integer >= 1, got {steps!r}")
-        methods.append(MethodEntry(method.name, tuple(targets), schedule, steps))
+        entry_seeds = m.get("seeds")
+        if entry_seeds is not None:
+            entry_seeds = tuple(_check_seeds(f"{where}.seeds", entry_seeds))
+        methods.append(MethodEntry(method.name, tuple(targets), schedule, steps, entry_seeds))
     return Suite(name=suite_name, dataset=dataset, backbones=tuple(backbones), methods=tuple(methods),
                  seeds=tuple(seeds), shortcut=shortcut, image_size=image_size, data_dir=data_dir,
                  data_loader=data_loader, loader_workers=loader_workers, train=train,
                  measure=measure, keep_models=keep_models, description=str(raw.get("description", "")))
+
+
+def _check_seeds(path: str, seeds: Any) -> list[int]:
+    """``seeds`` as given, or ConfigError naming ``path``: a non-empty list of distinct integers."""
+    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{path}: expected a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: duplicate seed in {seeds!r}")
+    return seeds
 
 
 def _check_train(train: TrainConfig) -> TrainConfig:
@@ -386,7 +395,7 @@ def expand(suite: Suite) -> list[Experiment]:
         shortcut = suite.shortcut if get_backbone_info(backbone).shortcut_variants else None
         for entry in suite.methods:
             for target in entry.targets:
-                for seed in suite.seeds:
+                for seed in entry.seeds or suite.seeds:
                     grid.append(Experiment(
                         suite=suite.name, dataset=suite.dataset, image_size=suite.image_size,
                         data_dir=suite.data_dir, backbone=backbone, shortcut=shortcut, method=entry.name,
