@@ -7,8 +7,9 @@ Curves. Per setting (dataset, backbone, shortcut, image size), cost axis (params
 counts of :mod:`harness.analyse.metrics`; latency) and seed, a method's curve is top-1 against
 ``x = log(cost / cost_dense)`` = ``log(1 - R_c)`` over its targets. The **origin** ``x = 0`` is the dense row of
 the same seed, and only the dense row: a method's own row at dense cost (a target of 0, a prune that removed
-nothing) is a point of that method's curve and takes the origin's place in it, never averaged with dense. A method
-is its name plus its schedule when that is not ``oneshot``; all of a method's targets lie on one curve.
+nothing) is never averaged into it, and is not read (at dense cost the curve is the origin; the row still shows in
+the report's tables). A method is its name plus its schedule when that is not ``oneshot``; all of a method's
+targets lie on one curve.
 
 **The reading rule.** A curve has a value at ``x`` only where its own measured points bracket ``x`` closely: at a
 measured point, or between two neighbouring points (the origin counts as one) at most a factor :data:`MAX_GAP` apart
@@ -118,8 +119,8 @@ class Curves:
     Attributes:
         setting: ``{dataset, backbone, shortcut, image_size}``.
         axis: the cost axis.
-        curves: ``{curve name: {seed: (x, top-1)}}`` (the dense origin in every seed's curve that has no point of
-            its own at dense cost).
+        curves: ``{curve name: {seed: (x, top-1)}}``, the dense origin first in every seed's curve; a seed with no
+            point of its own away from dense cost has no curve.
         family: ``{curve name: family}``.
         dense: ``{seed: dense top-1}``.
         bunit_points: ``[(target label, {seed: x})]`` of the BUnit curve, least compressed first.
@@ -197,11 +198,12 @@ def _seed_curves(cur: Curves, rows: pd.DataFrame, column: str) -> dict[int, Seed
     for seed, seed_rows in rows.groupby("seed", sort=True):
         if int(seed) not in cur.dense:
             continue  # no dense reference: no relative cost, no origin
-        own = [(x, y) for x, y in zip(seed_rows[column], seed_rows["top1"].astype(float)) if np.isfinite(x)]
+        # at dense cost the curve is the origin: a row of this method there (target 0) is not read
+        own = [(x, y) for x, y in zip(seed_rows[column], seed_rows["top1"].astype(float))
+               if np.isfinite(x) and abs(x) > _EPS]
         if not own:
             continue  # no point of its own on this axis (latency not comparable, or every timing left out)
-        origin = [] if any(abs(x) <= _EPS for x, _ in own) else [(0.0, cur.dense[int(seed)])]
-        out[int(seed)] = _seed_curve(origin + own)
+        out[int(seed)] = _seed_curve([(0.0, cur.dense[int(seed)])] + own)
     return out
 
 

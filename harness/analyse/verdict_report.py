@@ -31,8 +31,8 @@ READING_RULES = (
     f"**Reading rule**: a curve has a value at a cost only at one of its own points or between two neighbouring "
     f"points at most {MAX_GAP:g}\u00d7 apart in cost (the dense origin counts as one), joined linearly in log cost; "
     "beyond its points it is *not reached* (no extrapolation), inside a wider gap it is *too sparse here*.",
-    "**Origin**: the dense row of each seed, and only it; a method's own row at dense cost is a point of that "
-    "method's curve.",
+    "**Origin**: the dense row of each seed, and only it; a method's own row at dense cost (target 0) is never "
+    "averaged into it and is not read.",
     "**One configuration per curve**: rows of a method whose weight-changing settings differ from its latest run "
     "are left out (listed below), as are earlier rows of the same point.",
     "**Resolution**: no direction is claimed from a difference smaller than one test image (100 / N test points), "
