@@ -205,9 +205,9 @@ def test_report_numbers_match_metric_functions(store, summary):
     for _, setting in summary.groupby(["backbone"]):
         title = next(t for t in sections if not t.startswith("Verdict")
                      and t.split(" \u00b7 ")[1].split(" ")[0] == setting["backbone"].iloc[0])
-        main, trade = sections[title][:2]
-        assert len(main) == len(trade) == len(setting) == 9
-        for table in (main, trade):
+        main, speed, trade = sections[title][:3]
+        assert len(main) == len(speed) == len(trade) == len(setting) == 9
+        for table in (main, speed, trade):
             columns = _expected_columns(list(table[0]))
             for cell_row in table:
                 target = "" if cell_row["Target"] == DENSE_TARGET else cell_row["Target"]

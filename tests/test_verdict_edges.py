@@ -86,11 +86,15 @@ def test_a_chord_is_not_read_as_a_curve():
 
 
 def test_points_at_most_a_factor_apart_are_read_between():
-    """The rule's other side: 50% and 80% less (costs 0.5 and 0.2, 2.5x apart) are read at 75% less."""
+    """The rule's other side: 50% and 80% less (costs 0.5 and 0.2, 2.5x apart) are read at 75% less; 50% and 85%
+    (3.3x apart) are not."""
     rows = _base() + [_row("near", "structured", r, s, _line(r) + OFFSET[s] + 1.0 + SPREAD[s])
                       for s in range(4) for r in (0.5, 0.8)]
     r = _at(compare_points(pd.DataFrame(rows), axes=("macs",)), "75% less", "near")
     assert r["label"] == "bunit worse" and r["diff"] == pytest.approx(1.0) and r["n_pairs"] == 4
+    rows = _base() + [_row("gap", "structured", r, s, _line(r) + OFFSET[s] + 1.0 + SPREAD[s])
+                      for s in range(4) for r in (0.5, 0.85)]
+    assert _at(compare_points(pd.DataFrame(rows), axes=("macs",)), "75% less", "gap")["label"] == "too sparse here"
 
 
 # 2 ------------------------------------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ def render_markdown(blocks: list[Block], out_dir: Path, *, embed_images: bool = 
 
 _CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45;overflow-wrap:anywhere}table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:.85em;
-max-width:100%}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;vertical-align:top}
+max-width:100%}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;vertical-align:top;
+overflow-wrap:normal}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}code{font-size:.9em;background:#f6f6f6}
 img{max-width:100%;height:auto}p>em:only-child{font-size:.9em}"""
 

@@ -160,7 +160,7 @@ def _tables(summary: pd.DataFrame, latency_note: str) -> list[Block]:
     for _, part in summary.groupby(keys, sort=False, dropna=False):
         p_div, p_unit = count_unit(part["cost_params_mean"])
         m_div, m_unit = count_unit(part["cost_macs_mean"])
-        main, trade = [], []
+        main, speed, trade = [], [], []
         for _, r in part.iterrows():
             front = " ".join(tag for tag, axis in zip("PML", COST_AXES) if bool(r[f"pareto_{axis}"]))
             ident = [str(r["method"]), target_text(r["target_label"])]
@@ -172,20 +172,21 @@ def _tables(summary: pd.DataFrame, latency_note: str) -> list[Block]:
                 fmt_mean_std(100 * r["reduction_params_mean"], 100 * r["reduction_params_std"], 1),
                 fmt_mean_std(r["cost_macs_mean"] / m_div, r["cost_macs_std"] / m_div),
                 fmt_mean_std(100 * r["reduction_macs_mean"], 100 * r["reduction_macs_std"], 1),
-                fmt_mean_std(r["cost_latency_mean"], r["cost_latency_std"]),
-                fmt_mean_std(r["speedup_b1_mean"], r["speedup_b1_std"], 2),
-                fmt_mean_std(r["speedup_bt_mean"], r["speedup_bt_std"], 2),
                 front,
             ])
+            speed.append(ident + [fmt_mean_std(r["cost_latency_mean"], r["cost_latency_std"]),
+                                  fmt_mean_std(r["speedup_b1_mean"], r["speedup_b1_std"], 2),
+                                  fmt_mean_std(r["speedup_bt_mean"], r["speedup_bt_std"], 2)])
             trade.append(ident + [fmt_mean_std(r[f"acc_cost_{a}_mean"], r[f"acc_cost_{a}_std"], 4)
                                   for a in COST_AXES]
                          + [fmt_mean_std(r[f"eff_{a}_mean"], r[f"eff_{a}_std"], 3) for a in COST_AXES])
-        blocks += [
+        blocks += [  # three narrow tables rather than one that runs off the page
             Block("h3", setting_title(part.iloc[0])),
             Block("table", header=["Method", "Family", "Target", "Schedule", "Seeds", "Top-1 (%)", "Drop (pts)",
                                    f"Params ({p_unit or 'count'})", "Params \u2193 (%)",
-                                   f"MACs ({m_unit or 'count'})", "MACs \u2193 (%)", "Latency b1 (ms)",
-                                   "Speed-up b1 (x)", "Speed-up bt (x)", "Pareto"], rows=main),
+                                   f"MACs ({m_unit or 'count'})", "MACs \u2193 (%)", "Pareto"], rows=main),
+            Block("table", header=["Method", "Target", "Latency b1 (ms)", "Speed-up b1 (x)", "Speed-up bt (x)"],
+                  rows=speed),
             Block("table", header=["Method", "Target", "ACC params", "ACC MACs", "ACC latency", "EFF params",
                                    "EFF MACs", "EFF latency"], rows=trade),
         ]

@@ -105,9 +105,9 @@ def _claim_phrase(claim: pd.DataFrame) -> str:
     if overall.empty:
         return ""
     points = claim[claim["axis"] != "claim"]
-    n = sorted({int(v) for v in points["n_pairs"].dropna()}) if "n_pairs" in points.columns else []
-    seeds = f"{_joined([str(v) for v in n])} paired seeds" if n and max(n) > 0 else "no paired seeds"
-    return f"the paper's claim is {overall.iloc[0]} ({seeds})"
+    n = int(points["n_pairs"].max()) if "n_pairs" in points.columns and points["n_pairs"].notna().any() else 0
+    return f"the paper's claim is {overall.iloc[0]} ({n} paired seeds)" if n else \
+        f"the paper's claim is {overall.iloc[0]} (no claim point has paired seeds)"
 
 
 def headlines(points: pd.DataFrame, claim: pd.DataFrame) -> list[str]:
@@ -131,10 +131,10 @@ def headlines(points: pd.DataFrame, claim: pd.DataFrame) -> list[str]:
             if "indistinguishable" in by:
                 head = "" if bits else f"BUnit and `{method}`: "
                 bits.append(f"{head}no difference at {_joined(by['indistinguishable'])}")
-            rest = [p for lab, ps in by.items() if lab not in _JUDGED for p in ps]
-            if rest:
-                head = "" if bits else f"BUnit and `{method}`: "
-                bits.append(f"{head}no verdict at {_joined(sorted(rest, key=lambda p: float(p[:-1])))}")
+            for lab, ps in by.items():
+                if lab not in _JUDGED:
+                    head = "" if bits else f"BUnit and `{method}`: "
+                    bits.append(f"{head}no verdict at {_joined(ps)} ({SHORT_LABELS.get(lab, lab)})")
             parts.append(", ".join(bits))
         claim_text = _claim_phrase(_setting_rows(claim, setting)) if len(claim) else ""
         if claim_text:
@@ -180,13 +180,13 @@ def _axis_blocks(axis: str, points: pd.DataFrame, area: pd.DataFrame, note: str)
             items.append((family_rank(family), family, f"vs {family} `{method}`: {sentence}"))
         else:
             apart.append(f"`{method}`")
-    text = f"{AXIS_NAMES[axis]}{note}."
+    text = f"Latency{note}." if note else ""
     own = points[points["point_kind"] == "bunit"].drop_duplicates("point")
     if len(own) and (own["reduction"] < 0).all():
         text += f" BUnit costs more than dense at every one of its targets on this axis ({', '.join(own['point'])})."
     if apart:
         text += f" No cost where both curves have a value: {', '.join(apart)}."
-    return [Block("h4", AXIS_NAMES[axis]), Block("p", text)] + (
+    return [Block("h4", AXIS_NAMES[axis])] + ([Block("p", text.strip())] if text else []) + (
         [Block("ul", items=[i[2] for i in sorted(items, key=lambda i: i[:2])])] if items else [])
 
 
