@@ -25,7 +25,10 @@ from harness.analyse.verdict_report import AXIS_NAMES
 
 __all__ = ["plot_verdict_heatmap", "plot_curve_bands", "band", "write_verdict_plots"]
 
-_SYMBOL = {"bunit better": "\u25b2", "bunit worse": "\u25bc", "indistinguishable": "\u2248", "too few seeds": "?"}
+_SYMBOL = {"bunit better": "\u25b2", "bunit worse": "\u25bc", "indistinguishable": "\u2248", "too few seeds": "?",
+           "below resolution": "<1 img", "zero-width interval": "no spread"}
+_NO_VALUE = {"not reached": "n/r", "bunit not reached": "n/r", "too sparse here": "gap", "bunit too sparse here": "gap",
+             "not judged": "n/j"}
 CLIP = 5.0  # colour scale: |delta| beyond this many points is shown at full colour
 
 
@@ -116,7 +119,7 @@ def plot_verdict_heatmap(points: pd.DataFrame, area: pd.DataFrame) -> Figure:
                     h = hit.iloc[0]
                     grid[i, j] = h["diff"]
                     text = (f"{h['diff']:+.1f}\n{_SYMBOL.get(h['label'], '')}" if np.isfinite(h["diff"])
-                            else "n/r" if "not reached" in h["label"] else "")
+                            else _NO_VALUE.get(h["label"], ""))
                     ax.text(j, i, text, ha="center", va="center", fontsize=7,
                             color="white" if np.isfinite(h["diff"]) and abs(h["diff"]) > 0.6 * CLIP else "black")
             ax.set_facecolor("0.88")
@@ -128,7 +131,8 @@ def plot_verdict_heatmap(points: pd.DataFrame, area: pd.DataFrame) -> Figure:
         if image is not None:
             fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8,
                          label="\u0394 = method \u2212 BUnit (top-1 points)")
-        fig.suptitle("\u25b2 BUnit better, \u25bc BUnit worse,\n\u2248 indistinguishable (95%), n/r not reached")
+        fig.suptitle("\u25b2 BUnit better, \u25bc BUnit worse, \u2248 indistinguishable (95%);\nn/r not reached, gap: too "
+                     "sparse here, n/j: not judged (busy timings)")
     return fig
 
 
