@@ -376,32 +376,14 @@ def _same(a: pd.Series, b: pd.Series) -> pd.Series:
     return both_missing | (a.map(_key_part) == b.map(_key_part))
 
 
-def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.DataFrame:
-    """Per-row metrics against the dense reference of the same setting and seed.
-
-    Args:
-        df: result rows (``harness.run.store.load_results``); rows whose status is not ``ok`` are dropped.
-        sparse_aware: measure the params/MACs axes by non-zero counts (default) or by plain counts.
-
-    Returns:
-        A copy of the ok rows that :func:`partition_rows` keeps, with added columns: ``target_label``, ``dense_key``, ``top1_dense``, ``cost_params``,
-        ``cost_macs``, ``cost_latency``, ``acc_drop``, ``reduction_{params,macs,latency}``, ``speedup_b1``,
-        ``speedup_bt``, ``compression_ratio``, ``acc_cost_{params,macs,latency}``, ``eff_{params,macs,latency}``,
-        ``latency_comparable`` and per-seed ``pareto_{params,macs,latency}``.
-    """
-    out = partition_rows(df)[0].reset_index(drop=True)
-    out["target_label"] = out["target"].map(display_target) if "target" in out.columns else ""
-    for axis, (sparse_col, plain_col) in _COST_SOURCES.items():
-        plain = _num(out, plain_col)
-        out[f"cost_{axis}"] = _num(out, sparse_col).fillna(plain) if sparse_aware else plain
-    out["top1"] = _num(out, "top1")
-
+def _dense_reference(out: pd.DataFrame) -> tuple[pd.Series, Any]:
+    """Whether each row has a dense reference, and ``ref(column)``: that reference's value per row (NaN without)."""
     ref_key = _join_key(out, REFERENCE_KEYS)
     dense = out[_is_dense(out)].assign(_ref=ref_key[_is_dense(out)])
     dup = dense["_ref"].duplicated(keep="last")
     if dup.any():
         warnings.warn(f"{int(dup.sum())} duplicate dense reference row(s); the last written is used",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     dense = dense[~dup].set_index("_ref")
 
     def ref(column: str) -> pd.Series:
@@ -409,20 +391,22 @@ def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.D
             return pd.Series(np.nan, index=out.index, dtype=object)
         return pd.Series(ref_key.map(dense[column]).to_numpy(), index=out.index)
 
-    has_ref = ref_key.isin(dense.index)
-    out["dense_key"] = ref("key").where(has_ref, None) if "key" in out.columns else None
-    acc, acc_d = out["top1"], pd.to_numeric(ref("top1"), errors="coerce").astype(float)
-    out["top1_dense"] = acc_d
-    out["acc_drop"] = acc_d - acc
+    return ref_key.isin(dense.index), ref
 
+
+def _latency_comparable(out: pd.DataFrame, has_ref: pd.Series, ref) -> tuple[pd.Series, pd.Series]:
+    """Rows timed under their reference's conditions (``LATENCY_CONTEXT``), and at the same throughput batch too."""
     comparable = has_ref.copy()
     for column in LATENCY_CONTEXT:
         if column in out.columns:
             comparable &= _same(out[column], ref(column))
-    out["latency_comparable"] = comparable
-    comparable_bt = comparable & (_same(out["throughput_batch"], ref("throughput_batch"))
-                                  if "throughput_batch" in out.columns else True)
+    same_bt = _same(out["throughput_batch"], ref("throughput_batch")) if "throughput_batch" in out.columns else True
+    return comparable, comparable & same_bt
 
+
+def _add_cost_metrics(out: pd.DataFrame, ref, comparable: pd.Series, comparable_bt: pd.Series) -> None:
+    """``reduction_*``, ``acc_cost_*``, ``eff_*``, ``compression_ratio`` and ``speedup_*`` columns, in place."""
+    acc, acc_d = out["top1"], out["top1_dense"]
     for axis in COST_AXES:
         c_d = pd.to_numeric(ref(f"cost_{axis}"), errors="coerce").astype(float)
         r = _reduction(out[f"cost_{axis}"], c_d)
@@ -431,22 +415,53 @@ def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.D
         out[f"reduction_{axis}"] = r
         out[f"acc_cost_{axis}"] = acc_cost(acc, acc_d, r)
         out[f"eff_{axis}"] = efficiency(acc, acc_d, r)
-
     with np.errstate(divide="ignore", invalid="ignore"):
         p_d = pd.to_numeric(ref("cost_params"), errors="coerce").astype(float)
         out["compression_ratio"] = (p_d / out["cost_params"]).where(out["cost_params"] > 0)
-        for tag in ("b1", "bt"):
+        for tag, ok_context in (("b1", comparable), ("bt", comparable_bt)):
             lat = _num(out, f"latency_ms_p50_{tag}")
             lat_d = pd.to_numeric(ref(f"latency_ms_p50_{tag}"), errors="coerce").astype(float)
-            ok = (lat > 0) & (comparable if tag == "b1" else comparable_bt)
-            out[f"speedup_{tag}"] = (lat_d / lat).where(ok)
+            out[f"speedup_{tag}"] = (lat_d / lat).where((lat > 0) & ok_context)
 
+
+def _add_pareto_flags(out: pd.DataFrame) -> None:
+    """Per-seed ``pareto_{axis}`` columns (front within each setting and seed), in place."""
     setting_seed = _join_key(out, REFERENCE_KEYS)
     for axis in COST_AXES:
         mask = pd.Series(False, index=out.index)
         for _, idx in out.groupby(setting_seed, sort=False).groups.items():
             mask.loc[idx] = pareto_mask(out.loc[idx, f"cost_{axis}"], out.loc[idx, "top1"])
         out[f"pareto_{axis}"] = mask
+
+
+def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.DataFrame:
+    """Per-row metrics against the dense reference of the same setting and seed.
+
+    Args:
+        df: result rows (``harness.run.store.load_results``); rows whose status is not ``ok`` are dropped.
+        sparse_aware: measure the params/MACs axes by non-zero counts (default) or by plain counts.
+
+    Returns:
+        A copy of the ok rows that :func:`partition_rows` keeps, with added columns: ``target_label``,
+        ``dense_key``, ``top1_dense``, ``cost_params``, ``cost_macs``, ``cost_latency``, ``acc_drop``,
+        ``reduction_{params,macs,latency}``, ``speedup_b1``, ``speedup_bt``, ``compression_ratio``,
+        ``acc_cost_{params,macs,latency}``, ``eff_{params,macs,latency}``, ``latency_comparable`` and per-seed
+        ``pareto_{params,macs,latency}``.
+    """
+    out = partition_rows(df)[0].reset_index(drop=True)
+    out["target_label"] = out["target"].map(display_target) if "target" in out.columns else ""
+    for axis, (sparse_col, plain_col) in _COST_SOURCES.items():
+        plain = _num(out, plain_col)
+        out[f"cost_{axis}"] = _num(out, sparse_col).fillna(plain) if sparse_aware else plain
+    out["top1"] = _num(out, "top1")
+    has_ref, ref = _dense_reference(out)
+    out["dense_key"] = ref("key").where(has_ref, None) if "key" in out.columns else None
+    out["top1_dense"] = pd.to_numeric(ref("top1"), errors="coerce").astype(float)
+    out["acc_drop"] = out["top1_dense"] - out["top1"]
+    comparable, comparable_bt = _latency_comparable(out, has_ref, ref)
+    out["latency_comparable"] = comparable
+    _add_cost_metrics(out, ref, comparable, comparable_bt)
+    _add_pareto_flags(out)
     return out
 
 

@@ -27,7 +27,7 @@ from harness.analyse.metrics import (COST_AXES, SETTING_KEYS, add_relative_metri
                                      target_sort_key)
 
 __all__ = ["FAMILY_COLORS", "RC", "PANEL_W", "method_styles", "setting_label", "plot_tradeoff", "plot_metric_bars",
-           "write_plots", "prepare_summary", "save_figure", "file_slug", "legend_ncol"]
+           "write_plots", "prepare_summary", "save_figure", "file_slug", "legend_ncol", "panel_figure"]
 
 FAMILY_COLORS = {"dense": "#222222", "bunit": "#d62728", "unstructured": "#1f77b4", "structured": "#2ca02c"}
 _EXTRA_COLORS = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -132,9 +132,30 @@ def file_slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "dataset"
 
 
-def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
-    cols = max(1, min(n, max_cols))
-    return math.ceil(n / cols), cols
+def panel_figure(n: int, *, panel_h: float, extra_h: float = 0.6, panel_w: float = PANEL_W, cols: int | None = None,
+                 max_cols: int = 3) -> tuple[Figure, np.ndarray, int]:
+    """A constrained-layout figure of ``n`` panels in a grid (at most ``max_cols`` a row), the unused ones hidden.
+
+    Must be called inside ``matplotlib.rc_context(RC)``.
+
+    Args:
+        n: panels wanted (at least one is made).
+        panel_h: height of one panel row, inches.
+        extra_h: height added for titles and the legend, inches.
+        panel_w: width of one panel, inches.
+        cols: columns (default: ``min(n, max_cols)``).
+        max_cols: the most columns when ``cols`` is None.
+
+    Returns:
+        ``(figure, axes flattened, columns)``; ``axes[:n]`` are the panels to draw in.
+    """
+    cols = cols or max(1, min(n, max_cols))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(panel_w * cols, panel_h * rows + extra_h), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes, cols
 
 
 def _finite(x: Any) -> bool:
@@ -142,6 +163,69 @@ def _finite(x: Any) -> bool:
         return math.isfinite(float(x))
     except (TypeError, ValueError):
         return False
+
+
+def _draw_method(ax, mpart: pd.DataFrame, stem: str, div: float, origin: tuple[float, float] | None,
+                 style: tuple[str, str, str], family: str) -> bool:
+    """One method's seed means with one-std error bars, joined to the dense origin; False when it has no point."""
+    colour, marker, ls = style
+    mpart = mpart[np.isfinite(mpart[f"{stem}_mean"].to_numpy(dtype=float))].sort_values(f"{stem}_mean",
+                                                                                          ascending=False)
+    if mpart.empty:
+        return False
+    x = mpart[f"{stem}_mean"].to_numpy(dtype=float) / div
+    y = mpart["top1_mean"].to_numpy(dtype=float)
+    xerr = np.nan_to_num(mpart[f"{stem}_std"].to_numpy(dtype=float) / div)
+    yerr = np.nan_to_num(mpart["top1_std"].to_numpy(dtype=float))
+    if family == "dense":
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=10, color=colour, mec="white", mew=0.5,
+                    ecolor=colour, elinewidth=0.7, capsize=1.5, zorder=5)
+        return True
+    lx, ly = (np.r_[origin[0], x], np.r_[origin[1], y]) if origin else (x, y)
+    ax.plot(lx, ly, ls, color=colour, lw=0.9, alpha=0.6, zorder=2)
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=4.5, color=colour, mec="white", mew=0.4, ecolor=colour,
+                elinewidth=0.7, capsize=1.5, zorder=4)
+    return True
+
+
+def _log_x_when_wide(ax, values: np.ndarray) -> None:
+    """A log x axis with readable ticks when the costs span more than ``LOG_RATIO``."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if not len(positive) or positive.max() / positive.min() <= LOG_RATIO:
+        return
+    ax.set_xscale("log")
+    decades = math.log10(positive.max() / positive.min())
+    subs = (1.0, 2.0, 5.0) if decades < 1.5 else (1.0, 3.0) if decades < 2.5 else (1.0,)
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _tradeoff_panel(ax, part: pd.DataFrame, axis: str, styles: dict, title: str) -> dict[str, str]:
+    """One setting's panel of :func:`plot_tradeoff`; returns ``{method: family}`` of what it drew."""
+    stem, name, kind = _AXIS[axis]
+    x_all = part[f"{stem}_mean"].to_numpy(dtype=float)
+    div, unit = _count_scale(x_all) if kind == "count" else (1.0, "ms")
+    dense = part[part["family"] == "dense"]
+    origin = None
+    if len(dense) and _finite(dense[f"{stem}_mean"].iloc[0]):
+        origin = (dense[f"{stem}_mean"].iloc[0] / div, dense["top1_mean"].iloc[0])
+    used = {}
+    for method, mpart in part.groupby("method", sort=False):
+        family = str(mpart["family"].iloc[0])
+        if _draw_method(ax, mpart, stem, div, origin, styles[str(method)], family):
+            used[str(method)] = family
+    front = part[part[f"pareto_{axis}"].astype(bool)].sort_values(f"{stem}_mean")
+    if len(front):
+        ax.step(front[f"{stem}_mean"].to_numpy(dtype=float) / div, front["top1_mean"].to_numpy(dtype=float),
+                where="post", color="0.55", lw=2.4, alpha=0.35, zorder=1, solid_capstyle="round")
+    _log_x_when_wide(ax, x_all)
+    ax.set_xlabel(f"{name} ({unit if kind == 'ms' or unit else 'count'})")
+    ax.set_ylabel("Top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, lw=0.4, alpha=0.4)
+    ax.tick_params(width=0.6, length=2.5)
+    return used
 
 
 def plot_tradeoff(summary: pd.DataFrame, axis: str, *, styles: dict[str, tuple[str, str, str]] | None = None) -> Figure:
@@ -160,68 +244,20 @@ def plot_tradeoff(summary: pd.DataFrame, axis: str, *, styles: dict[str, tuple[s
     """
     if axis not in _AXIS:
         raise ValueError(f"axis: {axis!r} not allowed; allowed: {', '.join(_AXIS)}")
-    stem, name, kind = _AXIS[axis]
     styles = styles or method_styles(summary)
     settings = _settings(summary)
     multi_size = summary["image_size"].nunique(dropna=False) > 1 if "image_size" in summary.columns else False
-    rows, cols = _grid(len(settings))
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(PANEL_W * cols, 2.6 * rows + 0.55), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-        for ax in axes[len(settings):]:
-            ax.set_visible(False)
+        fig, axes, cols = panel_figure(len(settings), panel_h=2.6, extra_h=0.55)
         used: dict[str, str] = {}
         for ax, (_, part) in zip(axes, settings):
-            x_all = part[f"{stem}_mean"].to_numpy(dtype=float)
-            div, unit = _count_scale(x_all) if kind == "count" else (1.0, "ms")
-            dense = part[part["family"] == "dense"]
-            origin = None
-            if len(dense) and _finite(dense[f"{stem}_mean"].iloc[0]):
-                d = dense.iloc[0]
-                origin = (d[f"{stem}_mean"] / div, d["top1_mean"])
-            for method, mpart in part.groupby("method", sort=False):
-                colour, marker, ls = styles[str(method)]
-                family = str(mpart["family"].iloc[0])
-                mpart = mpart[np.isfinite(mpart[f"{stem}_mean"].to_numpy(dtype=float))]
-                mpart = mpart.sort_values(f"{stem}_mean", ascending=False)
-                if mpart.empty:
-                    continue
-                x = mpart[f"{stem}_mean"].to_numpy(dtype=float) / div
-                y = mpart["top1_mean"].to_numpy(dtype=float)
-                xerr = np.nan_to_num(mpart[f"{stem}_std"].to_numpy(dtype=float) / div)
-                yerr = np.nan_to_num(mpart["top1_std"].to_numpy(dtype=float))
-                if family == "dense":
-                    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=10, color=colour, mec="white", mew=0.5,
-                                ecolor=colour, elinewidth=0.7, capsize=1.5, zorder=5)
-                else:
-                    lx, ly = (np.r_[origin[0], x], np.r_[origin[1], y]) if origin else (x, y)
-                    ax.plot(lx, ly, ls, color=colour, lw=0.9, alpha=0.6, zorder=2)
-                    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, ms=4.5, color=colour, mec="white",
-                                mew=0.4, ecolor=colour, elinewidth=0.7, capsize=1.5, zorder=4)
-                used[str(method)] = family
-            front = part[part[f"pareto_{axis}"].astype(bool)].sort_values(f"{stem}_mean")
-            if len(front):
-                ax.step(front[f"{stem}_mean"].to_numpy(dtype=float) / div, front["top1_mean"].to_numpy(dtype=float),
-                        where="post", color="0.55", lw=2.4, alpha=0.35, zorder=1, solid_capstyle="round")
-            positive = x_all[np.isfinite(x_all) & (x_all > 0)]
-            if len(positive) and positive.max() / positive.min() > LOG_RATIO:
-                ax.set_xscale("log")
-                decades = math.log10(positive.max() / positive.min())
-                subs = (1.0, 2.0, 5.0) if decades < 1.5 else (1.0, 3.0) if decades < 2.5 else (1.0,)
-                ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
-                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            unit_text = f"{unit}" if kind == "ms" else (f"{unit}" if unit else "count")
-            ax.set_xlabel(f"{name} ({unit_text})")
-            ax.set_ylabel("Top-1 accuracy (%)")
-            ax.set_title(setting_label(part.iloc[0], with_size=multi_size))
-            ax.grid(True, lw=0.4, alpha=0.4)
-            ax.tick_params(width=0.6, length=2.5)
+            used.update(_tradeoff_panel(ax, part, axis, styles, setting_label(part.iloc[0], with_size=multi_size)))
         handles = _legend_handles(used, styles)
         handles.append(Line2D([], [], color="0.55", lw=2.4, alpha=0.35, label="Pareto front"))
         ncol = legend_ncol(handles, PANEL_W * cols)
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False, handletextpad=0.4,
                    columnspacing=1.2)
+        rows = math.ceil(len(settings) / cols) if settings else 1
         fig.set_size_inches(PANEL_W * cols, 2.6 * rows + 0.3 + 0.17 * math.ceil(len(handles) / ncol))
     return fig
 
@@ -251,6 +287,52 @@ def _clip_limit(values: np.ndarray) -> float | None:
     return None
 
 
+def _bar_positions(body: pd.DataFrame) -> tuple[list, dict[tuple[str, str], float], float]:
+    """Categories (family, method, target) in table order, their y positions (a gap between methods), total height."""
+    cats = body[["family", "method", "target_label"]].drop_duplicates()
+    cats = sorted(cats.itertuples(index=False), key=lambda c: (family_rank(c.family), c.method,
+                                                                target_sort_key(c.target_label)))
+    ypos, y, prev = {}, 0.0, None
+    for c in cats:
+        if prev is not None and c.method != prev:
+            y += 0.5
+        ypos[(c.method, c.target_label)] = y
+        y += 1.0
+        prev = c.method
+    return cats, ypos, y
+
+
+def _bars_panel(ax, part: pd.DataFrame, column: str, ypos: dict, styles: dict) -> bool:
+    """Bars of one metric column with one-std error bars, clipped so one extreme bar does not flatten the rest;
+    returns whether any value was n/a."""
+    vals = part[f"{column}_mean"].to_numpy(dtype=float)
+    lim = _clip_limit(vals)
+    any_na = False
+    for (_, row), v in zip(part.iterrows(), vals):
+        yy = ypos[(row["method"], row["target_label"])]
+        if not np.isfinite(v):
+            any_na = True
+            ax.text(0, yy, " n/a", va="center", ha="left", fontsize=7, color="0.45")
+            continue
+        err = row[f"{column}_std"]
+        shown = v if lim is None else float(np.clip(v, -lim, lim))
+        ax.barh(yy, shown, height=0.8, color=styles[str(row["method"])][0], alpha=0.85, lw=0)
+        if _finite(err) and shown == v:
+            ax.errorbar(v, yy, xerr=err, fmt="none", ecolor="0.2", elinewidth=0.6, capsize=1.5)
+        if shown != v:
+            ax.text(shown, yy, f" {v:.3g} \u2192" if v > 0 else f"\u2190 {v:.3g} ",
+                    va="center", ha="right" if v > 0 else "left", fontsize=7, color="white")
+    if lim is not None:
+        errs = np.nan_to_num(part[f"{column}_std"].to_numpy(dtype=float))
+        low = float(np.nanmin(np.r_[0.0, (vals - errs)[np.abs(vals) <= lim]]))
+        ax.set_xlim(1.1 * low if low < 0 else -0.03 * lim, lim)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=5))
+    ax.axvline(0, color="0.3", lw=0.6)
+    ax.grid(True, axis="x", lw=0.4, alpha=0.4)
+    ax.tick_params(width=0.6, length=2.5)
+    return any_na
+
+
 def plot_metric_bars(summary: pd.DataFrame, metric: str, *,
                      styles: dict[str, tuple[str, str, str]] | None = None) -> Figure:
     """One trade-off metric as horizontal bars per method and target; rows = cost axes, columns = backbones.
@@ -268,56 +350,22 @@ def plot_metric_bars(summary: pd.DataFrame, metric: str, *,
         raise ValueError(f"metric: {metric!r} not allowed; allowed: {', '.join(_METRIC_LABEL)}")
     styles = styles or method_styles(summary)
     body = summary[summary["family"] != "dense"]
-    cats = body[["family", "method", "target_label"]].drop_duplicates()
-    cats = sorted(cats.itertuples(index=False), key=lambda c: (family_rank(c.family), c.method,
-                                                                target_sort_key(c.target_label)))
-    ypos, y, prev = {}, 0.0, None
-    for c in cats:
-        if prev is not None and c.method != prev:
-            y += 0.5  # gap between methods
-        ypos[(c.method, c.target_label)] = y
-        y += 1.0
-        prev = c.method
+    cats, ypos, height = _bar_positions(body)
     settings = _settings(body)
     multi_size = summary["image_size"].nunique(dropna=False) > 1 if "image_size" in summary.columns else False
     ncols = max(1, len(settings))
-    panel_h = 0.45 + 0.16 * max(y, 1)
     short, unit, meaning = _METRIC_LABEL[metric]
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(PANEL_W * ncols, panel_h * len(COST_AXES) + 0.5), layout="constrained")
+        fig = Figure(figsize=(PANEL_W * ncols, (0.45 + 0.16 * max(height, 1)) * len(COST_AXES) + 0.5),
+                     layout="constrained")
         axes = fig.subplots(len(COST_AXES), ncols, squeeze=False, sharey=True)
         any_na = False
         for r, axis in enumerate(COST_AXES):
             for c, (_, part) in enumerate(settings):
                 ax = axes[r, c]
-                vals = part[f"{metric}_{axis}_mean"].to_numpy(dtype=float)
-                lim = _clip_limit(vals)
-                for (_, row), v in zip(part.iterrows(), vals):
-                    yy = ypos[(row["method"], row["target_label"])]
-                    colour = styles[str(row["method"])][0]
-                    if not np.isfinite(v):
-                        any_na = True
-                        ax.text(0, yy, " n/a", va="center", ha="left", fontsize=7, color="0.45")
-                        continue
-                    err = row[f"{metric}_{axis}_std"]
-                    shown = v if lim is None else float(np.clip(v, -lim, lim))
-                    ax.barh(yy, shown, height=0.8, color=colour, alpha=0.85, lw=0)
-                    if _finite(err) and shown == v:
-                        ax.errorbar(v, yy, xerr=err, fmt="none", ecolor="0.2", elinewidth=0.6, capsize=1.5)
-                    if shown != v:
-                        ax.text(shown, yy, f" {v:.3g} \u2192" if v > 0 else f"\u2190 {v:.3g} ",
-                                va="center", ha="right" if v > 0 else "left", fontsize=7, color="white")
-                if lim is not None:
-                    errs = np.nan_to_num(part[f"{metric}_{axis}_std"].to_numpy(dtype=float))
-                    inside = np.abs(vals) <= lim
-                    low = float(np.nanmin(np.r_[0.0, (vals - errs)[inside]]))
-                    ax.set_xlim(1.1 * low if low < 0 else -0.03 * lim, lim)
-                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=5))
-                ax.axvline(0, color="0.3", lw=0.6)
+                any_na |= _bars_panel(ax, part, f"{metric}_{axis}", ypos, styles)
                 ax.set_yticks([ypos[(k.method, k.target_label)] for k in cats],
                               [f"{k.method} {k.target_label}" for k in cats])
-                ax.grid(True, axis="x", lw=0.4, alpha=0.4)
-                ax.tick_params(width=0.6, length=2.5)
                 ax.set_xlabel(f"{short}$_{{\\mathrm{{{axis}}}}}$ ({unit})")
                 if r == 0:
                     ax.set_title(setting_label(part.iloc[0], with_size=multi_size))

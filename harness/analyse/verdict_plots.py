@@ -5,7 +5,6 @@ tables). Built on ``matplotlib.figure.Figure`` like :mod:`harness.analyse.plots`
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ from matplotlib.figure import Figure
 
 from harness.analyse.latency_source import LatencyTable
 from harness.analyse.metrics import COST_AXES, add_relative_metrics
-from harness.analyse.plots import PANEL_W, RC, file_slug, legend_ncol, method_styles, save_figure, setting_label
+from harness.analyse.plots import (PANEL_W, RC, file_slug, legend_ncol, method_styles, panel_figure, save_figure,
+                                   setting_label)
 from harness.analyse.stats import mean_interval
 from harness.analyse.verdict import BUNIT, Curves, build_curves, compare_area, compare_points
 from harness.analyse.verdict_report import AXIS_NAMES
@@ -54,13 +54,8 @@ def plot_curve_bands(metrics: pd.DataFrame, axis: str, *, latency: LatencyTable 
     """Top-1 against cost relative to dense (log axis) per setting: each curve's seed mean and 95% band."""
     curves = [c for c in build_curves(metrics, axis, latency=latency) if c.curves]
     styles = styles or method_styles(metrics)
-    cols = max(1, min(3, len(curves)))
-    rows = max(1, math.ceil(len(curves) / cols))
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(PANEL_W * cols, 2.7 * rows + 0.6), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-        for ax in axes[len(curves):]:
-            ax.set_visible(False)
+        fig, axes, cols = panel_figure(len(curves), panel_h=2.7)
         handles = {}
         for ax, cur in zip(axes, curves):
             means = []
@@ -96,15 +91,11 @@ def plot_verdict_heatmap(points: pd.DataFrame, area: pd.DataFrame) -> Figure:
     panels = list(fixed.groupby(["axis", "backbone"], sort=False)) if len(fixed) else []
     panels.sort(key=lambda p: COST_AXES.index(p[0][0]))
     cols = max(1, fixed["backbone"].nunique()) if len(fixed) else 1
-    rows = max(1, math.ceil(len(panels) / cols))
     norm = matplotlib.colors.TwoSlopeNorm(vmin=-CLIP, vcenter=0.0, vmax=CLIP)
     cmap = matplotlib.colormaps["RdBu"]
     with matplotlib.rc_context(RC):
         n_methods = max((p[1]["method"].nunique() for p in panels), default=1)
-        fig = Figure(figsize=(PANEL_W * cols * 1.3, (0.45 * n_methods + 0.9) * rows + 0.6), layout="constrained")
-        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-        for ax in axes[len(panels):]:
-            ax.set_visible(False)
+        fig, axes, _ = panel_figure(len(panels), panel_h=0.45 * n_methods + 0.9, panel_w=PANEL_W * 1.3, cols=cols)
         image = None
         for ax, ((axis, backbone), part) in zip(axes, panels):
             methods = list(dict.fromkeys(part["method"]))
