@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch_pruning as tp
 
-import baselines
 from baselines import MethodContext, Pipeline, finetune_split, get_method, list_methods, method_info, register_method
 from baselines.base import Method
 from baselines.schedule import stage_targets
@@ -56,11 +55,6 @@ def test_unknown_method_lists_the_registered_ones():
 def test_duplicate_registration_raises():
     with pytest.raises(ValueError, match="already registered"):
         register_method("l1-filter")(type("Again", (Method,), {"family": "structured"}))
-
-
-def test_package_reexports_the_base_api():
-    for name in ("Method", "MethodContext", "register_method", "get_method", "list_methods", "finetune_split"):
-        assert getattr(baselines, name) is getattr(baselines.base, name)
 
 
 def test_dense_returns_the_model_unchanged():

@@ -38,16 +38,6 @@ def summary(store) -> pd.DataFrame:
     return summarize(add_relative_metrics(load_results(store)))
 
 
-def test_backend_is_agg():
-    assert matplotlib.get_backend().lower() == "agg"
-
-
-def test_fixture_store_shape(store):
-    df = load_results(store)
-    assert len(df) == 54 and (df["status"] == "failed").sum() == 1
-    assert set(df["method"]) == set(METHODS) and set(df["seed"]) == {0, 1, 2}
-
-
 def _png_size(path: Path) -> tuple[int, int]:
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.analyse.blocks import (
+from harness.analyse.report_blocks import (
     DENSE_TARGET,
     MISSING,
     Block,

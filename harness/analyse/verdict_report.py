@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.analyse.blocks import MISSING, Block, fmt_value, setting_title
+from harness.analyse.report_blocks import MISSING, Block, fmt_value, setting_title
 from harness.analyse.claim import CLAIM_POINTS, COMPARABLE_POINTS, check_claim
 from harness.analyse.latency_source import LatencyTable
 from harness.analyse.metrics import COST_AXES, SETTING_KEYS, family_rank, target_sort_key
