@@ -1,8 +1,8 @@
 """Pick the fastest execution backend for every fused unit layer of a model, by measurement.
 
-Each distinct (unit row, stride, input shape incl. batch, dtype, device, threads, torch version, source of the
-``fused_cpu`` kernel) is timed once per backend through :mod:`bunit.timing` (the project's one timer): the median
-of single calls, at least ``repeats`` of them and enough to fill ``min_time_s``. Timings are inference timings
+Each distinct (unit row, stride, input shape incl. batch, dtype, device, threads, torch version, sources of the
+``fused_cpu`` and ``unit_train`` kernels) is timed once per backend through :mod:`bunit.timing` (the project's one
+timer): the median of single calls, at least ``repeats`` of them and enough to fill ``min_time_s``. Timings are inference timings
 (eval mode, ``no_grad``); the model's mode is restored afterwards. Choices and the medians behind them are cached
 on disk as JSON (default ``~/.cache/bunitbench/autotune.json``; the folder can be moved with
 ``BUNITBENCH_CACHE_DIR`` and the file given directly with ``cache_path``), so a second call with the same shapes
@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from bunit import fused_cpu
+from bunit import fused_cpu, unit_train
 from bunit.fused_cpu import cache_dir
 from bunit.layers import BACKENDS, EAGER_BACKENDS, UnitLayer, unit_layers
 from bunit.spec import compact_specs
@@ -68,7 +68,8 @@ def layer_key(layer: UnitLayer, x: torch.Tensor) -> str:
     fmt = "cl" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "nchw"
     return "|".join([",".join(compact_specs(layer.specs)), f"s{layer.stride}", "x".join(map(str, x.shape)), fmt,
                      str(x.dtype).removeprefix("torch."), _device_name(x.device), f"threads={threads}",
-                     f"torch={torch.__version__}", f"fused_cpu={fused_cpu.source_tag()}"])
+                     f"torch={torch.__version__}", f"fused_cpu={fused_cpu.source_tag()}",
+                     f"unit_train={unit_train.source_tag()}"])
 
 
 def time_backend(layer: UnitLayer, x: torch.Tensor, backend: str, repeats: int, *, warmup: int = 3,

@@ -31,6 +31,10 @@ The fused form runs on one of several execution backends (``layer.backend``), al
   activations of a tile of rows kept in cache; float32 on CPU in eval mode. In training mode, or while
   autograd records, it runs ``grouped`` instead (exact gradients and BN statistics); without a C++ compiler
   it raises, and the autotuner never picks it.
+- ``unit_train``: ``grouped`` with each grouped 3x3 conv run by a C++ kernel that has its own backward
+  (:mod:`bunit.unit_train`), BN (batch statistics in training) and ReLU PyTorch's: the training path, whose cost
+  follows the units' MACs where oneDNN's grouped convolution does not. Float32 (float64 too) on CPU; where the
+  extension is not built, or for other kernel sizes, devices and dtypes, each conv runs as in ``grouped``.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bunit import blockdiag, fused_cpu
+from bunit import blockdiag, fused_cpu, unit_train
 from bunit.functional import bn_mode, bn_slice, conv_bmm, conv_stencil, shift_residual
 from bunit.spec import UnitSpec, compact_specs, parse_specs
 from bunit.units import BasicUnit, UnitGroup
@@ -60,8 +64,8 @@ __all__ = [
 ]
 
 IMPLS = ("reference", "fused")
-BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu", "compiled")
-EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu")
+BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu", "unit_train", "compiled")
+EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu", "unit_train")
 _UNIT_KEYS = ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
               "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var")
 
@@ -233,6 +237,8 @@ class UnitLayer(nn.Module):
             return self._forward_loop(x)
         if backend == "fused_cpu":
             return self._forward_fused_cpu(x)
+        if backend == "unit_train":
+            return self._forward_groups(x, unit_train.conv)
         return self._forward_compiled(x)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,386 @@
+// Grouped 3x3 convolution for training unit layers on CPU: forward, gradient of the input and of the weight.
+//
+// A unit layer's group of n same-spec units is two grouped convolutions with a (then b) channels per group, 1-8
+// of them: oneDNN's grouped convolution is slow there in training (its backward of a 2-1-2 row runs at about
+// 1.4 GMAC/s on 2 cores here). This kernel computes exactly what F.conv2d(x, w, None, s, k // 2, groups=n)
+// computes, and its two gradients, for k = 3 and s = 1 or 2 (bunit/unit_train.py wraps it in an
+// autograd.Function; BatchNorm and ReLU stay PyTorch's, exact, with batch statistics).
+//
+// Work items are (image, group) pairs, run in parallel with at::parallel_for. Per item:
+//   1. the group's `cin` input planes are copied into a zero-padded buffer, columns split by phase (column mod s),
+//      so that every tap of a strided conv reads contiguous values (any input layout: read through strides);
+//   2. forward: VW output columns x OB output channels at a time in GCC vector registers, summed over (ci, dy, dx);
+//   3. backward: the output gradient is copied into a buffer whose rows are padded to whole vectors (zeros past
+//      the row end); the weight gradient is a dot product over rows and vectors (9 accumulators per (o, ci)),
+//      into a per-thread buffer summed at the end; the input gradient is scattered into a padded, phase-split
+//      buffer (every (o, dy, dx) adds w * gy to the input positions it read), then copied out without padding.
+// float and double (double for gradcheck). The accumulation order differs from oneDNN's: float results agree
+// to rounding (about 1e-6 relative).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T>
+struct V {
+  static constexpr int W = 64 / sizeof(T);  // one 64-byte vector: 16 floats or 8 doubles
+  typedef T type __attribute__((vector_size(64)));
+  typedef T unaligned __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  static type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
+  static type splat(T x) { return x - type{}; }
+};
+
+// Work (multiply-adds / 9) below which a call, or a chunk of items, is not split further between threads: a tiny
+// call spends longer waking a second thread (or waiting for it on a busy machine) than computing.
+constexpr int64_t kMinWork = 1 << 15;
+
+struct Geo {
+  int64_t n, groups, cin, cout, s;  // per group: cin input and cout output channels
+  int64_t h, w, ho, wo;
+  int64_t wr;  // wo rounded up to whole vectors
+  int64_t hp;  // padded rows
+  int64_t wq;  // floats per padded row and phase
+  int64_t plane() const { return s * hp * wq; }  // one input channel in the buffer
+};
+
+Geo geometry(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s, int64_t vw) {
+  Geo g;
+  g.n = x.size(0);
+  g.groups = groups;
+  g.cin = x.size(1) / groups;
+  g.cout = w.size(0) / groups;
+  g.s = s;
+  g.h = x.size(2);
+  g.w = x.size(3);
+  g.ho = (g.h - 1) / s + 1;
+  g.wo = (g.w - 1) / s + 1;
+  g.wr = (g.wo + vw - 1) / vw * vw;
+  g.hp = std::max(g.h + 2, (g.ho - 1) * s + 3);
+  g.wq = g.wr + 3;
+  return g;
+}
+
+// Input plane ci of group gi of image ni into buf: padded row r + 1, padded column c + 1, split by phase.
+template <typename T>
+void pad_copy(const T* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t gi, T* buf) {
+  std::fill(buf, buf + g.cin * g.plane(), T(0));
+  for (int64_t ci = 0; ci < g.cin; ++ci) {
+    const T* src = x + ni * xs[0] + (gi * g.cin + ci) * xs[1];
+    T* dst = buf + ci * g.plane();
+    for (int64_t r = 0; r < g.h; ++r) {
+      const T* sr = src + r * xs[2];
+      T* dr = dst + (r + 1) * g.wq;
+      if (g.s == 1) {
+        if (xs[3] == 1) {
+          std::memcpy(dr + 1, sr, sizeof(T) * g.w);
+        } else {
+          for (int64_t c = 0; c < g.w; ++c) dr[c + 1] = sr[c * xs[3]];
+        }
+      } else {  // s == 2: padded column c + 1 goes to phase (c + 1) % 2, position (c + 1) / 2
+        T* odd = dr + g.hp * g.wq;
+        for (int64_t c = 0; c < g.w; c += 2) odd[c / 2] = sr[c * xs[3]];
+        for (int64_t c = 1; c < g.w; c += 2) dr[(c + 1) / 2] = sr[c * xs[3]];
+      }
+    }
+  }
+}
+
+// Forward of OB output channels (o0 .. o0 + OB) of one item from the padded input buffer.
+template <typename T, int OB, int S>
+inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, const int64_t* ys, int64_t ni,
+                      int64_t gi) {
+  using Vt = V<T>;
+  constexpr int VW = Vt::W;
+  const int64_t cin = g.cin;
+  constexpr int64_t s = S;
+  for (int64_t i = 0; i < g.ho; ++i) {
+    for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+      typename Vt::type acc[OB];
+      for (int o = 0; o < OB; ++o) acc[o] = typename Vt::type{};
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        const T* plane = buf + ci * g.plane();
+        for (int dy = 0; dy < 3; ++dy) {
+          const T* row = plane + (i * s + dy) * g.wq;
+#pragma GCC unroll 3
+          for (int dx = 0; dx < 3; ++dx) {
+            const typename Vt::type v = Vt::load(row + (dx % s) * g.hp * g.wq + x0 + dx / s);
+            const T* wp = wg + ((o0 * cin + ci) * 3 + dy) * 3 + dx;
+#pragma GCC unroll 8
+            for (int o = 0; o < OB; ++o) acc[o] += Vt::splat(wp[o * cin * 9]) * v;
+          }
+        }
+      }
+      const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
+      for (int o = 0; o < OB; ++o) {
+        T* dst = y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + i * ys[2];
+        if (ys[3] == 1 && valid == VW) {
+          Vt::store(dst + x0, acc[o]);
+        } else {
+          T tmp[VW];
+          Vt::store(tmp, acc[o]);
+          for (int64_t j = 0; j < valid; ++j) dst[(x0 + j) * ys[3]] = tmp[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int S>
+void fwd_all(const T* buf, const T* wg, const Geo& g, T* yp, const int64_t* ys, int64_t ni, int64_t gi) {
+  int64_t o0 = 0;
+  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, 8, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, 4, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, 2, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 < g.cout; ++o0) fwd_block<T, 1, S>(buf, wg, g, o0, yp, ys, ni, gi);
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t groups, int64_t s) {
+  const Geo g = geometry(x, w, groups, s, V<T>::W);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
+  const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, g.ho * g.wr * g.cout * g.cin));
+  at::parallel_for(0, g.n * g.groups, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(g.cin * g.plane());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t ni = item / g.groups, gi = item % g.groups;
+      pad_copy(xp, xs, g, ni, gi, buf.data());
+      const T* wg = wp + gi * g.cout * g.cin * 9;
+      if (g.s == 1)
+        fwd_all<T, 1>(buf.data(), wg, g, yp, ys, ni, gi);
+      else
+        fwd_all<T, 2>(buf.data(), wg, g, yp, ys, ni, gi);
+    }
+  });
+}
+
+// Input gradient at stride 1, OB input channels (c0 .. c0 + OB) of one item: a convolution of the padded output
+// gradient (gp: cout planes of (ho + 2) rows of wq values, value (i, j) at row i + 1, column j + 1) with the
+// flipped, transposed weights: gx[c][y][x] = sum_{o, dy, dx} w[o][c][dy][dx] * gy[o][y + 1 - dy][x + 1 - dx].
+template <typename T, int OB>
+inline void gx_block(const T* gp, const T* wg, const Geo& g, int64_t c0, T* gx, const int64_t* gs, int64_t ni,
+                     int64_t gi) {
+  using Vt = V<T>;
+  constexpr int VW = Vt::W;
+  const int64_t cin = g.cin, gplane = (g.ho + 2) * g.wq;
+  for (int64_t y = 0; y < g.h; ++y) {
+    for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+      typename Vt::type acc[OB];
+      for (int c = 0; c < OB; ++c) acc[c] = typename Vt::type{};
+      for (int64_t o = 0; o < g.cout; ++o) {
+        const T* plane = gp + o * gplane;
+        for (int ey = 0; ey < 3; ++ey) {
+          const T* row = plane + (y + ey) * g.wq + x0;
+#pragma GCC unroll 3
+          for (int ex = 0; ex < 3; ++ex) {
+            const typename Vt::type v = Vt::load(row + ex);
+            const T* wp = wg + ((o * cin + c0) * 3 + (2 - ey)) * 3 + (2 - ex);
+#pragma GCC unroll 8
+            for (int c = 0; c < OB; ++c) acc[c] += Vt::splat(wp[c * 9]) * v;
+          }
+        }
+      }
+      const int64_t valid = std::min<int64_t>(VW, g.w - x0);
+      for (int c = 0; c < OB; ++c) {
+        T* dst = gx + ni * gs[0] + (gi * cin + c0 + c) * gs[1] + y * gs[2];
+        if (gs[3] == 1 && valid == VW) {
+          Vt::store(dst + x0, acc[c]);
+        } else {
+          T tmp[VW];
+          Vt::store(tmp, acc[c]);
+          for (int64_t j = 0; j < valid; ++j) dst[(x0 + j) * gs[3]] = tmp[j];
+        }
+      }
+    }
+  }
+}
+
+// Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg.
+template <typename T, int OB, int S>
+inline void gw_block(const T* buf, const T* gp, const Geo& g, int64_t o0, int64_t ci, T* gwg) {
+  using Vt = V<T>;
+  constexpr int VW = Vt::W;
+  constexpr int64_t s = S;
+  const int64_t gplane = (g.ho + 2) * g.wq;
+  typename Vt::type acc[OB][9];
+  for (int o = 0; o < OB; ++o)
+    for (int k = 0; k < 9; ++k) acc[o][k] = typename Vt::type{};
+  const T* plane = buf + ci * g.plane();
+  for (int64_t i = 0; i < g.ho; ++i)
+    for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+      typename Vt::type gv[OB];
+      for (int o = 0; o < OB; ++o) gv[o] = Vt::load(gp + (o0 + o) * gplane + (i + 1) * g.wq + 1 + x0);
+#pragma GCC unroll 3
+      for (int dy = 0; dy < 3; ++dy) {
+        const T* row = plane + (i * s + dy) * g.wq + x0;
+#pragma GCC unroll 3
+        for (int dx = 0; dx < 3; ++dx) {
+          const typename Vt::type v = Vt::load(row + (dx % s) * g.hp * g.wq + dx / s);
+#pragma GCC unroll 4
+          for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] += gv[o] * v;
+        }
+      }
+    }
+  for (int o = 0; o < OB; ++o) {
+    T* dst = gwg + ((o0 + o) * g.cin + ci) * 9;
+    for (int k = 0; k < 9; ++k) {
+      T sum = 0;
+      for (int l = 0; l < VW; ++l) sum += acc[o][k][l];
+      dst[k] += sum;
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy, at::Tensor* gx, at::Tensor* gw,
+                   int64_t groups, int64_t s) {
+  using Vt = V<T>;
+  constexpr int VW = Vt::W;
+  const Geo g = geometry(x, w, groups, s, VW);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const T* gyp = gy.data_ptr<T>();
+  T* gxp = gx ? gx->data_ptr<T>() : nullptr;
+  const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  const int64_t gys[4] = {gy.stride(0), gy.stride(1), gy.stride(2), gy.stride(3)};
+  int64_t gxs[4] = {0, 0, 0, 0};
+  if (gx)
+    for (int d = 0; d < 4; ++d) gxs[d] = gx->stride(d);
+  const int64_t wsize = g.groups * g.cout * g.cin * 9;
+  const int64_t gplane = (g.ho + 2) * g.wq;
+  const int64_t items = g.n * g.groups;
+  const int64_t work = items * g.ho * g.wr * g.cout * g.cin;  // multiply-adds / 9 of one gradient
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWork)));
+  std::vector<std::vector<T>> partial(gw ? nthreads : 0);
+  // One chunk of whole items per thread, each with its own weight-gradient buffer, summed at the end.
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
+      std::vector<T> buf(gw ? g.cin * g.plane() : 0), gbuf(g.cout * gplane, T(0));
+      std::vector<T> gxb(gx && s != 1 ? g.cin * g.plane() : 0);
+      T* gwt = nullptr;
+      if (gw) {
+        partial[t].assign(wsize, T(0));
+        gwt = partial[t].data();
+      }
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t ni = item / g.groups, gi = item % g.groups;
+        // output gradient, padded by one row and column of zeros (and zeros past the row end)
+        for (int64_t o = 0; o < g.cout; ++o)
+          for (int64_t i = 0; i < g.ho; ++i) {
+            const T* src = gyp + ni * gys[0] + (gi * g.cout + o) * gys[1] + i * gys[2];
+            T* dst = gbuf.data() + o * gplane + (i + 1) * g.wq + 1;
+            if (gys[3] == 1) {
+              std::memcpy(dst, src, sizeof(T) * g.wo);
+            } else {
+              for (int64_t j = 0; j < g.wo; ++j) dst[j] = src[j * gys[3]];
+            }
+          }
+        if (gw) {
+          pad_copy(xp, xs, g, ni, gi, buf.data());
+          T* gwg = gwt + gi * g.cout * g.cin * 9;
+          for (int64_t ci = 0; ci < g.cin; ++ci) {
+            int64_t o0 = 0;
+            if (s == 1) {
+              for (; o0 + 2 <= g.cout; o0 += 2) gw_block<T, 2, 1>(buf.data(), gbuf.data(), g, o0, ci, gwg);
+              for (; o0 < g.cout; ++o0) gw_block<T, 1, 1>(buf.data(), gbuf.data(), g, o0, ci, gwg);
+            } else {
+              for (; o0 + 2 <= g.cout; o0 += 2) gw_block<T, 2, 2>(buf.data(), gbuf.data(), g, o0, ci, gwg);
+              for (; o0 < g.cout; ++o0) gw_block<T, 1, 2>(buf.data(), gbuf.data(), g, o0, ci, gwg);
+            }
+          }
+        }
+        if (gx && s == 1) {
+          const T* wg = wp + gi * g.cout * g.cin * 9;
+          int64_t c0 = 0;
+          for (; c0 + 8 <= g.cin; c0 += 8) gx_block<T, 8>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          for (; c0 + 4 <= g.cin; c0 += 4) gx_block<T, 4>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          for (; c0 + 2 <= g.cin; c0 += 2) gx_block<T, 2>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          for (; c0 < g.cin; ++c0) gx_block<T, 1>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+        } else if (gx) {
+          // stride 2: scatter every (o, dy, dx)'s w * gy into the padded, phase-split input positions it read
+          std::fill(gxb.begin(), gxb.end(), T(0));
+          const T* wg = wp + gi * g.cout * g.cin * 9;
+          for (int64_t ci = 0; ci < g.cin; ++ci) {
+            T* plane = gxb.data() + ci * g.plane();
+            for (int dy = 0; dy < 3; ++dy)
+              for (int dx = 0; dx < 3; ++dx) {
+                T* base = plane + dy * g.wq + (dx % 2) * g.hp * g.wq + dx / 2;
+                for (int64_t i = 0; i < g.ho; ++i) {
+                  T* trow = base + i * 2 * g.wq;
+                  for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+                    typename Vt::type acc = Vt::load(trow + x0);
+                    for (int64_t o = 0; o < g.cout; ++o)
+                      acc += Vt::splat(wg[((o * g.cin + ci) * 3 + dy) * 3 + dx]) *
+                             Vt::load(gbuf.data() + o * gplane + (i + 1) * g.wq + 1 + x0);
+                    Vt::store(trow + x0, acc);
+                  }
+                }
+              }
+            for (int64_t r = 0; r < g.h; ++r) {  // copy out without padding, phases merged
+              T* dr = gxp + ni * gxs[0] + (gi * g.cin + ci) * gxs[1] + r * gxs[2];
+              const T* sr = plane + (r + 1) * g.wq;
+              const T* odd = sr + g.hp * g.wq;
+              for (int64_t c = 0; c < g.w; c += 2) dr[c * gxs[3]] = odd[c / 2];
+              for (int64_t c = 1; c < g.w; c += 2) dr[c * gxs[3]] = sr[(c + 1) / 2];
+            }
+          }
+        }
+      }
+    }
+  });
+  if (gw) {
+    T* out = gw->data_ptr<T>();
+    std::fill(out, out + wsize, T(0));
+    for (const auto& p : partial)
+      if (!p.empty())
+        for (int64_t k = 0; k < wsize; ++k) out[k] += p[k];
+  }
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "unit_train: CPU tensors only");
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, "unit_train: 3x3 kernels only");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "unit_train: input and weight dtypes differ");
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && w.size(0) % groups == 0 && w.size(1) == x.size(1) / groups,
+              "unit_train: channel counts do not match the groups");
+  TORCH_CHECK(s == 1 || s == 2, "unit_train: stride 1 or 2 only");
+  TORCH_CHECK(w.is_contiguous(), "unit_train: the weight must be contiguous");
+}
+
+}  // namespace
+
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) {
+  check(x, w, groups, s);
+  const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
+  at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_forward", [&] { forward_impl<scalar_t>(x, w, y, groups, s); });
+  return y;
+}
+
+std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy, int64_t groups,
+                                      int64_t s, bool need_input, bool need_weight) {
+  check(x, w, groups, s);
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type(), "unit_train: gradient dtype differs from the input's");
+  at::Tensor gx, gw;
+  if (need_input) gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (need_weight) gw = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_backward", [&] {
+    backward_impl<scalar_t>(x, w, gy, need_input ? &gx : nullptr, need_weight ? &gw : nullptr, groups, s);
+  });
+  return {gx, gw};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv_forward", &conv_forward, "grouped 3x3 conv, pad 1, stride 1 or 2 (forward)");
+  m.def("conv_backward", &conv_backward, "its input and weight gradients");
+}

@@ -1,0 +1,183 @@
+"""The ``unit_train`` training path gives the gradients, outputs and BN statistics of the ``grouped`` backend.
+
+The kernel (:mod:`bunit.unit_train`) replaces only the grouped 3x3 convolutions; these tests check it against
+``F.conv2d`` (gradcheck in float64) and whole unit layers against ``grouped`` in float32 within 1e-4 relative
+(outputs, input gradient, every parameter gradient, BN running statistics and weights after an SGD step) on every
+catalogue shape and the shapes the cost-target planner picks, strides 1 and 2, with and without a residual.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bunit import unit_train
+from bunit.layers import UnitLayer
+from bunit.spec import CATALOGUE, hybrid_mix
+from conftest import spread_bn, torch_threads
+
+pytestmark = [pytest.mark.skipif(not unit_train.is_available(), reason="the unit_train C++ extension does not build"),
+              pytest.mark.usefixtures("one_thread")]
+
+RTOL = 1e-4  # float32, relative to the largest magnitude of the reference tensor
+
+# (specs, in_channels) of the layers the planner and the paper build: uniform rows of the plan family
+# (baselines/bunit_plan.py SHAPES), catalogue hybrids, and every catalogue shape alone.
+PLANNER_ROWS = [["2x8-8-8"], ["8x2-1-2"], ["16x2-1-2"], ["8x2-1-4"], ["4x8-8-16"], ["8x2-4-2"], ["4x4-4-4"],
+                ["8x1-2-1"], ["16x1-1-1"], ["4x2-2-2"]]
+CATALOGUE_ROWS = [[f"3x{s}"] for s in CATALOGUE]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_kernel_float64(stride):
+    gen = torch.Generator().manual_seed(stride)
+    for groups, a, b, h, w in [(2, 2, 3, 5, 6), (3, 1, 2, 4, 3), (1, 3, 1, 1, 2)]:
+        x = torch.randn(2, groups * a, h, w, dtype=torch.float64, generator=gen, requires_grad=True)
+        weight = torch.randn(groups * b, a, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+        out = unit_train.UnitConv.apply(x, weight, groups, stride)
+        torch.testing.assert_close(out, F.conv2d(x, weight, None, stride, 1, groups=groups), rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda t, wt: unit_train.UnitConv.apply(t, wt, groups, stride), (x, weight))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_layer_float64_train_mode(stride):
+    """The whole layer in training mode (BN with batch statistics), residual included, in float64."""
+    torch.manual_seed(stride)
+    layer = spread_bn(UnitLayer(["2-1-2", "1-2-3", "1-2-1"], stride=stride), 3).double().train()
+    layer.backend = "unit_train"
+    x = torch.randn(2, layer.in_channels, 4, 3, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(2, layer.out_channels, (4 - 1) // stride + 1, (3 - 1) // stride + 1, dtype=torch.float64,
+                      requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, r: layer(t, residual=r), (x, res), fast_mode=True)
+    params = list(layer.parameters())
+    assert torch.autograd.gradcheck(lambda *ps: torch.func.functional_call(
+        layer, dict(zip([n for n, _ in layer.named_parameters()], ps)), (x.detach(),)), tuple(
+        p.detach().clone().requires_grad_() for p in params), fast_mode=True)
+
+
+def _step(layer: UnitLayer, x: torch.Tensor, residual: torch.Tensor | None, grad: torch.Tensor) -> dict:
+    """One SGD step; what it produced: output, input and residual gradients, parameter grads, state after."""
+    x = x.clone().requires_grad_()
+    res = None if residual is None else residual.clone().requires_grad_()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    out = layer(x, residual=res)
+    out.backward(grad)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    opt.step()
+    return {"out": out.detach(), "x.grad": x.grad, "res.grad": None if res is None else res.grad,
+            **{f"grad:{n}": g for n, g in grads.items()}, **{f"state:{n}": t.clone() for n, t in
+                                                              layer.state_dict().items()}}
+
+
+def _compare(specs, *, stride: int, batch: int, size: int, residual: bool, seed: int = 0,
+             channels_last: bool = False) -> None:
+    torch.manual_seed(seed)
+    ref = spread_bn(UnitLayer(specs, stride=stride), seed).train()
+    new = spread_bn(UnitLayer(specs, stride=stride), seed).train()
+    new.load_state_dict(ref.state_dict())
+    new.backend = "unit_train"
+    x = torch.randn(batch, ref.in_channels, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    side = (size - 1) // stride + 1
+    r = torch.randn(batch, ref.out_channels, side, side) if residual else None
+    grad = torch.randn(batch, ref.out_channels, side, side)
+    want, got = _step(ref, x, r, grad), _step(new, x, r, grad)
+    assert want.keys() == got.keys()
+    for key in want:
+        if want[key] is None:
+            assert got[key] is None
+            continue
+        if want[key].dtype == torch.long:  # num_batches_tracked
+            assert torch.equal(got[key], want[key]), key
+            continue
+        assert _rel(got[key], want[key]) <= RTOL, f"{key}: relative difference {_rel(got[key], want[key]):.2e}"
+
+
+@pytest.mark.parametrize("specs", CATALOGUE_ROWS + PLANNER_ROWS, ids=lambda s: ",".join(s))
+@pytest.mark.parametrize("stride", [1, 2])
+def test_float32_matches_grouped(specs, stride):
+    with torch_threads(2):
+        _compare(specs, stride=stride, batch=4, size=9, residual=stride == 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("residual", [False, True])
+def test_float32_hybrid_rows_match_grouped(stride, residual):
+    """Catalogue hybrids as the paper and the planner draw them (several groups, gathered inputs, permuted outputs)."""
+    for seed, (cin, cout) in enumerate([(16, 16), (32, 32), (16, 32)]):
+        _compare(hybrid_mix(cin, cout, CATALOGUE, seed), stride=stride, batch=3, size=8, residual=residual,
+                 seed=seed)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_float32_small_batches_and_layouts(batch):
+    _compare(["2x8-8-8"], stride=1, batch=batch, size=12, residual=True, channels_last=batch == 5)
+    _compare(["8x2-1-4"], stride=2, batch=batch, size=11, residual=False, channels_last=batch != 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("specs,stride,size", [(["2x8-8-8"], 1, 28), (["8x2-1-4"], 2, 28), (["16x2-1-2"], 1, 14),
+                                               (["16x2-1-4"], 2, 14), (["32x2-1-2"], 1, 7), (["4x8-8-16"], 2, 14)])
+@pytest.mark.parametrize("batch", [32, 128])
+def test_float32_large_batches(specs, stride, size, batch):
+    """Each of the layer's convolutions (forward, input and weight gradient) against ``F.conv2d`` at ResNet-20's
+    planes, and the layer's output and BN running statistics against ``grouped``.
+
+    Whole-layer gradients are compared at small batches (above): at batch 128 a few of the ~1.6M ReLU inputs lie
+    within float32 rounding of zero and switch either way, in ``grouped`` as in ``unit_train`` (here both then
+    differ from the float64 result by up to 5-15% at single elements of the input gradient).
+    """
+    torch.manual_seed(batch)
+    layer = UnitLayer(specs, stride=stride)
+    side = (size - 1) // stride + 1
+    for grp, (cin, hw, s) in zip(layer.groups, [(layer.in_channels, size, stride)]):
+        for conv, c_in, h, st in [(grp.conv1, cin, hw, s), (grp.conv2, grp.conv1.out_channels, side, 1)]:
+            x = torch.randn(batch, c_in, h, h, requires_grad=True)
+            out = unit_train.UnitConv.apply(x, conv.weight, conv.groups, st)
+            ref = F.conv2d(x, conv.weight, None, st, 1, groups=conv.groups)
+            assert _rel(out, ref) <= RTOL
+            g = torch.randn_like(ref)
+            got = torch.autograd.grad(out, (x, conv.weight), g)
+            want = torch.autograd.grad(ref, (x, conv.weight), g)
+            assert _rel(got[0], want[0]) <= RTOL and _rel(got[1], want[1]) <= RTOL
+    ref = spread_bn(UnitLayer(specs, stride=stride), 1).train()
+    new = UnitLayer(specs, stride=stride).train()
+    new.load_state_dict(ref.state_dict())
+    new.backend = "unit_train"
+    x = torch.randn(batch, ref.in_channels, size, size)
+    with torch.no_grad():
+        assert _rel(new(x), ref(x)) <= RTOL
+    for (name, a), b in zip(new.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b) if a.dtype == torch.long else _rel(a, b) <= RTOL, name
+
+
+def test_bf16_autocast_runs_units_in_float32():
+    """Under CPU bf16 autocast the kernel takes float32 input (cast from bf16) and returns float32: the layer's
+    output then equals the ``grouped`` layer's on the same bf16-rounded input within float32 rounding."""
+    torch.manual_seed(0)
+    layer = spread_bn(UnitLayer(["8x2-1-2"]), 1).train()
+    ref = spread_bn(UnitLayer(["8x2-1-2"]), 1).train()
+    ref.load_state_dict(layer.state_dict())
+    layer.backend = "unit_train"
+    x = torch.randn(4, layer.in_channels, 10, 10).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    y_ref = ref(x.float())
+    assert _rel(y, y_ref) <= RTOL
+
+
+def test_unsupported_convs_fall_back_to_the_module():
+    """A 5x5 and a 1x1 unit run their nn.Conv2d (the kernel is 3x3 only) and still match ``grouped``."""
+    from bunit.spec import UnitSpec
+
+    specs = [UnitSpec(2, 3, 2, kernel=5), UnitSpec(1, 2, 1, kernel=1), UnitSpec(2, 1, 2)]
+    _compare(specs, stride=1, batch=2, size=7, residual=False)
+    conv = nn.Conv2d(4, 4, 5, padding=2, groups=2, bias=False)
+    assert not unit_train.supports(torch.randn(1, 4, 5, 5), conv)
