@@ -40,6 +40,7 @@ import torch.nn as nn
 
 __all__ = [
     "FAMILIES",
+    "EXAMPLE_TARGETS",
     "Method",
     "MethodContext",
     "register_method",
@@ -60,6 +61,8 @@ between steps). Methods that support only some say so in ``validate_target``/``a
 START_POINTS = ("dense", "scratch")
 
 FAMILIES = ("dense", "bunit", "unstructured", "structured")
+EXAMPLE_TARGETS = {"dense": None, "bunit": "paper", "unstructured": 0.5, "structured": 0.3}
+"""A small target of each family's usual knob (sparsity, channel ratio, unit plan) that contract tests apply."""
 
 @dataclass(frozen=True)
 class Pipeline:
@@ -176,6 +179,14 @@ class Method:
     schedules: tuple[str, ...] = ("oneshot",)
     """The schedules this method supports (a subset of :data:`SCHEDULES`); the suite is checked against it."""
     uses_sparse_training: bool = False
+    example_target: Any = None
+    """A small, valid target the contract tests (``tests/test_contracts.py``) apply; None: the family's own
+    (:data:`EXAMPLE_TARGETS`)."""
+
+    def contract_target(self) -> Any:
+        """The target the contract tests apply: ``example_target``, else the family's entry of
+        :data:`EXAMPLE_TARGETS`."""
+        return self.example_target if self.example_target is not None else EXAMPLE_TARGETS.get(self.family)
 
     def pipeline(self, recipe: Any) -> Pipeline:
         """Where this method starts and how many epochs the harness trains from scratch, given the recipe.
