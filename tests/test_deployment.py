@@ -107,3 +107,93 @@ def test_openvino_pass_writes_checked_rows_with_versions(tmp_path):
     assert (table.latency_ratio > 0).all()
     with pytest.raises(ValueError, match="allowed: contiguous"):
         time_store(store, runtime="openvino", memory_format="channels_last")
+
+
+# --- BUnit's unit kernel as an OpenVINO custom operation -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unit_op():
+    """The built extension, from the default cache (built once for all test workers; later sessions load it)."""
+    pytest.importorskip("openvino")
+    from harness.measure import openvino_ext
+
+    return openvino_ext.extension_path(quiet=True)
+
+
+@pytest.mark.parametrize("target,shortcut", [("paper", "A"), ("paper", "B"), ("cifar-resnet-hybrid", "A"),
+                                             ("cifar-resnet-all", "B"), ("macs:0.9", "A")])
+def test_unit_op_in_openvino_equals_eager(unit_op, target, shortcut):
+    """Option A (the kernel reads the padded shortcut from the block input) and B (a 1x1-conv residual), stride 1
+    and 2, fixed-shape and run-time-channel unit shapes, layers of one group and of several chained groups."""
+    import onnx
+    import torch
+
+    from bunit.layers import unit_layers
+    from harness.measure import openvino_ext
+    from harness.measure.runtimes import make_runner
+    from test_artefacts import compressed
+
+    model = compressed("bunit", target, shortcut)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+    proto, nodes = openvino_ext.export_with_units(model, x)
+    ops = [(n.domain, n.op_type) for n in onnx.load_from_string(proto).graph.node]
+    groups = sum(len(layer.groups) for _, layer in unit_layers(model))
+    assert nodes == groups == ops.count(("bunit", "UnitGroup")) and groups >= 2
+    in_units = {id(m) for _, layer in unit_layers(model) for m in layer.modules()}
+    dense_convs = sum(isinstance(m, torch.nn.Conv2d) and id(m) not in in_units for m in model.modules())
+    assert ops.count(("", "Conv")) == dense_convs  # the unit layers' convolutions are all inside the nodes
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)  # the export left the model as it was
+    run, info = make_runner("openvino+units", model, x, threads=2, device=torch.device("cpu"))
+    got = torch.from_numpy(run()[0])
+    assert info["openvino_unit_nodes"] == groups
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-4
+
+
+def test_unit_op_equals_the_fused_cpu_kernel_on_a_residual_block(unit_op):
+    """The same source in both frameworks: the OpenVINO node's output equals fused_cpu's within float rounding."""
+    import torch
+
+    from bunit.layers import set_backend
+    from harness.measure.runtimes import make_runner
+    from test_artefacts import compressed
+
+    model = compressed("bunit", "cifar-resnet-all", "A")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    fused = set_backend(compressed("bunit", "cifar-resnet-all", "A"), "fused_cpu").eval()
+    with torch.no_grad():
+        by_torch_kernel = fused(x)
+    run, _ = make_runner("openvino+units", model, x, threads=1, device=torch.device("cpu"))
+    got = torch.from_numpy(run()[0])
+    assert float((got - by_torch_kernel).abs().max() / by_torch_kernel.abs().max()) <= 1e-5
+
+
+def test_no_compiler_is_refused_with_one_line(monkeypatch, tmp_path):
+    pytest.importorskip("openvino")
+    from harness.measure import openvino_ext
+
+    monkeypatch.setattr(openvino_ext, "_state", {})
+    monkeypatch.setattr(openvino_ext, "_source_tag", lambda: "no-compiler-test")
+    monkeypatch.setenv("BUNITBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(RuntimeError) as err:
+        openvino_ext.extension_path()
+    assert str(err.value) == ("openvino+units: no C++ compiler found (g++, c++ or $CXX); the unit operation cannot "
+                              "be built here")
+    assert openvino_ext.build_info()["error"] == str(err.value) and not openvino_ext.build_info()["available"]
+
+
+def test_openvino_units_pass_times_bunit_with_its_kernel_and_dense_as_plain_openvino(unit_op, tmp_path):
+    from harness.measure.timing_pass import load_timings, time_store
+    from test_artefacts import build_store
+
+    store = tmp_path / "quick"
+    build_store(store, [("dense", None, 0), ("bunit", "paper", 0)])
+    out = time_store(store, runtime="openvino+units", batch_sizes=(2,), rounds=3, warmup=0, settle=0, threads=1,
+                     progress=False, repeats=1)
+    assert out.written == 2 and not out.errors
+    table = load_timings(store).set_index("family")
+    assert table.loc["bunit", "openvino_unit_nodes"] == 2 and table.loc["dense", "openvino_unit_nodes"] == 0
+    assert (table.openvino_max_abs_err < 1e-4).all() and table.error.isna().all()

@@ -1,0 +1,246 @@
+"""BUnit's unit kernel inside OpenVINO: unit layers exported to ONNX as a custom node, run as a custom operation.
+
+A BUnit network deployed through OpenVINO as plain ONNX runs its unit layers as grouped convolutions, which
+OpenVINO's CPU plugin runs no better than PyTorch does; its dense layers it runs well. This module keeps OpenVINO
+for the dense layers and gives the unit layers BUnit's own kernel:
+
+- :func:`extension_path` builds ``bunit/csrc/unit_openvino.cpp`` (the OpenVINO operation ``bunit.UnitGroup``,
+  whose computation is ``bunit/csrc/unit_kernel.h``, the source of the ``fused_cpu`` torch backend) into a shared
+  library against the headers and libraries that the ``openvino`` wheel ships (``openvino/include``,
+  ``openvino/libs``): ``g++`` (or ``$CXX``) ``-O3 -march=native``, on first use, cached in
+  ``<cache dir>/ext/bunit_unit_openvino-ov<version>-cpu<CPU hash>-src<source hash>/`` (cache dir:
+  ``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the cached build. Without a
+  compiler it raises ``RuntimeError`` with one line saying so.
+- :func:`export_with_units` exports a model with ``torch.onnx.export(..., dynamo=False, opset_version=17)`` in
+  which every unit layer (the fused form of :class:`bunit.layers.UnitLayer`) becomes one ONNX node
+  ``bunit::UnitGroup`` per group of same-spec units, BatchNorm folded into the weights (``bunit.fused_cpu.
+  folded_weights``), a residual block's shortcut and final ReLU inside the node (an option-A shortcut is read by
+  the kernel from the block input, as ``fused_cpu`` does). A layer with several groups chains its nodes: each
+  takes the previous one's output and writes its own units' channels. Everything else exports as usual.
+- :func:`compile_model` compiles such an export with the library added (``Core.add_extension``); the timing pass
+  does this for the ``openvino+units`` runtime (:mod:`harness.measure.runtimes`).
+
+ONNX Runtime: its maintained route for a native custom operator is a custom-op library built against its C API
+headers (``onnxruntime_c_api.h``) and registered with ``SessionOptions.register_custom_ops_library``; the PyPI wheel
+ships the runtime library but not those headers, so the unit operation is built for OpenVINO only.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["SOURCE", "extension_path", "build_info", "export_with_units", "compile_model", "unit_group_reference"]
+
+_CSRC = Path(__file__).resolve().parents[2] / "bunit" / "csrc"
+SOURCE = _CSRC / "unit_openvino.cpp"
+_KERNEL = _CSRC / "unit_kernel.h"
+_LIB = "libbunit_unit_openvino.so"
+_DOMAIN_OP = "bunit::UnitGroup"
+_state: dict[str, Any] = {}
+
+
+def _openvino_dir() -> Path:
+    try:
+        import openvino
+    except ImportError as err:
+        raise RuntimeError("openvino+units: openvino is not installed; pip install -c constraints.txt -e "
+                           "'.[openvino]'") from err
+    return Path(openvino.__file__).resolve().parent
+
+
+def _source_tag() -> str:
+    return hashlib.sha1(SOURCE.read_bytes() + _KERNEL.read_bytes()).hexdigest()[:10]
+
+
+def _one(libs: Path, stem: str) -> Path:
+    """The versioned library ``<stem>.so.<N>`` the wheel ships (it has no unversioned link)."""
+    found = sorted(libs.glob(f"{stem}.so*"))
+    if not found:
+        raise RuntimeError(f"openvino+units: {stem}.so not found in {libs}")
+    return found[0]
+
+
+def _compile(target: Path) -> None:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler or not shutil.which(compiler):
+        raise RuntimeError("openvino+units: no C++ compiler found (g++, c++ or $CXX); the unit operation cannot be "
+                           "built here")
+    ov = _openvino_dir()
+    libs = ov / "libs"
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    cmd = [compiler, "-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared",
+           "-D_GLIBCXX_USE_CXX11_ABI=1", str(SOURCE), f"-I{ov / 'include'}", "-o", str(tmp),
+           str(_one(libs, "libopenvino")), str(_one(libs, "libopenvino_onnx_frontend")), str(_one(libs, "libtbb")),
+           f"-Wl,-rpath,{libs}"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or ["?"]
+        raise RuntimeError(f"openvino+units: building the unit operation failed: {lines[0].strip()}")
+    os.replace(tmp, target)
+
+
+def extension_path(*, quiet: bool = False) -> Path:
+    """The built OpenVINO extension library (built on the first call of a process when no cached build exists).
+
+    Raises:
+        RuntimeError: one line naming why it cannot be built here (no openvino, no compiler, a compile error).
+    """
+    if "path" in _state:
+        return _state["path"]
+    if "error" in _state:
+        raise RuntimeError(_state["error"])
+    import openvino
+
+    from bunit.fused_cpu import _cpu_tag, cache_dir
+
+    version = openvino.get_version().split("-")[0]
+    build_dir = cache_dir() / "ext" / f"bunit_unit_openvino-ov{version}-cpu{_cpu_tag()}-src{_source_tag()}"
+    target = build_dir / _LIB
+    t0 = time.perf_counter()
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir / ".lock", "w") as lock:  # one build at a time (test workers, parallel passes)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                _compile(target)
+    except (RuntimeError, OSError) as err:
+        _state["error"] = str(err) if isinstance(err, RuntimeError) else f"openvino+units: {err}"
+        raise RuntimeError(_state["error"]) from err
+    _state.update(path=target, build_s=time.perf_counter() - t0)
+    if not quiet:
+        print(f"harness.openvino_ext: unit operation ready in {_state['build_s']:.1f} s (build or cached) at {target}",
+              file=sys.stderr, flush=True)
+    return target
+
+
+def build_info() -> dict[str, Any]:
+    """``available``, ``build_s``, ``path`` and ``error`` of this process's build (tries it first)."""
+    with contextlib.suppress(RuntimeError):
+        extension_path(quiet=True)
+    return {"available": "path" in _state, "build_s": _state.get("build_s"),
+            "path": str(_state["path"]) if "path" in _state else None, "error": _state.get("error")}
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def unit_group_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                         residual: torch.Tensor | None, prev: torch.Tensor | None, a: int, b: int, c: int, k: int,
+                         s: int, in_start: tuple[int, ...], out_start: tuple[int, ...], out_channels: int,
+                         res_step: int, res_offset: int) -> torch.Tensor:
+    """What one ``bunit.UnitGroup`` node computes, in PyTorch (grouped convolutions on the folded weights).
+
+    Returns:
+        ``(N, out_channels, Ho, Wo)``: ``prev`` (zeros without it) with this group's units' channels written.
+    """
+    from bunit.functional import shift_residual
+
+    units = len(in_start)
+    idx = torch.tensor([i + j for i in in_start for j in range(a)], device=x.device)
+    hidden = F.relu(F.conv2d(x.index_select(1, idx), w1, b1, stride=s, padding=k // 2, groups=units))
+    z = F.relu(F.conv2d(hidden, w2, b2, padding=k // 2, groups=units))  # (N, U*c, Ho, Wo), unit order
+    out_idx = torch.tensor([o + j for o in out_start for j in range(c)], device=x.device)
+    if residual is not None:
+        if (res_step, res_offset) != (1, 0):
+            residual = shift_residual(residual, res_step, res_offset, out_channels)
+        z = F.relu(z + residual.index_select(1, out_idx))
+    y = prev.clone() if prev is not None else z.new_zeros(z.shape[0], out_channels, *z.shape[2:])
+    return y.index_copy_(1, out_idx, z)
+
+
+class _UnitGroupOp(torch.autograd.Function):
+    """One group of same-spec units: runs :func:`unit_group_reference`, exports as one ``bunit::UnitGroup`` node."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, residual, prev, a, b, c, k, s, in_start, out_start, out_channels, res_step,
+                res_offset):  # noqa: D102
+        return unit_group_reference(x, w1, b1, w2, b2, residual, prev, a, b, c, k, s, in_start, out_start,
+                                    out_channels, res_step, res_offset)
+
+    @staticmethod
+    def symbolic(g, x, w1, b1, w2, b2, residual, prev, a, b, c, k, s, in_start, out_start, out_channels, res_step,
+                 res_offset):  # noqa: D102
+        inputs = [x, w1, b1, w2, b2] + [t for t in (residual, prev) if t is not None]
+        y = g.op(_DOMAIN_OP, *inputs, a_i=a, b_i=b, c_i=c, k_i=k, s_i=s, in_start_i=list(in_start),
+                 out_start_i=list(out_start), out_channels_i=out_channels, has_residual_i=int(residual is not None),
+                 res_step_i=res_step, res_offset_i=res_offset, has_prev_i=int(prev is not None))
+        sizes = x.type().sizes()
+        if sizes is not None and None not in sizes:
+            n, _, h, w = sizes
+            y.setType(x.type().with_sizes([n, out_channels, (h + 2 * (k // 2) - k) // s + 1,
+                                           (w + 2 * (k // 2) - k) // s + 1]))
+        return y
+
+
+def _exported_forward(groups: list[tuple]):
+    """A unit layer's forward for export: one :class:`_UnitGroupOp` per group, chained through ``prev``."""
+
+    def forward(self, x, residual=None, residual_map=(1, 0)):
+        step, offset = residual_map
+        y = None
+        for (a, b, c, k, s, in_start, out_start), (w1, b1, w2, b2) in groups:
+            y = _UnitGroupOp.apply(x, w1, b1, w2, b2, residual, y, a, b, c, k, s, in_start, out_start,
+                                   self.out_channels, step, offset)
+        return y  # (B, out, H/s, W/s)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _units_as_custom_op(net: nn.Module) -> Iterator[int]:
+    """Within the block, every fused unit layer of ``net`` runs (and traces) as :class:`_UnitGroupOp` nodes."""
+    from bunit import fused_cpu
+    from bunit.layers import unit_layers
+
+    patched, nodes = [], 0
+    try:
+        for _, layer in unit_layers(net):
+            if layer.impl != "fused":
+                continue
+            with torch.no_grad():  # folded once, outside the trace: the node's weights are constants
+                weights = [tuple(t.detach().clone() for t in ws) for ws in fused_cpu.folded_weights(layer)]
+            plan = [(a, b, c, k, s, tuple(int(v) for v in i0), tuple(int(v) for v in o0))
+                    for a, b, c, k, s, i0, o0 in layer._kernel_plan]
+            patched.append((layer, layer._backend))
+            layer.forward = types.MethodType(_exported_forward(list(zip(plan, weights))), layer)
+            layer._backend = "fused_cpu"  # a block then hands over its option-A shortcut's input and map
+            nodes += len(plan)
+        yield nodes
+    finally:
+        for layer, backend in patched:
+            del layer.forward
+            layer._backend = backend
+
+
+def export_with_units(net: nn.Module, x: torch.Tensor) -> tuple[bytes, int]:
+    """ONNX bytes of ``net`` on ``x`` with every unit layer as ``bunit::UnitGroup`` nodes, and how many nodes.
+
+    Args:
+        net: the model in eval mode (not changed: its unit layers are restored after the export).
+        x: the input batch, float32 on the CPU, NCHW.
+    """
+    from harness.measure.runtimes import onnx_bytes
+
+    with _units_as_custom_op(net) as nodes:
+        model = onnx_bytes(net, x)
+    return model, nodes
+
+
+def compile_model(model: bytes, threads: int, *, units: bool = True):
+    """An export of :func:`export_with_units` compiled by OpenVINO (CPU, f32), the unit operation added when asked."""
+    from harness.measure.runtimes import openvino_compiled
+
+    return openvino_compiled(model, threads, extension=str(extension_path()) if units else None)
