@@ -84,6 +84,7 @@ class RunContext:
         self.ckpt_dir = self.results_dir / "checkpoints"
         self.parallel = parallel
         self.keep_models = keep_models
+        self.train_settings: list[dict] = []  # one per train() call: phase and setting
 
     @property
     def is_writer(self) -> bool:
@@ -97,11 +98,17 @@ class RunContext:
 
     def train(self, model: nn.Module, exp: Experiment, epochs: int, *, phase: str, lr: float | None = None,
               seed_offset: int = 0, warmup: bool = True, regularize=None, after_step=None) -> float:
-        """Train ``model`` in place with the suite's recipe; returns the seconds spent."""
+        """Train ``model`` in place with the suite's recipe; returns the seconds spent.
+
+        The training setting each call ran with (:mod:`harness.run.train_speed`) is appended to ``train_settings``
+        with its phase; the experiment puts its own into the row.
+        """
         self.reporter.start_phase(phase, epochs)
         result = train_model(model, self.data, exp.train, epochs=epochs, lr=lr, seed=exp.seed * 1000 + seed_offset,
                              regularize=regularize, after_step=after_step, warmup=warmup,
                              progress=self.reporter.epoch_done, parallel=self.parallel)
+        if result.setting is not None:
+            self.train_settings.append({"phase": phase, **result.setting})
         return result.seconds
 
     def load_dense(self, path: Path) -> tuple[dict, dict] | None:

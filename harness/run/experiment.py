@@ -83,6 +83,7 @@ def _train(exp: Experiment, method: Method, ctx: RunContext) -> tuple[nn.Module,
     recipe = exp.train
     pipeline = method.pipeline(recipe)
     mctx = method_context(method, exp, ctx)
+    ctx.train_settings.clear()  # what this run's training phases ran with, for the row
     if pipeline.start == "dense":
         dense, pretrain_seconds, _ = ctx.dense_model(exp)
         model, pretrain_epochs = copy.deepcopy(dense), recipe.epochs
@@ -102,6 +103,7 @@ def _train(exp: Experiment, method: Method, ctx: RunContext) -> tuple[nn.Module,
              "epochs_finetune": int(mctx.record.pop("epochs_finetune", final))}
     mctx.record.pop("epochs_finetune_final", None)
     spend["epochs_total"] = spend["epochs_pretrain"] + spend["epochs_sparse"] + spend["epochs_finetune"]
+    spend["train_settings"] = list(ctx.train_settings) or None
     return model.eval(), mctx, spend
 
 

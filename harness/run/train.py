@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bunit.layers import unit_layers
 from harness.run.config import TrainConfig
 from harness.run.data import ImageData
+from harness.run.train_speed import TrainSetting, apply_setting, choose_setting
 
 if TYPE_CHECKING:
     from harness.run.parallel import DataParallel
@@ -35,6 +37,7 @@ class TrainResult:
     seconds: float
     final_loss: float
     history: list[dict] = field(default_factory=list)
+    setting: dict | None = None  # how it ran: precision, memory format, unit backend (harness.run.train_speed)
 
 
 def seed_everything(seed: int) -> None:
@@ -81,7 +84,8 @@ def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 512) -> dic
 def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epochs: int, lr: float | None = None,
                 seed: int = 0, regularize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                 after_step: Callable[[nn.Module], None] | None = None, warmup: bool = True,
-                progress: Callable[[dict], None] | None = None, parallel: DataParallel | None = None) -> TrainResult:
+                progress: Callable[[dict], None] | None = None, parallel: DataParallel | None = None,
+                setting: TrainSetting | str | None = "auto") -> TrainResult:
     """Train ``model`` in place on ``data`` for ``epochs`` epochs.
 
     Args:
@@ -97,6 +101,11 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
         progress: called after every epoch with a dict (epoch, epochs, loss, seconds).
         parallel: data-parallel training under torchrun (:class:`harness.run.parallel.DataParallel`): this process
             trains on its slice of every global batch and DDP all-reduces the gradients; None trains alone.
+        setting: ``"auto"``: the fastest of the settings that compute the same training (precision no coarser than
+            the recipe's, memory format, unit backend), measured on a few steps
+            (:func:`harness.run.train_speed.choose_setting`; kept as the recipe says under torchrun, with
+            ``compile``, or for runs too short to pay for measuring); a :class:`TrainSetting` to force one; None:
+            the recipe as it is. Unit layers get their previous backends back afterwards.
 
     Returns:
         What was spent and the last epoch's mean loss.
@@ -119,7 +128,22 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
     total_steps = epochs * steps_per_epoch
     warmup_steps = int(recipe.warmup_epochs * steps_per_epoch) if warmup else 0
     use_bf16 = recipe.bf16 and (device.type == "cuda" or recipe.bf16_cpu)  # CPU: oneDNN bf16 kernels
-    memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    setting_record = None
+    if setting == "auto" and (parallel is not None or recipe.compile):
+        setting = None  # every rank must run alike; a compiled step is not what the candidates time
+    if setting == "auto":
+        xb, yb = data.calibration_batches(1, recipe.batch_size)[0]
+        setting, setting_record = choose_setting(model, xb, yb, bf16=use_bf16, channels_last=recipe.channels_last,
+                                         total_steps=total_steps)
+    previous = [(m, m.backend) for _, m in unit_layers(model) if m.impl == "fused"]
+    if isinstance(setting, TrainSetting):
+        use_bf16 = setting.bf16
+        apply_setting(model, setting)
+        setting_record = setting_record or {"setting": setting.name, "bf16": setting.bf16,
+                                            "channels_last": setting.channels_last,
+                                            "unit_backend": setting.unit_backend, "measured": False, "step_ms": None}
+    memory_format = torch.channels_last if (setting.channels_last if isinstance(setting, TrainSetting)
+                                            else recipe.channels_last) else torch.contiguous_format
     model.to(memory_format=memory_format)
     step_fn = model if parallel is None else parallel.wrap(model)  # DDP: gradients averaged over ranks
     step_fn = torch.compile(step_fn) if recipe.compile else step_fn
@@ -157,4 +181,6 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
         if progress is not None:
             progress(record)
     model.eval()
-    return TrainResult(epochs, time.perf_counter() - start, epoch_loss, history)
+    for layer, backend in previous:
+        layer.backend = backend
+    return TrainResult(epochs, time.perf_counter() - start, epoch_loss, history, setting_record)

@@ -1,0 +1,130 @@
+"""Training speed of BUnit against dense and L1-filter pruning, side by side: one SGD step, then whole epochs.
+
+ResNet-20 (option B, one input channel, 28x28): dense; BUnit at 50, 80 and 95% fewer MACs (the cost-target planner);
+L1-filter at 80% fewer MACs (a pruned model, as a fine-tune trains it). Every model is timed in every training setting
+(:mod:`harness.run.train_speed`: fp32 or bf16 autocast, NCHW or channels_last, unit layers on ``grouped`` or
+``unit_train``), all (model, setting) pairs taking turns round-robin in one session (``bunit.timing.interleaved_times``),
+each turn one untimed and one timed step. Per model the fastest setting is its step; the ratio divides by dense at
+dense's fastest setting. Then each model trains whole epochs of the data set (Fashion-MNIST, else the digits) through
+the harness loop (``harness.run.train.train_model``) at its fastest setting, the models taking turns epoch by epoch.
+
+Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1]``.
+Prints the tables and writes ``results/benchmarks/train_step.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import harness  # noqa: F401  (torchvision shim)
+import torch
+
+from baselines import MethodContext, get_method
+from baselines.counting import count_macs
+from bunit.timing import cpu_snapshot, interleaved_times, others_cpus, steady_allocator
+from harness.run.config import TrainConfig
+from harness.run.data import load_dataset
+from harness.run.models import create_backbone
+from harness.run.train import train_model
+from harness.run.train_speed import apply_setting, candidates, step_fn
+
+MODELS = ("dense", "bunit:macs:0.5", "bunit:macs:0.8", "bunit:macs:0.95", "l1-filter:macs:0.8")
+
+
+def build(name: str, size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    dense = create_backbone("resnet20", num_classes=10, in_channels=1, shortcut="B")
+    if name == "dense":
+        return dense
+    method, _, target = name.partition(":")
+    x = torch.randn(16, 1, size, size)
+    ctx = MethodContext(example_inputs=x, calib_batches=[(x, torch.arange(16) % 10)], seed=0, backbone="resnet20",
+                        shortcut="B", num_classes=10)
+    return get_method(method).apply(dense, target, ctx)
+
+
+def isa() -> str:
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps per (model, setting)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per model (0: steps only)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--out", default="results/benchmarks/train_step.csv")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    steady_allocator()
+    names = args.models.split(",")
+    models = {n: build(n, args.size) for n in names}
+    macs = {n: count_macs(m, (1, args.size, args.size)) for n, m in models.items()}
+    gen = torch.Generator().manual_seed(0)
+    xb = torch.randn(args.batch, 1, args.size, args.size, generator=gen)
+    yb = torch.randint(0, 10, (args.batch,), generator=gen)
+    settings = {n: candidates(m, bf16=True, device=xb.device) for n, m in models.items()}
+    fns = {f"{n}|{s.name}": step_fn(models[n], s, xb, yb) for n in names for s in settings[n]}
+    print(f"cpu: {isa()}; threads {args.threads}; batch {args.batch}; {args.size}x{args.size}; "
+          f"{len(fns)} (model, setting) pairs x {args.rounds} rounds", flush=True)
+    snap = cpu_snapshot()
+    t0 = time.perf_counter()
+    times = interleaved_times(fns, rounds=args.rounds, warmup=1, settle=1)
+    busy = others_cpus(snap, cpu_snapshot())
+    print(f"steps timed in {time.perf_counter() - t0:.0f} s; other work kept {busy} CPUs busy meanwhile")
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    best = {n: min(settings[n], key=lambda s: med[f"{n}|{s.name}"]) for n in names}
+    ref = med[f"dense|{best['dense'].name}"]
+    rows = []
+    print(f"\n{'model':22s} {'MACs':>5s} {'setting':34s} {'step ms':>8s} {'/ dense best':>12s}")
+    for n in names:
+        for s in settings[n]:
+            ms = med[f"{n}|{s.name}"]
+            rows.append({"model": n, "macs_ratio": macs[n] / macs["dense"], "setting": s.name, "step_ms": ms,
+                         "ratio_to_dense_best": ms / ref, "best": s == best[n], "kind": "step"})
+            mark = " *" if s == best[n] else ""
+            print(f"{n:22s} {macs[n] / macs['dense']:5.2f} {s.name:34s} {ms:8.1f} {ms / ref:12.2f}{mark}")
+    if args.epochs:
+        data = load_dataset(args.dataset, image_size=args.size, device=torch.device("cpu"))
+        print(f"\nepochs: {args.dataset}, {len(data.y_train)} training images, each model at its fastest setting")
+        epoch_s: dict[str, list[float]] = {n: [] for n in names}
+        trained = {n: copy.deepcopy(m) for n, m in models.items()}
+        for e in range(args.epochs):
+            for n in names[e % len(names):] + names[:e % len(names)]:
+                s = best[n]
+                apply_setting(trained[n], s)
+                recipe = TrainConfig(batch_size=args.batch, lr=0.05, warmup_epochs=0, channels_last=s.channels_last,
+                                     bf16=s.bf16, bf16_cpu=s.bf16)
+                epoch_s[n].append(train_model(trained[n], data, recipe, epochs=1, seed=e, warmup=False,
+                                              setting=s).seconds)
+        ref_e = statistics.median(epoch_s["dense"])
+        for n in names:
+            sec = statistics.median(epoch_s[n])
+            rows.append({"model": n, "macs_ratio": macs[n] / macs["dense"], "setting": best[n].name,
+                         "epoch_s": sec, "ratio_to_dense_best": sec / ref_e, "best": True, "kind": "epoch"})
+            print(f"{n:22s} {best[n].name:34s} {sec:7.1f} s/epoch {sec / ref_e:6.2f} x dense")
+    for r in rows:
+        r.update(threads=args.threads, batch=args.batch, size=args.size, cpu_isa=isa(), others_cpus=busy)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted({k for r in rows for k in r})
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The fastest training configuration of a model, by measuring a few SGD steps of each candidate.
+
+A candidate is (precision, memory format, unit backend):
+
+- precision: ``bf16`` autocast only where the recipe asks for it (``bf16``, and ``bf16_cpu`` on CPU); float32 is
+  always a candidate, since it is at least as exact. So the picked precision never rounds more than the recipe says.
+- memory format: NCHW or channels_last (the same arithmetic in another layout).
+- unit backend (models with fused unit layers, on CPU): ``grouped`` (oneDNN's grouped convolution) or
+  ``unit_train`` (:mod:`bunit.unit_train`, the C++ kernel with its own backward, checked within 1e-4 of ``grouped``
+  by ``tests/test_bunit_train.py``).
+
+Each candidate trains a deep copy of the model on one real batch (its own SGD optimizer; the model itself, its
+BN statistics and the caller's optimizer are untouched); the candidates take turns round-robin
+(:func:`bunit.timing.interleaved_times`), so a slow spell of the machine lands on all of them, and the lowest
+median step wins. Measuring costs ``(warmup + rounds * (1 + settle))`` steps per candidate; a run too short to pay
+for it (fewer than :data:`MIN_STEPS_TO_MEASURE` steps) keeps the recipe's configuration.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bunit.timing import interleaved_times
+
+__all__ = ["TrainSetting", "candidates", "apply_setting", "step_fn", "time_settings", "choose_setting", "MIN_STEPS_TO_MEASURE"]
+
+MIN_STEPS_TO_MEASURE = 640
+"""Training runs with fewer optimizer steps keep the recipe's configuration: measuring takes up to 8 candidates x 4
+steps, over 5% of a shorter run."""
+
+
+@dataclass(frozen=True)
+class TrainSetting:
+    """One way to run the same training: bf16 autocast or not, channels_last or not, the unit layers' backend."""
+
+    bf16: bool
+    channels_last: bool
+    unit_backend: str | None  # None: the model has no fused unit layers (or keeps theirs)
+
+    @property
+    def name(self) -> str:
+        units = f"/{self.unit_backend}" if self.unit_backend else ""
+        return f"{'bf16' if self.bf16 else 'fp32'}/{'channels_last' if self.channels_last else 'nchw'}{units}"
+
+
+def _unit_layers(model: nn.Module) -> list:
+    from bunit.layers import unit_layers
+
+    return [m for _, m in unit_layers(model) if m.impl == "fused"]
+
+
+def candidates(model: nn.Module, *, bf16: bool, device: torch.device) -> list[TrainSetting]:
+    """The settings to try: fp32 (and bf16 where the recipe allows it) x NCHW/channels_last x unit backends."""
+    from bunit import unit_train
+
+    precisions = [False, True] if bf16 else [False]
+    units: list[str | None] = [None]
+    if _unit_layers(model):
+        units = ["grouped"]
+        if device.type == "cpu" and unit_train.is_available():
+            units.append("unit_train")
+    return [TrainSetting(p, cl, u) for p in precisions for cl in (False, True) for u in units]
+
+
+def apply_setting(model: nn.Module, setting: TrainSetting) -> None:
+    """Put ``model`` in ``setting``'s memory format and unit backend (precision is the training loop's autocast)."""
+    model.to(memory_format=torch.channels_last if setting.channels_last else torch.contiguous_format)
+    if setting.unit_backend is not None:
+        for layer in _unit_layers(model):
+            layer.backend = setting.unit_backend
+
+
+def step_fn(model: nn.Module, setting: TrainSetting, xb: torch.Tensor, yb: torch.Tensor):
+    """One SGD step (forward, loss, backward, update) of a deep copy of ``model`` in ``setting`` on ``(xb, yb)``."""
+    model = copy.deepcopy(model).train()
+    apply_setting(model, setting)
+    fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
+    x = xb.contiguous(memory_format=fmt)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
+            loss = F.cross_entropy(model(x).float(), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def time_settings(model: nn.Module, settings: list[TrainSetting], xb: torch.Tensor, yb: torch.Tensor, *,
+                  rounds: int = 3, warmup: int = 1, settle: int = 0) -> dict[TrainSetting, list[float]]:
+    """Seconds of one SGD step (forward, backward, update) of a copy of ``model`` per setting, interleaved."""
+    fns = {s.name: step_fn(model, s, xb, yb) for s in settings}
+    times = interleaved_times(fns, rounds=rounds, warmup=warmup, settle=settle, device=xb.device)
+    return {s: times[s.name] for s in settings}
+
+
+def choose_setting(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, bf16: bool, channels_last: bool,
+                   total_steps: int, rounds: int = 3) -> tuple[TrainSetting, dict[str, Any]]:
+    """The fastest setting for training ``model`` on batches like ``xb``, and the record of how it was chosen.
+
+    Args:
+        model: the model to train (not changed).
+        xb, yb: one training batch.
+        bf16: whether the recipe allows bf16 autocast here.
+        channels_last: the recipe's memory format (kept when the run is too short to measure).
+        total_steps: optimizer steps the run will take.
+        rounds: timed steps per candidate.
+
+    Returns:
+        The setting and a dict for the row: ``setting`` (its name), ``bf16``, ``channels_last``, ``unit_backend``,
+        ``measured`` (False when the recipe's setting was kept) and ``step_ms`` (median ms per candidate).
+    """
+    cands = candidates(model, bf16=bf16, device=xb.device)
+    recipe = TrainSetting(bf16, channels_last, "grouped" if cands[0].unit_backend else None)
+    if total_steps < MIN_STEPS_TO_MEASURE or len(cands) == 1:
+        return recipe, {**asdict(recipe), "setting": recipe.name, "measured": False, "step_ms": None}
+    times = time_settings(model, cands, xb, yb, rounds=rounds)
+    medians = {s: statistics.median(t) for s, t in times.items()}
+    best = min(cands, key=lambda s: medians[s])
+    return best, {**asdict(best), "setting": best.name, "measured": True,
+                  "step_ms": {s.name: round(ms * 1e3, 2) for s, ms in medians.items()}}
