@@ -20,9 +20,20 @@ from baselines.base import Method, MethodContext, finetune_split
 from baselines.counting import prunable_layers, weight_sparsity
 from baselines.schedule import stage_targets
 
-__all__ = ["UnstructuredMethod", "validate_sparsity"]
+__all__ = ["UnstructuredMethod", "validate_sparsity", "make_pruning_permanent"]
 
 SPARSITY_TOLERANCE = 0.005  # achieved sparsity must be this close to the target, else a warning
+
+
+def make_pruning_permanent(model: nn.Module) -> nn.Module:
+    """Turn every ``torch.nn.utils.prune`` re-parametrisation (``weight_orig * weight_mask``) of ``model`` into a
+    plain parameter, in place; returns ``model``. A model some other code pruned that way (this project's methods
+    already return plain weights) then saves, counts and runs like any other."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model
 
 
 def validate_sparsity(target: Any) -> float:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.benchmark.utils.common import set_torch_threads
 
+from baselines.unstructured import make_pruning_permanent
 from bunit.timing import call_times, summary_ms
 from harness.measure.devices import device_info, dtype_name, model_device, normalize_device
 
@@ -50,19 +51,8 @@ LATENCY_COLUMNS = (
 _MIB = 2**20
 
 
-def _make_pruning_permanent(net: nn.Module) -> None:
-    from torch.nn.utils import prune
-
-    for module in net.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
-
-
 def prepared_copy(model: nn.Module, device: torch.device, dtype: torch.dtype, memory_format: str) -> nn.Module:
-    net = copy.deepcopy(model)
-    _make_pruning_permanent(net)
-    net = net.to(device=device, dtype=dtype)
+    net = make_pruning_permanent(copy.deepcopy(model)).to(device=device, dtype=dtype)
     if memory_format == "channels_last":
         net = net.to(memory_format=torch.channels_last)
     return net.eval()

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.run.checkpoints import load_checkpoint, save_checkpoint
+from baselines.unstructured import make_pruning_permanent
+from harness.run.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 
 __all__ = ["CorruptArtefact", "MODELS_DIR", "REQUIRED_META", "artefact_name", "save_model", "load_model",
            "list_models", "read_meta"]
@@ -66,18 +67,6 @@ def _paths(store_dir: str | os.PathLike, key: str) -> tuple[Path, Path]:
     return pt, pt.with_suffix(".json")
 
 
-def _permanent_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose pruning re-parametrisations (``weight_orig * weight_mask``) are plain weights."""
-    from torch.nn.utils import prune
-
-    net = copy.deepcopy(model)
-    for module in net.modules():
-        hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
-        for hook in hooks:
-            prune.remove(module, hook._tensor_name)
-    return net
-
-
 def save_model(store_dir: str | os.PathLike, key: str, model: nn.Module, *, meta: dict) -> str:
     """Keep the trained ``model`` of run ``key`` as an artefact of the store.
 
@@ -98,7 +87,7 @@ def save_model(store_dir: str | os.PathLike, key: str, model: nn.Module, *, meta
     if missing:
         raise ValueError(f"meta: missing {', '.join(missing)}; required: {', '.join(REQUIRED_META)}")
     method = get_method(meta["method"])
-    net = _permanent_copy(model)
+    net = make_pruning_permanent(copy.deepcopy(model))
     full = {"git_rev": None, "config_hash": None, **meta, "key": key}
     full.setdefault("architecture", method.architecture(net))
     full.setdefault("family", method.family)
@@ -138,14 +127,10 @@ def load_model(store_dir: str | os.PathLike, key: str, *, device: str | torch.de
     pt, side = _paths(store_dir, key)
     if not pt.exists() and not side.exists():
         raise FileNotFoundError(f"artefact: no model for key {key!r} under {Path(store_dir) / MODELS_DIR}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = load_checkpoint(pt)
-    if loaded is None:
-        why = next((str(w.message) for w in caught), "(a file is missing)")
-        why = why[why.find("(") + 1:why.rfind(")")] if "(" in why else why
-        raise CorruptArtefact(f"artefact {pt}: unusable ({why})")
-    state, meta = loaded
+    try:
+        state, meta = read_checkpoint(pt)
+    except CheckpointError as err:
+        raise CorruptArtefact(f"artefact {pt}: {err.reason}") from None
     backbone = create_backbone(meta["backbone"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                                shortcut=meta["shortcut"])
     model = get_method(meta["method"]).rebuild(backbone, meta.get("architecture"))

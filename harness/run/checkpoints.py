@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from harness.run.config import Experiment
 
-__all__ = ["dense_key", "save_checkpoint", "load_checkpoint", "atomic_write_bytes"]
+__all__ = ["dense_key", "save_checkpoint", "load_checkpoint", "read_checkpoint", "CheckpointError",
+           "atomic_write_bytes"]
 
 # Recipe fields that change the dense weights (fine-tune and sparse settings do not).
 _DENSE_RECIPE_FIELDS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs",
@@ -57,18 +58,40 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> None:
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(sidecar, sort_keys=True).encode())
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict] | None:
-    """``(state_dict, meta)``, or None when the checkpoint is missing, truncated or corrupt."""
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, damaged or not a state_dict; ``reason`` says which."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """``(state_dict, meta)`` of a checkpoint whose size and SHA-256 match its sidecar.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
     sidecar = path.with_suffix(".json")
     if not path.exists() or not sidecar.exists():
-        return None
+        raise CheckpointError(path, f"{'weights' if not path.exists() else 'sidecar'} file missing")
     try:
         meta = json.loads(sidecar.read_text())
         payload = path.read_bytes()
         if len(payload) != meta["bytes"] or hashlib.sha256(payload).hexdigest() != meta["sha256"]:
             raise ValueError("size or SHA-256 does not match its sidecar")
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as err:  # any damage means: retrain
-        warnings.warn(f"checkpoint {path} is unusable ({err}); it will be retrained", RuntimeWarning, stacklevel=2)
-        return None
+    except Exception as err:  # any damage means the same: do not trust it
+        raise CheckpointError(path, f"unusable ({err})") from None
     return state, meta
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict] | None:
+    """``(state_dict, meta)``, or None (with a warning) when the checkpoint is missing, truncated or corrupt: the
+    caller retrains."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as err:
+        if path.exists() or path.with_suffix(".json").exists():
+            warnings.warn(f"{err}; it will be retrained", RuntimeWarning, stacklevel=2)
+        return None
