@@ -34,8 +34,7 @@ def dense_key(exp: Experiment) -> str:
     ident = {"dataset": exp.dataset, "image_size": exp.image_size, "backbone": exp.backbone,
              "shortcut": exp.shortcut, "seed": exp.seed, "recipe": recipe}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    variant = f"{exp.backbone}-{exp.shortcut}" if exp.shortcut else exp.backbone
-    return f"dense-{variant}-s{exp.seed}-{digest}"
+    return f"dense-{exp.variant}-s{exp.seed}-{digest}"
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:

@@ -128,9 +128,13 @@ class Experiment:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
+    def variant(self) -> str:
+        """The backbone with its shortcut variant: ``resnet56-A``, or ``vgg16`` where there is none."""
+        return f"{self.backbone}-{self.shortcut}" if self.shortcut else self.backbone
+
+    @property
     def key(self) -> str:
-        variant = f"{self.backbone}-{self.shortcut}" if self.shortcut else self.backbone
-        return (f"{self.dataset}/{variant}/{self.method}/{target_label(self.target)}/{self.schedule}"
+        return (f"{self.dataset}/{self.variant}/{self.method}/{target_label(self.target)}/{self.schedule}"
                 f"/s{self.seed}-{self.config_hash}")
 
 
