@@ -28,8 +28,6 @@ import argparse
 import copy
 import csv
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +43,8 @@ from bunit.layers import EAGER_BACKENDS, UnitLayer
 from bunit.units import unit_macs
 from bunit.spec import parse_specs
 from bunit.timing import interleaved_times, machine_load, summary_ms
+from harness.measure.devices import device_info
+from harness.run.context import provenance
 
 __all__ = ["LayerShape", "SHAPES", "environment", "write_csv", "prepare_dynamo", "dtype_from_name",
            "available_backends", "load1", "main"]
@@ -123,30 +123,15 @@ QUICK_SHAPES = ("resnet.stage3", "vgg16.conv8")
 # --- where a row was measured (shared with bench_networks.py) ------------------------------------
 
 
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment(device: torch.device) -> dict[str, Any]:
-    """Columns that say where a row was measured: device name, threads, torch version, git revision."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.lower().startswith("model name")), name)
-        except OSError:
-            pass
-    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "git": _git_sha(), "fused_cpu_available": fused_cpu.is_available()}
+    """Columns that say where a row was measured: device name (a CPU's with its vector instruction sets and CPU
+    count, :func:`harness.measure.devices.device_info`), threads, torch version, git revision (``-dirty`` with
+    uncommitted changes, from :func:`harness.run.context.provenance`)."""
+    prov = provenance()
+    git = prov["git_rev"][:7] + ("-dirty" if prov["git_dirty"] else "") if prov["git_rev"] else None
+    return {"device": device.type, "device_name": device_info(device)["device_name"],
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "git": git,
+            "fused_cpu_available": fused_cpu.is_available()}
 
 
 def load1() -> float | None:
