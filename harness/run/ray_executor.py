@@ -137,55 +137,70 @@ def run_suite_ray(suite: Suite, *, results_dir: str | os.PathLike = "results", d
         with Reporter(sum(j.writes_row for j in first + then), enabled=progress) as reporter:
             reporter.message(f"loading {suite.dataset}")
             data = load_suite_data(suite, "cpu")
-            data_ref = ray.put(pack_data(data))
-            sources = [(str(p), Path(p).read_text()) for p in plugins]
             resources = {"num_gpus": 1} if use_gpu else {"num_cpus": cpus_per_task}
             task = ray.remote(_ray_task).options(num_returns=2, max_retries=max_retries, **resources)
-            pending: dict[Any, tuple[Job, Any]] = {}
-            produced: dict[str, Any] = {}
-            for job in first:  # submitted first, so Ray schedules them first
-                row_ref, ckpt_ref = task.remote(job, data_ref, None, sources, use_gpu, suite.keep_models)
-                pending[row_ref] = (job, ckpt_ref)
-                produced[job.dense] = ckpt_ref
-            on_disk: dict[str, Any] = {}
-            for job in then:
-                blob = None
-                if job.dense in produced:
-                    blob = produced[job.dense]  # an ObjectRef: Ray starts this task once the pre-training ended
-                elif job.dense is not None:
-                    if job.dense not in on_disk:
-                        on_disk[job.dense] = ray.put(_read_blob(ckpt_dir, job.dense))
-                    blob = on_disk[job.dense]
-                row_ref, ckpt_ref = task.remote(job, data_ref, blob, sources, use_gpu, suite.keep_models)
-                pending[row_ref] = (job, ckpt_ref)
+            args = (ray.put(pack_data(data)), [(str(p), Path(p).read_text()) for p in plugins], use_gpu,
+                    suite.keep_models)
+            pending = _submit(ray, task, first, then, ckpt_dir, args)
             reporter.message(f"{len(pending)} Ray tasks submitted ({'1 GPU' if use_gpu else f'{cpus_per_task} CPU'}"
                              " each)")
-            tally = RowSink(store, outcome, reporter, on_row)
-            try:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1)
-                    job, ckpt_ref = pending.pop(ready[0])
-                    try:
-                        row, blob = ray.get([ready[0], ckpt_ref])
-                    except ray.exceptions.RayError as err:  # the worker died, or its pre-training task did
-                        row, blob = None, None
-                        if job.writes_row:
-                            row = failed_row(job.exp, f"Ray task failed: {one_line(err)}", executor="ray",
-                                              image_size=data.image_size)
-                    if blob is not None and load_checkpoint(ckpt_dir / f"{blob['key']}.pt") is None:
-                        _write_blob(ckpt_dir, blob)
-                    if row is not None:
-                        for rel, payload in row.pop("_model_files", {}).items():
-                            atomic_write_bytes(out_dir / rel, payload)
-                        tally.add(row)
-            except BaseException:
-                for ref in pending:
-                    ray.cancel(ref)
-                raise
+            _collect(ray, pending, RowSink(store, outcome, reporter, on_row), out_dir, data.image_size)
     finally:
         if started_here:
             ray.shutdown()
     return outcome
+
+
+def _submit(ray, task, first: list[Job], then: list[Job], ckpt_dir: Path, args: tuple) -> dict[Any, tuple[Job, Any]]:
+    """Submit every job: the pre-training jobs first (Ray schedules them first), then the jobs that start from a
+    dense checkpoint, each handed the ObjectRef of the pre-training that produces it (Ray starts it when that
+    ends) or the checkpoint read from disk. Returns ``{row ref: (job, checkpoint ref)}``."""
+    data_ref, sources, use_gpu, keep_models = args
+    pending: dict[Any, tuple[Job, Any]] = {}
+    produced: dict[str, Any] = {}
+    for job in first:
+        row_ref, ckpt_ref = task.remote(job, data_ref, None, sources, use_gpu, keep_models)
+        pending[row_ref] = (job, ckpt_ref)
+        produced[job.dense] = ckpt_ref
+    on_disk: dict[str, Any] = {}
+    for job in then:
+        blob = None
+        if job.dense in produced:
+            blob = produced[job.dense]
+        elif job.dense is not None:
+            if job.dense not in on_disk:
+                on_disk[job.dense] = ray.put(_read_blob(ckpt_dir, job.dense))
+            blob = on_disk[job.dense]
+        row_ref, ckpt_ref = task.remote(job, data_ref, blob, sources, use_gpu, keep_models)
+        pending[row_ref] = (job, ckpt_ref)
+    return pending
+
+
+def _collect(ray, pending: dict[Any, tuple[Job, Any]], tally: RowSink, out_dir: Path, image_size: int | None) -> None:
+    """Write rows, kept models and checkpoints as tasks end (a dead worker's job becomes a failed row); on any
+    interruption cancel what is still pending."""
+    ckpt_dir = out_dir / "checkpoints"
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job, ckpt_ref = pending.pop(ready[0])
+            try:
+                row, blob = ray.get([ready[0], ckpt_ref])
+            except ray.exceptions.RayError as err:  # the worker died, or its pre-training task did
+                row, blob = None, None
+                if job.writes_row:
+                    row = failed_row(job.exp, f"Ray task failed: {one_line(err)}", executor="ray",
+                                     image_size=image_size)
+            if blob is not None and load_checkpoint(ckpt_dir / f"{blob['key']}.pt") is None:
+                _write_blob(ckpt_dir, blob)
+            if row is not None:
+                for rel, payload in row.pop("_model_files", {}).items():
+                    atomic_write_bytes(out_dir / rel, payload)
+                tally.add(row)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
 
 
 def _ray_use_gpu(ray, device: str | None) -> bool:
