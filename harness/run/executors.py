@@ -165,23 +165,22 @@ def _pool_worker(device: str, threads: int, suite: Suite, out_dir: str, plugins:
         conn.send(("done", index, *run_job(job, ctx, "local")))
 
 
-def _run_pool(suite: Suite, jobs: list[Job], n_first: int, devices: list[str], out_dir: Path, plugins: list[str],
-              tally: RowSink) -> None:
-    """Feed ``jobs`` to one process per device; a run waits for the pre-training job of its checkpoint."""
-    spawn = mp.get_context("spawn")
-    job_q = spawn.Queue()
+def _waiting_runs(jobs: list[Job], n_first: int) -> dict[int, list[int]]:
+    """Pre-training job index -> the runs that start from its checkpoint (they wait for it)."""
     producers = {jobs[i].dense: i for i in range(n_first)}
-    waiting: dict[int, list[int]] = {}  # pre-training job -> the runs that start from its checkpoint
+    waiting: dict[int, list[int]] = {}
     for i in range(n_first, len(jobs)):
         if jobs[i].dense in producers:
             waiting.setdefault(producers[jobs[i].dense], []).append(i)
-    dependants = {i for group in waiting.values() for i in group}
-    for i in range(len(jobs)):
-        if i not in dependants:
-            job_q.put((i, jobs[i]))  # pre-training jobs first, then runs that need no new checkpoint
-    load_lock = spawn.Lock()
+    return waiting
+
+
+def _start_workers(spawn, suite: Suite, devices: list[str], out_dir: Path, plugins: list[str], job_q,
+                   load_lock) -> dict:
+    """One process per device, its torch threads a share of the CPUs; ``{reading end: [process, held job]}``.
+    ``load_lock`` must outlive the workers' start: a spawned child unpickles it after this returns."""
     threads = max(1, (os.cpu_count() or 1) // len(devices))
-    workers = {}  # reading end of a worker's pipe -> (process, index of the job it holds or None)
+    workers = {}
     for device in devices:
         reader, writer = spawn.Pipe(duplex=False)
         proc = spawn.Process(target=_pool_worker, args=(device, threads, suite, str(out_dir), plugins, load_lock,
@@ -189,6 +188,45 @@ def _run_pool(suite: Suite, jobs: list[Job], n_first: int, devices: list[str], o
         proc.start()
         writer.close()  # the worker holds the only writing end: its exit shows here as end-of-file
         workers[reader] = [proc, None]
+    return workers
+
+
+def _receive(reader, workers: dict, jobs: list[Job], tally: RowSink, suite: Suite) -> int | None:
+    """Handle one message of a worker; the index of the job that ended (a died worker's held job included)."""
+    proc, held = workers[reader]
+    try:
+        msg = reader.recv()
+    except EOFError:  # the worker exited: after its sentinel, or killed
+        del workers[reader]
+        proc.join()
+        if held is not None and jobs[held].writes_row:
+            tally.add(failed_row(jobs[held].exp, f"worker process died (exit code {proc.exitcode})",
+                                 executor="local", image_size=suite.image_size))
+        return held
+    if msg[0] == "started":
+        workers[reader][1] = msg[1]
+        return None
+    _, index, row, error = msg
+    workers[reader][1] = None
+    if row is not None:
+        tally.add(row)
+    if error is not None:
+        tally.reporter.message(f"[failed] dense pre-training {jobs[index].dense}: {error}")
+    return index
+
+
+def _run_pool(suite: Suite, jobs: list[Job], n_first: int, devices: list[str], out_dir: Path, plugins: list[str],
+              tally: RowSink) -> None:
+    """Feed ``jobs`` to one process per device; a run waits for the pre-training job of its checkpoint."""
+    spawn = mp.get_context("spawn")
+    job_q = spawn.Queue()
+    waiting = _waiting_runs(jobs, n_first)
+    dependants = {i for group in waiting.values() for i in group}
+    for i in range(len(jobs)):
+        if i not in dependants:
+            job_q.put((i, jobs[i]))  # pre-training jobs first, then runs that need no new checkpoint
+    load_lock = spawn.Lock()  # held here for the pool's life (a collected lock is gone before a child opens it)
+    workers = _start_workers(spawn, suite, devices, out_dir, plugins, job_q, load_lock)
     finished: set[int] = set()
     stopping = False
 
@@ -205,30 +243,10 @@ def _run_pool(suite: Suite, jobs: list[Job], n_first: int, devices: list[str], o
     try:
         while len(finished) < len(jobs) and workers:
             for reader in mp_connection.wait(list(workers)):
-                proc, held = workers[reader]
-                try:
-                    msg = reader.recv()
-                except EOFError:  # the worker exited: after its sentinel, or killed
-                    del workers[reader]
-                    proc.join()
-                    if held is not None:
-                        finished.add(held)
-                        if jobs[held].writes_row:
-                            tally.add(failed_row(jobs[held].exp, f"worker process died (exit code {proc.exitcode})",
-                                                  executor="local", image_size=suite.image_size))
-                        release(held)
-                    continue
-                if msg[0] == "started":
-                    workers[reader][1] = msg[1]
-                    continue
-                _, index, row, error = msg
-                workers[reader][1] = None
-                finished.add(index)
-                if row is not None:
-                    tally.add(row)
-                if error is not None:
-                    tally.reporter.message(f"[failed] dense pre-training {jobs[index].dense}: {error}")
-                release(index)
+                index = _receive(reader, workers, jobs, tally, suite)
+                if index is not None:
+                    finished.add(index)
+                    release(index)
         if len(finished) < len(jobs):
             tally.reporter.message(f"every worker stopped; {len(jobs) - len(finished)} runs are left for a re-run")
     finally:
