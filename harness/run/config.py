@@ -200,35 +200,27 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
     return value
 
 
-def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
-    """Validate a suite given as a dict (the parsed TOML)."""
-    from baselines import get_method, list_methods  # registers the built-in methods
-    from harness.run.data import check_dataset_name, check_loader
+def _check_backbones(raw: Any) -> list[str]:
     from harness.run.models import list_backbones
 
-    unknown = sorted(set(raw) - _SUITE_KEYS)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown suite field; allowed: {', '.join(sorted(_SUITE_KEYS))}")
-    for required in ("dataset", "backbones", "methods"):
-        if required not in raw:
-            raise ConfigError(f"{required}: missing; a suite needs dataset, backbones and methods")
-    suite_name = raw.get("name", name)
-    if not isinstance(suite_name, str) or not suite_name or "/" in suite_name:
-        raise ConfigError(f"name: expected a non-empty string without '/', got {suite_name!r}")
+    backbones = [raw] if isinstance(raw, str) else raw
+    if not isinstance(backbones, list) or not backbones:
+        raise ConfigError("backbones: expected a non-empty list of backbone names")
+    allowed = list_backbones()
+    for b in backbones:
+        if b not in allowed:
+            raise ConfigError(f"backbones: unknown {b!r}; allowed: {', '.join(allowed)}")
+    return backbones
+
+
+def _check_data(raw: dict) -> dict[str, Any]:
+    """The suite's data fields (dataset, shortcut, image size, data folder, loader), checked."""
+    from harness.run.data import check_dataset_name, check_loader
+
     dataset = raw["dataset"]
     if not isinstance(dataset, str):
         raise ConfigError(f"dataset: expected a string, got {dataset!r}")
     check_dataset_name(dataset)
-    backbones = raw["backbones"]
-    if isinstance(backbones, str):
-        backbones = [backbones]
-    if not isinstance(backbones, list) or not backbones:
-        raise ConfigError("backbones: expected a non-empty list of backbone names")
-    allowed_backbones = list_backbones()
-    for b in backbones:
-        if b not in allowed_backbones:
-            raise ConfigError(f"backbones: unknown {b!r}; allowed: {', '.join(allowed_backbones)}")
-    seeds = _check_seeds("seeds", raw.get("seeds", [0]))
     shortcut = raw.get("shortcut", "A")
     if shortcut not in SHORTCUTS:
         raise ConfigError(f"shortcut: {shortcut!r} not allowed; allowed: {', '.join(SHORTCUTS)}")
@@ -243,6 +235,57 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
         check_loader(dataset, data_loader, loader_workers)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    return {"dataset": dataset, "shortcut": shortcut, "image_size": image_size, "data_dir": data_dir,
+            "data_loader": data_loader, "loader_workers": loader_workers}
+
+
+def _check_method(where: str, m: Any, registered: list[str]) -> MethodEntry:
+    """One ``[[methods]]`` table, checked against the method's own targets and schedules."""
+    from baselines import get_method
+
+    if not isinstance(m, dict) or "name" not in m:
+        raise ConfigError(f"{where}.name: missing; allowed: {', '.join(registered)}")
+    extra = sorted(set(m) - {f.name for f in fields(MethodEntry)})
+    if extra:
+        raise ConfigError(f"{where}.{extra[0]}: unknown field; allowed: name, targets, schedule, steps, seeds")
+    method = get_method(m["name"])  # resolves deprecated names, or raises naming the registered ones
+    targets = m.get("targets", [None])
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError(f"{where}.targets: expected a non-empty list")
+    for t in targets:
+        try:
+            method.validate_target(t)
+        except ValueError as err:
+            raise ConfigError(f"{where}.targets ({m['name']}): {err}") from None
+    schedule = m.get("schedule", "oneshot")
+    if schedule not in method.schedules:  # a subset of baselines.SCHEDULES, the method's answer
+        raise ConfigError(f"{where}.schedule: {schedule!r} not allowed for {method.name}; allowed: "
+                          f"{', '.join(method.schedules)}")
+    steps = m.get("steps", 1 if schedule == "oneshot" else 3)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"{where}.steps: expected an integer >= 1, got {steps!r}")
+    seeds = m.get("seeds")
+    if seeds is not None:
+        seeds = tuple(_check_seeds(f"{where}.seeds", seeds))
+    return MethodEntry(method.name, tuple(targets), schedule, steps, seeds)
+
+
+def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
+    """Validate a suite given as a dict (the parsed TOML)."""
+    from baselines import list_methods  # registers the built-in methods
+
+    unknown = sorted(set(raw) - _SUITE_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown suite field; allowed: {', '.join(sorted(_SUITE_KEYS))}")
+    for required in ("dataset", "backbones", "methods"):
+        if required not in raw:
+            raise ConfigError(f"{required}: missing; a suite needs dataset, backbones and methods")
+    suite_name = raw.get("name", name)
+    if not isinstance(suite_name, str) or not suite_name or "/" in suite_name:
+        raise ConfigError(f"name: expected a non-empty string without '/', got {suite_name!r}")
+    data = _check_data(raw)
+    backbones = _check_backbones(raw["backbones"])
+    seeds = _check_seeds("seeds", raw.get("seeds", [0]))
     train = _check_train(_coerce("train", TrainConfig, raw.get("train", {})))
     measure = _check_measure(_coerce("measure", MeasureConfig, raw.get("measure", {})))
     keep_models = raw.get("keep_models", True)
@@ -251,41 +294,11 @@ def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
     methods_raw = raw["methods"]
     if not isinstance(methods_raw, list) or not methods_raw:
         raise ConfigError("methods: expected a non-empty array of tables ([[methods]])")
-    methods = []
     registered = list_methods()
-    for i, m in enumerate(methods_raw):
-        where = f"methods[{i}]"
-        if not isinstance(m, dict) or "name" not in m:
-            raise ConfigError(f"{where}.name: missing; allowed: {', '.join(registered)}")
-        extra = sorted(set(m) - {f.name for f in fields(MethodEntry)})
-        if extra:
-            raise ConfigError(f"{where}.{extra[0]}: unknown field; allowed: name, targets, schedule, steps, seeds")
-        if m["name"] not in registered:
-            get_method(m["name"])  # resolves deprecated names, or raises naming the registered ones
-        method = get_method(m["name"])
-        targets = m.get("targets", [None])
-        if not isinstance(targets, list) or not targets:
-            raise ConfigError(f"{where}.targets: expected a non-empty list")
-        for t in targets:
-            try:
-                method.validate_target(t)
-            except ValueError as err:
-                raise ConfigError(f"{where}.targets ({m['name']}): {err}") from None
-        schedule = m.get("schedule", "oneshot")
-        if schedule not in method.schedules:  # a subset of baselines.SCHEDULES, the method's answer
-            raise ConfigError(f"{where}.schedule: {schedule!r} not allowed for {method.name}; allowed: "
-                              f"{', '.join(method.schedules)}")
-        steps = m.get("steps", 1 if schedule == "oneshot" else 3)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ConfigError(f"{where}.steps: expected an integer >= 1, got {steps!r}")
-        entry_seeds = m.get("seeds")
-        if entry_seeds is not None:
-            entry_seeds = tuple(_check_seeds(f"{where}.seeds", entry_seeds))
-        methods.append(MethodEntry(method.name, tuple(targets), schedule, steps, entry_seeds))
-    return Suite(name=suite_name, dataset=dataset, backbones=tuple(backbones), methods=tuple(methods),
-                 seeds=tuple(seeds), shortcut=shortcut, image_size=image_size, data_dir=data_dir,
-                 data_loader=data_loader, loader_workers=loader_workers, train=train,
-                 measure=measure, keep_models=keep_models, description=str(raw.get("description", "")))
+    methods = [_check_method(f"methods[{i}]", m, registered) for i, m in enumerate(methods_raw)]
+    return Suite(name=suite_name, backbones=tuple(backbones), methods=tuple(methods), seeds=tuple(seeds),
+                 train=train, measure=measure, keep_models=keep_models, description=str(raw.get("description", "")),
+                 **data)
 
 
 def _check_seeds(path: str, seeds: Any) -> list[int]:
