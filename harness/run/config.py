@@ -248,7 +248,7 @@ def _check_method(where: str, m: Any, registered: list[str]) -> MethodEntry:
     extra = sorted(set(m) - {f.name for f in fields(MethodEntry)})
     if extra:
         raise ConfigError(f"{where}.{extra[0]}: unknown field; allowed: name, targets, schedule, steps, seeds")
-    method = get_method(m["name"])  # resolves deprecated names, or raises naming the registered ones
+    method = get_method(m["name"])  # raises naming the registered ones
     targets = m.get("targets", [None])
     if not isinstance(targets, list) or not targets:
         raise ConfigError(f"{where}.targets: expected a non-empty list")

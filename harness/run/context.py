@@ -74,7 +74,7 @@ class RunContext:
         results_dir: the suite's result folder; dense checkpoints live in ``results_dir/checkpoints`` and trained
             models in ``results_dir/models``.
         reporter: progress display.
-        parallel: the data-parallel group under torchrun (:class:`harness.run.parallel.DataParallel`), else None.
+        parallel: the data-parallel group under torchrun (:class:`harness.run.parallel.DataParallelGroup`), else None.
         keep_models: write every run's trained model into the store (the suite's ``keep_models``).
     """
 

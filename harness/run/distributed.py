@@ -37,7 +37,7 @@ import torch.nn as nn
 from harness.run.checkpoints import load_checkpoint, save_checkpoint
 from harness.run.config import Experiment, Suite, expand
 from harness.run.data import load_suite_data
-from harness.run.parallel import DataParallel, init_distributed
+from harness.run.parallel import DataParallelGroup, init_distributed
 from harness.run.progress import Reporter
 from harness.run.context import RunContext
 from harness.run.experiment import run_experiment
@@ -49,7 +49,7 @@ __all__ = ["run_suite_ddp", "load_rank_data", "build_parser", "main"]
 class _DDPContext(RunContext):
     """The run context of one rank: DDP training; rank 0 reads and writes checkpoints and kept models."""
 
-    def __init__(self, data, device: torch.device, results_dir: Path, reporter: Reporter, parallel: DataParallel,
+    def __init__(self, data, device: torch.device, results_dir: Path, reporter: Reporter, parallel: DataParallelGroup,
                  keep_models: bool):
         super().__init__(data, device, results_dir, reporter, parallel=parallel, keep_models=keep_models)
 
@@ -66,7 +66,7 @@ def _without_latency(exp: Experiment) -> Experiment:
     return dataclasses.replace(exp, measure=dataclasses.replace(exp.measure, latency=False))
 
 
-def load_rank_data(suite: Suite, parallel: DataParallel):
+def load_rank_data(suite: Suite, parallel: DataParallelGroup):
     """This rank's dataset, loaded first by the first rank of each node (one download per node) and the way rank 0
     loaded it: ``data_loader = "auto"`` decides from the free memory a process sees, which differs between ranks
     and nodes, so every rank follows rank 0's choice and all ranks stream or none does."""
@@ -82,7 +82,7 @@ def load_rank_data(suite: Suite, parallel: DataParallel):
     return data
 
 
-def run_suite_ddp(suite: Suite, parallel: DataParallel, *, results_dir: str | os.PathLike = "results",
+def run_suite_ddp(suite: Suite, parallel: DataParallelGroup, *, results_dir: str | os.PathLike = "results",
                   only: list[str] | None = None, progress: bool = True) -> SuiteOutcome:
     """Run the selected experiments of ``suite`` one after another, each data-parallel over all ranks.
 

@@ -1,9 +1,9 @@
 """The data-parallel group under ``torchrun``: ranks, global-batch slicing and gradient averaging.
 
-:class:`DataParallel` is this process's place in the group; :func:`init_distributed` makes it from torchrun's
+:class:`DataParallelGroup` is this process's place in the group; :func:`init_distributed` makes it from torchrun's
 environment (NCCL with one GPU per process when CUDA is there, gloo on CPU otherwise). :class:`ShardedLoader`
 keeps this rank's contiguous slice of every global batch, so ``train.batch_size`` is the *global* batch and the
-recipe means what it means in a one-process run. Training (:mod:`harness.run.train`) takes a ``DataParallel``;
+recipe means what it means in a one-process run. Training (:mod:`harness.run.train`) takes a ``DataParallelGroup``;
 the torchrun entry point and its suite loop are in :mod:`harness.run.distributed`.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from harness.run.device_loader import DeviceLoader
 
-__all__ = ["DataParallel", "ShardedLoader", "check_global_batch", "init_distributed"]
+__all__ = ["DataParallelGroup", "ShardedLoader", "check_global_batch", "init_distributed"]
 
 
 def check_global_batch(batch_size: int, world_size: int) -> None:
@@ -58,7 +58,7 @@ class ShardedLoader:
 
 
 @dataclass(frozen=True)
-class DataParallel:
+class DataParallelGroup:
     """This process's place in a data-parallel group, and what training needs from it.
 
     Attributes:
@@ -112,14 +112,14 @@ class DataParallel:
             dist.barrier()
 
 
-def init_distributed(device: str = "auto") -> DataParallel:
+def init_distributed(device: str = "auto") -> DataParallelGroup:
     """Join the process group ``torchrun`` set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``).
 
     Args:
         device: "auto" (CUDA when present), "cpu" or "cuda"; CUDA uses NCCL and ``cuda:LOCAL_RANK``, CPU gloo.
 
     Returns:
-        This process's :class:`DataParallel`.
+        This process's :class:`DataParallelGroup`.
     """
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -141,4 +141,4 @@ def init_distributed(device: str = "auto") -> DataParallel:
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-    return DataParallel(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DataParallelGroup(rank=rank, world_size=world, local_rank=local, device=dev)

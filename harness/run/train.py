@@ -22,7 +22,7 @@ from harness.run.data import ImageData
 from harness.run.train_speed import TrainSetting, apply_setting, choose_setting
 
 if TYPE_CHECKING:
-    from harness.run.parallel import DataParallel
+    from harness.run.parallel import DataParallelGroup
 
 __all__ = ["TrainingDiverged", "TrainResult", "lr_at", "train_model", "evaluate", "seed_everything"]
 
@@ -84,7 +84,7 @@ def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 512) -> dic
 def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epochs: int, lr: float | None = None,
                 seed: int = 0, regularize: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                 after_step: Callable[[nn.Module], None] | None = None, warmup: bool = True,
-                progress: Callable[[dict], None] | None = None, parallel: DataParallel | None = None,
+                progress: Callable[[dict], None] | None = None, parallel: DataParallelGroup | None = None,
                 setting: TrainSetting | str | None = "auto") -> TrainResult:
     """Train ``model`` in place on ``data`` for ``epochs`` epochs.
 
@@ -99,7 +99,7 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
         after_step: called after each optimizer step (keeps pruned weights at zero).
         warmup: use the recipe's linear warm-up (off for short fine-tunes).
         progress: called after every epoch with a dict (epoch, epochs, loss, seconds).
-        parallel: data-parallel training under torchrun (:class:`harness.run.parallel.DataParallel`): this process
+        parallel: data-parallel training under torchrun (:class:`harness.run.parallel.DataParallelGroup`): this process
             trains on its slice of every global batch and DDP all-reduces the gradients; None trains alone.
         setting: ``"auto"``: the fastest of the settings that compute the same training (precision no coarser than
             the recipe's, memory format, unit backend), measured on a few steps
