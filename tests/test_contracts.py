@@ -4,9 +4,10 @@ later (the README's plugin example included) is tested here without a line of it
 Methods: each applies its ``contract_target()`` to a small ResNet whose BatchNorms are away from fresh values; the
 result runs, costs less than dense (non-dense families), gives every parameter a gradient, keeps its weights
 through ``save_model``/``load_model`` (outputs and counts equal), and stays the same function after
-``prepare_for_inference`` (BUnit's, an autotuning of every backend, in the slow set). Backends: each runs a hybrid unit layer whose BatchNorms have a non-default ``eps`` and
-momentum and spread statistics, equal to the reference per-unit form in eval and in training (outputs, running
-statistics): a kernel that folds BatchNorm with a hard-coded ``eps`` fails here.
+``prepare_for_inference`` (BUnit's, an autotuning of every backend, in the slow set). Backends: each runs a
+hybrid unit layer whose BatchNorms have a non-default ``eps`` and momentum and spread statistics, equal to the
+per-unit loop form in eval and in training (outputs, running statistics): a kernel that folds BatchNorm with a
+hard-coded ``eps`` fails here.
 """
 from __future__ import annotations
 

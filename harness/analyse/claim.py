@@ -48,7 +48,8 @@ def check_claim(metrics: pd.DataFrame, *, latency: LatencyTable | None = None) -
     Returns:
         One row per (setting, point) with ``axis``, ``reduction``, ``top1_bunit``, ``top1_dense``, ``diff``, ``lo``,
         ``hi``, ``n_pairs``, ``n_bunit``, ``n_dense``, ``reached``, ``why`` (why BUnit has no value there: ``not
-        reached`` / ``too sparse here``; empty otherwise), ``status``; plus one row per setting with ``axis == "claim"`` whose
+        reached`` / ``too sparse here``; empty otherwise), ``status``; plus one row per setting with
+        ``axis == "claim"`` whose
         ``status`` combines the points. Empty when no setting has a BUnit curve.
     """
     rows = []

@@ -216,7 +216,8 @@ def _method_curves(cur: Curves, rows: pd.DataFrame, name: str) -> None:
         cur.with_excluded[name] = _seed_curves(cur, rows, "_x_all")
     if name == BUNIT:
         for tl, trows in rows.groupby("target_label", sort=False):
-            xs = {int(s): float(x) for s, x in zip(trows["seed"], trows["_x"]) if np.isfinite(x) and int(s) in cur.dense}
+            xs = {int(s): float(x) for s, x in zip(trows["seed"], trows["_x"])
+                  if np.isfinite(x) and int(s) in cur.dense}
             if xs:
                 cur.bunit_points.append((str(tl), xs))
         cur.bunit_points.sort(key=lambda p: -_mean_x(p[1]))

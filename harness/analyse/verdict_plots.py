@@ -122,7 +122,8 @@ def plot_verdict_heatmap(points: pd.DataFrame, area: pd.DataFrame) -> Figure:
         if image is not None:
             fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8,
                          label="\u0394 = method \u2212 BUnit (top-1 points)")
-        fig.suptitle("\u25b2 BUnit better, \u25bc BUnit worse, \u2248 indistinguishable (95%);\nn/r not reached, gap: too "
+        fig.suptitle("\u25b2 BUnit better, \u25bc BUnit worse, \u2248 indistinguishable (95%);\n"
+                     "n/r not reached, gap: too "
                      "sparse here, n/j: not judged (busy timings)")
     return fig
 

@@ -122,7 +122,8 @@ def headlines(points: pd.DataFrame, claim: pd.DataFrame) -> list[str]:
         sp = _setting_rows(points, setting)
         macs = sp[(sp["axis"] == "macs") & (sp["point_kind"] == "reduction")] if len(sp) else sp
         for method, rows in (macs.groupby("method", sort=False) if len(macs) else []):
-            by = {lab: [f"{100 * r:.0f}%" for r in part["reduction"]] for lab, part in rows.groupby("label", sort=False)}
+            by = {lab: [f"{100 * r:.0f}%" for r in part["reduction"]]
+                  for lab, part in rows.groupby("label", sort=False)}
             bits = []
             if "bunit better" in by:
                 bits.append(f"BUnit keeps more top-1 than `{method}` at {_joined(by['bunit better'])} fewer MACs")
