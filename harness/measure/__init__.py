@@ -1,6 +1,6 @@
 """Measurement: what a row says about a trained model's size, arithmetic and speed.
 
-- :mod:`harness.measure.size`: parameters, MACs (from the one counter, :mod:`baselines.counting`) and checkpoint
+- :mod:`harness.measure.row_columns`: parameters, MACs (from the one counter, :mod:`baselines.counting`) and checkpoint
   size; :func:`measure_model` puts them together with the isolated latency columns.
 - :mod:`harness.measure.latency`: the per-row latency protocol (one model on its own, right after training).
 - :mod:`harness.measure.lowp`: bfloat16 and 2:4 semi-structured copies timed on CUDA.
@@ -13,7 +13,7 @@
 Every timing goes through :mod:`bunit.timing`, every count through :mod:`baselines.counting`.
 """
 from harness.measure.latency import LATENCY_COLUMNS, MEMORY_FORMATS, measure_latency, peak_memory_mb
-from harness.measure.size import checkpoint_bytes, measure_model, measure_size, measure_speed
+from harness.measure.row_columns import checkpoint_bytes, measure_model, measure_size, measure_speed
 
 __all__ = ["LATENCY_COLUMNS", "MEMORY_FORMATS", "measure_latency", "peak_memory_mb", "checkpoint_bytes",
            "measure_model", "measure_size", "measure_speed"]

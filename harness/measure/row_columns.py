@@ -1,4 +1,4 @@
-"""A row's size and arithmetic columns, and every measurement column of a run put together."""
+"""A row's measurement columns: size and arithmetic (params, MACs, checkpoint bytes), isolated speed, and both together."""
 from __future__ import annotations
 
 import io
