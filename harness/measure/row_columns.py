@@ -1,4 +1,4 @@
-"""A row's measurement columns: size and arithmetic (params, MACs, checkpoint bytes), isolated speed, and both together."""
+"""A row's measurement columns: size and arithmetic (params, MACs, checkpoint bytes), isolated speed, both."""
 from __future__ import annotations
 
 import io
