@@ -43,7 +43,10 @@ from harness.analyse.metrics import (
     summarize,
     target_sort_key,
 )
+from harness.analyse.plots import write_plots
+from harness.analyse.verdict_plots import write_verdict_plots
 from harness.analyse.verdict_report import headline_blocks, verdict_blocks
+from harness.run.store import load_results
 
 __all__ = ["Block", "build_report", "render_markdown", "render_html", "write_report", "fmt_value", "fmt_mean_std",
            "setting_title", "MISSING", "DENSE_TARGET"]
@@ -283,8 +286,6 @@ def write_report(results: Any, out_dir: str | os.PathLike | None = None, *, plot
             raise ValueError("out_dir: required when results is a DataFrame")
         df = results
     else:
-        from harness.run.store import load_results
-
         df = load_results(results)
         out_dir = Path(results) if out_dir is None else out_dir
     out_dir = Path(out_dir)
@@ -292,9 +293,6 @@ def write_report(results: Any, out_dir: str | os.PathLike | None = None, *, plot
     latency = load_latency_table(None if isinstance(results, pd.DataFrame) else results)
     figures: list[Path] = []
     if plots and len(df):
-        from harness.analyse.plots import write_plots
-        from harness.analyse.verdict_plots import write_verdict_plots
-
         figures = write_verdict_plots(df, out_dir / "plots", latency=latency) + write_plots(df, out_dir / "plots")
     blocks = build_report(df, figures, out_dir, latency=latency)
     md, page = out_dir / "report.md", out_dir / "report.html"

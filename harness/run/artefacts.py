@@ -31,8 +31,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from baselines import get_method
 from baselines.unstructured import make_pruning_permanent
 from harness.run.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from harness.run.models import create_backbone
 
 __all__ = ["CorruptArtefact", "MODELS_DIR", "REQUIRED_META", "artefact_name", "save_model", "load_model",
            "list_models", "read_meta"]
@@ -81,8 +83,6 @@ def save_model(store_dir: str | os.PathLike, key: str, model: nn.Module, *, meta
     Returns:
         The path of the ``.pt`` file relative to ``store_dir`` (``models/<name>.pt``), for the row's ``model_path``.
     """
-    from baselines import get_method
-
     missing = [f for f in REQUIRED_META if f not in meta]
     if missing:
         raise ValueError(f"meta: missing {', '.join(missing)}; required: {', '.join(REQUIRED_META)}")
@@ -121,9 +121,6 @@ def load_model(store_dir: str | os.PathLike, key: str, *, device: str | torch.de
         FileNotFoundError: the store has no artefact for ``key``.
         CorruptArtefact: the weights or the meta are truncated, damaged or do not fit the rebuilt architecture.
     """
-    from baselines import get_method
-    from harness.run.models import create_backbone
-
     pt, side = _paths(store_dir, key)
     if not pt.exists() and not side.exists():
         raise FileNotFoundError(f"artefact: no model for key {key!r} under {Path(store_dir) / MODELS_DIR}")
