@@ -11,9 +11,9 @@ How one call is timed:
   the process's allocator made steady first (:func:`steady_allocator`, once per process, not undone): glibc
   otherwise serves buffers of a few MB (a batch-64 activation) with fresh ``mmap`` pages and returns them on
   free, so every call pays ~1,500 page faults, and whether it does depends on the process's allocation history
-  (glibc moves its threshold as it goes). Measured on a ResNet-20 at batch 64, 2 threads: 11.4-12.2 ms and
-  ~1,500 minor faults per call as the process starts, 9.1-9.8 ms and 0 faults with the steady allocator; two
-  timing passes in one process differed by 30% in absolute time and up to 12% in ratios before this.
+  (glibc moves its threshold as it goes). With the steady allocator a ResNet-20 at batch 64 (2 threads) takes no
+  page faults per call; without it, ~1,500 per call and about a quarter more time, by an amount that depends on
+  what the process did before.
 - CUDA: an event pair around the call and a synchronize after it (one call at a time: latency, not queue
   depth); ``cudnn.benchmark`` is on while timing and restored afterwards.
 
