@@ -197,3 +197,33 @@ def test_openvino_units_pass_times_bunit_with_its_kernel_and_dense_as_plain_open
     table = load_timings(store).set_index("family")
     assert table.loc["bunit", "openvino_unit_nodes"] == 2 and table.loc["dense", "openvino_unit_nodes"] == 0
     assert (table.openvino_max_abs_err < 1e-4).all() and table.error.isna().all()
+
+
+# --- the verdict's latency axis at the best deployment ---------------------------------------------------------------
+
+def test_verdict_reads_each_model_at_its_best_deployment_by_default(tmp_path):
+    import json
+
+    from harness.analyse.latency_source import load_latency_table, select_condition
+    from harness.measure.timing_table import load_timings
+
+    rows = [row(DENSE, "eager", 5.0), row(BUNIT, "eager", 2.5, ratio=0.52, lo=0.5, hi=0.54),
+            row(DENSE, "openvino", 2.0), row(BUNIT, "openvino", 1.9, ratio=0.96, lo=0.9, hi=1.0),
+            row(BUNIT, "openvino+units", 0.9, ratio=0.45, lo=0.4, hi=0.5), row(DENSE, "openvino+units", 2.0),
+            row(DENSE, "eager", 80.0, batch=64), row(BUNIT, "eager", 40.0, ratio=0.5, batch=64)]
+    (tmp_path / "timings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = load_latency_table(tmp_path)
+    assert best.ratio == {DENSE: 1.0, BUNIT: 0.45} and best.interval[BUNIT] == (0.4, 0.5)
+    assert best.deployment == {DENSE: "openvino/contiguous", BUNIT: "openvino+units/contiguous"}
+    assert (best.condition["runtime"], best.condition["batch"]) == ("best", 1)
+    assert "openvino+units/contiguous for 1" in best.describe()
+    eager = load_latency_table(tmp_path, view="eager")
+    assert eager.ratio == {DENSE: 1.0, BUNIT: 0.52} and not eager.deployment
+    only_eager = load_timings(tmp_path)
+    only_eager = only_eager[only_eager.runtime == "eager"]
+    # one runtime and layout timed: the best view is the eager view, ratio for ratio
+    from harness.analyse.latency_source import select_best
+
+    assert select_best(only_eager).ratio == select_condition(only_eager).ratio
+    with pytest.raises(ValueError, match="view: 'fastest' not allowed; allowed: best, eager"):
+        load_latency_table(tmp_path, view="fastest")

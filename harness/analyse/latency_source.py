@@ -2,11 +2,19 @@
 
 The timing pass (:mod:`harness.measure.timing_pass`, ``<store>/timings.jsonl``) times every model of a setting
 interleaved with its dense reference and stores the median per-round ratio to dense with a 95% interval. Those
-ratios are what users should compare, so the verdict prefers them: from the table it takes one condition, the
-``eager`` runtime when present (else the runtime with most rows), at batch 1 when present (else the smallest batch),
-and among those the (device, dtype, threads, memory format) with most rows. A row not in that condition keeps its
-own latency columns (timed in isolation while training; compared with the dense row's own timing). When the module
-or the file is missing, every row is "isolated".
+ratios are what users should compare, so the verdict prefers them. Two views (``load_latency_table(view=...)``):
+
+- ``best`` (the default): each model at its best deployment. A user ships a model through whichever runtime runs
+  it fastest, so for each model the fastest (runtime, memory format) among those timed is taken, over its dense
+  reference at dense's own fastest (:func:`harness.measure.timing_table.best_deployment`, which says how the ratio
+  is carried over when the two win in different runtimes); ``LatencyTable.deployment`` says which won for each
+  row. At batch 1 when present (else the smallest batch), and among the (device, dtype, threads) with most rows.
+  A store timed in one runtime and layout gives exactly the ``eager`` view's ratios.
+- ``eager``: one condition, the ``eager`` runtime when present (else the runtime with most rows), at batch 1 when
+  present (else the smallest batch), and among those the (device, dtype, threads, memory format) with most rows.
+
+A row not in the view keeps its own latency columns (timed in isolation while training; compared with the dense
+row's own timing). When the module or the file is missing, every row is "isolated".
 """
 from __future__ import annotations
 
@@ -18,9 +26,11 @@ import pandas as pd
 
 from harness.analyse.metrics import acc_cost, efficiency
 
-__all__ = ["LatencyTable", "load_latency_table", "select_condition", "apply_pass_ratios"]
+__all__ = ["LatencyTable", "VIEWS", "load_latency_table", "select_condition", "select_best", "apply_pass_ratios"]
 
 _CONDITION = ("runtime", "device", "device_name", "dtype", "threads", "batch", "memory_format")
+VIEWS = ("best", "eager")
+"""``load_latency_table`` views: each model at its fastest deployment (default), or the eager runtime alone."""
 
 
 @dataclass
@@ -32,7 +42,9 @@ class LatencyTable:
         interval: ``{row key: (lo, hi)}`` of that ratio.
         busy: keys whose session the pass flagged busy.
         unsteady: keys whose session the pass flagged unsteady (the dense reference's repeats disagreed).
-        condition: ``{runtime, device, device_name, dtype, threads, batch, memory_format}`` of the ratios.
+        condition: ``{runtime, device, device_name, dtype, threads, batch, memory_format}`` of the ratios
+            (``runtime`` and ``memory_format`` ``best`` in the best-deployment view).
+        deployment: best-deployment view only: ``{row key: "runtime/memory_format"}``, the fastest for that row.
     """
 
     ratio: dict[str, float] = field(default_factory=dict)
@@ -40,10 +52,15 @@ class LatencyTable:
     busy: set[str] = field(default_factory=set)
     unsteady: set[str] = field(default_factory=set)
     condition: dict[str, Any] = field(default_factory=dict)
+    deployment: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for the report: the condition and how many ratios (and busy ones) it holds."""
         cond = ", ".join(f"{k} {v}" for k, v in self.condition.items() if v is not None and v == v)
+        if self.deployment:
+            won = pd.Series(list(self.deployment.values())).value_counts()
+            cond += ("; each model at its fastest runtime/format over dense at its own: "
+                     + ", ".join(f"{d} for {n}" for d, n in won.items()))
         busy = f"; {len(self.busy)} timed while the machine was busy" if self.busy else ""
         unsteady = (f"; {len(self.unsteady)} timed while the machine changed state (the dense reference's repeats "
                     "differed by more than 15%)" if self.unsteady else "")
@@ -83,8 +100,37 @@ def select_condition(table: pd.DataFrame) -> LatencyTable | None:
     )
 
 
-def load_latency_table(store_dir: str | os.PathLike | None) -> LatencyTable | None:
-    """The preferred condition of ``<store_dir>/timings.jsonl``; None without a store, the module or the file."""
+def select_best(table: pd.DataFrame) -> LatencyTable | None:
+    """The best-deployment :class:`LatencyTable` of a timing table (rule in the module docstring)."""
+    if table is None or table.empty or "p50_ms" not in table.columns:
+        return None
+    from harness.measure.timing_table import best_deployment
+
+    t = best_deployment(table)
+    t = t[pd.to_numeric(t["best_ratio"], errors="coerce") > 0]
+    if t.empty:
+        return None
+    batches = pd.to_numeric(t["batch"], errors="coerce")
+    t = t[batches == (1 if (batches == 1).any() else batches.min())]
+    fixed = ("device", "device_name", "dtype", "threads")
+    groups = t.groupby([t[c].astype(str) for c in fixed], sort=False)
+    t = t.loc[groups.groups[max(groups.groups, key=lambda k: len(groups.groups[k]))]]
+    first = t.iloc[0]
+    return LatencyTable(
+        ratio=dict(zip(t["key"], t["best_ratio"].astype(float))),
+        interval={k: (float(a), float(b)) for k, a, b in zip(t["key"], t["best_ratio_lo"], t["best_ratio_hi"])},
+        busy=set(t.loc[t["busy"].astype(bool), "key"]),
+        unsteady=set(t.loc[t["unsteady"].astype(bool), "key"]),
+        condition={"runtime": "best", **{c: first[c] for c in (*fixed, "batch")}, "memory_format": "best"},
+        deployment={k: f"{r}/{f}" for k, r, f in zip(t["key"], t["best_runtime"], t["best_memory_format"])},
+    )
+
+
+def load_latency_table(store_dir: str | os.PathLike | None, view: str = "best") -> LatencyTable | None:
+    """The ``view`` (``best`` or ``eager``, module docstring) of ``<store_dir>/timings.jsonl``; None without a store,
+    the module or the file."""
+    if view not in VIEWS:
+        raise ValueError(f"view: {view!r} not allowed; allowed: {', '.join(VIEWS)}")
     if store_dir is None:
         return None
     try:
@@ -95,7 +141,9 @@ def load_latency_table(store_dir: str | os.PathLike | None) -> LatencyTable | No
         table = load_timings(store_dir)
     except (FileNotFoundError, OSError, ValueError):
         return None
-    return select_condition(table) if table is not None else None
+    if table is None:
+        return None
+    return select_best(table) if view == "best" else select_condition(table)
 
 
 def apply_pass_ratios(metrics: pd.DataFrame, latency: LatencyTable | None) -> pd.DataFrame:
