@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ROW_COLUMNS", "unknown_columns", "check_ok_row"]
+__all__ = ["ROW_COLUMNS", "TIMING_ROW_COLUMNS", "unknown_columns", "check_ok_row"]
 
 ROW_COLUMNS: dict[str, str] = {
     # identity of the experiment
@@ -93,6 +93,27 @@ ROW_COLUMNS: dict[str, str] = {
     "executor": "local | ray | torchrun",
     "world_size": "data-parallel processes that trained the run (torchrun); absent for one-process runs",
 }
+
+TIMING_ROW_COLUMNS: dict[str, str] = {
+    # rows of results/<suite>/timings.jsonl (harness.measure.timing_pass), one per (key, condition); the main ones
+    "runtime": "what ran the model: eager | compile | onnx (ONNX Runtime) | openvino (OpenVINO CPU plugin, f32) | "
+               "openvino+units (OpenVINO, BUnit's unit layers as the bunit.UnitGroup custom operation)",
+    "runtime_version": "the software behind the timing: 'torch <v>', 'onnxruntime <v>' or 'openvino <v>'",
+    "memory_format": "the input's layout, the 'format' of a deployment: contiguous (NCHW) | channels_last",
+    "p50_ms": "median latency of one call in the session (ms)",
+    "latency_ratio": "median over rounds of model time / dense reference time in the same round (paired)",
+    "openvino_unit_nodes": "openvino+units: bunit.UnitGroup nodes in the export (one per group of same-spec units)",
+    "openvino_max_abs_err": "openvino runtimes: max abs difference of the output from eager (checked before timing)",
+    # columns of harness.measure.timing_table.best_deployment, one row per (key, device, dtype, threads, batch)
+    "best_runtime": "best deployment: the runtime of the model's fastest row among those timed",
+    "best_memory_format": "best deployment: the memory format of that row",
+    "best_ratio": "best deployment: the model at its fastest over its dense reference at dense's own fastest",
+    "dense_runtime": "best deployment: the dense reference's fastest runtime (may differ from best_runtime)",
+    "paired": "best deployment: both fastest in the same (runtime, memory format), so best_ratio is the paired ratio",
+}
+"""What the timing table's columns and its best-deployment view hold (the full lists: ``TIMING_COLUMNS`` and
+``BEST_COLUMNS`` in :mod:`harness.measure.timing_table`, whose docstrings carry the rules)."""
+
 
 def unknown_columns(row: dict) -> list[str]:
     """Columns of ``row`` that the schema does not document."""
