@@ -2,9 +2,9 @@
 
 Each distinct (unit row, stride, input shape incl. batch, dtype, device, threads, torch version, sources of the
 ``fused_cpu`` and ``unit_train`` kernels) is timed once per backend through :mod:`bunit.timing` (the project's one
-timer): the median of single calls, at least ``repeats`` of them and enough to fill ``min_time_s``. Timings are inference timings
-(eval mode, ``no_grad``); the model's mode is restored afterwards. Choices and the medians behind them are cached
-on disk as JSON (default ``~/.cache/bunitbench/autotune.json``; the folder can be moved with
+timer): the median of single calls, at least ``repeats`` of them and enough to fill ``min_time_s``. Timings are
+inference timings (eval mode, ``no_grad``); the model's mode is restored afterwards. Choices and the medians behind
+them are cached on disk as JSON (default ``~/.cache/bunitbench/autotune.json``; the folder can be moved with
 ``BUNITBENCH_CACHE_DIR`` and the file given directly with ``cache_path``), so a second call with the same shapes
 times nothing.
 ``fused_cpu`` takes part like every backend; where its C++ extension cannot be built it raises, is recorded

@@ -105,7 +105,7 @@ class UnitConv(torch.autograd.Function):
         weight = weight.contiguous()
         ctx.save_for_backward(x, weight)
         ctx.groups, ctx.stride = groups, stride
-        return ext.conv_forward(x, weight, groups, stride)  # (B, out, H/s, W/s), NCHW
+        return ext.conv_forward(x, weight, groups, stride)  # (B, out, H/s, W/s), in x's memory format
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")

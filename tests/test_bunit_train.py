@@ -181,3 +181,18 @@ def test_unsupported_convs_fall_back_to_the_module():
     _compare(specs, stride=1, batch=2, size=7, residual=False)
     conv = nn.Conv2d(4, 4, 5, padding=2, groups=2, bias=False)
     assert not unit_train.supports(torch.randn(1, 4, 5, 5), conv)
+
+
+def test_channels_last_stays_channels_last():
+    """A channels_last input gives a channels_last output and input gradient (no layout copies around the kernel),
+    with the values of the NCHW call."""
+    x = torch.randn(2, 4, 7, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(6, 2, 3, 3, requires_grad=True)
+    out = unit_train.UnitConv.apply(x, weight, 2, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    xn = x.detach().contiguous().requires_grad_()
+    out_n = unit_train.UnitConv.apply(xn, weight, 2, 1)
+    (gx_n,) = torch.autograd.grad(out_n, xn, torch.ones_like(out_n))
+    assert torch.equal(out, out_n) and torch.equal(gx, gx_n)

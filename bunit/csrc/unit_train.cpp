@@ -9,7 +9,8 @@
 // Work items are (image, group) pairs, run in parallel with at::parallel_for. Per item:
 //   1. the group's `cin` input planes are copied into a zero-padded buffer, columns split by phase (column mod s),
 //      so that every tap of a strided conv reads contiguous values (any input layout: read through strides);
-//   2. forward: VW output columns x OB output channels at a time in GCC vector registers, summed over (ci, dy, dx);
+//   2. forward: VW output columns x OB output channels at a time in GCC vector registers, summed over (ci, dy, dx),
+//      written in the input's memory format (NCHW or channels_last);
 //   3. backward: the output gradient is copied into a buffer whose rows are padded to whole vectors (zeros past
 //      the row end); the weight gradient is a dot product over rows and vectors (9 accumulators per (o, ci)),
 //      into a per-thread buffer summed at the end; the input gradient is scattered into a padded, phase-split
@@ -259,7 +260,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   const int64_t gplane = (g.ho + 2) * g.wq;
   const int64_t items = g.n * g.groups;
   const int64_t work = items * g.ho * g.wr * g.cout * g.cin;  // multiply-adds / 9 of one gradient
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWork)));
+  const int nthreads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWork)));
   std::vector<std::vector<T>> partial(gw ? nthreads : 0);
   // One chunk of whole items per thread, each with its own weight-gradient buffer, summed at the end.
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
@@ -362,8 +364,10 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) 
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) {
   check(x, w, groups, s);
   const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
-  at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_forward", [&] { forward_impl<scalar_t>(x, w, y, groups, s); });
+  // the output in the input's layout: a channels_last network stays channels_last around its unit layers
+  at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(x.suggest_memory_format()));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_forward",
+                             [&] { forward_impl<scalar_t>(x, w, y, groups, s); });
   return y;
 }
 
@@ -372,7 +376,7 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, 
   check(x, w, groups, s);
   TORCH_CHECK(gy.scalar_type() == x.scalar_type(), "unit_train: gradient dtype differs from the input's");
   at::Tensor gx, gw;
-  if (need_input) gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (need_input) gx = at::empty_like(x, x.suggest_memory_format());
   if (need_weight) gw = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_backward", [&] {
     backward_impl<scalar_t>(x, w, gy, need_input ? &gx : nullptr, need_weight ? &gw : nullptr, groups, s);

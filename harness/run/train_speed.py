@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from bunit.timing import interleaved_times
 
-__all__ = ["TrainSetting", "candidates", "apply_setting", "step_fn", "time_settings", "choose_setting", "MIN_STEPS_TO_MEASURE"]
+__all__ = ["TrainSetting", "candidates", "apply_setting", "step_fn", "time_settings", "choose_setting",
+           "MIN_STEPS_TO_MEASURE"]
 
 MIN_STEPS_TO_MEASURE = 640
 """Training runs with fewer optimizer steps keep the recipe's configuration: measuring takes up to 8 candidates x 4
