@@ -227,3 +227,21 @@ def test_verdict_reads_each_model_at_its_best_deployment_by_default(tmp_path):
     assert select_best(only_eager).ratio == select_condition(only_eager).ratio
     with pytest.raises(ValueError, match="view: 'fastest' not allowed; allowed: best, eager"):
         load_latency_table(tmp_path, view="fastest")
+
+
+def test_time_command_times_several_runtimes_and_prints_each_models_best(tmp_path, capsys):
+    pytest.importorskip("openvino")
+    from harness.cli import main
+    from harness.measure.timing_table import load_timings
+    from test_artefacts import build_store
+
+    store = tmp_path / "quick"
+    build_store(store, [("dense", None, 0), ("l1-filter", 0.5, 0)])
+    assert main(["time", str(store), "--runtime", "eager,openvino", "--batch-sizes", "2", "--rounds", "3",
+                 "--warmup", "0", "--repeats", "1", "--threads", "1", "--no-progress"]) == 0
+    table = load_timings(store)
+    assert sorted(table.runtime) == ["eager", "eager", "openvino", "openvino"]
+    assert set(table.runtime_version) == {f"torch {__import__('torch').__version__}",
+                                          f"openvino {__import__('openvino').get_version()}"}
+    printed = capsys.readouterr().out
+    assert "Each model at its fastest runtime and format" in printed and (store / "timings.csv").exists()
