@@ -499,8 +499,8 @@ def load_dataset(name: str, *, image_size: int | None = None, data_dir: str | os
     Args:
         name: a registered name or ``imagefolder:PATH``.
         image_size: resize to this side; None keeps the dataset's default (32 for ``imagefolder:``).
-        data_dir: where torchvision downloads to and ``imagenet`` lives (default ``$BUNITBENCH_DATA`` or
-            ~/.cache/bunitbench/data).
+        data_dir: where ``mnist`` and ``fashion-mnist`` are looked for first (:func:`load_idx_copy`), where
+            torchvision downloads to and ``imagenet`` lives (default ``$BUNITBENCH_DATA`` or ~/.cache/bunitbench/data).
         device: where the tensors live, or where streamed batches go.
         loader: "device", "stream" (image folders only) or "auto" (:func:`harness.run.stream.choose_loader`).
         workers: decoding processes of the streaming loader (None: one per CPU, at most 8).
