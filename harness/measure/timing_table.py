@@ -6,7 +6,8 @@ re-run after a kill between a row's write and the next) counts once, the latest 
 **Best deployment** (:func:`best_deployment`). A user ships a model through whichever runtime runs it fastest, so a
 model's latency cost is read at its own best execution: for a (model key, device, device name, dtype, threads,
 batch) the row of the fastest (``runtime``, ``memory_format``) among those timed (lowest ``p50_ms``; rows with an
-error or no time do not count), and for its dense reference the same, independently (dense may win in another
+error or no time do not count, nor an ``openvino+units`` row of a model without unit layers, which ran the
+``openvino`` graph), and for its dense reference the same, independently (dense may win in another
 runtime). The ratio to dense is then
 
     ``best_ratio = latency_ratio[R] * dense_p50[R] / dense_p50[R*]``
@@ -136,10 +137,14 @@ def best_deployment(table, *, runtimes=None):
     if runtimes is not None:
         rows = rows[rows["runtime"].isin(list(runtimes))]
     fixed = [c for c in CONDITION_COLUMNS if c not in DEPLOYMENT_COLUMNS]
+    # a model without unit layers runs the very graph of "openvino" under "openvino+units": that row is no deployment
+    # of its own (it stays for the ratio of a BUnit model whose best session it was)
+    nodes = pd.to_numeric(rows.get("openvino_unit_nodes", pd.Series(index=rows.index, dtype=float)), errors="coerce")
+    own = ~((rows["runtime"] == "openvino+units") & (nodes == 0))
     # the fastest row per (key, fixed condition); ties go to the first in (runtime, memory_format) order
-    ordered = rows.sort_values(["p50_ms", "runtime", "memory_format"], kind="stable")
+    ordered = rows[own].sort_values(["p50_ms", "runtime", "memory_format"], kind="stable")
     best = ordered.groupby(["key", *fixed], sort=False, dropna=False).head(1)
-    counts = rows.groupby(["key", *fixed], dropna=False).size()
+    counts = rows[own].groupby(["key", *fixed], dropna=False).size()
     by_cond = {(r["key"], *(r[c] for c in CONDITION_COLUMNS)): r for _, r in rows.iterrows()}
     best_of = {(r["key"], *(r[c] for c in fixed)): r for _, r in best.iterrows()}
     out = []
