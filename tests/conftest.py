@@ -15,11 +15,13 @@ import harness  # noqa: F401  (torchvision shim before anything imports torchvis
 
 @pytest.fixture(scope="session", autouse=True)
 def _fused_cpu_extension():
-    """Build or load the ``fused_cpu`` C++ extension once per session from the default cache (before the
-    per-test cache isolation below), so that no test session compiles it again (a minute on 2 cores)."""
-    from bunit import fused_cpu
+    """Build or load the ``fused_cpu`` and ``unit_train`` C++ extensions once per session from the default cache
+    (before the per-test cache isolation below), so that no test session compiles them again (a minute each on
+    2 cores)."""
+    from bunit import fused_cpu, unit_train
 
     fused_cpu.is_available()
+    unit_train.is_available()
 
 
 @pytest.fixture(autouse=True)
