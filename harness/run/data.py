@@ -23,7 +23,11 @@ take more than a quarter of the device's free memory (:func:`harness.run.stream.
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sized, runtime_checkable
@@ -319,9 +323,6 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
 
 def _read_idx(path: Path, magic: int) -> tuple[bytes, np.ndarray]:
     """The decompressed content of an IDX file and its array; ValueError naming the damage."""
-    import gzip
-    import zlib
-
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
             content = f.read()
@@ -341,12 +342,10 @@ def _read_idx(path: Path, magic: int) -> tuple[bytes, np.ndarray]:
 def _load_idx_folder(info: IdxDataset, folder: Path, fix: str) -> tuple[np.ndarray, ...]:
     """``(x_train, y_train, x_test, y_test)`` as uint8 arrays from the four IDX files in ``folder``.
 
-    The published counts must match the recorded SHA-256 of the decompressed content; a copy of other counts (a
-    subset, data of one's own) loads with a warning. Anything else raises ValueError naming the file and ``fix``.
+    A file with the published number of images must match the recorded SHA-256 of its decompressed content; a copy
+    of other counts (a subset, data of one's own) loads with a warning. Anything else wrong raises ValueError naming
+    the file and ``fix``.
     """
-    import hashlib
-    import warnings
-
     arrays = []
     for stem in IDX_FILES:
         path = _idx_file(folder, stem)
