@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import time
 import warnings
@@ -63,13 +64,14 @@ except ImportError:  # pragma: no cover - an optional extra: pip install -c cons
     _ort = None
     has_onnxruntime = False
 
-try:
-    import openvino as _ov
+has_openvino = importlib.util.find_spec("openvino") is not None
+"""Whether the optional ``openvino`` extra is installed (imported only when an OpenVINO runtime is used)."""
 
-    has_openvino = True
-except ImportError:  # pragma: no cover - an optional extra: pip install -c constraints.txt -e ".[openvino]"
-    _ov = None
-    has_openvino = False
+
+def _openvino_module():
+    import openvino
+
+    return openvino
 
 
 def runtime_version(runtime: str) -> str:
@@ -78,7 +80,7 @@ def runtime_version(runtime: str) -> str:
         return f"torch {torch.__version__}"
     if runtime == "onnx":
         return f"onnxruntime {_ort.__version__}" if has_onnxruntime else "onnxruntime (not installed)"
-    return f"openvino {_ov.get_version()}" if has_openvino else "openvino (not installed)"
+    return f"openvino {_openvino_module().get_version()}" if has_openvino else "openvino (not installed)"
 
 
 def variant_copy(model: nn.Module, dtype: str, device: torch.device, memory_format: str) -> tuple[nn.Module, dict]:
@@ -185,7 +187,7 @@ def openvino_compiled(model: bytes, threads: int, *, extension: str | None = Non
     if not has_openvino:
         raise RuntimeError("runtime openvino: openvino is not installed; pip install -c constraints.txt -e "
                            "'.[openvino]'")
-    core = _ov.Core()
+    core = _openvino_module().Core()
     if extension is not None:
         core.add_extension(extension)
     config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
@@ -209,11 +211,12 @@ def _openvino(net: nn.Module, x: torch.Tensor, expected: torch.Tensor, threads: 
     compiled = openvino_compiled(model, threads, extension=extension)
     request = compiled.create_infer_request()
     data = x.detach().float().cpu().contiguous().numpy()
-    request.set_input_tensor(_ov.Tensor(data, shared_memory=True))  # set once: each call runs on the same batch
+    ov = _openvino_module()
+    request.set_input_tensor(ov.Tensor(data, shared_memory=True))  # set once: each call runs on the same batch
     request.infer()
     err = _check(torch.from_numpy(request.get_output_tensor(0).data.copy()), expected, "openvino")
     return request.infer, {**info, "openvino_max_abs_err": err, "onnx_bytes": len(model), "onnx_opset": 17,
-                           "openvino": _ov.get_version(), "openvino_precision": "f32"}
+                           "openvino": ov.get_version(), "openvino_precision": "f32"}
 
 
 def make_runner(runtime: str, net: nn.Module, x: torch.Tensor, *, threads: int,
