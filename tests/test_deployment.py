@@ -9,6 +9,16 @@ from harness.measure.timing_table import BEST_COLUMNS, best_deployment
 DENSE, BUNIT = "d/r20/dense/s0", "d/r20/bunit/s0"
 
 
+@pytest.fixture(autouse=True)
+def _release_runtimes():
+    """OpenVINO's compiled models and requests are destroyed at the end of the test that made them, not whenever a
+    later test's garbage collection happens to reach them."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 def row(key, runtime, p50, *, ratio=None, lo=None, hi=None, fmt="contiguous", batch=1, error=None, busy=False):
     family = "dense" if "dense" in key else "bunit"
     return {"key": key, "runtime": runtime, "device": "cpu", "device_name": "AMD EPYC", "dtype": "float32",
