@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["cache_dir", "source_tag", "build_info", "is_available", "load_extension", "has_variant", "folded_weights",
-           "forward"]
+__all__ = ["cache_dir", "cpu_tag", "load_cpu_extension", "source_tag", "build_info", "is_available", "load_extension",
+           "has_variant", "folded_weights", "forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_fused.cpp"
 _KERNEL = _SOURCE.parent / "unit_kernel.h"  # the kernel itself, shared with the OpenVINO custom operation
@@ -58,7 +58,7 @@ def source_tag() -> str:
     return hashlib.sha1(_SOURCE.read_bytes() + _KERNEL.read_bytes()).hexdigest()[:10]
 
 
-def _cpu_tag() -> str:
+def cpu_tag() -> str:
     """A short hash of the CPU model and instruction-set flags: a ``-march=native`` build runs on this CPU only."""
     text = platform.machine()
     try:
@@ -69,14 +69,52 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _build(build_dir: Path) -> Any:
-    """Compile (or load the cached build of) the extension into ``build_dir``; raises on any failure."""
+def _build(build_dir: Path, name: str, source: Path) -> Any:
+    """Compile (or load the cached build of) one extension into ``build_dir``; raises on any failure."""
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], build_directory=str(build_dir),
+    return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build_dir),
                               extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
                               extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quiet: bool = False) -> Any:
+    """Build (or load the cached build of) a C++ extension of bunit on first call, remembering the outcome in
+    ``state`` (``module`` or ``error``, ``build_s``, ``build_dir``); the one loader of ``fused_cpu`` and
+    ``unit_train``. The build goes to ``$BUNITBENCH_CACHE_DIR/ext/<name>-torch<version>-cpu<cpu_tag>``, compiled
+    with ``-O3 -march=native -fopenmp``.
+
+    Args:
+        name: the extension's module name.
+        source: its C++ file.
+        state: the caller's per-process dict.
+        label: how messages name it (``fused_cpu``, ``unit_train``).
+        quiet: do not print the one-line build report.
+
+    Raises:
+        RuntimeError: when the extension cannot be built or loaded here (the message carries the reason).
+    """
+    if "module" in state:
+        return state["module"]
+    if "error" in state:
+        raise RuntimeError(f"{label}: the C++ extension is unavailable: {state['error']}")
+    build_dir = cache_dir() / "ext" / f"{name}-torch{torch.__version__.replace('+', '_')}-cpu{cpu_tag()}"
+    t0 = time.perf_counter()
+    try:
+        module = _build(build_dir, name, source)
+    except Exception as err:  # no compiler, no ninja, a compile error: the path is unavailable
+        state.update(error=f"{type(err).__name__}: {str(err).strip()[-1500:]}", build_s=time.perf_counter() - t0,
+                     build_dir=str(build_dir))
+        if not quiet:
+            print(f"bunit.{label}: build failed after {state['build_s']:.1f} s; unavailable", file=sys.stderr,
+                  flush=True)
+        raise RuntimeError(f"{label}: the C++ extension is unavailable: {state['error']}") from err
+    state.update(module=module, build_s=time.perf_counter() - t0, build_dir=str(build_dir))
+    if not quiet:
+        print(f"bunit.{label}: extension ready in {state['build_s']:.1f} s (build or cached load) at {build_dir}",
+              file=sys.stderr, flush=True)
+    return module
 
 
 def load_extension(*, quiet: bool = False) -> Any:
@@ -91,26 +129,7 @@ def load_extension(*, quiet: bool = False) -> Any:
     Raises:
         RuntimeError: when the extension cannot be built or loaded here (the message carries the reason).
     """
-    if "module" in _state:
-        return _state["module"]
-    if "error" in _state:
-        raise RuntimeError(f"fused_cpu: the C++ extension is unavailable: {_state['error']}")
-    build_dir = cache_dir() / "ext" / f"{_NAME}-torch{torch.__version__.replace('+', '_')}-cpu{_cpu_tag()}"
-    t0 = time.perf_counter()
-    try:
-        module = _build(build_dir)
-    except Exception as err:  # no compiler, no ninja, a compile error: the backend is unavailable
-        _state.update(error=f"{type(err).__name__}: {str(err).strip()[-1500:]}", build_s=time.perf_counter() - t0,
-                      build_dir=str(build_dir))
-        if not quiet:
-            print(f"bunit.fused_cpu: build failed after {_state['build_s']:.1f} s; backend unavailable",
-                  file=sys.stderr, flush=True)
-        raise RuntimeError(f"fused_cpu: the C++ extension is unavailable: {_state['error']}") from err
-    _state.update(module=module, build_s=time.perf_counter() - t0, build_dir=str(build_dir))
-    if not quiet:
-        print(f"bunit.fused_cpu: extension ready in {_state['build_s']:.1f} s (build or cached load) at {build_dir}",
-              file=sys.stderr, flush=True)
-    return module
+    return load_cpu_extension(_NAME, _SOURCE, _state, "fused_cpu", quiet=quiet)
 
 
 def is_available() -> bool:

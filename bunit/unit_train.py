@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from bunit.fused_cpu import _cpu_tag, cache_dir
+from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv"]
 
@@ -51,30 +48,7 @@ def load_extension(*, quiet: bool = False) -> Any:
     Raises:
         RuntimeError: when it cannot be built or loaded here (the message carries the reason).
     """
-    if "module" in _state:
-        return _state["module"]
-    if "error" in _state:
-        raise RuntimeError(f"unit_train: the C++ extension is unavailable: {_state['error']}")
-    from torch.utils import cpp_extension
-
-    build_dir = cache_dir() / "ext" / f"{_NAME}-torch{torch.__version__.replace('+', '_')}-cpu{_cpu_tag()}"
-    t0 = time.perf_counter()
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], build_directory=str(build_dir),
-                                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
-                                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as err:  # no compiler, a compile error: the path is unavailable, layers use grouped
-        _state.update(error=f"{type(err).__name__}: {str(err).strip()[-1500:]}", build_s=time.perf_counter() - t0)
-        if not quiet:
-            print(f"bunit.unit_train: build failed after {_state['build_s']:.1f} s; path unavailable",
-                  file=sys.stderr, flush=True)
-        raise RuntimeError(f"unit_train: the C++ extension is unavailable: {_state['error']}") from err
-    _state.update(module=module, build_s=time.perf_counter() - t0, build_dir=str(build_dir))
-    if not quiet:
-        print(f"bunit.unit_train: extension ready in {_state['build_s']:.1f} s (build or cached load) at {build_dir}",
-              file=sys.stderr, flush=True)
-    return module
+    return load_cpu_extension(_NAME, _SOURCE, _state, "unit_train", quiet=quiet)
 
 
 def is_available() -> bool:

@@ -212,7 +212,7 @@ def test_refuses_other_dtypes_clearly():
 
 def test_unavailable_backend_is_never_chosen(tmp_path, monkeypatch):
     monkeypatch.setattr(fused_cpu, "_state", {})
-    monkeypatch.setattr(fused_cpu, "_build", lambda build_dir: (_ for _ in ()).throw(OSError("no c++ here")))
+    monkeypatch.setattr(fused_cpu, "_build", lambda *args: (_ for _ in ()).throw(OSError("no c++ here")))
     assert not fused_cpu.is_available()
     info = fused_cpu.build_info()
     assert info["available"] is False and "no c++ here" in info["error"]

@@ -104,10 +104,10 @@ def extension_path(*, quiet: bool = False) -> Path:
         raise RuntimeError(_state["error"])
     import openvino
 
-    from bunit.fused_cpu import _cpu_tag, cache_dir
+    from bunit.fused_cpu import cache_dir, cpu_tag
 
     version = openvino.get_version().split("-")[0]
-    build_dir = cache_dir() / "ext" / f"bunit_unit_openvino-ov{version}-cpu{_cpu_tag()}-src{_source_tag()}"
+    build_dir = cache_dir() / "ext" / f"bunit_unit_openvino-ov{version}-cpu{cpu_tag()}-src{_source_tag()}"
     target = build_dir / _LIB
     t0 = time.perf_counter()
     try:
