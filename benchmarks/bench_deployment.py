@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import platform
 import sys
@@ -48,6 +47,9 @@ from bunit import bunitify
 from bunit.timing import cpu_snapshot, interleaved_times, others_cpus, steady_allocator
 from harness.measure.runtimes import make_runner, runtime_version
 from harness.run.models import create_backbone
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_layers import write_csv  # noqa: E402
 
 INPUT_SHAPE = (3, 32, 32)
 EAGER_FORMATS = ("contiguous", "channels_last")
@@ -199,13 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':9}{r['model']:<26} {r['deployment']:<36} {r['p50_ms']:>9.3f} "
                   f"{r['ratio'] if r['ratio'] is not None else '-':>7}  {r['ref']}", flush=True)
         del fns
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"-> {out}")
+    print(f"-> {write_csv(rows, args.out)}")
     return 0
 
 
