@@ -1,9 +1,10 @@
 """BUnit-Net: compact CNNs from stacked hybrid units (Lan, Cheung et al., TPAMI 2024).
 
 ``bunit`` depends on torch only. ``spec`` describes units, ``units`` builds one (and a fused group of them),
-``functional`` holds the eager backends' pieces, ``layers`` runs a row of them (reference and
-fused forms, several execution backends), ``blocks`` wraps rows as ResNet/VGG blocks, ``convert`` turns a
-dense backbone into its BUnit form from a JSON-able plan, and ``autotune`` picks the fastest backend.
+``functional`` holds the eager backends' pieces, ``layers`` runs a row of them (reference and fused forms),
+``backends`` registers the fused form's execution backends (one file each), ``blocks`` wraps rows as ResNet/VGG
+blocks, ``convert`` turns a dense backbone into its BUnit form from a JSON-able plan, and ``autotune`` picks the
+fastest backend.
 """
 from bunit.autotune import autotune, default_cache_path
 from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv

@@ -7,8 +7,9 @@ inference timings (eval mode, ``no_grad``); the model's mode is restored afterwa
 them are cached on disk as JSON (default ``~/.cache/bunitbench/autotune.json``; the folder can be moved with
 ``BUNITBENCH_CACHE_DIR`` and the file given directly with ``cache_path``), so a second call with the same shapes
 times nothing.
-``fused_cpu`` takes part like every backend; where its C++ extension cannot be built it raises, is recorded
-as failed and never chosen.
+The candidates are the registered backends (:mod:`bunit.backends`): by default every eager one, a backend
+registered later included. ``fused_cpu`` takes part like every backend; where its C++ extension cannot be built it
+raises, is recorded as failed and never chosen.
 
 The ``compiled`` backend is timed last, compiling the fastest eager backend (``layer.compile_base``) and,
 when ``stencil`` is among the backends tried, compiling ``stencil`` too (that backend exists to be compiled);
@@ -32,7 +33,8 @@ import torch.nn as nn
 
 from bunit import fused_cpu, unit_train
 from bunit.fused_cpu import cache_dir
-from bunit.layers import BACKENDS, EAGER_BACKENDS, UnitLayer, unit_layers
+from bunit.backends import BACKENDS, EAGER_BACKENDS, list_backends
+from bunit.layers import UnitLayer, unit_layers
 from bunit.spec import compact_specs
 from bunit.timing import call_times, interleaved_times, summary_ms
 
@@ -40,7 +42,8 @@ __all__ = ["autotune", "has_unit_layers", "default_cache_path", "time_backend", 
            "DEFAULT_BACKENDS"]
 
 DEFAULT_BACKENDS = EAGER_BACKENDS
-"""Backends tried when ``backends`` is None (all but ``compiled``)."""
+"""Backends tried when ``backends`` is None: every registered eager backend (a live view of the registry; all but
+``compiled`` among the built-in ones)."""
 
 TimerFn = Callable[[UnitLayer, torch.Tensor, str, int], float]
 """``timer(layer, x, backend, repeats) -> median seconds`` (injectable for tests)."""
@@ -155,9 +158,10 @@ def autotune(model: nn.Module, example_input: torch.Tensor, *, backends: Iterabl
         chosen from.
     """
     tried = list(DEFAULT_BACKENDS if backends is None else backends)
-    bad = [b for b in tried if b not in BACKENDS]
+    allowed = list_backends()
+    bad = [b for b in tried if b not in allowed]
     if bad or not tried:
-        raise ValueError(f"backends: {bad or tried} not allowed; allowed: {', '.join(BACKENDS)}")
+        raise ValueError(f"backends: {bad or tried} not allowed; allowed: {', '.join(allowed)}")
     if repeats < 1:
         raise ValueError(f"repeats: must be >= 1, got {repeats}")
     timer = timer or time_backend

@@ -3,8 +3,9 @@
 Conv1's dense weight is ``(hidden, in, k, k)`` with the hidden channels in group order; conv2's is
 ``(out, hidden, k, k)`` with its rows in layer order, so no activation permutation is needed between or after the
 two convolutions. The weights are built with ``index_put`` from the group weights: while autograd records they are
-rebuilt on every forward (gradients reach the group weights, training is exact); otherwise they are cached in the
-layer (``_bd_cache``) and rebuilt whenever a group weight changes (storage, version counter, dtype or device).
+rebuilt on every forward (gradients reach the group weights, training is exact); otherwise they are kept in the
+layer's cache ``WEIGHT_CACHE`` (declared by the backend, :mod:`bunit.backends.blockdiag`) and rebuilt whenever a
+group weight changes (storage, version counter, dtype or device).
 
 The functions take a fused :class:`bunit.layers.UnitLayer`; :func:`register_index` is called once when the layer
 builds its groups.
@@ -18,7 +19,10 @@ import torch.nn.functional as F
 
 from bunit.functional import bn_cat
 
-__all__ = ["register_index", "weights", "cached_weights", "forward"]
+__all__ = ["WEIGHT_CACHE", "register_index", "weights", "cached_weights", "forward"]
+
+WEIGHT_CACHE = "blockdiag.weights"
+"""The layer's cache of dense weights: ``(what they were built from, (w1, w2))``."""
 
 
 def register_index(layer: Any, in_off: list[int], out_off: list[int]) -> None:
@@ -69,11 +73,11 @@ def cached_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if any(w.is_inference() for w in group_weights):
         return weights(layer)  # inference tensors have no version counter: nothing can be cached
     key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in group_weights)
-    cache = layer.__dict__.get("_bd_cache")
+    cache = layer.caches.get(WEIGHT_CACHE)
     if cache is None or cache[0] != key:
         with torch.no_grad():
             cache = (key, weights(layer))
-        layer.__dict__["_bd_cache"] = cache
+        layer.keep_cache(WEIGHT_CACHE, cache)
     return cache[1]
 
 

@@ -93,7 +93,7 @@ class BUnitBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad_map = self.__dict__.get("_pad_map")
-        if pad_map is not None and self.units.backend == "fused_cpu":  # the kernel reads the shortcut from x
+        if pad_map is not None and self.units.fuses_residual:  # the kernel reads the shortcut from x
             return self.units(x, residual=x, residual_map=pad_map)  # (B, out, H/s, W/s)
         return self.units(x, residual=self.shortcut(x))  # relu(units(x) + shortcut(x)), (B, out, H/s, W/s)
 

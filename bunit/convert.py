@@ -32,7 +32,8 @@ from typing import Any
 import torch.nn as nn
 
 from bunit.blocks import BUnitBasicBlock, BUnitBottleneck, BUnitConv, block_io, block_kind
-from bunit.layers import BACKENDS, IMPLS
+from bunit.backends import get_backend
+from bunit.layers import IMPLS
 from bunit.spec import CATALOGUE, UnitSpec, compact_specs, hybrid_mix, parse_spec, parse_specs, uniform_units
 
 __all__ = ["PRESETS", "PLAN_KEYS", "PAPER", "paper_preset", "resolve_plan", "bunitify", "plan_targets", "layer_seed"]
@@ -115,8 +116,7 @@ def resolve_plan(target: str | dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"plan.units: {units!r} is not allowed; allowed: {_UNITS_FORM}")
     if plan["impl"] not in IMPLS:
         raise ValueError(f"plan.impl: {plan['impl']!r} is not allowed; allowed: {', '.join(IMPLS)}")
-    if plan["backend"] not in BACKENDS:
-        raise ValueError(f"plan.backend: {plan['backend']!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    get_backend(plan["backend"], field="plan.backend")  # raises naming the registered backends
     if not isinstance(plan.get("stages", []), list) or not all(isinstance(s, str) for s in plan.get("stages", [])):
         raise ValueError("plan.stages: must be a list of stage names such as ['layer2', 'layer3']")
     if not isinstance(plan.get("convs", []), list) or not all(isinstance(i, int) for i in plan.get("convs", [])):

@@ -1,6 +1,7 @@
 """Functional pieces of the unit layer's eager backends: batch norm over slices or concatenations of several
 BN modules (running statistics written back into each module), and grouped convolutions written as an unfold +
-batched matmul (``bmm``) or as shifted multiply-adds (``stencil``). :mod:`bunit.layers` composes them."""
+batched matmul (``bmm``) or as shifted multiply-adds (``stencil``). :mod:`bunit.layers` and the backends of
+:mod:`bunit.backends` compose them."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["bn_mode", "bn_stats", "bn_slice", "bn_cat", "conv_bmm", "conv_stencil", "out_size", "shift_residual"]
+__all__ = ["bn_mode", "bn_stats", "bn_slice", "bn_cat", "conv_module", "conv_bmm", "conv_stencil", "out_size",
+           "shift_residual"]
 
 
 def out_size(size: int, kernel: int, stride: int) -> int:
@@ -75,6 +77,11 @@ def bn_cat(bns: Sequence[nn.BatchNorm2d], x: torch.Tensor, perm: torch.Tensor | 
                 bn.running_mean.copy_(m)
                 bn.running_var.copy_(v)
     return out
+
+
+def conv_module(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)``: the convolution module itself (the ``grouped`` backends' convolution)."""
+    return conv(x)
 
 
 def conv_bmm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

@@ -9,8 +9,8 @@ sqrt(var + eps)``, ``bias' = beta - mean * gamma / sqrt(var + eps)``), so the ke
 computes in eval mode.
 
 Scope: float32 on CPU, eval mode, no autograd; input and residual in any memory format (read through their
-strides: a channels_last network pays no conversion), output NCHW. :class:`bunit.layers.UnitLayer` runs its
-``grouped`` backend instead whenever the layer is in training mode or autograd records (gradients and BN
+strides: a channels_last network pays no conversion), output NCHW. The backend (:mod:`bunit.backends.fused_cpu`)
+runs the layer's ``grouped`` form instead whenever the layer is in training mode or autograd records (gradients and BN
 statistics then stay exact); other devices and dtypes raise ``ValueError``, and a machine without a working C++
 compiler raises ``RuntimeError`` naming the build error, so the autotuner records the backend as failed
 and never picks it.
@@ -33,13 +33,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["cache_dir", "cpu_tag", "load_cpu_extension", "source_tag", "build_info", "is_available", "load_extension",
-           "has_variant", "folded_weights", "forward"]
+__all__ = ["FOLD_CACHE", "cache_dir", "cpu_tag", "load_cpu_extension", "source_tag", "build_info", "is_available",
+           "load_extension", "has_variant", "folded_weights", "forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_fused.cpp"
 _KERNEL = _SOURCE.parent / "unit_kernel.h"  # the kernel itself, shared with the OpenVINO custom operation
 _NAME = "bunit_unit_fused"
 _state: dict[str, Any] = {}
+FOLD_CACHE = "fused_cpu.folded_weights"
+"""The layer's cache of folded weights (declared by the backend): ``(what they were folded from, per group
+(w1, b1, w2, b2))``."""
 
 
 def cache_dir() -> Path:
@@ -195,16 +198,16 @@ def _fold_key(layer: Any) -> list | None:
 def folded_weights(layer: Any) -> list[tuple[torch.Tensor, ...]]:
     """Per group of a fused :class:`bunit.layers.UnitLayer`: ``(w1, b1, w2, b2)`` with its BNs folded in.
 
-    Cached in the layer (``_fold_cache``) and rebuilt when any weight, BN parameter, running statistic or eps
+    Kept in the layer's cache ``FOLD_CACHE`` and rebuilt when any weight, BN parameter, running statistic or eps
     changes (tensor storage or version counter), as the ``blockdiag`` backend caches its dense weights; folded
     afresh on every call when the weights are inference tensors.
     """
     key = _fold_key(layer)
-    cache = layer.__dict__.get("_fold_cache")
+    cache = layer.caches.get(FOLD_CACHE)
     if key is None or cache is None or cache[0] != key:
         with torch.no_grad():
             cache = (key, [(*_fold(g.conv1, g.bn1), *_fold(g.conv2, g.bn2)) for g in layer.groups])
-        layer.__dict__["_fold_cache"] = cache
+        layer.keep_cache(FOLD_CACHE, cache)
     return cache[1]
 
 

@@ -10,7 +10,8 @@ Two implementations compute the same function from the same weights:
 - ``fused``: units of one spec are gathered into a :class:`UnitGroup` (one grouped conv and one BN per
   conv); a channel gather feeds each group and one inverse permutation restores the output order.
 
-The fused form runs on one of several execution backends (``layer.backend``), all with equal outputs:
+The fused form runs on one of several execution backends (``layer.backend``), all with equal outputs. Each is a
+:class:`bunit.backends.Backend` registered by name (one file in :mod:`bunit.backends`); the built-in ones:
 
 - ``loop``: the per-unit loop over slices of the fused weights (the reference algorithm).
 - ``grouped``: one grouped convolution per group and conv, NCHW (the default).
@@ -35,19 +36,22 @@ The fused form runs on one of several execution backends (``layer.backend``), al
   (:mod:`bunit.unit_train`), BN (batch statistics in training) and ReLU PyTorch's: the training path, whose cost
   follows the units' MACs where oneDNN's grouped convolution does not. Float32 (float64 too) on CPU; where the
   extension is not built, or for other kernel sizes, devices and dtypes, each conv runs as in ``grouped``.
+
+State a backend keeps per layer (``blockdiag``'s dense weights, ``fused_cpu``'s folded weights, ``compiled``'s
+function) lives in ``layer.caches`` under a name the backend declares; the layer empties it when it is pickled,
+deep-copied or moved, and each backend checks its entry against the weights it was built from.
 """
 from __future__ import annotations
 
-import sys
-import types
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bunit import blockdiag, fused_cpu, unit_train
-from bunit.functional import bn_mode, bn_slice, conv_bmm, conv_stencil, shift_residual
+from bunit import blockdiag
+from bunit.backends import BACKENDS, EAGER_BACKENDS, declared_caches, get_backend
+from bunit.functional import bn_mode, bn_slice, shift_residual
 from bunit.spec import UnitSpec, compact_specs, parse_specs
 from bunit.units import BasicUnit, UnitGroup
 
@@ -64,8 +68,6 @@ __all__ = [
 ]
 
 IMPLS = ("reference", "fused")
-BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu", "unit_train", "compiled")
-EAGER_BACKENDS = ("loop", "grouped", "grouped_cl", "blockdiag", "bmm", "stencil", "fused_cpu", "unit_train")
 _UNIT_KEYS = ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
               "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var")
 
@@ -94,8 +96,8 @@ class UnitLayer(nn.Module):
         specs: unit specs in channel order (UnitSpecs or spec strings, ``"32x2-4-2"`` allowed).
         stride: stride of every unit's first conv; None takes it from the specs (default 1).
         impl: "fused" (grouped units, runs on ``backend``) or "reference" (per-unit modules in a loop).
-        backend: execution backend of the fused form, one of ``BACKENDS`` (the reference form always runs
-            its own loop and ignores it).
+        backend: execution backend of the fused form, a registered name (``BACKENDS``; the reference form always
+            runs its own loop and ignores it).
     """
 
     def __init__(self, specs: Iterable[UnitSpec | str], *, stride: int | None = None, impl: str = "fused",
@@ -113,9 +115,7 @@ class UnitLayer(nn.Module):
         self.out_channels = sum(s.c for s in self.specs)
         self.compile_base = "grouped"
         self._backend = "loop" if impl == "reference" else "grouped"
-        self.__dict__["_compiled"] = None
-        self.__dict__["_bd_cache"] = None
-        self.__dict__["_fold_cache"] = None
+        self.caches: dict[str, Any] = {}  # the backends' per-layer state, by declared name (keep_cache)
         if impl == "reference":
             self.units = nn.ModuleList(BasicUnit(s) for s in self.specs)
         else:
@@ -153,7 +153,7 @@ class UnitLayer(nn.Module):
         self._where = {u: (g, j) for g, us in enumerate(self.group_units) for j, u in enumerate(us)}
         self._in_ranges: list[tuple[int, int] | None] = []
         # fused_cpu: per group, the spec and each unit's first input and output channel in layer order
-        self._kernel_plan = [(s.a, s.b, s.c, s.kernel, s.stride, torch.tensor([in_off[u] for u in us]),
+        self.kernel_plan = [(s.a, s.b, s.c, s.kernel, s.stride, torch.tensor([in_off[u] for u in us]),
                               torch.tensor([out_off[u] for u in us])) for us in self.group_units
                              for s in [self.specs[us[0]]]]
         cat_pos = [0] * self.out_channels
@@ -181,18 +181,38 @@ class UnitLayer(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"backend: {name!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+        get_backend(name)  # raises for a name that is not registered
         if self.impl == "reference" and name != "loop":
             raise ValueError(f"backend: the reference form runs only 'loop'; convert with to_fused() to use {name!r}")
         self._backend = name
 
+    @property
+    def fuses_residual(self) -> bool:
+        """Whether the backend adds a residual inside its kernel and reads an option-A shortcut from the block input
+        (``forward``'s ``residual_map``), so that a block hands over that input rather than the shortcut."""
+        return self.impl == "fused" and get_backend(self._backend).fuses_residual
+
+    # -- the backends' caches --------------------------------------------------------------------
+
+    def keep_cache(self, name: str, value: Any) -> None:
+        """Keep ``value`` as the cache ``name``, which a registered backend declares (``Backend.caches``)."""
+        if name not in declared_caches():
+            raise KeyError(f"cache: {name!r} is not declared by any backend; declared: "
+                           f"{', '.join(sorted(declared_caches()))}")
+        self.caches[name] = value
+
+    def clear_caches(self) -> None:
+        """Forget every backend's cached state (compiled functions, derived weights)."""
+        self.caches = {}
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_compiled"] = None  # a compiled closure and a cached weight belong to this object only
-        state["_bd_cache"] = None
-        state["_fold_cache"] = None
+        state["caches"] = {}  # a compiled closure and a cached weight belong to this object only
         return state
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_caches()  # to(), float(), cuda(), ...: derived weights are rebuilt on the new tensors
+        return super()._apply(fn, *args, **kwargs)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -208,12 +228,11 @@ class UnitLayer(nn.Module):
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if self.impl == "fused" and self._backend == "fused_cpu":
-            return self._forward_fused_cpu(x, residual, residual_map)
-        y = self._forward_reference(x) if self.impl == "reference" else self._run(x, self._backend)
-        return self._add_residual(y, residual, residual_map)  # (B, out, H/s, W/s)
+        if self.impl == "reference":
+            return self.add_residual(self._forward_reference(x), residual, residual_map)
+        return get_backend(self._backend).run_with_residual(self, x, residual, residual_map)  # (B, out, H/s, W/s)
 
-    def _add_residual(self, y: torch.Tensor, residual: torch.Tensor | None,
+    def add_residual(self, y: torch.Tensor, residual: torch.Tensor | None,
                       residual_map: tuple[int, int]) -> torch.Tensor:
         """``relu(y + residual)`` with the residual mapped as ``forward`` says; ``y`` alone without one."""
         if residual is None:
@@ -221,25 +240,6 @@ class UnitLayer(nn.Module):
         if tuple(residual_map) != (1, 0):
             residual = shift_residual(residual, *residual_map, self.out_channels)
         return F.relu(y + residual, inplace=True)
-
-    def _run(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        if backend == "grouped":
-            return self._forward_groups(x, _call_module)
-        if backend == "grouped_cl":
-            return self._forward_groups(x.contiguous(memory_format=torch.channels_last), _call_module)
-        if backend == "bmm":
-            return self._forward_groups(x, conv_bmm)
-        if backend == "stencil":
-            return self._forward_groups(x, conv_stencil)
-        if backend == "blockdiag":
-            return blockdiag.forward(self, x)
-        if backend == "loop":
-            return self._forward_loop(x)
-        if backend == "fused_cpu":
-            return self._forward_fused_cpu(x)
-        if backend == "unit_train":
-            return self._forward_groups(x, unit_train.conv)
-        return self._forward_compiled(x)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         parts = torch.split(x, [s.a for s in self.specs], dim=1)  # each (B, a, H, W)
@@ -251,7 +251,9 @@ class UnitLayer(nn.Module):
             return x if rng[1] == x.shape[1] else x.narrow(1, rng[0], rng[1])
         return x.index_select(1, getattr(self, f"in_index{g}"))  # (B, n*a, H, W)
 
-    def _forward_groups(self, x: torch.Tensor, conv: Callable[[torch.Tensor, nn.Conv2d], torch.Tensor]) -> torch.Tensor:
+    def run_groups(self, x: torch.Tensor, conv: Callable[[torch.Tensor, nn.Conv2d], torch.Tensor]) -> torch.Tensor:
+        """The fused groups on ``x``: per group, its input channels gathered, ``conv`` (the backend's convolution of
+        a group's conv module) + BN + ReLU twice; the outputs concatenated and put back in layer order."""
         outs = []
         for g, grp in enumerate(self.groups):
             h = grp.act1(grp.bn1(conv(self._group_input(x, g), grp.conv1)))  # (B, n*b, H/s, W/s)
@@ -259,7 +261,8 @@ class UnitLayer(nn.Module):
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, out, H/s, W/s), group order
         return y if self.out_perm is None else y.index_select(1, self.out_perm)  # layer order
 
-    def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
+    def run_unit_loop(self, x: torch.Tensor) -> torch.Tensor:
+        """Each unit on its own input slice through slices of the fused weights, in a Python loop (``loop``)."""
         modes = {id(bn): bn_mode(bn) for grp in self.groups for bn in (grp.bn1, grp.bn2)}
         parts = torch.split(x, [s.a for s in self.specs], dim=1)
         outs = []
@@ -277,23 +280,6 @@ class UnitLayer(nn.Module):
         """The ``blockdiag`` backend's dense weights ``(hidden, in, k, k)`` and ``(out, hidden, k, k)``, zero off
         the unit blocks, differentiable in the group weights (:func:`bunit.blockdiag.weights`)."""
         return blockdiag.weights(self)
-
-    def _forward_fused_cpu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                           residual_map: tuple[int, int] = (1, 0)) -> torch.Tensor:
-        records = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if self.training or records:  # the kernel has no backward and uses running statistics
-            return self._add_residual(self._forward_groups(x, _call_module), residual, residual_map)
-        return fused_cpu.forward(self, x, self._kernel_plan, residual, residual_map)  # (B, out, H/s, W/s)
-
-    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.compile_base
-        if base not in EAGER_BACKENDS:
-            raise ValueError(f"compile_base: {base!r} is not allowed; allowed: {', '.join(EAGER_BACKENDS)}")
-        compiled = self.__dict__.get("_compiled")
-        if compiled is None or compiled[0] != base:
-            compiled = (base, torch.compile(_own_code(lambda t: self._run(t, base), f"unit_layer_{id(self):x}")))
-            self.__dict__["_compiled"] = compiled
-        return compiled[1](x)
 
     # -- state in unit order, conversion ---------------------------------------------------------
 
@@ -360,23 +346,6 @@ class UnitLayer(nn.Module):
                 f"backend={self.backend}, units=[{units}]")
 
 
-def _call_module(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    return conv(x)
-
-
-def _own_code(fn: types.FunctionType, name: str) -> types.FunctionType:
-    """``fn`` with a code object of its own (named ``name``), same closure and globals.
-
-    Dynamo keeps its compiled graphs per code object, at most ``recompile_limit`` (8) of them: every layer's
-    ``compiled`` closure shares the one lambda's code, so from the ninth layer on dynamo would stop compiling and
-    silently run the layer eagerly. A code object per layer gives each layer its own cache and leaves the global
-    limit alone.
-    """
-    code = fn.__code__.replace(co_name=name, co_qualname=name) if sys.version_info >= (3, 11) else \
-        fn.__code__.replace(co_name=name)
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
 # --- model-level helpers ------------------------------------------------------------------------
 
 
@@ -405,9 +374,8 @@ def convert_units(model: nn.Module, impl: str) -> nn.Module:
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Set the execution backend of every fused unit layer of ``model``; returns ``model``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: {backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    """Set the execution backend (a registered name) of every fused unit layer of ``model``; returns ``model``."""
+    get_backend(backend)  # raises for a name that is not registered
     for _, layer in unit_layers(model):
         if layer.impl == "fused":
             layer.backend = backend

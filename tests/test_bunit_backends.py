@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
 import torch.nn as nn
 
+from bunit import blockdiag
 from bunit.autotune import autotune, default_cache_path, has_unit_layers, layer_key
+from bunit.backends import list_backends
 from bunit.convert import bunitify
 from bunit.layers import BACKENDS, EAGER_BACKENDS, UnitLayer, set_backend, unit_layers
 from bunit.spec import CATALOGUE, UnitSpec, hybrid_mix
@@ -88,9 +91,9 @@ def test_blockdiag_cache_reused_and_invalidated():
     x = torch.randn(2, layer.in_channels, 8, 8)
     with torch.no_grad():
         y0 = layer(x)
-        cached = layer._bd_cache[1][0]
+        cached = layer.caches[blockdiag.WEIGHT_CACHE][1][0]
         layer(x)
-        assert layer._bd_cache[1][0] is cached  # same weights: cache reused
+        assert layer.caches[blockdiag.WEIGHT_CACHE][1][0] is cached  # same weights: cache reused
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     layer.train()
     layer(x).square().mean().backward()  # grad mode: rebuilt on the fly, gradients reach the group weights
@@ -99,7 +102,7 @@ def test_blockdiag_cache_reused_and_invalidated():
     layer.eval()
     with torch.no_grad():
         y1 = layer(x)
-        assert layer._bd_cache[1][0] is not cached
+        assert layer.caches[blockdiag.WEIGHT_CACHE][1][0] is not cached
         layer.backend = "grouped"
         y_ref = layer(x)
     assert (y1 - y0).abs().max().item() > 1e-3
@@ -111,8 +114,19 @@ def test_deepcopy_drops_caches():
     layer.backend = "blockdiag"
     with torch.no_grad():
         layer(torch.randn(1, layer.in_channels, 4, 4))
+    assert set(layer.caches) == {blockdiag.WEIGHT_CACHE}
     clone = copy.deepcopy(layer)
-    assert clone._bd_cache is None and clone._compiled is None
+    assert clone.caches == {} and set(layer.caches) == {blockdiag.WEIGHT_CACHE}
+    restored = pickle.loads(pickle.dumps(layer))
+    assert restored.caches == {}
+    layer.to(torch.float64)  # moved: the dense weights are rebuilt on the new tensors
+    assert layer.caches == {}
+
+
+def test_only_declared_caches_are_kept():
+    layer = _layer(1, 0)
+    with pytest.raises(KeyError, match="not declared"):
+        layer.keep_cache("my_backend.weights", 1)
 
 
 def test_compiled_backend_matches():
@@ -264,7 +278,7 @@ def test_backends_equal_on_cuda(tmp_path):
     x = torch.randn(8, layer.in_channels, 16, 16, device="cuda")
     with torch.no_grad():
         outs = {}
-        for b in [b for b in EAGER_BACKENDS if b != "fused_cpu"]:  # a CPU kernel; on CUDA it raises
+        for b in list_backends(eager=True, device="cuda"):  # fused_cpu is a CPU kernel; on CUDA it raises
             layer.backend = b
             outs[b] = layer(x)
     for b, y in outs.items():

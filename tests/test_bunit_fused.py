@@ -192,12 +192,12 @@ def test_folded_weights_follow_updates():
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         y0 = layer(x)
-        cached = layer._fold_cache[1][0][0]
+        cached = layer.caches[fused_cpu.FOLD_CACHE][1][0][0]
         layer(x)
-        assert layer._fold_cache[1][0][0] is cached  # nothing changed: the folded weights are reused
+        assert layer.caches[fused_cpu.FOLD_CACHE][1][0][0] is cached  # nothing changed: the folded weights are reused
         layer.groups[0].bn2.running_var.mul_(4.0)  # an in-place update of a BN statistic
         y1 = layer(x)
-        assert layer._fold_cache[1][0][0] is not cached
+        assert layer.caches[fused_cpu.FOLD_CACHE][1][0][0] is not cached
         layer.backend = "grouped"
         y_ref = layer(x)
     assert (y1 - y0).abs().max() > 1e-3 and _rel_err(y1, y_ref) < RTOL

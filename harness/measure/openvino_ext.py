@@ -213,16 +213,16 @@ def _units_as_custom_op(net: nn.Module) -> Iterator[int]:
             with torch.no_grad():  # folded once, outside the trace: the node's weights are constants
                 weights = [tuple(t.detach().clone() for t in ws) for ws in fused_cpu.folded_weights(layer)]
             plan = [(a, b, c, k, s, tuple(int(v) for v in i0), tuple(int(v) for v in o0))
-                    for a, b, c, k, s, i0, o0 in layer._kernel_plan]
-            patched.append((layer, layer._backend))
+                    for a, b, c, k, s, i0, o0 in layer.kernel_plan]
+            patched.append((layer, layer.backend))
             layer.forward = types.MethodType(_exported_forward(list(zip(plan, weights))), layer)
-            layer._backend = "fused_cpu"  # a block then hands over its option-A shortcut's input and map
+            layer.backend = "fused_cpu"  # a block then hands over its option-A shortcut's input and map
             nodes += len(plan)
         yield nodes
     finally:
         for layer, backend in patched:
             del layer.forward
-            layer._backend = backend
+            layer.backend = backend
 
 
 def export_with_units(net: nn.Module, x: torch.Tensor) -> tuple[bytes, int]:
