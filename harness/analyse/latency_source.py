@@ -13,6 +13,10 @@ ratios are what users should compare, so the verdict prefers them. Two views (``
 - ``eager``: one condition, the ``eager`` runtime when present (else the runtime with most rows), at batch 1 when
   present (else the smallest batch), and among those the (device, dtype, threads, memory format) with most rows.
 
+Whichever view the verdict reads, :func:`load_deployments` gives both side by side for every model and batch the pass
+timed: its best deployment (which runtime and format won, and the ratio there) and its eager-only ratio. The report
+shows it as a table per setting.
+
 A row not in the view keeps its own latency columns (timed in isolation while training; compared with the dense
 row's own timing). When the module or the file is missing, every row is "isolated".
 """
@@ -26,11 +30,20 @@ import pandas as pd
 
 from harness.analyse.metrics import acc_cost, efficiency
 
-__all__ = ["LatencyTable", "VIEWS", "load_latency_table", "select_condition", "select_best", "apply_pass_ratios"]
+__all__ = ["LatencyTable", "VIEWS", "DEPLOYMENT_VIEW_COLUMNS", "load_latency_table", "select_condition", "select_best",
+           "deployment_view", "load_deployments", "apply_pass_ratios"]
 
 _CONDITION = ("runtime", "device", "device_name", "dtype", "threads", "batch", "memory_format")
 VIEWS = ("best", "eager")
 """``load_latency_table`` views: each model at its fastest deployment (default), or the eager runtime alone."""
+_FIXED = ("device", "device_name", "dtype", "threads")
+DEPLOYMENT_VIEW_COLUMNS = ("key", *_FIXED, "batch", "best_runtime", "best_memory_format", "best_p50_ms", "best_ratio",
+                           "best_ratio_lo", "best_ratio_hi", "paired", "deployments", "dense_runtime",
+                           "dense_memory_format", "eager_memory_format", "eager_p50_ms", "eager_ratio", "eager_ratio_lo",
+                           "eager_ratio_hi", "eager_paired", "busy", "unsteady")
+"""Columns of :func:`deployment_view`: ``best_*``, ``paired``, ``deployments``, ``dense_*``, ``busy`` and ``unsteady``
+as in :data:`harness.measure.timing_table.BEST_COLUMNS`; ``eager_*`` the same model in the eager-only view (eager's
+fastest memory format over dense's fastest eager one; NaN where eager was not timed)."""
 
 
 @dataclass
@@ -112,18 +125,66 @@ def select_best(table: pd.DataFrame) -> LatencyTable | None:
         return None
     batches = pd.to_numeric(t["batch"], errors="coerce")
     t = t[batches == (1 if (batches == 1).any() else batches.min())]
-    fixed = ("device", "device_name", "dtype", "threads")
-    groups = t.groupby([t[c].astype(str) for c in fixed], sort=False)
-    t = t.loc[groups.groups[max(groups.groups, key=lambda k: len(groups.groups[k]))]]
+    t = _largest_group(t)
     first = t.iloc[0]
     return LatencyTable(
         ratio=dict(zip(t["key"], t["best_ratio"].astype(float))),
         interval={k: (float(a), float(b)) for k, a, b in zip(t["key"], t["best_ratio_lo"], t["best_ratio_hi"])},
         busy=set(t.loc[t["busy"].astype(bool), "key"]),
         unsteady=set(t.loc[t["unsteady"].astype(bool), "key"]),
-        condition={"runtime": "best", **{c: first[c] for c in (*fixed, "batch")}, "memory_format": "best"},
+        condition={"runtime": "best", **{c: first[c] for c in (*_FIXED, "batch")}, "memory_format": "best"},
         deployment={k: f"{r}/{f}" for k, r, f in zip(t["key"], t["best_runtime"], t["best_memory_format"])},
     )
+
+
+def _largest_group(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the (device, device_name, dtype, threads) with most rows."""
+    groups = frame.groupby([frame[c].astype(str) for c in _FIXED], sort=False)
+    return frame.loc[groups.groups[max(groups.groups, key=lambda k: len(groups.groups[k]))]]
+
+
+def deployment_view(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Each timed model at its best deployment beside its eager-only view, per batch.
+
+    Args:
+        table: a timing table (:func:`harness.measure.timing_table.load_timings`).
+
+    Returns:
+        A DataFrame with the columns of :data:`DEPLOYMENT_VIEW_COLUMNS`, one row per (key, batch) of the (device,
+        device_name, dtype, threads) with most rows, sorted by batch and key; None when no row has a usable time.
+    """
+    if table is None or table.empty or "p50_ms" not in table.columns:
+        return None
+    from harness.measure.timing_table import best_deployment
+
+    best = best_deployment(table)
+    if best.empty:
+        return None
+    best = _largest_group(best)
+    eager = best_deployment(table, runtimes=("eager",))
+    eager = eager.rename(columns={"best_memory_format": "eager_memory_format", "best_p50_ms": "eager_p50_ms",
+                                  "best_ratio": "eager_ratio", "best_ratio_lo": "eager_ratio_lo",
+                                  "best_ratio_hi": "eager_ratio_hi", "paired": "eager_paired"})
+    on = ["key", *_FIXED, "batch"]
+    eager_cols = ["eager_memory_format", "eager_p50_ms", "eager_ratio", "eager_ratio_lo", "eager_ratio_hi",
+                  "eager_paired"]
+    out = best.merge(eager[on + eager_cols], on=on, how="left")
+    return out[list(DEPLOYMENT_VIEW_COLUMNS)].sort_values(["batch", "key"], kind="stable").reset_index(drop=True)
+
+
+def load_deployments(store_dir: str | os.PathLike | None) -> pd.DataFrame | None:
+    """:func:`deployment_view` of ``<store_dir>/timings.jsonl``; None without a store, the module or the file."""
+    if store_dir is None:
+        return None
+    try:
+        from harness.measure.timing_table import load_timings
+    except ImportError:
+        return None
+    try:
+        table = load_timings(store_dir)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    return deployment_view(table)
 
 
 def load_latency_table(store_dir: str | os.PathLike | None, view: str = "best") -> LatencyTable | None:

@@ -2,8 +2,9 @@
 
 Sections: the verdict first (:mod:`harness.analyse.verdict_report`: where BUnit is better, worse or
 indistinguishable from each pruning method at equal cost, the paper's claim checked, the verdict table and figure),
-then environment (devices, versions, git revisions, all read from the rows), the suite, the metric definitions, one
-table pair per setting (dataset, backbone, shortcut, image size) in the layout of pruning papers, the figures of
+then environment (devices, versions, git revisions, all read from the rows), the suite, the metric definitions, the
+tables of each setting (dataset, backbone, shortcut, image size) in the layout of pruning papers with, where the
+timing pass ran, which runtime and format won for each model (its best deployment) beside its eager-only ratio, the figures of
 :mod:`harness.analyse.plots`, and the failed runs with their reasons. Every number in a table is a value of
 :func:`harness.analyse.metrics.summarize` or of :mod:`harness.analyse.verdict` on the rows of the store, rounded for
 display; nothing is computed here.
@@ -30,7 +31,7 @@ from harness.analyse.report_blocks import (
     setting_title,
     target_text,
 )
-from harness.analyse.latency_source import LatencyTable, apply_pass_ratios, load_latency_table
+from harness.analyse.latency_source import VIEWS, LatencyTable, apply_pass_ratios, load_deployments, load_latency_table
 from harness.analyse.metrics import (
     COST_AXES,
     METRIC_DEFINITIONS,
@@ -157,10 +158,67 @@ def _definitions() -> list[Block]:
             Block("ul", items=notes)]
 
 
-def _tables(summary: pd.DataFrame, latency_note: str) -> list[Block]:
+def _setting_text(value: Any) -> str:
+    """A setting value as text for matching rows across frames: missing -> empty, 16.0 -> 16."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _deployment_name(runtime: Any, memory_format: Any) -> str:
+    if not isinstance(runtime, str):
+        return MISSING
+    return runtime if memory_format in ("contiguous", None) else f"{runtime} ({memory_format})"
+
+
+def _ratio_cell(ratio: Any, paired: Any) -> str:
+    """``0.405``, or ``0.405 \u2020`` when the ratio was carried over from another session than dense's best."""
+    text = fmt_value(ratio, 3)
+    return text if text == MISSING or (pd.notna(paired) and bool(paired)) else f"{text} \u2020"
+
+
+def _deployment_blocks(deployments: pd.DataFrame) -> list[Block]:
+    """Per model of one setting: which runtime/format won at each batch, its ratio to dense there, the eager ratio."""
+    batches = sorted(int(b) for b in deployments["batch"].dropna().unique())
+    ident = deployments.drop_duplicates("key").copy()
+    ident["_order"] = [(family_rank(str(f)), str(m), target_sort_key(str(t)), _setting_text(s))
+                       for f, m, t, s in zip(ident["family"], ident["method"], ident["target_label"], ident["seed"])]
+    by = {(r["key"], int(r["batch"])): r for _, r in deployments.iterrows()}
+    rows = []
+    for _, r in sorted(ident.iterrows(), key=lambda kr: kr[1]["_order"]):
+        cells = [str(r["method"]), target_text(r["target_label"]), _setting_text(r["seed"])]
+        for b in batches:
+            d = by.get((r["key"], b))
+            if d is None:
+                cells += ["", "", ""]
+                continue
+            cells += [_deployment_name(d["best_runtime"], d["best_memory_format"]),
+                      _ratio_cell(d["best_ratio"], d["paired"]), _ratio_cell(d["eager_ratio"], d["eager_paired"])]
+        rows.append(cells)
+    header = ["Method", "Target", "Seed"]
+    for b in batches:
+        header += [f"Best b{b}", f"Ratio b{b}", f"Eager ratio b{b}"]
+    first = deployments.iloc[0]
+    text = ("Timing pass, " + ", ".join(
+        f"{c} {first[c]}" for c in ("device", "device_name", "dtype", "threads")) + ". *Best* is the runtime (and "
+        "memory format, when not contiguous) in which the model ran fastest among those timed; *Ratio* its median "
+        "time there over its dense reference's at dense's own fastest; *Eager ratio* the same model against the same "
+        "reference with both in eager PyTorch, each at its fastest memory format (the eager-only view). \u2020: the "
+        "two won in different runtimes or formats, so the model's paired ratio is carried over from its own best "
+        "session to dense's best by the ratio of dense's two medians (two sessions compared).")
+    return [Block("h4", "Best deployment per model"), Block("p", text), Block("table", header=header, rows=rows)]
+
+
+def _tables(summary: pd.DataFrame, latency_note: str, deployments: pd.DataFrame | None = None) -> list[Block]:
     blocks = [Block("h2", "Results")] + ([Block("p", latency_note)] if latency_note else [])
     keys = [k for k in SETTING_KEYS if k in summary.columns]
     for _, part in summary.groupby(keys, sort=False, dropna=False):
+        mine = None
+        if deployments is not None and len(deployments):
+            mask = pd.Series(True, index=deployments.index)
+            for k in keys:
+                mask &= deployments[k].map(_setting_text) == _setting_text(part.iloc[0][k])
+            mine = deployments[mask] if mask.any() else None
         p_div, p_unit = count_unit(part["cost_params_mean"])
         m_div, m_unit = count_unit(part["cost_macs_mean"])
         main, speed, trade = [], [], []
@@ -192,7 +250,7 @@ def _tables(summary: pd.DataFrame, latency_note: str) -> list[Block]:
                   rows=speed),
             Block("table", header=["Method", "Target", "ACC params", "ACC MACs", "ACC latency", "EFF params",
                                    "EFF MACs", "EFF latency"], rows=trade),
-        ]
+        ] + (_deployment_blocks(mine) if mine is not None else [])
     return blocks
 
 
@@ -235,8 +293,19 @@ def _figures(plots: list[Path], out_dir: Path) -> list[Block]:
     return blocks
 
 
+def _with_settings(deployments: pd.DataFrame | None, metrics: pd.DataFrame) -> pd.DataFrame | None:
+    """The deployment view joined to the rows' setting, method, family, seed and target (by key); rows without one
+    in the store are dropped."""
+    if deployments is None or deployments.empty or "key" not in metrics.columns:
+        return None
+    cols = [c for c in (*SETTING_KEYS, "method", "family", "seed", "target_label") if c in metrics.columns]
+    rows = metrics.drop_duplicates("key", keep="last")[["key", *cols]]
+    out = deployments.merge(rows, on="key", how="inner")
+    return out if len(out) else None
+
+
 def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Path | None = None, *,
-                 latency: LatencyTable | None = None) -> list[Block]:
+                 latency: LatencyTable | None = None, deployments: pd.DataFrame | None = None) -> list[Block]:
     """The report as blocks, from raw rows.
 
     Args:
@@ -244,6 +313,8 @@ def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Pat
         plots: figure files to include (PNG ones are shown; ``verdict_*`` and ``curves_*`` ones in the verdict).
         out_dir: where the report will be written (image paths are made relative to it).
         latency: the timing pass's ratios to dense, preferred on the latency axis of the verdict.
+        deployments: :func:`harness.analyse.latency_source.deployment_view` of the store's timings: a table per
+            setting of each model's winning runtime and format, with its eager-only ratio.
 
     Returns:
         The blocks, in order.
@@ -262,7 +333,7 @@ def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Pat
     verdict_figs = [p for p in plots or [] if p.stem.startswith(("verdict_", "curves_"))]
     blocks += verdict_blocks(metrics, verdict_figs, latency=latency, left_out=left_out) if len(metrics) else []
     blocks += _environment(df, latency) + _suite(df) + _definitions()
-    blocks += _tables(summary, _latency_note(timed)) if len(summary) else [Block("h2", "Results"),
+    blocks += _tables(summary, _latency_note(timed), _with_settings(deployments, metrics)) if len(summary) else [Block("h2", "Results"),
                                                                             Block("p", "No ok rows.")]
     blocks += _figures([p for p in plots or [] if p not in verdict_figs], out_dir or Path("."))
     blocks += _failures(df, metrics)
@@ -270,13 +341,17 @@ def build_report(df: pd.DataFrame, plots: list[Path] | None = None, out_dir: Pat
 
 
 
-def write_report(results: Any, out_dir: str | os.PathLike | None = None, *, plots: bool = True) -> tuple[Path, Path]:
+def write_report(results: Any, out_dir: str | os.PathLike | None = None, *, plots: bool = True,
+                 latency_view: str = "best") -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` for a suite (and its figures under ``plots/``).
 
     Args:
         results: the suite directory (``RESULTS_DIR``), or a DataFrame of its rows.
         out_dir: where to write; defaults to ``RESULTS_DIR``; required when ``results`` is a DataFrame.
         plots: also (re)draw the figures with :func:`harness.analyse.plots.write_plots` and include them.
+        latency_view: which timing-pass view the verdict's latency axis reads (``best``: each model at its best
+            deployment, the default; ``eager``: eager PyTorch alone; :mod:`harness.analyse.latency_source`). The
+            per-model deployment tables show both either way.
 
     Returns:
         ``(report.md, report.html)`` paths.
@@ -288,13 +363,17 @@ def write_report(results: Any, out_dir: str | os.PathLike | None = None, *, plot
     else:
         df = load_results(results)
         out_dir = Path(results) if out_dir is None else out_dir
+    if latency_view not in VIEWS:
+        raise ValueError(f"latency_view: {latency_view!r} not allowed; allowed: {', '.join(VIEWS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    latency = load_latency_table(None if isinstance(results, pd.DataFrame) else results)
+    store = None if isinstance(results, pd.DataFrame) else results
+    latency = load_latency_table(store, view=latency_view)
+    deployments = load_deployments(store)
     figures: list[Path] = []
     if plots and len(df):
         figures = write_verdict_plots(df, out_dir / "plots", latency=latency) + write_plots(df, out_dir / "plots")
-    blocks = build_report(df, figures, out_dir, latency=latency)
+    blocks = build_report(df, figures, out_dir, latency=latency, deployments=deployments)
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(render_markdown(blocks, out_dir), encoding="utf-8")
     page.write_text(render_html(blocks), encoding="utf-8")
