@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from bunit import fused_cpu, unit_train
 from bunit.fused_cpu import cache_dir
-from bunit.backends import BACKENDS, EAGER_BACKENDS, list_backends
+from bunit.backends import EAGER_BACKENDS, list_backends
 from bunit.layers import UnitLayer, unit_layers
 from bunit.spec import compact_specs
 from bunit.timing import call_times, interleaved_times, summary_ms

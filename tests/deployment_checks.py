@@ -4,7 +4,9 @@ import math
 import pandas as pd
 import pytest
 
+from harness.measure.runtimes import list_runtimes
 from harness.measure.timing_table import BEST_COLUMNS, best_deployment
+from test_contracts import runtime_contract
 
 DENSE, BUNIT = "d/r20/dense/s0", "d/r20/bunit/s0"
 
@@ -258,3 +260,11 @@ def test_time_command_times_several_runtimes_and_prints_each_models_best(tmp_pat
                                           f"openvino {__import__('openvino').get_version()}"}
     printed = capsys.readouterr().out
     assert "Each model at its fastest runtime and format" in printed and (store / "timings.csv").exists()
+
+
+# --- the runtime contract, over every registered runtime (defined in test_contracts.py) -------------------------------
+@pytest.mark.parametrize("name", list_runtimes())
+def test_runtime_contract(name):
+    """Every registered runtime's output equals eager's on a tiny model with a unit layer and non-default BatchNorms,
+    within the runtime's tolerance (a runtime whose package is missing skips, naming it)."""
+    runtime_contract(name)

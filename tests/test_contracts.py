@@ -1,5 +1,5 @@
-"""Contract tests over every registered method and every unit-layer execution backend: a method or backend added
-later (the README's plugin example included) is tested here without a line of its own.
+"""Contract tests over every registered method, unit-layer execution backend and runtime: a method, backend or runtime
+added later (the README's plugin example included) is tested without a line of its own.
 
 Methods: each applies its ``contract_target()`` to a small ResNet whose BatchNorms are away from fresh values; the
 result runs, costs less than dense (non-dense families), gives every parameter a gradient, keeps its weights
@@ -7,7 +7,11 @@ through ``save_model``/``load_model`` (outputs and counts equal), and stays the 
 ``prepare_for_inference`` (BUnit's, an autotuning of every backend, in the slow set). Backends: each runs a
 hybrid unit layer whose BatchNorms have a non-default ``eps`` and momentum and spread statistics, equal to the
 per-unit loop form in eval and in training (outputs, running statistics): a kernel that folds BatchNorm with a
-hard-coded ``eps`` fails here.
+hard-coded ``eps`` fails here. Runtimes (:func:`runtime_contract`): each builds a runner of a tiny model with a unit
+layer and such BatchNorms, whose output equals eager's within the runtime's stated tolerance; a runtime whose package
+is missing skips, naming it. The runtime contract runs over every registered runtime in ``deployment_checks.py``,
+a pytest process of its own (OpenVINO left xdist workers to crash later tests; see ``test_deployment_isolated.py``);
+here it runs for a runtime registered by the test itself.
 """
 from __future__ import annotations
 
@@ -17,13 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import harness  # noqa: F401  (torchvision shim first)
 from baselines import MethodContext, get_method, list_methods
 from baselines.counting import count_costs
-from bunit.layers import BACKENDS, UnitLayer
+from bunit.autotune import DEFAULT_BACKENDS, autotune
+from bunit.backends import Backend, list_backends, register_backend, unregister_backend
+from bunit.layers import BACKENDS, EAGER_BACKENDS, UnitLayer, set_backend, unit_layers
 from bunit.spec import CATALOGUE, hybrid_mix
 from conftest import spread_bn
+from harness.measure.runtimes import (Runtime, Runner, get_runtime, list_runtimes, make_runner, register_runtime,
+                                      unregister_runtime)
 from harness.run.artefacts import load_model, read_meta, save_model
 from harness.run.models import create_backbone
 from harness.run.runner import load_plugin
@@ -109,9 +118,8 @@ def _bn_layer(seed: int, stride: int) -> UnitLayer:
     return spread_bn(layer, seed)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_contract(backend, stride):
+def backend_contract(backend: str, stride: int) -> None:
+    """``backend`` runs a hybrid unit layer with non-default BatchNorms as the per-unit loop does, eval and training."""
     base = _bn_layer(3, stride)
     reference = base.to_reference() if hasattr(base, "to_reference") else None
     x = torch.randn(4, base.in_channels, 12, 12, generator=torch.Generator().manual_seed(1))
@@ -133,3 +141,113 @@ def test_backend_contract(backend, stride):
     for (n, a), b in zip(loop.named_buffers(), layer.buffers()):
         if a.is_floating_point():
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (backend, n)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("backend", list_backends())
+def test_backend_contract(backend, stride):
+    backend_contract(backend, stride)
+
+
+class _FunctionalConv(Backend):
+    """A backend of the test's own: each group's convolutions through ``F.conv2d`` on the modules' weights."""
+
+    def run(self, layer, x):
+        return layer.run_groups(x, lambda t, conv: F.conv2d(t, conv.weight, None, conv.stride, conv.padding,
+                                                            conv.dilation, conv.groups))
+
+
+@pytest.fixture
+def test_backend():
+    register_backend("test_functional")(_FunctionalConv)
+    yield "test_functional"
+    unregister_backend("test_functional")
+
+
+def test_a_registered_backend_is_picked_up_everywhere(test_backend, tmp_path):
+    assert test_backend in BACKENDS and test_backend in EAGER_BACKENDS and test_backend in DEFAULT_BACKENDS
+    for stride in (1, 2):
+        backend_contract(test_backend, stride)
+    model = set_backend(nn.Sequential(_bn_layer(0, 1)), test_backend)
+    assert [m.backend for _, m in unit_layers(model)] == [test_backend]
+    timed = []
+
+    def timer(layer, x, backend, repeats):  # the registered backend is the fastest candidate
+        timed.append(backend)
+        return 1e-3 if backend == test_backend else 2e-3
+
+    chosen = autotune(model, torch.randn(2, 14, 8, 8), cache_path=tmp_path / "tune.json", timer=timer, repeats=1)
+    assert chosen == {"0": test_backend} and timed == list(list_backends(eager=True))
+    with pytest.raises(ValueError, match="backend 'test_functional' is already registered"):
+        register_backend(test_backend)(_FunctionalConv)
+
+
+def test_an_unregistered_backend_is_refused_with_the_allowed_names():
+    allowed = ", ".join(list_backends())
+    with pytest.raises(ValueError, match=f"^backend: 'warp' is not allowed; allowed: {allowed}$"):
+        set_backend(nn.Sequential(_bn_layer(0, 1)), "warp")
+    assert allowed == "loop, grouped, grouped_cl, blockdiag, bmm, stencil, fused_cpu, unit_train, compiled"
+
+
+def tiny_unit_model() -> nn.Module:
+    """A stem, a fused unit layer and a classifier, every BatchNorm with ``eps`` 1e-2 and spread statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          UnitLayer(["2x2-4-2", "4-3-4"]), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-2
+    return spread_bn(model, 2).eval()
+
+
+def runtime_contract(name: str) -> None:
+    """``name``'s runner of :func:`tiny_unit_model` gives eager's output within the runtime's tolerance, and the
+    runtime names its software; skips naming a missing package."""
+    runtime = get_runtime(name)
+    reason = runtime.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    model, x = tiny_unit_model(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = model(x)
+    run, output, _ = runtime.build(model, x, threads=1, device=torch.device("cpu"))
+    run()
+    got = output()
+    assert got.shape == expected.shape and torch.allclose(got.float(), expected, rtol=runtime.rtol,
+                                                          atol=runtime.atol), (name, (got - expected).abs().max())
+    assert runtime.version() and "not installed" not in runtime.version()
+
+
+class _ChannelsLastCopy(Runtime):
+    """A runtime of the test's own: a channels_last copy of the model, in eager PyTorch."""
+
+    checked_as = "test_cl"
+
+    def build(self, net, x, *, threads, device):
+        copy_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+
+        def output():
+            with torch.inference_mode():
+                return copy_cl(x_cl)
+
+        return Runner(lambda: copy_cl(x_cl), output, {"test_cl_copy": True})
+
+
+def test_a_registered_runtime_is_picked_up_by_the_registry_and_the_contract():
+    from harness.measure.runtimes import ONNX_RUNTIMES, RUNTIMES
+
+    register_runtime("test_cl")(_ChannelsLastCopy)
+    try:
+        assert list_runtimes()[-1] == "test_cl" and "test_cl" in RUNTIMES and "test_cl" not in ONNX_RUNTIMES
+        runtime_contract("test_cl")
+        _, info = make_runner("test_cl", tiny_unit_model(), torch.randn(1, 3, 8, 8), threads=1,
+                              device=torch.device("cpu"))
+        assert info["test_cl_copy"] and info["test_cl_max_abs_err"] < 1e-5
+        assert info["runtime_version"] == f"torch {torch.__version__}"
+    finally:
+        unregister_runtime("test_cl")
+    assert "test_cl" not in RUNTIMES
+    with pytest.raises(ValueError, match=r"^runtime: 'test_cl' not allowed; allowed: eager, compile, onnx, openvino, "
+                                         r"openvino\+units$"):
+        make_runner("test_cl", tiny_unit_model(), torch.randn(1, 3, 8, 8), threads=1, device=torch.device("cpu"))

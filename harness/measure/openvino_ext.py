@@ -18,7 +18,7 @@ for the dense layers and gives the unit layers BUnit's own kernel:
   the kernel from the block input, as ``fused_cpu`` does). A layer with several groups chains its nodes: each
   takes the previous one's output and writes its own units' channels. Everything else exports as usual.
 - :func:`compile_model` compiles such an export with the library added (``Core.add_extension``); the timing pass
-  does this for the ``openvino+units`` runtime (:mod:`harness.measure.runtimes`).
+  does this for the ``openvino+units`` runtime (:mod:`harness.measure.runtimes.openvino_units`).
 
 ONNX Runtime: its maintained route for a native custom operator is a custom-op library built against its C API
 headers (``onnxruntime_c_api.h``) and registered with ``SessionOptions.register_custom_ops_library``; the PyPI wheel
@@ -41,6 +41,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bunit import fused_cpu
+from bunit.fused_cpu import cache_dir, cpu_tag
+from bunit.functional import shift_residual
+from bunit.layers import unit_layers
+from harness.measure.runtimes.base import onnx_bytes
+from harness.measure.runtimes.openvino_runtime import openvino_compiled
 
 __all__ = ["SOURCE", "extension_path", "build_info", "export_with_units", "compile_model", "unit_group_reference"]
 
@@ -102,9 +109,7 @@ def extension_path(*, quiet: bool = False) -> Path:
         return _state["path"]
     if "error" in _state:
         raise RuntimeError(_state["error"])
-    import openvino
-
-    from bunit.fused_cpu import cache_dir, cpu_tag
+    import openvino  # an optional extra, slow to import: loaded on use
 
     version = openvino.get_version().split("-")[0]
     build_dir = cache_dir() / "ext" / f"bunit_unit_openvino-ov{version}-cpu{cpu_tag()}-src{_source_tag()}"
@@ -146,8 +151,6 @@ def unit_group_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2
     Returns:
         ``(N, out_channels, Ho, Wo)``: ``prev`` (zeros without it) with this group's units' channels written.
     """
-    from bunit.functional import shift_residual
-
     units = len(in_start)
     idx = torch.tensor([i + j for i in in_start for j in range(a)], device=x.device)
     hidden = F.relu(F.conv2d(x.index_select(1, idx), w1, b1, stride=s, padding=k // 2, groups=units))
@@ -202,9 +205,6 @@ def _exported_forward(groups: list[tuple]):
 @contextlib.contextmanager
 def _units_as_custom_op(net: nn.Module) -> Iterator[int]:
     """Within the block, every fused unit layer of ``net`` runs (and traces) as :class:`_UnitGroupOp` nodes."""
-    from bunit import fused_cpu
-    from bunit.layers import unit_layers
-
     patched, nodes = [], 0
     try:
         for _, layer in unit_layers(net):
@@ -232,8 +232,6 @@ def export_with_units(net: nn.Module, x: torch.Tensor) -> tuple[bytes, int]:
         net: the model in eval mode (not changed: its unit layers are restored after the export).
         x: the input batch, float32 on the CPU, NCHW.
     """
-    from harness.measure.runtimes import onnx_bytes
-
     with _units_as_custom_op(net) as nodes:
         model = onnx_bytes(net, x)
     return model, nodes
@@ -241,6 +239,4 @@ def export_with_units(net: nn.Module, x: torch.Tensor) -> tuple[bytes, int]:
 
 def compile_model(model: bytes, threads: int, *, units: bool = True):
     """An export of :func:`export_with_units` compiled by OpenVINO (CPU, f32), the unit operation added when asked."""
-    from harness.measure.runtimes import openvino_compiled
-
     return openvino_compiled(model, threads, extension=str(extension_path()) if units else None)
