@@ -49,6 +49,10 @@ class Registry(Generic[T]):
         """The instance registered as ``name``; raises ``KeyError`` if there is none."""
         return self._items[name]
 
+    def find(self, name: str) -> T | None:
+        """The instance registered as ``name``, or None."""
+        return self._items.get(name)
+
     def names(self, keep: Callable[[T], bool] | None = None) -> tuple[str, ...]:
         """Registered names in registration order, those whose instance passes ``keep`` when one is given."""
         return tuple(n for n, item in self._items.items() if keep is None or keep(item))

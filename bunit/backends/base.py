@@ -77,10 +77,7 @@ def get_backend(name: str, *, field: str = "backend", eager: bool | None = None)
     Raises:
         ValueError: ``<field>: 'x' is not allowed; allowed: ...`` for a name that is not registered (or not eager).
     """
-    try:
-        backend = _REGISTRY.get(name)  # a dict lookup: a unit layer asks on every forward
-    except KeyError:
-        backend = None
+    backend = _REGISTRY.find(name)  # a dict lookup: a unit layer asks on every forward
     if backend is None or (eager is not None and backend.eager != eager):
         raise ValueError(f"{field}: {name!r} is not allowed; allowed: {', '.join(list_backends(eager=eager))}")
     return backend
