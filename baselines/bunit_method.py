@@ -16,6 +16,7 @@ import torch.nn as nn
 from baselines.base import Method, MethodContext, Pipeline, register_method
 from baselines.bunit_plan import build_for_target, parse_cost_target
 from bunit import PAPER, PRESETS, bunitify, resolve_plan
+from bunit.autotune import autotune, has_unit_layers
 
 __all__ = ["BUnit"]
 
@@ -55,6 +56,4 @@ class BUnit(Method):
 
     def prepare_for_inference(self, model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
         """Give every unit layer the execution backend measured fastest for inputs like ``example_inputs``."""
-        from bunit.autotune import autotune, has_unit_layers
-
         return {"bunit_backend": autotune(model, example_inputs) if has_unit_layers(model) else None}

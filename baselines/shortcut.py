@@ -1,6 +1,6 @@
 """Teach torch-pruning the option-A (zero-padding) shortcut of CIFAR ResNets.
 
-The trap: an option-A shortcut (``harness.run.models.PadShortcut``) subsamples and zero-pads channels with plain
+The trap: an option-A shortcut (``harness.core.models.PadShortcut``) subsamples and zero-pads channels with plain
 tensor ops. Torch-pruning's dependency graph sees the pad as an element-wise op, couples the 16-channel input
 with the 32-channel output index by index, prunes both sides "consistently", and the pruned model fails at its
 next forward (``The size of tensor a (24) must match the size of tensor b (32)``).
@@ -105,7 +105,7 @@ class ChannelMapPruner(tp.pruner.BasePruningFunc):
 
 
 def _is_pad_shortcut(module: nn.Module) -> bool:
-    # duck-typed on harness.run.models.PadShortcut (baselines do not import harness internals)
+    # duck-typed on harness.core.models.PadShortcut (baselines do not import harness internals)
     return (type(module).__name__ == "PadShortcut" and all(hasattr(module, a) for a in
             ("in_channels", "out_channels", "stride")) and not any(True for _ in module.parameters()))
 

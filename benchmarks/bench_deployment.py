@@ -46,7 +46,7 @@ from baselines.counting import count_costs
 from bunit import bunitify
 from bunit.timing import cpu_snapshot, interleaved_times, others_cpus, steady_allocator
 from harness.measure.runtimes import make_runner, runtime_version
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layers import write_csv  # noqa: E402

@@ -43,8 +43,8 @@ from bunit.layers import EAGER_BACKENDS, UnitLayer
 from bunit.units import unit_macs
 from bunit.spec import parse_specs
 from bunit.timing import interleaved_times, machine_load, summary_ms
-from harness.measure.devices import device_info
-from harness.run.context import provenance
+from harness.core.devices import device_info
+from harness.core.provenance import provenance
 
 __all__ = ["LayerShape", "SHAPES", "environment", "write_csv", "prepare_dynamo", "dtype_from_name",
            "available_backends", "load1", "main"]
@@ -125,8 +125,8 @@ QUICK_SHAPES = ("resnet.stage3", "vgg16.conv8")
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Columns that say where a row was measured: device name (a CPU's with its vector instruction sets and CPU
-    count, :func:`harness.measure.devices.device_info`), threads, torch version, git revision (``-dirty`` with
-    uncommitted changes, from :func:`harness.run.context.provenance`)."""
+    count, :func:`harness.core.devices.device_info`), threads, torch version, git revision (``-dirty`` with
+    uncommitted changes, from :func:`harness.core.provenance.provenance`)."""
     prov = provenance()
     git = prov["git_rev"][:7] + ("-dirty" if prov["git_dirty"] else "") if prov["git_rev"] else None
     return {"device": device.type, "device_name": device_info(device)["device_name"],

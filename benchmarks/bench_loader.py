@@ -1,4 +1,4 @@
-"""Streaming loader throughput and memory: harness.run.stream against a plain torchvision ImageFolder + DataLoader.
+"""Streaming loader throughput and memory: harness.core.stream against a plain torchvision ImageFolder + DataLoader.
 
 Both read the same generated JPEG tree (mixed sizes), use the same worker count, batch size and transforms
 (training: RandomResizedCrop + RandomHorizontalFlip; normalised float32 NCHW batches delivered on the device), and
@@ -30,8 +30,8 @@ import torch
 
 from bunit.timing import interleaved_times, machine_load, summary_ms
 from harness.compat import ensure_torchvision
-from harness.run.decode import write_image_tree
-from harness.run.stream import IMAGENET_STATS, StreamData, scan_splits
+from harness.core.decode import write_image_tree
+from harness.core.stream import IMAGENET_STATS, StreamData, scan_splits
 
 LOADERS = ("stream", "torchvision")
 

@@ -58,7 +58,7 @@ from bunit import bunitify
 from bunit.autotune import DEFAULT_BACKENDS, autotune
 from bunit.layers import EAGER_BACKENDS, unit_layers
 from bunit.timing import interleaved_times, summary_ms
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layers import (available_backends, dtype_from_name, environment, load1, prepare_dynamo,  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 from baselines import get_method
 from bunit.timing import cpu_snapshot, interleaved_times, others_cpus, summary_ms
 from harness.measure.timing_pass import paired_ratio
-from harness.run.artefacts import list_models, load_model
+from harness.core.artefacts import list_models, load_model
 
 
 def _runner(store: str, meta: dict, batch: int):

@@ -26,9 +26,9 @@ import torch
 from baselines import MethodContext, get_method
 from baselines.counting import count_macs
 from bunit.timing import cpu_snapshot, interleaved_times, others_cpus, steady_allocator
-from harness.run.config import TrainConfig
-from harness.run.data import load_dataset
-from harness.run.models import create_backbone
+from harness.core.config import TrainConfig
+from harness.core.data import load_dataset
+from harness.core.models import create_backbone
 from harness.run.train import train_model
 from harness.run.train_speed import apply_setting, candidates, step_fn
 

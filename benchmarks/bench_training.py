@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from harness.compat import ensure_torchvision
-from harness.run.config import TrainConfig
-from harness.run.data import load_dataset
-from harness.run.models import create_backbone
+from harness.core.config import TrainConfig
+from harness.core.data import load_dataset
+from harness.core.models import create_backbone
 from harness.run.train import train_model
 
 

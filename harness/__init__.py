@@ -3,8 +3,8 @@ from harness.compat import ensure_torchvision
 
 ensure_torchvision()  # before anything imports ptflops or torchvision
 
-_LAZY = {"load_model": "harness.run.artefacts", "list_models": "harness.run.artefacts",
-         "load_results": "harness.run.store", "load_timings": "harness.measure.timing_pass"}
+_LAZY = {"load_model": "harness.core.artefacts", "list_models": "harness.core.artefacts",
+         "load_results": "harness.core.store", "load_timings": "harness.measure.timing_pass"}
 
 
 def __getattr__(name: str):

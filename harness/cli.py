@@ -2,7 +2,8 @@
 
 The suite file carries the detail; the command line carries only paths, filters and ``section.field=value``
 overrides. Bad input prints one line naming the field and the allowed values and exits with status 2,
-before anything is written.
+before anything is written. Each command imports what it needs when it runs (marked ``# on demand``), so that
+``bunitbench --help`` and a mistyped command answer without loading torch.
 """
 from __future__ import annotations
 
@@ -83,8 +84,10 @@ def _err(message: str) -> int:
 
 
 def _cmd_run(args) -> int:
-    from harness.run.config import apply_overrides, expand, load_suite
-    from harness.run.runner import load_plugin, resolve_device, select
+    # on demand: the CLI starts without torch
+    from harness.core.config import apply_overrides, expand, load_suite
+    from harness.core.devices import resolve_device
+    from harness.run.runner import load_plugin, select
 
     if args.executor not in EXECUTORS:
         return _err(f"--executor: {args.executor!r} not allowed; allowed: {', '.join(EXECUTORS)}")
@@ -100,12 +103,14 @@ def _cmd_run(args) -> int:
         print(f"{len(grid)} experiments in suite {suite.name!r}", file=sys.stderr)
         return 0
     if args.executor == "ray":  # the device is the workers' business, not the driver's
+        # on demand: the CLI starts without torch
         from harness.run.ray_executor import run_suite_ray
 
         outcome = run_suite_ray(suite, results_dir=args.results_dir, device=args.device, only=args.only,
                                 address=args.address, plugins=args.plugin, progress=not args.no_progress,
                                 rerun_other_revisions=args.rerun_other_revisions)
     else:
+        # on demand: the CLI starts without torch
         from harness.run.executors import run_suite_local
 
         resolve_device(args.device)
@@ -115,8 +120,10 @@ def _cmd_run(args) -> int:
     print(f"suite {suite.name}: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done "
           f"-> {args.results_dir}/{suite.name}/runs.jsonl")
     if args.report:
+        # on demand: the CLI starts without torch
         from pathlib import Path
 
+        # on demand: the CLI starts without torch
         from harness.analyse.report import write_report
 
         out = Path(args.results_dir) / suite.name
@@ -126,10 +133,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    # on demand: the CLI starts without torch
     from baselines import list_methods, method_info
-    from harness.run.config import list_suites
-    from harness.run.data import list_datasets
-    from harness.run.models import list_backbones
+    from harness.core.config import list_suites
+    from harness.core.data import list_datasets
+    from harness.core.models import list_backbones
     from harness.run.runner import load_plugin
 
     for plugin in args.plugin:
@@ -147,6 +155,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
+    # on demand: the CLI starts without torch
     from harness.measure.inspection import format_inspection, inspect_backbone
 
     rows = inspect_backbone(args.backbone, args.plan, image_size=args.image_size, num_classes=args.num_classes,
@@ -168,8 +177,10 @@ def _int_option(name: str, text: str | None, minimum: int) -> int | None:
 
 
 def _cmd_time(args) -> int:
+    # on demand: the CLI starts without torch
     from pathlib import Path
 
+    # on demand: the CLI starts without torch
     from harness.measure.runtimes import RUNTIMES
     from harness.measure.timing_pass import format_timings, load_timings, time_store
     from harness.measure.timing_table import best_deployment, format_best
@@ -204,6 +215,7 @@ def _cmd_time(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    # on demand: the CLI starts without torch
     from harness.analyse.plots import write_plots
 
     for path in write_plots(args.results_dir):
@@ -212,6 +224,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    # on demand: the CLI starts without torch
     from harness.analyse.report import write_report
 
     for path in write_report(args.results_dir):

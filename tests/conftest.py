@@ -141,7 +141,7 @@ def apply_iterative(name: str, target, batches, *, shortcut: str, steps: int, fi
         ``(model, ctx, calls)``: the compressed model, its method context (with the record) and the fine-tune calls.
     """
     from baselines import MethodContext, get_method
-    from harness.run.models import create_backbone
+    from harness.core.models import create_backbone
 
     torch.manual_seed(0)
     model = create_backbone("resnet8", in_channels=1, shortcut=shortcut)

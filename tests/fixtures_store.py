@@ -1,6 +1,6 @@
 """A synthetic result store for the metrics/plots/report tests. NOT measured results.
 
-``write_fixture_store(directory)`` writes rows through ``harness.run.store.ResultStore`` that look like a small
+``write_fixture_store(directory)`` writes rows through ``harness.core.store.ResultStore`` that look like a small
 CIFAR-10 suite: backbones resnet56 (shortcut A) and vgg16, methods dense, bunit, global-magnitude (unstructured),
 l1-filter and slimming (structured) at two targets each, three seeds, and one failed run. Every number is drawn
 from a seeded generator around plausible magnitudes; the suite is named ``synthetic-fixture`` and the hostname
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.run.store import ResultStore
+from harness.core.store import ResultStore
 
 __all__ = ["write_fixture_store", "FIXTURE_SUITE", "FIXTURE_SEEDS", "FIXTURE_FAILED"]
 

@@ -13,9 +13,9 @@ from torch.nn.utils import prune
 
 from baselines import MethodContext, get_method
 from baselines.counting import count_costs
-from harness.run.artefacts import CorruptArtefact, artefact_name, list_models, load_model, read_meta, save_model
-from harness.run.models import create_backbone
-from harness.run.store import ResultStore
+from harness.core.artefacts import CorruptArtefact, artefact_name, list_models, load_model, read_meta, save_model
+from harness.core.models import create_backbone
+from harness.core.store import ResultStore
 
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.arange(8) % 10
@@ -153,7 +153,7 @@ def test_list_models_and_a_copied_store(tmp_path):
 
 
 def test_harness_load_model_is_lazy():
-    code = ("import sys, harness; assert 'harness.run.artefacts' not in sys.modules; "
-            "from harness.run.artefacts import load_model; assert harness.load_model is load_model; print('ok')")
+    code = ("import sys, harness; assert 'harness.core.artefacts' not in sys.modules; "
+            "from harness.core.artefacts import load_model; assert harness.load_model is load_model; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -10,8 +10,8 @@ import torch_pruning as tp
 from baselines import MethodContext, Pipeline, finetune_split, get_method, list_methods, method_info, register_method
 from baselines.base import Method
 from baselines.schedule import stage_targets
-from harness.run.config import TrainConfig
-from harness.run.models import create_backbone
+from harness.core.config import TrainConfig
+from harness.core.models import create_backbone
 
 PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin_criterion.py"
 

@@ -8,7 +8,7 @@ import torch_pruning as tp
 from baselines import MethodContext, get_method
 from baselines.depgraph import group_penalty
 from baselines.shortcut import convert_pad_shortcuts
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 from conftest import apply_iterative, digits_batches, spread_bn
 

@@ -15,7 +15,7 @@ from baselines.counting import count_macs, layer_widths
 from baselines.serialize import architecture_of, rebuild
 from baselines.shortcut import ChannelMapPruner, ChannelMapShortcut, convert_pad_shortcuts
 from baselines.structured import parse_structured_target
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 from conftest import spread_bn
 

@@ -5,7 +5,7 @@ import torch
 from baselines import MethodContext, get_method, list_methods
 from baselines.counting import prunable_layers, weight_sparsity
 from baselines.lamp import lamp_scores
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 from conftest import apply_iterative, digits_batches, make_finetune
 

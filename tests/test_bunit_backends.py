@@ -169,7 +169,7 @@ class _ScriptedTimer:
 
 def _cifar_bunit() -> nn.Module:
     import harness  # noqa: F401
-    from harness.run.models import create_backbone
+    from harness.core.models import create_backbone
 
     return bunitify(create_backbone("resnet20"), "cifar-resnet-paper")
 

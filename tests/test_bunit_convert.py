@@ -15,7 +15,7 @@ from bunit.layers import UnitLayer, convert_units, unit_layers
 from bunit.units import unit_macs, unit_params
 from bunit.spec import CATALOGUE, hybrid_mix, parse_specs
 from baselines.counting import count_macs, layer_macs
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -228,7 +228,7 @@ def test_uniform_other_shapes_and_parse():
 def test_paper_plan_picks_the_preset_for_the_backbone(backbone, preset):
     from bunit import PAPER, paper_preset
 
-    from harness.run.models import create_backbone
+    from harness.core.models import create_backbone
 
     dense = create_backbone(backbone)
     assert paper_preset(dense) == preset

@@ -107,7 +107,7 @@ def test_basic_block_adds_shortcut_in_kernel():
 
 @pytest.mark.parametrize("cin, cout, stride, hw", [(16, 32, 2, 16), (8, 16, 2, 9), (6, 12, 1, 7), (8, 8, 1, 6)])
 def test_option_a_shortcut_read_in_kernel(cin, cout, stride, hw):
-    from harness.run.models import PadShortcut
+    from harness.core.models import PadShortcut
 
     dense = nn.Module()
     dense.conv1, dense.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
@@ -152,7 +152,7 @@ def test_any_input_layout_gives_the_same_output(spec, stride):
 
 
 def test_option_a_shortcut_from_channels_last_input():
-    from harness.run.models import PadShortcut
+    from harness.core.models import PadShortcut
 
     dense = nn.Module()
     dense.conv1, dense.bn1 = nn.Conv2d(16, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32)

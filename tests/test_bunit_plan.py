@@ -10,7 +10,7 @@ from baselines import MethodContext, get_method
 from baselines.bunit_plan import TOLERANCE, CostTarget, choose_plan, parse_cost_target, plan_family
 from baselines.counting import count_macs
 from bunit import bunitify
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 # backbone, shortcut, MACs targets, params targets (ResNet-50 converts only its 3x3 convs: at most ~45%)
 CASES = [

@@ -33,10 +33,10 @@ from bunit.spec import CATALOGUE, hybrid_mix
 from conftest import spread_bn
 from harness.measure.runtimes import (Runtime, Runner, get_runtime, list_runtimes, make_runner, register_runtime,
                                       unregister_runtime)
-from harness.run.artefacts import load_model, read_meta, save_model
-from harness.run.models import create_backbone
+from harness.core.artefacts import load_model, read_meta, save_model
+from harness.core.models import create_backbone
 from harness.run.runner import load_plugin
-from harness.run.schema import unknown_columns
+from harness.core.schema import unknown_columns
 
 PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "plugin_criterion.py"
 load_plugin(str(PLUGIN))  # the README's plugin example registers l2-filter; the contract must cover it

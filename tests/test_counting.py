@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import harness  # noqa: F401 - the torchvision shim before ptflops
 from baselines.counting import count_costs, count_macs, count_params, count_params_nonzero
-from harness.run.models import VGG16_CFG, create_backbone
+from harness.core.models import VGG16_CFG, create_backbone
 
 
 def _flop_counter_macs(model: nn.Module, shape: tuple[int, ...]) -> float:

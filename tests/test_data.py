@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.run.data import load_dataset
-from harness.run.device_loader import DeviceLoader, augment_batch
+from harness.core.data import load_dataset
+from harness.core.device_loader import DeviceLoader, augment_batch
 
 
 def test_digits_split_and_normalisation():
@@ -104,7 +104,7 @@ def test_loader_covers_every_sample_once_per_epoch():
 
 
 def test_splits_implement_the_data_protocol():
-    from harness.run.data import ImageData
+    from harness.core.data import ImageData
 
     d = load_dataset("digits", image_size=8)
     assert isinstance(d, ImageData)

@@ -10,14 +10,14 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from harness.run.checkpoints import dense_key
-from harness.run.config import TrainConfig, expand, load_suite
-from harness.run.data import load_dataset
-from harness.run.device_loader import DeviceLoader
+from harness.core.checkpoints import dense_key
+from harness.core.config import TrainConfig, expand, load_suite
+from harness.core.data import load_dataset
+from harness.core.device_loader import DeviceLoader
 from harness.run.parallel import ShardedLoader
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 from harness.run.runner import run_suite
-from harness.run.store import ResultStore
+from harness.core.store import ResultStore
 from harness.run.train import evaluate, train_model
 
 from conftest import write_suite
@@ -180,8 +180,8 @@ class _FakeRank:
 
 
 def test_every_rank_loads_the_data_the_way_rank_0_chose(tmp_path):
-    from harness.run.config import parse_suite
-    from harness.run.decode import write_image_tree
+    from harness.core.config import parse_suite
+    from harness.core.decode import write_image_tree
     from harness.run.distributed import load_rank_data
 
     root = write_image_tree(tmp_path / "tree", n_train=12, n_val=4, classes=2)

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from harness.run.artefacts import load_model
-from harness.run.checkpoints import dense_key
-from harness.run.config import expand, load_suite
+from harness.core.artefacts import load_model
+from harness.core.checkpoints import dense_key
+from harness.core.config import expand, load_suite
 from harness.run.executors import plan_jobs, run_suite_local
 from harness.run.experiment import failed_row
 from harness.run.runner import run_suite, select
-from harness.run.store import ResultStore
+from harness.core.store import ResultStore
 
 from conftest import torch_threads, write_suite
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.run import data as data_mod
-from harness.run.data import FASHION_MNIST_SHA256, IDX_FILES, Splits, load_dataset, load_idx_copy
+from harness.core import data as data_mod
+from harness.core.data import FASHION_MNIST_SHA256, IDX_FILES, Splits, load_dataset, load_idx_copy
 
 SYSTEM_COPY = data_mod.SYSTEM_DATA_DIR / "fashion-mnist"
 
@@ -89,8 +89,8 @@ def test_real_pixel_statistics(system_copy, tmp_path):
 
 
 def test_a_small_real_slice_trains_one_epoch(real):
-    from harness.run.config import TrainConfig
-    from harness.run.models import create_backbone
+    from harness.core.config import TrainConfig
+    from harness.core.models import create_backbone
     from harness.run.train import evaluate, seed_everything, train_model
 
     seed_everything(0)

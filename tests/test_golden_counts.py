@@ -13,7 +13,7 @@ from pathlib import Path
 import harness  # noqa: F401 - the torchvision shim
 from baselines.counting import count_costs
 from bunit import bunitify
-from harness.run.models import create_backbone, get_backbone_info, list_backbones
+from harness.core.models import create_backbone, get_backbone_info, list_backbones
 
 GOLDEN = Path(__file__).parent / "golden" / "counts.json"
 RECORD = "BUNITBENCH_RECORD_GOLDEN"

@@ -9,7 +9,7 @@ from ptflops import get_model_complexity_info
 from bunit.convert import bunitify
 from baselines.counting import count_macs
 from harness.measure.inspection import format_inspection, inspect_backbone, sections
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,10 @@ import torch.nn as nn
 
 from baselines.counting import count_params, count_params_nonzero
 from harness.measure import LATENCY_COLUMNS, checkpoint_bytes, measure_latency, measure_model, peak_memory_mb
-from harness.measure.devices import device_info
+from harness.core.devices import device_info
 from harness.measure.lowp import GemmConv2d, bf16_columns, mask_2to4, semi24_columns, semi_structured_copy
-from harness.run.models import create_backbone
-from harness.run.schema import unknown_columns
+from harness.core.models import create_backbone
+from harness.core.schema import unknown_columns
 
 def test_checkpoint_bytes_grows_by_the_bytes_of_what_it_stores():
     """n float32 weights more cost 4n bytes plus a record overhead under 2 KiB; half precision halves the data."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import write_suite
-from harness.run.config import apply_overrides, expand, load_suite
-from harness.run.context import provenance
+from harness.core.config import apply_overrides, expand, load_suite
+from harness.core.provenance import provenance
 from harness.run.runner import open_suite
-from harness.run.store import ResultStore
+from harness.core.store import ResultStore
 
 
 def _suite(tmp_path):

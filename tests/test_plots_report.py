@@ -22,7 +22,7 @@ from harness.analyse.plots import PANEL_W, plot_metric_bars, plot_tradeoff, prep
 from harness.analyse.report import DENSE_TARGET, MISSING, write_report
 from harness.analyse.verdict import compare_area, compare_points
 from harness.analyse.claim import check_claim
-from harness.run.store import load_results
+from harness.core.store import load_results
 from fixtures_store import FIXTURE_FAILED, write_fixture_store
 
 METHODS = ("dense", "bunit", "global-magnitude", "l1-filter", "slimming")

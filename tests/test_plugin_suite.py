@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.run.store import load_results
+from harness.core.store import load_results
 
 from conftest import write_suite
 
@@ -52,7 +52,7 @@ def test_without_the_plugin_the_method_is_unknown(tmp_path):
 def test_readme_suite_example_is_a_valid_suite():
     import tomllib
 
-    from harness.run.config import expand, parse_suite
+    from harness.core.config import expand, parse_suite
 
     block = re.search(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
     suite = parse_suite(tomllib.loads(block))

@@ -12,9 +12,9 @@ Measured on CPU with one torch thread (as the tests run; global-magnitude, 1 fin
 import numpy as np
 import pytest
 
-from harness.run.config import load_suite
+from harness.core.config import load_suite
 from harness.run.runner import run_suite
-from harness.run.store import load_results
+from harness.core.store import load_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # two threads spin on a busy machine: 9x the CPU time measured
 

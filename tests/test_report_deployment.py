@@ -13,7 +13,7 @@ import pytest
 import harness  # noqa: F401  (torchvision shim first)
 from harness.analyse.latency_source import DEPLOYMENT_VIEW_COLUMNS, load_deployments
 from harness.analyse.report import write_report
-from harness.run.store import load_results
+from harness.core.store import load_results
 from fixtures_store import write_fixture_store
 
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from harness.run.artefacts import MODELS_DIR, artefact_name
-from harness.run.checkpoints import dense_key
-from harness.run.config import expand, load_suite
+from harness.core.artefacts import MODELS_DIR, artefact_name
+from harness.core.checkpoints import dense_key
+from harness.core.config import expand, load_suite
 from harness.run.runner import run_suite
-from harness.run.store import read_rows
+from harness.core.store import read_rows
 
 from conftest import write_suite
 

@@ -1,4 +1,4 @@
-"""The streaming loader (harness.run.stream) on generated JPEG trees: training, order, shards, bad files, memory."""
+"""The streaming loader (harness.core.stream) on generated JPEG trees: training, order, shards, bad files, memory."""
 import json
 import logging
 import os
@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness.run.config import ConfigError, TrainConfig, parse_suite
-from harness.run.data import ImageData, Splits, load_dataset, pack_data, unpack_data
-from harness.run.decode import write_image_tree
-from harness.run.models import create_backbone
-from harness.run.stream import BadImagesError, StreamData, choose_loader
+from harness.core.config import ConfigError, TrainConfig, parse_suite
+from harness.core.data import ImageData, Splits, load_dataset, pack_data, unpack_data
+from harness.core.decode import write_image_tree
+from harness.core.models import create_backbone
+from harness.core.stream import BadImagesError, StreamData, choose_loader
 from harness.run.train import evaluate, train_model
 
 RECIPE = TrainConfig(epochs=1, batch_size=64, lr=0.05, warmup_epochs=0.2)
@@ -85,7 +85,7 @@ def test_shards_are_disjoint_and_rebuild_the_one_process_batches(small_tree):
 def test_crops_follow_the_imagenet_transforms(tmp_path):
     from PIL import Image
 
-    from harness.run.decode import crop_box, decode_batch, scan_folder
+    from harness.core.decode import crop_box, decode_batch, scan_folder
 
     rng = np.random.default_rng(0)
     for _ in range(200):  # random-resized crop: inside the image, 8-100% of its area, aspect 3/4-4/3
@@ -184,7 +184,7 @@ def test_a_few_bad_files_are_reported_and_skipped(tmp_path, caplog):
 
 
 def test_cpu_workers_normalise_to_the_values_of_the_uint8_path(tmp_path):
-    from harness.run.decode import decode_batch
+    from harness.core.decode import decode_batch
 
     root = write_image_tree(tmp_path, n_train=64, n_val=4, sizes=(20, 60))
     _corrupt(root, 1)  # one batch comes out a row short
@@ -260,7 +260,7 @@ def _suite_text(root) -> str:
 
 
 def test_torchrun_streamed_suite_writes_each_row_once(small_tree, tmp_path):
-    from harness.run.store import ResultStore
+    from harness.core.store import ResultStore
 
     suite = tmp_path / "streamed.toml"
     suite.write_text(_suite_text(small_tree))
@@ -276,9 +276,9 @@ def test_torchrun_streamed_suite_writes_each_row_once(small_tree, tmp_path):
 @pytest.mark.slow
 def test_ray_tasks_open_the_folder_themselves(small_tree, tmp_path):
     ray = pytest.importorskip("ray", reason="the Ray executor needs the optional extra: pip install 'bunit-bench[ray]'")
-    from harness.run.config import load_suite
+    from harness.core.config import load_suite
     from harness.run.ray_executor import run_suite_ray
-    from harness.run.store import ResultStore
+    from harness.core.store import ResultStore
 
     suite = tmp_path / "streamed.toml"
     suite.write_text(_suite_text(small_tree))
@@ -296,9 +296,9 @@ def test_ray_tasks_open_the_folder_themselves(small_tree, tmp_path):
 _RSS_SCRIPT = """
 import json, resource, sys, torch
 import harness
-from harness.run.config import TrainConfig
-from harness.run.data import load_dataset
-from harness.run.models import create_backbone
+from harness.core.config import TrainConfig
+from harness.core.data import load_dataset
+from harness.core.models import create_backbone
 from harness.run.train import train_model
 torch.set_num_threads(1)
 data = load_dataset("imagefolder:" + sys.argv[1], image_size=32, loader="stream", workers=2)

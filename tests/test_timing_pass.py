@@ -16,8 +16,8 @@ import harness.measure.timing_pass as tp
 from bunit.timing import cpu_snapshot, interleaved_times, others_cpus
 from harness.measure.runtimes import make_runner
 from harness.measure.timing_pass import is_busy, load_timings, paired_ratio, time_store
-from harness.run.artefacts import load_model
-from harness.run.store import read_rows
+from harness.core.artefacts import load_model
+from harness.core.store import read_rows
 
 from test_artefacts import build_store, compressed, run_key
 

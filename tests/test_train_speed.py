@@ -12,9 +12,9 @@ import torch
 
 import harness.run.train_speed as train_speed
 from bunit import bunitify, unit_train
-from harness.run.config import TrainConfig
-from harness.run.data import load_dataset
-from harness.run.models import create_backbone
+from harness.core.config import TrainConfig
+from harness.core.data import load_dataset
+from harness.core.models import create_backbone
 from harness.run.train import train_model
 from harness.run.train_speed import TrainSetting, candidates, choose_setting
 

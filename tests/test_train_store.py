@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from harness.run.checkpoints import load_checkpoint, save_checkpoint
-from harness.run.config import TrainConfig
-from harness.run.data import load_dataset
-from harness.run.models import create_backbone
-from harness.run.store import ResultStore, load_results
+from harness.core.checkpoints import load_checkpoint, save_checkpoint
+from harness.core.config import TrainConfig
+from harness.core.data import load_dataset
+from harness.core.models import create_backbone
+from harness.core.store import ResultStore, load_results
 from harness.run.train import TrainingDiverged, evaluate, lr_at, train_model
 
 RECIPE = TrainConfig(epochs=2, batch_size=128, lr=0.1, warmup_epochs=0.5)

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from baselines import FAMILIES
+from harness.core.schema import SETTING_KEYS
 
 __all__ = [
     "COST_AXES",
@@ -70,7 +71,6 @@ __all__ = [
 ]
 
 COST_AXES = ("params", "macs", "latency")
-SETTING_KEYS = ("dataset", "backbone", "shortcut", "image_size")
 REFERENCE_KEYS = SETTING_KEYS + ("seed",)
 SUMMARY_KEYS = ("dataset", "backbone", "shortcut", "image_size", "method", "family", "target_label", "schedule")
 LATENCY_CONTEXT = ("latency_device", "device_name", "dtype", "memory_format", "threads")
@@ -438,7 +438,7 @@ def add_relative_metrics(df: pd.DataFrame, *, sparse_aware: bool = True) -> pd.D
     """Per-row metrics against the dense reference of the same setting and seed.
 
     Args:
-        df: result rows (``harness.run.store.load_results``); rows whose status is not ``ok`` are dropped.
+        df: result rows (``harness.core.store.load_results``); rows whose status is not ``ok`` are dropped.
         sparse_aware: measure the params/MACs axes by non-zero counts (default) or by plain counts.
 
     Returns:

@@ -25,7 +25,7 @@ from matplotlib.patches import Patch
 
 from harness.analyse.metrics import (COST_AXES, SETTING_KEYS, add_relative_metrics, family_rank, summarize,
                                      target_sort_key)
-from harness.run.store import load_results
+from harness.core.store import load_results
 
 __all__ = ["FAMILY_COLORS", "RC", "PANEL_W", "method_styles", "setting_label", "plot_tradeoff", "plot_metric_bars",
            "write_plots", "prepare_summary", "save_figure", "file_slug", "legend_ncol", "panel_figure"]

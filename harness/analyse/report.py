@@ -47,7 +47,7 @@ from harness.analyse.metrics import (
 from harness.analyse.plots import write_plots
 from harness.analyse.verdict_plots import write_verdict_plots
 from harness.analyse.verdict_report import headline_blocks, verdict_blocks
-from harness.run.store import load_results
+from harness.core.store import load_results
 
 __all__ = ["Block", "build_report", "render_markdown", "render_html", "write_report", "fmt_value", "fmt_mean_std",
            "setting_title", "MISSING", "DENSE_TARGET"]

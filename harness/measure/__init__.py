@@ -4,7 +4,7 @@
   size; :func:`measure_model` puts them together with the isolated latency columns.
 - :mod:`harness.measure.latency`: the per-row latency protocol (one model on its own, right after training).
 - :mod:`harness.measure.lowp`: bfloat16 and 2:4 semi-structured copies timed on CUDA.
-- :mod:`harness.measure.devices`: device name, threads, dtype names.
+- :mod:`harness.core.devices`: device name, threads, dtype names.
 - :mod:`harness.measure.inspection`: ``bunitbench inspect``, dense vs BUnit per stage.
 - :mod:`harness.measure.timing_pass`: ``bunitbench time``, every kept model re-timed against its dense reference,
   interleaved; :mod:`harness.measure.runtimes` (eager, compile, ONNX Runtime) and

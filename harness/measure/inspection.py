@@ -15,7 +15,7 @@ from baselines.counting import layer_macs
 from bunit.convert import bunitify
 from bunit.layers import unit_layers
 from bunit.spec import compact_specs
-from harness.run.models import create_backbone
+from harness.core.models import create_backbone
 
 __all__ = ["inspect_backbone", "format_inspection", "sections"]
 

@@ -31,12 +31,12 @@ from torch.utils.benchmark.utils.common import set_torch_threads
 
 from baselines.unstructured import make_pruning_permanent
 from bunit.timing import call_times, summary_ms
-from harness.measure.devices import device_info, dtype_name, model_device, normalize_device
+from harness.core.config import MEMORY_FORMATS
+from harness.core.devices import device_info, dtype_name, model_device, normalize_device
 
 __all__ = ["LATENCY_COLUMNS", "MEMORY_FORMATS", "measure_latency", "peak_memory_mb", "prepared_copy", "make_batch",
            "timed_pass"]
 
-MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
 
 LATENCY_COLUMNS = (
     "latency_ms_p50_b1", "latency_ms_p90_b1", "latency_iqr_ms_b1",

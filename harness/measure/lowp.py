@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.measure.devices import normalize_device
+from harness.core.devices import normalize_device
 from harness.measure.latency import make_batch, prepared_copy, timed_pass
 
 __all__ = ["has_semi_structured", "bf16_columns", "semi24_columns", "mask_2to4", "GemmConv2d",

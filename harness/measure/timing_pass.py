@@ -4,7 +4,7 @@ Latency that users compare is measured here, in its own pass, not while training
 (dataset, backbone, shortcut, image size) and each condition (runtime, device, dtype, threads, batch, memory
 format) the pass builds one session: every model of the setting whose row is ``ok`` and not yet timed under
 that condition, plus the dense reference of each. A model is rebuilt from its artefact
-(:func:`harness.run.artefacts.load_model`), prepared by its method (``prepare_for_inference``: BUnit picks its
+(:func:`harness.core.artefacts.load_model`), prepared by its method (``prepare_for_inference``: BUnit picks its
 execution backends for this batch; not for ``onnx`` and ``openvino``, which export the model as rebuilt and let
 ONNX Runtime or OpenVINO pick their kernels, nor ``openvino+units``, which exports BUnit's unit layers as its own
 kernel), handed to its runtime (:mod:`harness.measure.runtimes`), and called once untimed. The input
@@ -36,7 +36,7 @@ repeat (``repeat_p50_ms``) and the spread of its dense reference's (``dense_repe
 minus 1); above 0.15 the session warns and its rows say ``unsteady: true``.
 
 Rows go to ``<store>/timings.jsonl``, one per (model key, condition), appended atomically
-(:func:`harness.run.store.append_row`). A (key, condition) already in the table is skipped, so a pass killed at
+(:func:`harness.core.store.append_row`). A (key, condition) already in the table is skipped, so a pass killed at
 any moment resumes: the rows of a setting are written once all its repeats are timed, and a re-run times the
 models still missing (with their dense reference again, whose own row is not written twice).
 """
@@ -56,19 +56,21 @@ import numpy as np
 import torch
 from torch.utils.benchmark.utils.common import set_torch_threads
 
+from baselines import get_method
 from bunit.timing import (cpu_snapshot, interleaved_times, machine_load, others_cpus, steady_allocator,
                           summary_ms)
 from harness.measure.latency import MEMORY_FORMATS
 from harness.measure.runtimes import ONNX_RUNTIMES, RUNTIMES, make_runner, runtime_context, runtime_version, variant_copy
 from harness.measure.timing_table import (CONDITION_COLUMNS, TIMING_COLUMNS, TIMINGS_FILE, conditions_key,
                                           format_timings, load_timings)
-from harness.run.artefacts import CorruptArtefact, artefact_name, load_model
-from harness.run.store import ResultStore, append_row, read_rows
+from harness.core.devices import device_info, resolve_device
+from harness.core.artefacts import CorruptArtefact, artefact_name, load_model, read_meta
+from harness.core.schema import SETTING_KEYS
+from harness.core.store import ResultStore, append_row, read_rows
 
 __all__ = ["TIMINGS_FILE", "CONDITION_COLUMNS", "TIMING_COLUMNS", "TimingOutcome", "time_store", "load_timings",
            "format_timings", "paired_ratio", "is_busy"]
 
-SETTING_COLUMNS = ("dataset", "backbone", "shortcut", "image_size")
 BUSY_MARGIN = 0.25  # CPUs of other work tolerated beyond those the pass leaves free
 UNSTEADY_SPREAD = 0.15  # the dense reference's repeats may differ by this much (slowest / fastest median - 1)
 TIMED_LAYOUTS = tuple(f for f in MEMORY_FORMATS if f != "auto")  # the pass times one layout, named
@@ -135,8 +137,6 @@ def _check_args(runtime, device, threads, batch_sizes, rounds, warmup, memory_fo
         raise ValueError(f"threads: {threads!r} not allowed; allowed: a positive integer")
     if rounds < 3 or warmup < 0:  # repeats are checked by time_store
         raise ValueError(f"rounds/warmup: {rounds}/{warmup} not allowed; allowed: rounds >= 3, warmup >= 0")
-    from harness.run.runner import resolve_device
-
     dev = resolve_device(device)
     if runtime.startswith("openvino") and dev.type != "cpu":
         raise ValueError(f"device: {device!r} not allowed with runtime {runtime}; allowed: cpu")
@@ -172,8 +172,6 @@ def _input(row: dict, batch: int, device: torch.device, dtype: torch.dtype, memo
 
 def _store_rows(store: Path) -> dict[str, dict]:
     """Latest ok rows with a readable artefact meta, each with the meta fields the pass needs."""
-    from harness.run.artefacts import read_meta
-
     if not (store / "runs.jsonl").exists():
         raise ValueError(f"store: no runs.jsonl in {str(store)!r}; allowed: a suite directory written by "
                          "bunitbench run")
@@ -231,10 +229,8 @@ def time_store(store_dir: str | os.PathLike, *, device: str = "cpu", runtime: st
     done = {conditions_key(r) for r in read_rows(out.path)} if out.path.exists() else set()
     settings: dict[tuple, list[str]] = {}
     for key, row in rows.items():
-        settings.setdefault(tuple(row.get(c) for c in SETTING_COLUMNS), []).append(key)
+        settings.setdefault(tuple(row.get(c) for c in SETTING_KEYS), []).append(key)
     dtypes = ["float32"] + (["bfloat16", "bfloat16+2:4"] if dev.type == "cuda" and runtime == "eager" else [])
-    from harness.measure.devices import device_info
-
     base = {"runtime": runtime, "device": str(dev), "device_name": device_info(dev)["device_name"],
             "threads": n_threads, "memory_format": memory_format}
     for setting, keys in sorted(settings.items(), key=lambda kv: str(kv[0])):
@@ -344,7 +340,7 @@ class _Session:
             if key in self.missing:
                 continue
             ref, same_seed = self.refs[key]
-            row = {"key": key, **cond, **{c: rows[key].get(c) for c in (*SETTING_COLUMNS, "method", "family", "seed")},
+            row = {"key": key, **cond, **{c: rows[key].get(c) for c in (*SETTING_KEYS, "method", "family", "seed")},
                    "dense_key": ref, "dense_same_seed": same_seed if ref else None,
                    "macs_ratio": _macs_ratio(rows[key], rows.get(ref) if ref else None),
                    "busy": busy, "others_cpus": others, "repeat_p50_ms": self.repeat_p50.get(key),
@@ -370,7 +366,6 @@ class _Session:
 
 def _runner(store: Path, row: dict, key: str, cond: dict, dev: torch.device) -> tuple[Callable[[], Any], dict]:
     """Load, prepare and hand one model to its runtime for one condition."""
-    from baselines import get_method
 
     model = load_model(store, key, device=dev)
     x32 = _input(row, cond["batch"], dev, torch.float32, cond["memory_format"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from harness.run.store import read_rows
+from harness.core.store import read_rows
 
 __all__ = ["TIMINGS_FILE", "CONDITION_COLUMNS", "TIMING_COLUMNS", "DEPLOYMENT_COLUMNS", "BEST_COLUMNS",
            "conditions_key", "load_timings", "format_timings", "best_deployment", "format_best"]

@@ -3,73 +3,31 @@
 :class:`RunContext` holds the data on the device, the result folder (dense checkpoints, trained models), the
 progress reporter and, under torchrun, the data-parallel group. Executors make one per process and hand it to
 :func:`harness.run.experiment.run_experiment`; :mod:`harness.run.distributed` subclasses it so that rank 0 alone
-reads and writes files. :func:`provenance`, :func:`now` and :func:`one_line` are the small public helpers every
-row builder uses.
+reads and writes files.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import functools
-import platform
-import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from harness.run.checkpoints import dense_key, load_checkpoint, save_checkpoint
-from harness.run.config import Experiment
-from harness.run.data import ImageData
-from harness.run.models import create_backbone
+from harness.core.checkpoints import dense_key, load_checkpoint, save_checkpoint
+from harness.core.config import Experiment
+from harness.core.data import ImageData
+from harness.core.models import create_backbone
 from harness.run.progress import Reporter
 from harness.run.train import seed_everything, train_model
 
-__all__ = ["RunContext", "provenance", "now", "one_line"]
-
-
-def now() -> str:
-    """The current UTC time, ISO 8601 to the second."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def one_line(err: BaseException) -> str:
-    """``Type: message`` of an exception, first line only, at most 500 characters (a row's ``reason``)."""
-    text = f"{type(err).__name__}: {err}".strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:500]
-
-
-@functools.lru_cache(maxsize=1)
-def provenance() -> dict[str, Any]:
-    """Git revision (and whether the tree is dirty) of the harness source, package versions, host."""
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("torchvision", "torch-pruning", "ptflops", "numpy"):
-        try:
-            versions[dist.replace("-", "_")] = version(dist)
-        except PackageNotFoundError:
-            versions[dist.replace("-", "_")] = None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_rev": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
-            "versions": versions, "hostname": socket.gethostname()}
+__all__ = ["RunContext"]
 
 
 class RunContext:
     """What one experiment needs from its suite: data, device, folders, progress, and the training call.
 
     Attributes:
-        data: the dataset (:class:`harness.run.data.ImageData`).
+        data: the dataset (:class:`harness.core.data.ImageData`).
         device: where models train and are evaluated.
         results_dir: the suite's result folder; dense checkpoints live in ``results_dir/checkpoints`` and trained
             models in ``results_dir/models``.

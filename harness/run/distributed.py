@@ -34,14 +34,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from harness.run.checkpoints import load_checkpoint, save_checkpoint
-from harness.run.config import Experiment, Suite, expand
-from harness.run.data import load_suite_data
+from harness.core.checkpoints import load_checkpoint, save_checkpoint
+from harness.core.config import Experiment, Suite, apply_overrides, expand, load_suite
+from harness.core.data import load_suite_data
 from harness.run.parallel import DataParallelGroup, init_distributed
 from harness.run.progress import Reporter
 from harness.run.context import RunContext
 from harness.run.experiment import run_experiment
-from harness.run.runner import RowSink, SuiteOutcome, open_suite, select
+from harness.run.runner import RowSink, SuiteOutcome, load_plugin, open_suite, select
 
 __all__ = ["run_suite_ddp", "load_rank_data", "build_parser", "main"]
 
@@ -138,9 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may come after the options
-    from harness.run.config import apply_overrides, load_suite
-    from harness.run.runner import load_plugin
-
     try:
         for plugin in args.plugin:
             load_plugin(plugin)

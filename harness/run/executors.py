@@ -24,13 +24,15 @@ from typing import Callable
 import torch
 
 from baselines import get_method
-from harness.run.checkpoints import dense_key, load_checkpoint
-from harness.run.config import Experiment, Suite
-from harness.run.data import load_suite_data
+from harness.core.checkpoints import dense_key, load_checkpoint
+from harness.core.config import Experiment, Suite
+from harness.core.data import load_suite_data
 from harness.run.progress import Reporter
-from harness.run.context import RunContext, one_line
+from harness.core.provenance import one_line
+from harness.run.context import RunContext
 from harness.run.experiment import failed_row, run_experiment
-from harness.run.runner import RowSink, SuiteOutcome, load_plugin, open_suite, resolve_device, run_suite
+from harness.core.devices import resolve_device
+from harness.run.runner import RowSink, SuiteOutcome, load_plugin, open_suite, run_suite
 
 __all__ = ["Job", "plan_jobs", "run_job", "have_checkpoint", "run_suite_local", "visible_gpus"]
 

@@ -20,9 +20,11 @@ import torch.nn as nn
 from baselines import Method, MethodContext, get_method
 from baselines.counting import count_macs, count_params, weight_sparsity
 from harness import measure
-from harness.run.config import Experiment
-from harness.run.context import RunContext, now, one_line, provenance
-from harness.run.schema import check_ok_row
+from harness.core.artefacts import save_model
+from harness.core.config import Experiment
+from harness.core.provenance import now, one_line, provenance
+from harness.run.context import RunContext
+from harness.core.schema import check_ok_row
 from harness.run.train import evaluate, seed_everything
 
 __all__ = ["run_experiment", "base_row", "failed_row", "method_context"]
@@ -144,8 +146,6 @@ def _keep(exp: Experiment, method: Method, model: nn.Module, row: dict[str, Any]
     """Write the trained model into the store (``keep_models``); its path relative to the store, or None."""
     if not ctx.keep_models or not ctx.is_writer:
         return None
-    from harness.run.artefacts import save_model
-
     meta = {"method": exp.method, "family": method.family, "architecture": row["architecture"],
             "dataset": exp.dataset, "backbone": exp.backbone, "shortcut": exp.shortcut, "seed": exp.seed,
             "target": exp.target, "num_classes": ctx.data.num_classes, "in_channels": ctx.data.in_channels,

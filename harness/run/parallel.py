@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from harness.run.device_loader import DeviceLoader
+from harness.core.device_loader import DeviceLoader
 
 __all__ = ["DataParallelGroup", "ShardedLoader", "check_global_batch", "init_distributed"]
 
@@ -29,7 +29,7 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
 
 
 class ShardedLoader:
-    """One rank's slice of every batch of a :class:`~harness.run.device_loader.DeviceLoader`.
+    """One rank's slice of every batch of a :class:`~harness.core.device_loader.DeviceLoader`.
 
     The wrapped loader yields the global batches a single process would see (its generator is seeded the same on
     every rank, so permutation and augmentation draws agree); this rank keeps rows ``[lo, hi)`` of each, with
@@ -80,7 +80,7 @@ class DataParallelGroup:
     def shard(self, loader):
         """This rank's slice of every global batch of ``loader``: a loader with its own ``shard(rank, world_size)``
         (the streaming loader, which then decodes only this rank's files) does it itself, a
-        :class:`~harness.run.device_loader.DeviceLoader` is wrapped in a :class:`ShardedLoader`."""
+        :class:`~harness.core.device_loader.DeviceLoader` is wrapped in a :class:`ShardedLoader`."""
         check_global_batch(loader.batch_size, self.world_size)
         if hasattr(loader, "shard"):
             return loader.shard(self.rank, self.world_size)

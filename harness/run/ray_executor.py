@@ -17,10 +17,11 @@ from typing import Any, Callable
 
 import torch
 
-from harness.run.checkpoints import atomic_write_bytes, load_checkpoint
-from harness.run.config import Suite
-from harness.run.context import RunContext, one_line
-from harness.run.data import load_suite_data, pack_data, unpack_data
+from harness.core.checkpoints import atomic_write_bytes, load_checkpoint
+from harness.core.config import Suite
+from harness.core.provenance import one_line
+from harness.run.context import RunContext
+from harness.core.data import load_suite_data, pack_data, unpack_data
 from harness.run.executors import Job, have_checkpoint, plan_jobs, run_job
 from harness.run.experiment import failed_row
 from harness.run.progress import Reporter

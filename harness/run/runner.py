@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
-from harness.run.config import Experiment, Suite, expand
-from harness.run.context import RunContext, provenance
-from harness.run.data import load_suite_data
+from harness.core.config import Experiment, Suite, expand
+from harness.core.provenance import provenance
+from harness.core.devices import resolve_device
+from harness.run.context import RunContext
+from harness.core.data import load_suite_data
 from harness.run.experiment import run_experiment
 from harness.run.progress import Reporter
-from harness.run.store import ResultStore
+from harness.core.store import ResultStore
 
-__all__ = ["SuiteOutcome", "SuitePlan", "RowSink", "select", "open_suite", "run_suite", "resolve_device",
-           "load_plugin"]
+__all__ = ["SuiteOutcome", "SuitePlan", "RowSink", "select", "open_suite", "run_suite", "load_plugin"]
 
 
 @dataclass
@@ -41,17 +41,6 @@ class SuiteOutcome:
     failed: int = 0
     skipped: int = 0
     keys: list[str] = field(default_factory=list)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; raises naming the allowed values."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available; allowed here: cpu, auto")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise ValueError(f"device: {name!r} not allowed; allowed: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
 
 
 def select(grid: list[Experiment], only: list[str] | None) -> list[Experiment]:

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bunit.layers import unit_layers
-from harness.run.config import TrainConfig
-from harness.run.data import ImageData
+from harness.core.config import TrainConfig
+from harness.core.data import ImageData
 from harness.run.train_speed import TrainSetting, apply_setting, choose_setting
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 512) -> dic
 
     Args:
         model: the model, on the data's device.
-        data: the dataset (:class:`harness.run.data.ImageData`).
+        data: the dataset (:class:`harness.core.data.ImageData`).
         batch_size: images per forward.
     """
     was_training = model.training
@@ -90,7 +90,7 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
 
     Args:
         model: already on the data's device.
-        data: the dataset (:class:`harness.run.data.ImageData`); batches come from ``data.train_loader``.
+        data: the dataset (:class:`harness.core.data.ImageData`); batches come from ``data.train_loader``.
         recipe: the suite's training recipe (batch size, momentum, weight decay, warm-up, ...).
         epochs: epochs to train (pre-training, sparse training or fine-tuning).
         lr: peak learning rate; ``recipe.lr`` when None.

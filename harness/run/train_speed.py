@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bunit import unit_train
+from bunit.layers import unit_layers
 from bunit.timing import interleaved_times
 
 __all__ = ["TrainSetting", "candidates", "apply_setting", "step_fn", "time_settings", "choose_setting",
@@ -51,14 +53,12 @@ class TrainSetting:
 
 
 def _unit_layers(model: nn.Module) -> list:
-    from bunit.layers import unit_layers
 
     return [m for _, m in unit_layers(model) if m.impl == "fused"]
 
 
 def candidates(model: nn.Module, *, bf16: bool, device: torch.device) -> list[TrainSetting]:
     """The settings to try: fp32 (and bf16 where the recipe allows it) x NCHW/channels_last x unit backends."""
-    from bunit import unit_train
 
     precisions = [False, True] if bf16 else [False]
     units: list[str | None] = [None]

@@ -1,6 +1,6 @@
 """Batches of device-resident data: a loader that slices shuffled batches from tensors on the device and augments
 each whole batch at once (random crop with zero padding, horizontal flip), so the training loop runs no
-per-sample Python (the airbench approach). :class:`harness.run.data.Splits` hands these out."""
+per-sample Python (the airbench approach). :class:`harness.core.data.Splits` hands these out."""
 from __future__ import annotations
 
 import math

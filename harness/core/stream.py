@@ -1,8 +1,8 @@
 """Image folders streamed from disk: decoded in worker processes, batched as uint8, normalised on the device.
 
 For data too large to hold decoded on the device (ImageNet: 1.28M training images, about 770 GB as float32 at
-224x224), :class:`StreamData` implements the same :class:`~harness.run.data.ImageData` protocol as the
-device-resident :class:`~harness.run.data.Splits`, reading ``train/`` and ``val/`` (or ``test/``) class folders:
+224x224), :class:`StreamData` implements the same :class:`~harness.core.data.ImageData` protocol as the
+device-resident :class:`~harness.core.data.Splits`, reading ``train/`` and ``val/`` (or ``test/``) class folders:
 
 - Order: every epoch draws a seeded permutation of the training files, cut into global batches of ``batch_size``
   (the last partial batch dropped). Under torchrun each rank decodes only its contiguous slice of every global
@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from harness.run.decode import FileList, decode_batch, scan_folder
+from harness.core.decode import FileList, decode_batch, scan_folder
 
 __all__ = ["StreamData", "StreamLoader", "BadImagesError", "scan_splits", "choose_loader", "free_memory",
            "default_workers", "MAX_BAD_FRACTION", "IMAGENET_STATS", "DEVICE_BUDGET"]
@@ -161,7 +161,7 @@ class StreamLoader:
 
 
 class StreamData:
-    """An image-folder dataset streamed from disk; implements :class:`harness.run.data.ImageData`.
+    """An image-folder dataset streamed from disk; implements :class:`harness.core.data.ImageData`.
 
     Args:
         name: the dataset's name as the suite gives it.
@@ -256,7 +256,7 @@ class StreamData:
         return StreamLoader(self, self.test_files, batch_size, train=False)
 
     def pack(self) -> dict:
-        """Plain values for :func:`harness.run.data.pack_data`: the file lists and normalisation, not the images."""
+        """Plain values for :func:`harness.core.data.pack_data`: the file lists and normalisation, not the images."""
         return {"data_loader": "stream", "name": self.name, "train": self.train_files, "test": self.test_files,
                 "image_size": self.image_size, "workers": self._workers_asked,
                 "mean": (self.mean / 255).flatten().tolist(), "std": (self.std / 255).flatten().tolist()}

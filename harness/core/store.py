@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from harness.run.schema import check_ok_row, unknown_columns
+from harness.core.schema import check_ok_row, unknown_columns
 
 __all__ = ["ResultStore", "append_row", "load_results", "read_rows", "RUNS_FILE"]
 
@@ -91,7 +91,7 @@ class ResultStore:
         """Append one row atomically (single write, O_APPEND, fsync)."""
         unknown = unknown_columns(row)
         if unknown:
-            raise ValueError(f"row: unknown column(s) {', '.join(unknown)}; document them in harness/run/schema.py")
+            raise ValueError(f"row: unknown column(s) {', '.join(unknown)}; document them in harness/core/schema.py")
         if "key" not in row or "status" not in row:
             raise ValueError("row: needs 'key' and 'status'")
         check_ok_row(row)
@@ -120,7 +120,7 @@ def load_results(path: str | os.PathLike, *, latest_only: bool = True):
         latest_only: keep only the latest row per key (an ``ok`` re-run supersedes a failure).
 
     Returns:
-        One row per run with the columns of ``harness.run.schema.ROW_COLUMNS`` that occur.
+        One row per run with the columns of ``harness.core.schema.ROW_COLUMNS`` that occur.
     """
     import pandas as pd
 

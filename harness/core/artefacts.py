@@ -4,7 +4,7 @@ Every run keeps its trained model so that latency can be measured again later (a
 quiet moment) without training again. One artefact is two files under ``<store>/models/``:
 
 - ``<name>.pt``: the ``state_dict`` (CPU tensors), written atomically with
-  :func:`harness.run.checkpoints.save_checkpoint`; any ``torch.nn.utils.prune`` re-parametrisation is made
+  :func:`harness.core.checkpoints.save_checkpoint`; any ``torch.nn.utils.prune`` re-parametrisation is made
   permanent first, on a copy.
 - ``<name>.json``: the meta the model is rebuilt from — ``method``, ``architecture`` (``method.architecture(model)``),
   ``backbone``, ``shortcut``, ``num_classes``, ``in_channels``, ``image_size``, ``dataset``, ``family``, ``git_rev``,
@@ -13,7 +13,7 @@ quiet moment) without training again. One artefact is two files under ``<store>/
 ``<name>`` is the run key made file-safe (:func:`artefact_name`): ``/`` becomes ``__`` and every character outside
 ``[A-Za-z0-9._=,-]`` becomes ``_``. Keys end in the config hash, so two keys never share a name.
 
-Loading rebuilds the dense backbone with :func:`harness.run.models.create_backbone`, hands it to
+Loading rebuilds the dense backbone with :func:`harness.core.models.create_backbone`, hands it to
 ``get_method(meta["method"]).rebuild(backbone, meta["architecture"])``, checks the digest, and loads the weights
 with ``torch.load(weights_only=True)`` and ``strict=True``; a damaged artefact raises :class:`CorruptArtefact`.
 Modules are never pickled.
@@ -33,8 +33,8 @@ import torch.nn as nn
 
 from baselines import get_method
 from baselines.unstructured import make_pruning_permanent
-from harness.run.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from harness.run.models import create_backbone
+from harness.core.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from harness.core.models import create_backbone
 
 __all__ = ["CorruptArtefact", "MODELS_DIR", "REQUIRED_META", "artefact_name", "save_model", "load_model",
            "list_models", "read_meta"]

@@ -18,8 +18,8 @@ content), ``cifar10``, ``cifar100`` (torchvision download into ``data_dir``), an
 ``imagenet`` (the same layout under ``data_dir/imagenet``).
 
 An image folder is either decoded once onto the device like the others, or streamed from disk by
-:mod:`harness.run.stream` (``data_loader = "stream"``); ``"auto"`` streams when the decoded float32 splits would
-take more than a quarter of the device's free memory (:func:`harness.run.stream.choose_loader`).
+:mod:`harness.core.stream` (``data_loader = "stream"``); ``"auto"`` streams when the decoded float32 splits would
+take more than a quarter of the device's free memory (:func:`harness.core.stream.choose_loader`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.run.device_loader import DeviceLoader
+from harness.core import stream
+from harness.core.device_loader import DeviceLoader
 
 __all__ = [
     "ImageData",
@@ -260,7 +261,7 @@ def _digits(data_dir: Path, size: int | None) -> Splits:
 
 
 def _torchvision_split(cls_name: str, data_dir: Path, train: bool):
-    from harness.compat import ensure_torchvision
+    from harness.compat import ensure_torchvision  # torchvision: optional and slow to import, only these sets need it
 
     tv = ensure_torchvision()
     cls = getattr(tv.datasets, cls_name)
@@ -458,7 +459,7 @@ register_dataset("cifar100", default_size=32, hflip=True, description="CIFAR-100
 
 def _imagefolder(root: Path, size: int | None, name: str | None = None) -> Splits:
     """A user's ImageFolder tree: ROOT/train/<class>/*.png and ROOT/val (or ROOT/test)."""
-    from harness.compat import ensure_torchvision
+    from harness.compat import ensure_torchvision  # torchvision: optional and slow to import, only these sets need it
 
     tv = ensure_torchvision()
     if not (root / "train").is_dir():
@@ -501,7 +502,7 @@ def load_dataset(name: str, *, image_size: int | None = None, data_dir: str | os
         data_dir: where ``mnist`` and ``fashion-mnist`` are looked for first (:func:`load_idx_copy`), where
             torchvision downloads to and ``imagenet`` lives (default ``$BUNITBENCH_DATA`` or ~/.cache/bunitbench/data).
         device: where the tensors live, or where streamed batches go.
-        loader: "device", "stream" (image folders only) or "auto" (:func:`harness.run.stream.choose_loader`).
+        loader: "device", "stream" (image folders only) or "auto" (:func:`harness.core.stream.choose_loader`).
         workers: decoding processes of the streaming loader (None: one per CPU, at most 8).
     """
     check_dataset_name(name)
@@ -509,8 +510,6 @@ def load_dataset(name: str, *, image_size: int | None = None, data_dir: str | os
     root = folder_root(name, data_dir)
     size = image_size or (_DATASETS[name].default_size if name in _DATASETS else 32)
     if root is not None and loader != "device":
-        from harness.run import stream
-
         train, test = stream.scan_splits(name, root)
         if loader == "stream" or stream.choose_loader(len(train) + len(test), size, device) == "stream":
             return stream.StreamData(name, train, test, size, device=device, workers=workers,
@@ -523,7 +522,7 @@ def load_dataset(name: str, *, image_size: int | None = None, data_dir: str | os
 
 
 def load_suite_data(suite, device: torch.device | str) -> ImageData:
-    """The dataset of a :class:`harness.run.config.Suite`, loaded as its ``data_loader`` and ``loader_workers`` say."""
+    """The dataset of a :class:`harness.core.config.Suite`, loaded as its ``data_loader`` and ``loader_workers`` say."""
     return load_dataset(suite.dataset, image_size=suite.image_size, data_dir=suite.data_dir, device=device,
                         loader=getattr(suite, "data_loader", "auto"), workers=getattr(suite, "loader_workers", None))
 
@@ -543,8 +542,6 @@ def pack_data(data: ImageData) -> dict:
 def unpack_data(packed: dict, device: torch.device | str) -> ImageData:
     """The dataset :func:`pack_data` packed, on (or streamed to) ``device``."""
     if packed["data_loader"] == "stream":
-        from harness.run.stream import StreamData
-
-        return StreamData.unpack(packed, device)
+        return stream.StreamData.unpack(packed, device)
     tensors = {k: torch.tensor(packed[k], device=device) for k in ("x_train", "y_train", "x_test", "y_test")}
     return Splits(packed["name"], num_classes=packed["num_classes"], hflip=packed["hflip"], **tensors)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from harness.run.config import Experiment
+from harness.core.config import Experiment
 
 __all__ = ["dense_key", "save_checkpoint", "load_checkpoint", "read_checkpoint", "CheckpointError",
            "atomic_write_bytes"]

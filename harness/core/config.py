@@ -20,7 +20,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from baselines import get_method, list_methods
+from harness.core.data import check_dataset_name, check_loader
+from harness.core.models import get_backbone_info, list_backbones
+
 __all__ = [
+    "MEMORY_FORMATS",
     "ConfigError",
     "TrainConfig",
     "MeasureConfig",
@@ -63,6 +68,10 @@ class TrainConfig:
     compile: bool = False
 
 
+MEMORY_FORMATS = ("contiguous", "channels_last", "auto")
+"""Layouts a model is timed in (``auto``: the faster of the first two, measured)."""
+
+
 @dataclass(frozen=True)
 class MeasureConfig:
     latency: bool = True
@@ -91,7 +100,7 @@ class Suite:
     shortcut: str = "A"
     image_size: int | None = None
     data_dir: str | None = None
-    data_loader: str = "auto"  # auto | device | stream: how image folders reach the device (harness.run.data)
+    data_loader: str = "auto"  # auto | device | stream: how image folders reach the device (harness.core.data)
     loader_workers: int | None = None  # decoding processes of the streaming loader; None: one per CPU, at most 8
     train: TrainConfig = field(default_factory=TrainConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -201,8 +210,6 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
 
 
 def _check_backbones(raw: Any) -> list[str]:
-    from harness.run.models import list_backbones
-
     backbones = [raw] if isinstance(raw, str) else raw
     if not isinstance(backbones, list) or not backbones:
         raise ConfigError("backbones: expected a non-empty list of backbone names")
@@ -215,8 +222,6 @@ def _check_backbones(raw: Any) -> list[str]:
 
 def _check_data(raw: dict) -> dict[str, Any]:
     """The suite's data fields (dataset, shortcut, image size, data folder, loader), checked."""
-    from harness.run.data import check_dataset_name, check_loader
-
     dataset = raw["dataset"]
     if not isinstance(dataset, str):
         raise ConfigError(f"dataset: expected a string, got {dataset!r}")
@@ -241,7 +246,6 @@ def _check_data(raw: dict) -> dict[str, Any]:
 
 def _check_method(where: str, m: Any, registered: list[str]) -> MethodEntry:
     """One ``[[methods]]`` table, checked against the method's own targets and schedules."""
-    from baselines import get_method
 
     if not isinstance(m, dict) or "name" not in m:
         raise ConfigError(f"{where}.name: missing; allowed: {', '.join(registered)}")
@@ -272,7 +276,6 @@ def _check_method(where: str, m: Any, registered: list[str]) -> MethodEntry:
 
 def parse_suite(raw: dict, *, name: str | None = None) -> Suite:
     """Validate a suite given as a dict (the parsed TOML)."""
-    from baselines import list_methods  # registers the built-in methods
 
     unknown = sorted(set(raw) - _SUITE_KEYS)
     if unknown:
@@ -330,8 +333,6 @@ def _check_train(train: TrainConfig) -> TrainConfig:
 
 def _check_measure(measure: MeasureConfig) -> MeasureConfig:
     """Ranges and shapes of the measurement settings."""
-    from harness.measure.latency import MEMORY_FORMATS
-
     if measure.memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"measure.memory_format: {measure.memory_format!r} not allowed; "
                           f"allowed: {', '.join(MEMORY_FORMATS)}")
@@ -407,8 +408,6 @@ def expand(suite: Suite) -> list[Experiment]:
     """The grid: backbone x method x target x seed, dense first so its checkpoints exist when needed."""
     grid = []
     for backbone in suite.backbones:
-        from harness.run.models import get_backbone_info
-
         shortcut = suite.shortcut if get_backbone_info(backbone).shortcut_variants else None
         for entry in suite.methods:
             for target in entry.targets:

@@ -1,4 +1,4 @@
-"""Where a measurement ran: the device, its name and the thread count, as row columns."""
+"""Devices: the one resolution of a ``--device`` name, and where a measurement ran (name, threads) as row columns."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["normalize_device", "model_device", "device_info", "dtype_name", "cpu_isa", "cpu_description"]
+__all__ = ["resolve_device", "normalize_device", "model_device", "device_info", "dtype_name", "cpu_isa", "cpu_description"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; raises naming the allowed values."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available; allowed here: cpu, auto")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"device: {name!r} not allowed; allowed: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
 
 
 def normalize_device(device: str | torch.device) -> torch.device:

@@ -211,7 +211,7 @@ def vgg16(*, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def _torchvision_resnet(arch: str, *, num_classes: int, in_channels: int, cifar_stem: bool) -> nn.Module:
-    from harness.compat import ensure_torchvision
+    from harness.compat import ensure_torchvision  # torchvision: slow to import, only these backbones need it
 
     tv = ensure_torchvision()
     model = getattr(tv.models, arch)(weights=None, num_classes=num_classes)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ROW_COLUMNS", "TIMING_ROW_COLUMNS", "unknown_columns", "check_ok_row"]
+__all__ = ["SETTING_KEYS", "ROW_COLUMNS", "TIMING_ROW_COLUMNS", "unknown_columns", "check_ok_row"]
+
+SETTING_KEYS = ("dataset", "backbone", "shortcut", "image_size")
+"""The row columns that make a setting: rows share a dense reference, a timing pass session and a verdict only
+within one setting."""
 
 ROW_COLUMNS: dict[str, str] = {
     # identity of the experiment
@@ -79,7 +83,7 @@ ROW_COLUMNS: dict[str, str] = {
     "pretrain_seconds": "wall time it took to train the dense checkpoint the run started from (0 from scratch)",
     "train_settings": "per training phase of this run: the setting it ran with (harness.run.train_speed: setting, "
                       "bf16, channels_last, unit_backend, measured, step_ms per candidate), None if none trained",
-    "model_path": "the kept trained model, relative to the store (harness.run.artefacts); null when not kept",
+    "model_path": "the kept trained model, relative to the store (harness.core.artefacts); null when not kept",
     "run_seconds": "wall time of the whole run",
     # provenance
     "git_rev": "git revision of the harness",
