@@ -18,7 +18,7 @@ timed: its best deployment (which runtime and format won, and the ratio there) a
 shows it as a table per setting.
 
 A row not in the view keeps its own latency columns (timed in isolation while training; compared with the dense
-row's own timing). When the module or the file is missing, every row is "isolated".
+row's own timing). When the file is missing, every row is "isolated".
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from harness.analyse.metrics import acc_cost, efficiency
+from harness.measure.timing_table import best_deployment, load_timings
 
 __all__ = ["LatencyTable", "VIEWS", "DEPLOYMENT_VIEW_COLUMNS", "load_latency_table", "select_condition", "select_best",
            "deployment_view", "load_deployments", "apply_pass_ratios"]
@@ -117,8 +118,6 @@ def select_best(table: pd.DataFrame) -> LatencyTable | None:
     """The best-deployment :class:`LatencyTable` of a timing table (rule in the module docstring)."""
     if table is None or table.empty or "p50_ms" not in table.columns:
         return None
-    from harness.measure.timing_table import best_deployment
-
     t = best_deployment(table)
     t = t[pd.to_numeric(t["best_ratio"], errors="coerce") > 0]
     if t.empty:
@@ -155,8 +154,6 @@ def deployment_view(table: pd.DataFrame) -> pd.DataFrame | None:
     """
     if table is None or table.empty or "p50_ms" not in table.columns:
         return None
-    from harness.measure.timing_table import best_deployment
-
     best = best_deployment(table)
     if best.empty:
         return None
@@ -173,12 +170,8 @@ def deployment_view(table: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def load_deployments(store_dir: str | os.PathLike | None) -> pd.DataFrame | None:
-    """:func:`deployment_view` of ``<store_dir>/timings.jsonl``; None without a store, the module or the file."""
+    """:func:`deployment_view` of ``<store_dir>/timings.jsonl``; None without a store or the file."""
     if store_dir is None:
-        return None
-    try:
-        from harness.measure.timing_table import load_timings
-    except ImportError:
         return None
     try:
         table = load_timings(store_dir)
@@ -188,15 +181,11 @@ def load_deployments(store_dir: str | os.PathLike | None) -> pd.DataFrame | None
 
 
 def load_latency_table(store_dir: str | os.PathLike | None, view: str = "best") -> LatencyTable | None:
-    """The ``view`` (``best`` or ``eager``, module docstring) of ``<store_dir>/timings.jsonl``; None without a store,
-    the module or the file."""
+    """The ``view`` (``best`` or ``eager``, module docstring) of ``<store_dir>/timings.jsonl``; None without a store or
+    the file."""
     if view not in VIEWS:
         raise ValueError(f"view: {view!r} not allowed; allowed: {', '.join(VIEWS)}")
     if store_dir is None:
-        return None
-    try:
-        from harness.measure.timing_table import load_timings
-    except ImportError:
         return None
     try:
         table = load_timings(store_dir)
