@@ -4,6 +4,7 @@ Helpers are imported by name (``from conftest import spread_bn``); fixtures are 
 (``pytestmark = pytest.mark.usefixtures("one_thread")``).
 """
 import contextlib
+import os
 
 import pytest
 import torch
@@ -11,6 +12,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import harness  # noqa: F401  (torchvision shim before anything imports torchvision or ptflops)
+from bunit.fused_cpu import cache_dir
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist each worker, and every process a test starts, takes its share of the cores, so that two
+    workers do not run two OpenMP threads each on two cores. Tests that time or compare thread counts set their
+    own."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+
+
+_share_the_cores()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,10 +40,20 @@ def _fused_cpu_extension():
     unit_train.is_available()
 
 
+EXTENSIONS = cache_dir() / "ext"
+"""Where the compiled extensions (``fused_cpu``, ``unit_train``, the OpenVINO unit op) live: the default cache,
+read before any test moves it, so that every test and every process a test starts (torchrun ranks, the
+deployment checks' own pytest, which inherit the moved cache folder) loads them instead of compiling again."""
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
-    """Keep autotuner and data caches out of the user's home during tests."""
+    """Keep autotuner and data caches out of the user's home during tests; the extensions' folder is shared."""
     cache = tmp_path_factory.getbasetemp() / "cache"
+    if not (cache / "ext").exists():
+        EXTENSIONS.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "ext").symlink_to(EXTENSIONS.resolve(), target_is_directory=True)
     monkeypatch.setenv("BUNITBENCH_CACHE_DIR", str(cache))
     monkeypatch.setenv("BUNITBENCH_DATA", str(cache / "data"))
 

@@ -8,7 +8,10 @@ import sys
 import pytest
 import torch
 
-from harness.core.artefacts import load_model
+from baselines.counting import weight_sparsity
+from harness.core.artefacts import load_model, read_meta
+from harness.core.schema import unknown_columns
+from harness.measure import LATENCY_COLUMNS, measure_size
 from harness.core.checkpoints import dense_key
 from harness.core.config import expand, load_suite
 from harness.run.executors import plan_jobs, run_suite_local
@@ -179,6 +182,30 @@ def test_ray_cluster_gives_the_local_rows_and_resumes(ray_cluster, tiny, local_r
     assert rows["worker-killer"]["status"] == "failed"
     assert rows["worker-killer"]["reason"].startswith("Ray task failed: WorkerCrashedError")
     assert _sha(tmp_path / "cli" / "tiny" / ckpt) == _sha(local_dir / "tiny" / ckpt)  # same dense weights
+
+
+def test_the_runners_rows_measure_the_models_they_keep(local_rows):
+    """The row builder the runner uses: every row's size columns are those of the model it kept (not the dense
+    backbone, not the model before pruning was made permanent), its reductions are against the dense row, its
+    sparsity is the kept weights', and a suite without latency leaves every latency column empty."""
+    out, rows = local_rows
+    store = out / "tiny"
+    dense = next(r for r in rows.values() if r["method"] == "dense")
+    assert {r["method"] for r in rows.values()} == {"dense", "global-magnitude", "bunit"}
+    for key, row in rows.items():
+        model = load_model(store, key)
+        shape = (read_meta(store, key)["in_channels"], row["image_size"], row["image_size"])
+        size = measure_size(model, shape)
+        assert {c: row[c] for c in size} == size, key
+        assert row["macs_reduction"] == pytest.approx(1 - row["macs"] / dense["macs"], abs=1e-12), key
+        assert row["params_reduction"] == pytest.approx(1 - row["params"] / dense["params"], abs=1e-12), key
+        zeros, total = weight_sparsity(model)
+        assert row["sparsity"] == pytest.approx(zeros / total, abs=1e-12), key
+        assert all(row[c] is None for c in LATENCY_COLUMNS) and not unknown_columns(row), key
+    pruned = next(r for r in rows.values() if r["method"] == "global-magnitude")
+    bunit = next(r for r in rows.values() if r["method"] == "bunit")
+    assert pruned["params"] == dense["params"] and pruned["params_nonzero"] < dense["params_nonzero"]
+    assert pruned["sparsity"] > 0.4 and bunit["macs"] < dense["macs"] and dense["macs_reduction"] == 0
 
 
 def test_local_pool_gives_the_sequential_rows(tiny, local_rows, tmp_path):

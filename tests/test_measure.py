@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from baselines.counting import count_params, count_params_nonzero
-from harness.measure import LATENCY_COLUMNS, checkpoint_bytes, measure_latency, measure_model, peak_memory_mb
+from harness.measure import LATENCY_COLUMNS, checkpoint_bytes, measure_latency, measure_size, measure_speed, peak_memory_mb
 from harness.core.devices import device_info
 from harness.measure.lowp import GemmConv2d, bf16_columns, mask_2to4, semi24_columns, semi_structured_copy
 from harness.core.models import create_backbone
@@ -142,20 +142,19 @@ def test_peak_memory_is_none_on_cpu():
     assert peak_memory_mb(_Tiny(), torch.randn(1, 3, 8, 8), batch_size=2) is None
 
 
-def test_measure_model_combines_every_column():
+def test_size_and_speed_columns():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
     with torch.no_grad():
         model[0].weight.add_(torch.sign(model[0].weight) * 1e-3).view(-1)[::2] = 0.0  # half the conv weights zero
         model[3].weight.add_(torch.sign(model[3].weight) * 1e-3)
         model[3].bias.fill_(1.0)
-    row = measure_model(model, torch.randn(2, 4, 8, 8), latency=False)
+    row = measure_size(model, (4, 8, 8))
     conv, linear, bias = 8 * 4 * 9 * 64, 512 * 10, 10
     assert (row["macs"], row["macs_nonzero"]) == (conv + linear + bias, conv // 2 + linear + bias)
     assert row["params_nonzero"] == 144 + 5120 + 10 and row["ckpt_bytes"] == checkpoint_bytes(model)
-    assert all(row[c] is None for c in LATENCY_COLUMNS)
-    timed = measure_model(model, torch.randn(2, 4, 8, 8), batch_sizes=(1, 2), repeats=3, warmup=1)
-    assert timed["latency_ms_p50_b1"] > 0 and not unknown_columns(timed)
+    timed = measure_speed(model, torch.randn(2, 4, 8, 8), batch_sizes=(1, 2), repeats=3, warmup=1)
+    assert set(LATENCY_COLUMNS) <= set(timed) and timed["latency_ms_p50_b1"] > 0 and not unknown_columns(timed)
 
 
 # --- 2:4 helpers (the sparse kernels themselves need CUDA) ----------------------------------------

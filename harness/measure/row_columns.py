@@ -12,7 +12,7 @@ from baselines.counting import count_costs
 from harness.measure.latency import LATENCY_COLUMNS, measure_latency
 from harness.measure.lowp import bf16_columns, semi24_columns
 
-__all__ = ["checkpoint_bytes", "measure_size", "measure_speed", "measure_model"]
+__all__ = ["checkpoint_bytes", "measure_size", "measure_speed"]
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
@@ -50,12 +50,3 @@ def measure_speed(model: nn.Module, example_input: torch.Tensor, *, batch_sizes:
         if errors:
             timed["latency_error"] = "; ".join(filter(None, [timed["latency_error"], *errors]))
     return timed
-
-
-def measure_model(model: nn.Module, example_input: torch.Tensor, *, latency: bool = True,
-                  **timing: Any) -> dict[str, Any]:
-    """Every measurement column of a row: :func:`measure_size`, then :func:`measure_speed` (keyword arguments go
-    there) or ``None`` latency columns when ``latency`` is False."""
-    row: dict[str, Any] = measure_size(model, tuple(example_input.shape[1:]))
-    speed = measure_speed(model, example_input, **timing) if latency else dict.fromkeys(LATENCY_COLUMNS)
-    return {**row, **speed}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -112,38 +112,16 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
     """
     if epochs <= 0:
         return TrainResult(0, 0.0, float("nan"))
-    device = data.device
     loader = data.train_loader(recipe.batch_size, seed=seed, augment=recipe.augment)
     if parallel is not None:
         loader = parallel.shard(loader)  # same global batches as one process; this rank keeps its slice
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
     base_lr = recipe.lr if lr is None else lr
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=base_lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
-    steps_per_epoch = len(loader)
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = int(recipe.warmup_epochs * steps_per_epoch) if warmup else 0
-    use_bf16 = recipe.bf16 and (device.type == "cuda" or recipe.bf16_cpu)  # CPU: oneDNN bf16 kernels
-    setting_record = None
-    if setting == "auto" and (parallel is not None or recipe.compile):
-        setting = None  # every rank must run alike; a compiled step is not what the candidates time
-    if setting == "auto":
-        xb, yb = data.calibration_batches(1, recipe.batch_size)[0]
-        setting, setting_record = choose_setting(model, xb, yb, bf16=use_bf16, channels_last=recipe.channels_last,
-                                         total_steps=total_steps)
+    optimizer = sgd_optimizer(model, recipe, base_lr)
+    schedule = _Schedule(base_lr, total_steps=epochs * len(loader),
+                         warmup_steps=int(recipe.warmup_epochs * len(loader)) if warmup else 0)
     previous = [(m, m.backend) for _, m in unit_layers(model) if m.impl == "fused"]
-    if isinstance(setting, TrainSetting):
-        use_bf16 = setting.bf16
-        apply_setting(model, setting)
-        setting_record = setting_record or {"setting": setting.name, "bf16": setting.bf16,
-                                            "channels_last": setting.channels_last,
-                                            "unit_backend": setting.unit_backend, "measured": False, "step_ms": None}
-    memory_format = torch.channels_last if (setting.channels_last if isinstance(setting, TrainSetting)
-                                            else recipe.channels_last) else torch.contiguous_format
+    use_bf16, memory_format, setting_record = _take_setting(model, data, recipe, setting, parallel,
+                                                            total_steps=schedule.total_steps)
     model.to(memory_format=memory_format)
     step_fn = model if parallel is None else parallel.wrap(model)  # DDP: gradients averaged over ranks
     step_fn = torch.compile(step_fn) if recipe.compile else step_fn
@@ -151,29 +129,14 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
     model.train()
     start = time.perf_counter()
     history: list[dict] = []
-    step = 0
     epoch_loss = float("nan")
     for epoch in range(epochs):
-        loss_sum = torch.zeros((), device=device)
-        for xb, yb in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, base_lr=base_lr, warmup_steps=warmup_steps)
-            xb = xb.contiguous(memory_format=memory_format)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = step_fn(xb)  # (B, classes)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
-            if regularize is not None:
-                loss = regularize(model, loss)
-            loss.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            step += 1
+        loss_sum = _train_epoch(model, step_fn, loader, optimizer, schedule, recipe, device=data.device,
+                                use_bf16=use_bf16, memory_format=memory_format, regularize=regularize,
+                                after_step=after_step)
         if parallel is not None:
             loss_sum = parallel.mean(loss_sum)  # every rank sees the same loss, so all stop together on divergence
-        epoch_loss = loss_sum.item() / steps_per_epoch  # one device sync per epoch
+        epoch_loss = loss_sum.item() / len(loader)  # one device sync per epoch
         if not math.isfinite(epoch_loss):
             raise TrainingDiverged(f"loss became {epoch_loss} in epoch {epoch + 1} of {epochs}")
         record = {"epoch": epoch + 1, "epochs": epochs, "loss": epoch_loss, "seconds": time.perf_counter() - start}
@@ -184,3 +147,76 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
     for layer, backend in previous:
         layer.backend = backend
     return TrainResult(epochs, time.perf_counter() - start, epoch_loss, history, setting_record)
+
+
+def sgd_optimizer(model: nn.Module, recipe: TrainConfig, base_lr: float) -> torch.optim.SGD:
+    """SGD with the recipe's momentum; weight decay on weights, none on BatchNorm parameters and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=base_lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+@dataclass
+class _Schedule:
+    """The learning rate of every step (:func:`lr_at`) and the count of steps taken."""
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int
+    step: int = 0
+
+    def next_lr(self) -> float:
+        lr = lr_at(self.step, self.total_steps, base_lr=self.base_lr, warmup_steps=self.warmup_steps)
+        self.step += 1
+        return lr
+
+
+def _take_setting(model: nn.Module, data: ImageData, recipe: TrainConfig, setting: TrainSetting | str | None,
+                  parallel: DataParallelGroup | None, *, total_steps: int) -> tuple[bool, torch.memory_format,
+                                                                                     dict | None]:
+    """Pick (``"auto"``: measure) and apply the training setting; ``(bf16, memory format, record for the row)``."""
+    use_bf16 = recipe.bf16 and (data.device.type == "cuda" or recipe.bf16_cpu)  # CPU: oneDNN bf16 kernels
+    record = None
+    if setting == "auto" and (parallel is not None or recipe.compile):
+        setting = None  # every rank must run alike; a compiled step is not what the candidates time
+    if setting == "auto":
+        xb, yb = data.calibration_batches(1, recipe.batch_size)[0]
+        setting, record = choose_setting(model, xb, yb, bf16=use_bf16, channels_last=recipe.channels_last,
+                                         total_steps=total_steps)
+    channels_last = recipe.channels_last
+    if isinstance(setting, TrainSetting):
+        use_bf16, channels_last = setting.bf16, setting.channels_last
+        apply_setting(model, setting)
+        record = record or {"setting": setting.name, "bf16": setting.bf16, "channels_last": setting.channels_last,
+                            "unit_backend": setting.unit_backend, "measured": False, "step_ms": None}
+    return use_bf16, torch.channels_last if channels_last else torch.contiguous_format, record
+
+
+def _train_epoch(model: nn.Module, step_fn: Callable, loader: Iterable, optimizer: torch.optim.Optimizer,
+                 schedule: _Schedule, recipe: TrainConfig, *, device: torch.device, use_bf16: bool,
+                 memory_format: torch.memory_format, regularize: Callable | None,
+                 after_step: Callable | None) -> torch.Tensor:
+    """One pass over ``loader``: forward under autocast when bf16, the method's regulariser, SGD step, the
+    method's hook after it. The summed loss, on the device (no sync)."""
+    loss_sum = torch.zeros((), device=device)
+    for xb, yb in loader:
+        lr = schedule.next_lr()
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        xb = xb.contiguous(memory_format=memory_format)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = step_fn(xb)  # (B, classes)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=recipe.label_smoothing)
+        if regularize is not None:
+            loss = regularize(model, loss)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+    return loss_sum
