@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("results_dir")
     rep = sub.add_parser("report", help="write report.md and report.html for a results directory")
     rep.add_argument("results_dir")
+    rep.add_argument("--latency-view", default="best",
+                     help="what the verdict's latency axis reads: best (each model at its fastest runtime and format "
+                          "the timing pass timed, the default) or eager (eager PyTorch alone)")
     return parser
 
 
@@ -225,9 +228,12 @@ def _cmd_plot(args) -> int:
 
 def _cmd_report(args) -> int:
     # on demand: the CLI starts without torch
+    from harness.analyse.latency_source import VIEWS
     from harness.analyse.report import write_report
 
-    for path in write_report(args.results_dir):
+    if args.latency_view not in VIEWS:
+        return _err(f"--latency-view: {args.latency_view!r} not allowed; allowed: {', '.join(VIEWS)}")
+    for path in write_report(args.results_dir, latency_view=args.latency_view):
         print(path)
     return 0
 

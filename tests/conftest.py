@@ -32,12 +32,16 @@ _share_the_cores()
 @pytest.fixture(scope="session", autouse=True)
 def _fused_cpu_extension():
     """Build or load the ``fused_cpu`` and ``unit_train`` C++ extensions once per session from the default cache
-    (before the per-test cache isolation below), so that no test session compiles them again (a minute each on
-    2 cores)."""
+    (before the per-test cache isolation below), so that no test session compiles them again (half a minute or
+    more each on 2 cores, one compiler process each). Under xdist the second worker starts with ``unit_train``, so
+    on a fresh machine the two compile side by side and each worker then loads the other's build."""
     from bunit import fused_cpu, unit_train
 
-    fused_cpu.is_available()
-    unit_train.is_available()
+    builds = [fused_cpu.is_available, unit_train.is_available]
+    if os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
+        builds.reverse()
+    for build in builds:
+        build()
 
 
 EXTENSIONS = cache_dir() / "ext"

@@ -133,6 +133,7 @@ def test_ddp_resnet_matches_one_process_accuracy(ddp_results, digits8, one_threa
     assert abs(ddp - single) <= TOP1_TOLERANCE
 
 
+@pytest.mark.slow  # two torchrun launches of two ranks each (20 s); CI keeps the in-process DDP tests above
 def test_torchrun_suite_rank0_writes_once_and_resumes(tmp_path, one_thread):
     methods = '[[methods]]\nname = "dense"\n\n[[methods]]\nname = "global-magnitude"\ntargets = [0.5]'
     path = write_suite(tmp_path / "tiny.toml", epochs=4, methods=methods)

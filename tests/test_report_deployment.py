@@ -117,6 +117,17 @@ def test_report_verdict_reads_the_eager_view_on_request(store, tmp_path):
         write_report(store, tmp_path / "bad", plots=False, latency_view="fastest")
 
 
+def test_report_command_takes_the_view(store, capsys):
+    from harness.cli import main
+
+    assert main(["report", str(store), "--latency-view", "fastest"]) == 2
+    assert capsys.readouterr().err.strip() == ("bunitbench: error: --latency-view: 'fastest' not allowed; "
+                                               "allowed: best, eager")
+    assert main(["report", str(store), "--latency-view", "eager"]) == 0
+    md = (store / "report.md").read_text(encoding="utf-8")
+    assert "runtime eager" in md and "runtime best" not in md
+
+
 def test_no_timings_no_deployment_table(tmp_path):
     store = write_fixture_store(tmp_path / "suite")
     assert load_deployments(store) is None

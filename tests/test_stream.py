@@ -122,7 +122,7 @@ def test_auto_rule_and_forced_loaders(small_tree):
     assert choose_loader(116, 16, "cpu", free=4 * 356_352 - 4) == "stream"
     assert choose_loader(1_281_167 + 50_000, 224, "cpu", free=2 * 1024**4) == "stream"  # ImageNet at 224: 802 GB
     assert isinstance(load_dataset(f"imagefolder:{small_tree}", image_size=16), Splits)  # fits: on the device
-    assert isinstance(load_dataset(f"imagefolder:{small_tree}", image_size=16, loader="stream"), StreamData)
+    assert isinstance(load_dataset(f"imagefolder:{small_tree}", image_size=16, loader="stream", workers=0), StreamData)
 
 
 def test_imagenet_layout_under_data_dir(tmp_path):
@@ -259,6 +259,7 @@ def _suite_text(root) -> str:
             '[[methods]]\nname = "dense"\n')
 
 
+@pytest.mark.slow  # two torchrun ranks each spawning decoders: test_ddp's torchrun suite covers rank 0 writing in CI
 def test_torchrun_streamed_suite_writes_each_row_once(small_tree, tmp_path):
     from harness.core.store import ResultStore
 
