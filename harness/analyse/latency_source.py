@@ -171,13 +171,18 @@ def deployment_view(table: pd.DataFrame) -> pd.DataFrame | None:
 
 def load_deployments(store_dir: str | os.PathLike | None) -> pd.DataFrame | None:
     """:func:`deployment_view` of ``<store_dir>/timings.jsonl``; None without a store or the file."""
+    table = _stored_timings(store_dir)
+    return None if table is None else deployment_view(table)
+
+
+def _stored_timings(store_dir: str | os.PathLike | None) -> pd.DataFrame | None:
+    """``<store_dir>/timings.jsonl`` as a table; None without a store, the file, or a readable one."""
     if store_dir is None:
         return None
     try:
-        table = load_timings(store_dir)
+        return load_timings(store_dir)
     except (FileNotFoundError, OSError, ValueError):
         return None
-    return deployment_view(table)
 
 
 def load_latency_table(store_dir: str | os.PathLike | None, view: str = "best") -> LatencyTable | None:
@@ -185,12 +190,7 @@ def load_latency_table(store_dir: str | os.PathLike | None, view: str = "best") 
     the file."""
     if view not in VIEWS:
         raise ValueError(f"view: {view!r} not allowed; allowed: {', '.join(VIEWS)}")
-    if store_dir is None:
-        return None
-    try:
-        table = load_timings(store_dir)
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+    table = _stored_timings(store_dir)
     if table is None:
         return None
     return select_best(table) if view == "best" else select_condition(table)
