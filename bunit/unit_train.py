@@ -5,10 +5,17 @@ training, oneDNN's grouped convolution is slow at these sizes (a ResNet-20 at 80
 its step in their backward), so :func:`conv` replaces ``F.conv2d(x, w, None, s, 1, groups=n)`` by
 :class:`UnitConv`, an ``autograd.Function`` whose forward, input gradient and weight gradient are one C++ kernel
 each (``csrc/unit_train.cpp``: work items (image, group) in parallel, VW columns x up to 8 output channels in
-vector registers, input read through its strides). BatchNorm with batch statistics and ReLU stay PyTorch's
-modules, so running statistics and their gradients are exactly the ``grouped`` backend's; the convolution agrees
-to float32 rounding (another order of accumulation) and is checked against ``F.conv2d`` by the tests (gradcheck in
-float64, float32 within 1e-4 relative on every catalogue and planner shape).
+vector registers, input read through its strides).
+
+In training mode (BN with batch statistics) a whole unit group runs as :class:`UnitGroupFn`: conv1 with its
+output's batch sums, BN1 + ReLU applied while conv2 pads its input, conv2 with its sums, BN2 + ReLU written once in
+the input's memory format; the backward takes the output gradient through ReLU and BN (one pass of per-channel sums,
+then a per-channel affine map applied while the convolution's backward pads it) and rebuilds conv2's input the same
+way, so neither the normalised nor the hidden activations are ever stored. BN's sums are in double; running
+statistics, ``num_batches_tracked`` and the momentum (or cumulative average) follow ``nn.BatchNorm2d``. Outside
+training mode each convolution runs alone (:func:`conv`) and BN and ReLU are PyTorch's. The results equal the
+``grouped`` backend's to float32 rounding (another order of accumulation), checked by the tests (gradcheck in
+float64, float32 within 1e-4 relative on every catalogue and planner shape, running statistics after steps).
 
 Under bf16 autocast the convolution runs in float32 (:func:`torch.amp.custom_fwd` casts its input): units are so
 small that bf16 buys no speed here, and float32 keeps them exact. Other devices, dtypes and kernel sizes fall back
@@ -29,7 +36,8 @@ import torch.nn as nn
 
 from bunit.fused_cpu import load_cpu_extension
 
-__all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv"]
+__all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
+           "UnitGroupFn", "fuses_group", "group_forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"
@@ -105,3 +113,102 @@ def conv(x: torch.Tensor, conv_module: nn.Conv2d) -> torch.Tensor:
     if not supports(x, conv_module):
         return conv_module(x)
     return UnitConv.apply(x, conv_module.weight, conv_module.groups, conv_module.stride[0])
+
+
+# --- the whole group: conv1 + BN1 + ReLU + conv2 + BN2 + ReLU, BN with batch statistics ---------------------------
+
+
+def _bn_coefficients(stats: torch.Tensor, count: int, bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """From the batch sums (double ``[2, C]``): mean, biased variance, 1/std (double) and the affine map
+    ``relu(y * scale + shift)`` applies (``dtype``)."""
+    mean = stats[0] / count
+    var = (stats[1] / count - mean * mean).clamp_min(0.0)
+    invstd = (var + eps).rsqrt()
+    scale = bn_weight.detach().double() * invstd
+    shift = bn_bias.detach().double() - mean * scale
+    return mean, var, invstd, scale.to(dtype), shift.to(dtype)
+
+
+def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int, factor: float) -> None:
+    """Running statistics as ``F.batch_norm`` updates them in training: unbiased variance, factor ``momentum``."""
+    if bn.running_mean is None:
+        return
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        unbiased = var * (count / max(count - 1, 1))
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _grad_coefficients(sums: torch.Tensor, count: int, mean: torch.Tensor, invstd: torch.Tensor,
+                       scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """BN's backward with batch statistics from the sums of the ReLU-masked gradient ``gz`` (``[sum gz; sum gz*y]``):
+    the gradients of BN's weight and bias, and ``A``, ``B`` of ``dy = (mask ? scale * g : 0) + y * A + B``."""
+    s1 = sums[0]
+    s2 = invstd * (sums[1] - mean * s1)  # sum of gz * xhat
+    sc = scale.double()
+    a = -sc * invstd * s2 / count
+    b = -sc * s1 / count - a * mean
+    return s2, s1, a.to(dtype), b.to(dtype)
+
+
+class UnitGroupFn(torch.autograd.Function):
+    """A unit group in training mode, ``relu(bn2(conv2(relu(bn1(conv1(x))))))`` with batch statistics, in the
+    kernel: BN and ReLU are applied while the next convolution pads its input, so the normalised activations are
+    never written, and BN's backward is folded into the convolutions' backward. Running statistics are updated as
+    ``nn.BatchNorm2d`` updates them (``factors``: their exponential-average factors)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int, bns: tuple, factors: tuple):
+        ext = _state.get("module") or load_extension()
+        bn1, bn2 = bns
+        w1, w2 = w1.contiguous(), w2.contiguous()
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        y1, st1 = ext.conv_forward_stats(x, w1, groups, stride)  # (B, n*b, H/s, W/s), NCHW
+        n1 = y1.shape[0] * y1.shape[2] * y1.shape[3]
+        mean1, var1, inv1, sc1, sh1 = _bn_coefficients(st1, n1, g1, b1, bn1.eps, x.dtype)
+        y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1)  # (B, n*c, H/s, W/s), NCHW
+        mean2, var2, inv2, sc2, sh2 = _bn_coefficients(st2, n1, g2, b2, bn2.eps, x.dtype)
+        out = ext.bn_relu_apply(y2, sc2, sh2, channels_last)  # in x's memory format
+        _update_running(bn1, mean1, var1, n1, factors[0])
+        _update_running(bn2, mean2, var2, n1, factors[1])
+        ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, mean1, inv1, mean2, inv2)
+        ctx.groups, ctx.stride, ctx.count = groups, stride, n1
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad: torch.Tensor):
+        x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, mean1, inv1, mean2, inv2 = ctx.saved_tensors
+        ext = _state["module"]
+        n, groups = ctx.count, ctx.groups
+        need = ctx.needs_input_grad
+        g = grad.to(x.dtype).contiguous()
+        dg2, db2, a2, b2 = _grad_coefficients(ext.bn_relu_grad_sums(g, y2, sc2, sh2), n, mean2, inv2, sc2, x.dtype)
+        gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4])
+        dg1, db1, a1, b1 = _grad_coefficients(ext.bn_relu_grad_sums(gh, y1, sc1, sh1), n, mean1, inv1, sc1, x.dtype)
+        gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, ctx.stride, None, None, need[0],
+                                       need[1])
+        pdt = w1.dtype
+        return (gx if need[0] else None, gw1 if need[1] else None, dg1.to(pdt) if need[2] else None,
+                db1.to(pdt) if need[3] else None, gw2 if need[4] else None, dg2.to(pdt) if need[5] else None,
+                db2.to(pdt) if need[6] else None, None, None, None, None)
+
+
+def fuses_group(grp: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`group_forward` runs ``grp`` (a :class:`bunit.units.UnitGroup`) on inputs like ``x``: both BNs
+    with batch statistics (training mode), affine, and both convolutions the kernel's (:func:`supports`)."""
+    bns = (grp.bn1, grp.bn2)
+    return (all(bn.training and bn.affine for bn in bns) and supports(x, grp.conv1)
+            and grp.conv2.stride == (1, 1) and supports(x, grp.conv2))
+
+
+def group_forward(grp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``grp(x)`` in training mode through :class:`UnitGroupFn` (see :func:`fuses_group`); counters and running
+    statistics change as ``grp(x)`` changes them."""
+    from bunit.functional import bn_mode
+
+    factors = (bn_mode(grp.bn1)[1], bn_mode(grp.bn2)[1])  # bumps num_batches_tracked as BatchNorm2d.forward does
+    return UnitGroupFn.apply(x, grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight,
+                             grp.bn2.bias, grp.conv1.groups, grp.conv1.stride[0], (grp.bn1, grp.bn2), factors)

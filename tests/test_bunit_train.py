@@ -196,3 +196,86 @@ def test_channels_last_stays_channels_last():
     out_n = unit_train.UnitConv.apply(xn, weight, 2, 1)
     (gx_n,) = torch.autograd.grad(out_n, xn, torch.ones_like(out_n))
     assert torch.equal(out, out_n) and torch.equal(gx, gx_n)
+
+
+# --- the fused group path: BN (batch statistics) and ReLU inside the kernel's forward and backward -------------------
+
+
+def test_training_mode_runs_the_fused_group_and_eval_mode_does_not():
+    """In training mode every group of a ``unit_train`` layer runs as one :class:`UnitGroupFn` (BN and ReLU fused);
+    with BN in eval mode (running statistics) the convolutions run alone and BN is PyTorch's."""
+    layer = UnitLayer(["8x2-1-2", "2x8-8-8"]).train()
+    layer.backend = "unit_train"
+    x = torch.randn(2, layer.in_channels, 6, 6, requires_grad=True)
+    seen = []
+
+    def walk(fn):
+        if fn is not None and fn not in seen:
+            seen.append(fn)
+            for nxt, _ in fn.next_functions:
+                walk(nxt)
+    walk(layer(x).grad_fn)
+    names = [type(f).__name__ for f in seen]
+    assert names.count("UnitGroupFnBackward") == 2 and "NativeBatchNormBackward0" not in names
+    layer.eval()
+    seen.clear()
+    walk(layer(x).grad_fn)
+    names = [type(f).__name__ for f in seen]
+    assert "UnitGroupFnBackward" not in names and "UnitConvBackward" in names
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_fused_group_float64(stride):
+    """:class:`UnitGroupFn` in float64 against numerical gradients: input, both conv weights, both BN affines."""
+    from bunit.units import UnitGroup
+    from bunit.spec import UnitSpec
+
+    torch.manual_seed(10 + stride)
+    grp = spread_bn(UnitGroup(UnitSpec(2, 3, 2, stride=stride), 2), 1).double().train()
+    x = torch.randn(3, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    params = [grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight, grp.bn2.bias]
+    stats = [b.clone() for b in grp.buffers()]
+
+    def f(t, *ps):
+        return unit_train.UnitGroupFn.apply(t, *ps, 2, stride, (grp.bn1, grp.bn2), (0.1, 0.1))
+    leaves = (x,) + tuple(p.detach().clone().requires_grad_() for p in params)
+    assert torch.autograd.gradcheck(f, leaves)
+    torch.testing.assert_close(f(*leaves), grp(x), rtol=1e-12, atol=1e-12)
+    assert any(not torch.equal(a, b) for a, b in zip(stats, grp.buffers()))  # running statistics moved
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_group_running_statistics_and_counter(momentum):
+    """Running mean, unbiased running variance and ``num_batches_tracked`` after three training steps equal
+    ``grouped``'s, with a momentum and with the cumulative average (``momentum=None``)."""
+    torch.manual_seed(3)
+    ref = spread_bn(UnitLayer(["4x2-1-2", "2-2-2"]), 2).train()
+    new = spread_bn(UnitLayer(["4x2-1-2", "2-2-2"]), 2).train()
+    for layer in (ref, new):
+        for m in layer.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
+    new.load_state_dict(ref.state_dict())
+    new.backend = "unit_train"
+    for step in range(3):
+        x = torch.randn(4, ref.in_channels, 7, 7) * (step + 1) + step
+        ref(x).sum().backward()
+        new(x).sum().backward()
+    for (name, a), b in zip(new.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b) if a.dtype == torch.long else _rel(a, b) <= RTOL, name
+
+
+def test_fused_group_under_no_grad_and_without_input_grad():
+    """Training-mode forward without autograd (BN recalibration) and a backward that needs no input gradient."""
+    torch.manual_seed(4)
+    ref = spread_bn(UnitLayer(["8x2-1-4"], stride=2), 1).train()
+    new = spread_bn(UnitLayer(["8x2-1-4"], stride=2), 1).train()
+    new.load_state_dict(ref.state_dict())
+    new.backend = "unit_train"
+    x = torch.randn(3, ref.in_channels, 9, 9)
+    with torch.no_grad():
+        assert _rel(new(x), ref(x)) <= RTOL
+    ref(x).square().sum().backward()
+    new(x).square().sum().backward()
+    for (name, a), b in zip(new.named_parameters(), ref.parameters()):
+        assert _rel(a.grad, b.grad) <= RTOL, name

@@ -1,6 +1,8 @@
-"""The ``unit_train`` backend: ``grouped`` with each grouped 3x3 conv run by the C++ kernel of
-:mod:`bunit.unit_train`, which has its own backward (the training path on CPU). Where the kernel does not run
-(other devices, dtypes, kernel sizes, or no compiler) each conv runs as in ``grouped``."""
+"""The ``unit_train`` backend: ``grouped`` with the units' grouped 3x3 convs run by the C++ kernel of
+:mod:`bunit.unit_train`, which has its own backward (the training path on CPU). In training mode (BN with batch
+statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
+(:class:`bunit.unit_train.UnitGroupFn`); otherwise each conv runs in the kernel and BN and ReLU are PyTorch's. Where
+the kernel does not run (other devices, dtypes, kernel sizes, or no compiler) each conv runs as in ``grouped``."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +15,13 @@ __all__ = ["UnitTrain"]
 
 @register_backend("unit_train")
 class UnitTrain(Backend):
-    """The groups' convolutions through :func:`bunit.unit_train.conv`; BN and ReLU are PyTorch's."""
+    """Training mode: each group through :func:`bunit.unit_train.group_forward`; else the groups' convolutions
+    through :func:`bunit.unit_train.conv`, BN and ReLU PyTorch's."""
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
-        return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
+        if not all(unit_train.fuses_group(grp, x) for grp in layer.groups):
+            return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
+        # the layer's gather of each group's input channels (UnitLayer.run_groups does the same around its conv)
+        outs = [unit_train.group_forward(grp, layer._group_input(x, g)) for g, grp in enumerate(layer.groups)]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, out, H/s, W/s), group order
+        return y if layer.out_perm is None else y.index_select(1, layer.out_perm)  # layer order

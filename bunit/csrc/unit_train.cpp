@@ -4,7 +4,8 @@
 // of them: oneDNN's grouped convolution is slow there in training (its backward of a 2-1-2 row runs at about
 // 1.4 GMAC/s on 2 cores here). This kernel computes exactly what F.conv2d(x, w, None, s, k // 2, groups=n)
 // computes, and its two gradients, for k = 3 and s = 1 or 2 (bunit/unit_train.py wraps it in an
-// autograd.Function; BatchNorm and ReLU stay PyTorch's, exact, with batch statistics).
+// autograd.Function). In training, a unit group's BatchNorm (batch statistics) and ReLU are fused around its two
+// convolutions (the section at the end of this file).
 //
 // Work items are (image, group) pairs, run in parallel with at::parallel_for. Per item:
 //   1. the group's `cin` input planes are copied into a zero-padded buffer, columns split by phase (column mod s),
@@ -23,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -36,6 +38,36 @@ struct V {
   static void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
   static type splat(T x) { return x - type{}; }
 };
+
+// relu(src * a + b) over n contiguous values into dst: whole vectors, then the rest one by one (branch-free).
+template <typename T>
+inline void bn_relu_row(const T* src, int64_t n, T a, T b, T* dst) {
+  using Vt = V<T>;
+  const typename Vt::type va = Vt::splat(a), vb = Vt::splat(b), zero{};
+  int64_t j = 0;
+  for (; j + Vt::W <= n; j += Vt::W) {
+    const typename Vt::type v = Vt::load(src + j) * va + vb;
+    Vt::store(dst + j, v > zero ? v : zero);
+  }
+  for (; j < n; ++j) dst[j] = std::max(src[j] * a + b, T(0));
+}
+
+// The gradient reaching y through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, over n contiguous values.
+template <typename T>
+inline void bn_relu_grad_row(const T* y, const T* gr, int64_t n, T sc, T sh, T A, T B, T* dst) {
+  using Vt = V<T>;
+  const typename Vt::type vsc = Vt::splat(sc), vsh = Vt::splat(sh), va = Vt::splat(A), vb = Vt::splat(B), zero{};
+  int64_t j = 0;
+  for (; j + Vt::W <= n; j += Vt::W) {  // branch-free: the ReLU mask is data, a branch would mispredict
+    const typename Vt::type yv = Vt::load(y + j);
+    const typename Vt::type gv = Vt::load(gr + j) * vsc;
+    Vt::store(dst + j, (yv * vsc + vsh > zero ? gv : zero) + yv * va + vb);
+  }
+  for (; j < n; ++j) {
+    const T gv = gr[j] * sc;
+    dst[j] = (y[j] * sc + sh > T(0) ? gv : T(0)) + y[j] * A + B;
+  }
+}
 
 // Work (multiply-adds / 9) below which a call, or a chunk of items, is not split further between threads: a tiny
 // call spends longer waking a second thread (or waiting for it on a busy machine) than computing.
@@ -67,39 +99,57 @@ Geo geometry(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s
   return g;
 }
 
-// Input plane ci of group gi of image ni into buf: padded row r + 1, padded column c + 1, split by phase.
+// Input plane ci of group gi of image ni into buf: padded row r + 1, padded column c + 1, split by phase. With isc
+// (and ish), the plane is taken through the previous BatchNorm and ReLU: relu(v * isc[c] + ish[c]), c the channel.
 template <typename T>
-void pad_copy(const T* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t gi, T* buf) {
+void pad_copy(const T* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t gi, T* buf, const T* isc = nullptr,
+              const T* ish = nullptr, T* tmp = nullptr) {
   std::fill(buf, buf + g.cin * g.plane(), T(0));
   for (int64_t ci = 0; ci < g.cin; ++ci) {
-    const T* src = x + ni * xs[0] + (gi * g.cin + ci) * xs[1];
+    const int64_t ch = gi * g.cin + ci;
+    const T* src = x + ni * xs[0] + ch * xs[1];
+    int64_t rs = xs[2], cs = xs[3];
+    if (isc) {  // through BN and ReLU into tmp, a whole plane at a time where it is contiguous
+      if (cs == 1 && rs == g.w) {
+        bn_relu_row(src, g.h * g.w, isc[ch], ish[ch], tmp);
+      } else {
+        for (int64_t r = 0; r < g.h; ++r)
+          for (int64_t c = 0; c < g.w; ++c) tmp[r * g.w + c] = std::max(src[r * rs + c * cs] * isc[ch] + ish[ch], T(0));
+      }
+      src = tmp;
+      rs = g.w;
+      cs = 1;
+    }
     T* dst = buf + ci * g.plane();
     for (int64_t r = 0; r < g.h; ++r) {
-      const T* sr = src + r * xs[2];
+      const T* sr = src + r * rs;
       T* dr = dst + (r + 1) * g.wq;
       if (g.s == 1) {
-        if (xs[3] == 1) {
+        if (cs == 1) {
           std::memcpy(dr + 1, sr, sizeof(T) * g.w);
         } else {
-          for (int64_t c = 0; c < g.w; ++c) dr[c + 1] = sr[c * xs[3]];
+          for (int64_t c = 0; c < g.w; ++c) dr[c + 1] = sr[c * cs];
         }
       } else {  // s == 2: padded column c + 1 goes to phase (c + 1) % 2, position (c + 1) / 2
         T* odd = dr + g.hp * g.wq;
-        for (int64_t c = 0; c < g.w; c += 2) odd[c / 2] = sr[c * xs[3]];
-        for (int64_t c = 1; c < g.w; c += 2) dr[(c + 1) / 2] = sr[c * xs[3]];
+        for (int64_t c = 0; c < g.w; c += 2) odd[c / 2] = sr[c * cs];
+        for (int64_t c = 1; c < g.w; c += 2) dr[(c + 1) / 2] = sr[c * cs];
       }
     }
   }
 }
 
-// Forward of OB output channels (o0 .. o0 + OB) of one item from the padded input buffer.
+// Forward of OB output channels (o0 .. o0 + OB) of one item from the padded input buffer. With st (per thread:
+// st[c] sums, st[C + c] sums of squares, C all output channels), the outputs' batch statistics are added there.
 template <typename T, int OB, int S>
 inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, const int64_t* ys, int64_t ni,
-                      int64_t gi) {
+                      int64_t gi, double* st) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const int64_t cin = g.cin;
   constexpr int64_t s = S;
+  typename Vt::type ssum[OB], ssq[OB];
+  for (int o = 0; o < OB; ++o) ssum[o] = ssq[o] = typename Vt::type{};
   for (int64_t i = 0; i < g.ho; ++i) {
     for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
       typename Vt::type acc[OB];
@@ -122,46 +172,94 @@ inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y,
         T* dst = y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + i * ys[2];
         if (ys[3] == 1 && valid == VW) {
           Vt::store(dst + x0, acc[o]);
+          if (st) {
+            ssum[o] += acc[o];
+            ssq[o] += acc[o] * acc[o];
+          }
         } else {
           T tmp[VW];
           Vt::store(tmp, acc[o]);
           for (int64_t j = 0; j < valid; ++j) dst[(x0 + j) * ys[3]] = tmp[j];
+          if (st) {
+            for (int64_t j = valid; j < VW; ++j) tmp[j] = T(0);
+            const typename Vt::type v = Vt::load(tmp);
+            ssum[o] += v;
+            ssq[o] += v * v;
+          }
         }
       }
+    }
+  }
+  if (st) {
+    const int64_t nch = g.groups * g.cout;
+    for (int o = 0; o < OB; ++o) {
+      double a = 0, q = 0;
+      for (int l = 0; l < VW; ++l) {
+        a += ssum[o][l];
+        q += ssq[o][l];
+      }
+      st[gi * g.cout + o0 + o] += a;
+      st[nch + gi * g.cout + o0 + o] += q;
     }
   }
 }
 
 template <typename T, int S>
-void fwd_all(const T* buf, const T* wg, const Geo& g, T* yp, const int64_t* ys, int64_t ni, int64_t gi) {
+void fwd_all(const T* buf, const T* wg, const Geo& g, T* yp, const int64_t* ys, int64_t ni, int64_t gi, double* st) {
   int64_t o0 = 0;
-  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, 8, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, 4, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, 2, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 < g.cout; ++o0) fwd_block<T, 1, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, 8, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
+  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, 4, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
+  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, 2, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
+  for (; o0 < g.cout; ++o0) fwd_block<T, 1, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
 }
 
+// Threads for a call of `work` multiply-adds / 9 over `items` work items.
+inline int threads_for(int64_t work, int64_t items) {
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({(int64_t)at::get_num_threads(), work / kMinWork, items})));
+}
+
+// The forward; with stats (a double tensor [2, C]), the batch sums and sums of squares of the outputs; with isc/ish,
+// the input taken through BN and ReLU first (relu(x * isc[c] + ish[c]), the previous layer's normalisation).
 template <typename T>
-void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t groups, int64_t s) {
+void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t groups, int64_t s, const T* isc,
+                  const T* ish, at::Tensor* stats) {
   const Geo g = geometry(x, w, groups, s, V<T>::W);
   const T* xp = x.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
-  const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, g.ho * g.wr * g.cout * g.cin));
-  at::parallel_for(0, g.n * g.groups, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(g.cin * g.plane());
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t ni = item / g.groups, gi = item % g.groups;
-      pad_copy(xp, xs, g, ni, gi, buf.data());
-      const T* wg = wp + gi * g.cout * g.cin * 9;
-      if (g.s == 1)
-        fwd_all<T, 1>(buf.data(), wg, g, yp, ys, ni, gi);
-      else
-        fwd_all<T, 2>(buf.data(), wg, g, yp, ys, ni, gi);
+  const int64_t items = g.n * g.groups;
+  const int nthreads = threads_for(items * g.ho * g.wr * g.cout * g.cin, items);
+  const int64_t nst = 2 * g.groups * g.cout;
+  std::vector<std::vector<double>> partial(stats ? nthreads : 0);
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
+      std::vector<T> buf(g.cin * g.plane()), tmp(isc ? g.h * g.w : 0);
+      double* st = nullptr;
+      if (stats) {
+        partial[t].assign(nst, 0.0);
+        st = partial[t].data();
+      }
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t ni = item / g.groups, gi = item % g.groups;
+        pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
+        const T* wg = wp + gi * g.cout * g.cin * 9;
+        if (g.s == 1)
+          fwd_all<T, 1>(buf.data(), wg, g, yp, ys, ni, gi, st);
+        else
+          fwd_all<T, 2>(buf.data(), wg, g, yp, ys, ni, gi, st);
+      }
     }
   });
+  if (stats) {
+    double* out = stats->data_ptr<double>();
+    std::fill(out, out + nst, 0.0);
+    for (const auto& p : partial)
+      for (int64_t k = 0; k < nst; ++k) out[k] += p[k];
+  }
 }
 
 // Input gradient at stride 1, OB input channels (c0 .. c0 + OB) of one item: a convolution of the padded output
@@ -241,9 +339,19 @@ inline void gw_block(const T* buf, const T* gp, const Geo& g, int64_t o0, int64_
   }
 }
 
+// Output-gradient transform of the fused path: the gradient reaching the convolution's output y through BN (batch
+// statistics) and ReLU, from the gradient g of relu(y * sc + sh): (y * sc + sh > 0 ? sc * g : 0) + y * A + B, with
+// per-channel A and B holding BN's batch-statistic terms.
+template <typename T>
+struct GradBN {
+  const T* y = nullptr;  // the convolution's output, NCHW contiguous; nullptr: no transform
+  const T *sc = nullptr, *sh = nullptr, *A = nullptr, *B = nullptr;
+};
+
 template <typename T>
 void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy, at::Tensor* gx, at::Tensor* gw,
-                   int64_t groups, int64_t s) {
+                   int64_t groups, int64_t s, const T* isc = nullptr, const T* ish = nullptr,
+                   GradBN<T> bn = GradBN<T>()) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const Geo g = geometry(x, w, groups, s, VW);
@@ -260,8 +368,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   const int64_t gplane = (g.ho + 2) * g.wq;
   const int64_t items = g.n * g.groups;
   const int64_t work = items * g.ho * g.wr * g.cout * g.cin;  // multiply-adds / 9 of one gradient
-  const int nthreads =
-      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWork)));
+  const int nthreads = threads_for(work, items);
   std::vector<std::vector<T>> partial(gw ? nthreads : 0);
   // One chunk of whole items per thread, each with its own weight-gradient buffer, summed at the end.
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
@@ -269,6 +376,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
       std::vector<T> buf(gw ? g.cin * g.plane() : 0), gbuf(g.cout * gplane, T(0));
       std::vector<T> gxb(gx && s != 1 ? g.cin * g.plane() : 0);
+      // one output-gradient plane through BN and ReLU, one input plane through the previous BN and ReLU
+      std::vector<T> plane(bn.y ? g.ho * g.wo : 0), tmp(isc ? g.h * g.w : 0);
       T* gwt = nullptr;
       if (gw) {
         partial[t].assign(wsize, T(0));
@@ -276,19 +385,42 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
       }
       for (int64_t item = begin; item < end; ++item) {
         const int64_t ni = item / g.groups, gi = item % g.groups;
-        // output gradient, padded by one row and column of zeros (and zeros past the row end)
-        for (int64_t o = 0; o < g.cout; ++o)
+        // output gradient, padded by one row and column of zeros (and zeros past the row end); on the fused path
+        // taken through BN and ReLU first, a whole plane at a time (rows of 7-28 values are too short for vectors)
+        const bool plane_contiguous = gys[3] == 1 && gys[2] == g.wo;
+        for (int64_t o = 0; o < g.cout; ++o) {
+          const int64_t ch = gi * g.cout + o;
+          const T* gsrc = gyp + ni * gys[0] + ch * gys[1];
+          int64_t rs = gys[2], cs = gys[3];
+          if (bn.y) {
+            const T* yp = bn.y + (ni * g.groups * g.cout + ch) * g.ho * g.wo;
+            const T sc = bn.sc[ch], sh = bn.sh[ch], A = bn.A[ch], B = bn.B[ch];
+            if (plane_contiguous) {
+              bn_relu_grad_row(yp, gsrc, g.ho * g.wo, sc, sh, A, B, plane.data());
+            } else {
+              for (int64_t i = 0; i < g.ho; ++i)
+                for (int64_t j = 0; j < g.wo; ++j) {
+                  const T yv = yp[i * g.wo + j];
+                  const T gv = gsrc[i * gys[2] + j * gys[3]] * sc;
+                  plane[i * g.wo + j] = (yv * sc + sh > T(0) ? gv : T(0)) + yv * A + B;
+                }
+            }
+            gsrc = plane.data();
+            rs = g.wo;
+            cs = 1;
+          }
           for (int64_t i = 0; i < g.ho; ++i) {
-            const T* src = gyp + ni * gys[0] + (gi * g.cout + o) * gys[1] + i * gys[2];
+            const T* src = gsrc + i * rs;
             T* dst = gbuf.data() + o * gplane + (i + 1) * g.wq + 1;
-            if (gys[3] == 1) {
+            if (cs == 1) {
               std::memcpy(dst, src, sizeof(T) * g.wo);
             } else {
-              for (int64_t j = 0; j < g.wo; ++j) dst[j] = src[j * gys[3]];
+              for (int64_t j = 0; j < g.wo; ++j) dst[j] = src[j * cs];
             }
           }
+        }
         if (gw) {
-          pad_copy(xp, xs, g, ni, gi, buf.data());
+          pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
           T* gwg = gwt + gi * g.cout * g.cin * 9;
           for (int64_t ci = 0; ci < g.cin; ++ci) {
             int64_t o0 = 0;
@@ -361,13 +493,194 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) 
 
 }  // namespace
 
+// --- BatchNorm (batch statistics) and ReLU fused around the convolutions --------------------------------------
+//
+// The unit group's chain conv1 -> BN1 -> ReLU -> conv2 -> BN2 -> ReLU runs as (bunit/unit_train.py, UnitGroupFn):
+//   forward:  y1, stats1 = conv(x); y2, stats2 = conv(relu(bn1(y1))) (BN1 + ReLU applied while the input is padded);
+//             out = relu(bn2(y2)) in the input's memory format.
+//   backward: sums of the gradient of relu(bn2(.)) (one pass over g and y2); conv2's gradients from that gradient
+//             taken through BN2 and ReLU while it is padded (GradBN), conv2's input relu(bn1(y1)) rebuilt while padded;
+//             then the same for conv1 with the gradient of relu(bn1(y1)).
+// The hidden and normalised activations are never written; BN's statistics are summed in double.
+
+namespace {
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+void check_channel_vec(const std::optional<at::Tensor>& t, int64_t c, const at::Tensor& like, const char* what) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == c && t->is_contiguous() && t->scalar_type() == like.scalar_type(),
+              "unit_train: ", what, " must be a contiguous vector of ", c, " values of the input's dtype");
+}
+
+// Per plane (n, c) of y (NCHW contiguous): out = relu(y * sc[c] + sh[c]), out in NCHW or channels_last.
+template <typename T>
+void apply_impl(const at::Tensor& y, const T* sc, const T* sh, at::Tensor& out) {
+  using Vt = V<T>;
+  constexpr int VW = Vt::W;
+  const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
+  const T* yp = y.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const bool nchw = out.is_contiguous();
+  const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, hw));
+  at::parallel_for(0, n * c, grain, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t ni = p / c, ch = p % c;
+      const T* src = yp + p * hw;
+      const T a = sc[ch], s0 = sh[ch];
+      if (nchw) {
+        T* dst = op + p * hw;
+        const typename Vt::type va = Vt::splat(a), vb = Vt::splat(s0), zero{};
+        int64_t j = 0;
+        for (; j + VW <= hw; j += VW) {
+          typename Vt::type v = Vt::load(src + j) * va + vb;
+          Vt::store(dst + j, v > zero ? v : zero);
+        }
+        for (; j < hw; ++j) dst[j] = std::max(src[j] * a + s0, T(0));
+      } else {  // channels_last: (n, h, w, c)
+        T* dst = op + ni * hw * c + ch;
+        for (int64_t j = 0; j < hw; ++j) dst[j * c] = std::max(src[j] * a + s0, T(0));
+      }
+    }
+  });
+}
+
+// Sums over the batch of gz = (y * sc + sh > 0 ? g : 0) and of gz * y per channel (g and y NCHW contiguous).
+template <typename T>
+void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const T* sh, at::Tensor& sums) {
+  using Vt = V<T>;
+  constexpr int VW = Vt::W;
+  const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
+  const T* yp = y.data_ptr<T>();
+  const T* gp = g.data_ptr<T>();
+  const int nthreads = threads_for(n * c * hw / 8, n);
+  std::vector<std::vector<double>> partial(nthreads, std::vector<double>(2 * c, 0.0));
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      double* st = partial[t].data();
+      for (int64_t ni = n * t / nthreads; ni < n * (t + 1) / nthreads; ++ni)
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const T* yr = yp + (ni * c + ch) * hw;
+          const T* gr = gp + (ni * c + ch) * hw;
+          const T a = sc[ch], b = sh[ch];
+          const typename Vt::type va = Vt::splat(a), vb = Vt::splat(b), zero{};
+          typename Vt::type s1{}, s2{};
+          int64_t j = 0;
+          for (; j + VW <= hw; j += VW) {
+            const typename Vt::type yv = Vt::load(yr + j);
+            const typename Vt::type gz = yv * va + vb > zero ? Vt::load(gr + j) : zero;
+            s1 += gz;
+            s2 += gz * yv;
+          }
+          double d1 = 0, d2 = 0;
+          for (int l = 0; l < VW; ++l) {
+            d1 += s1[l];
+            d2 += s2[l];
+          }
+          for (; j < hw; ++j)
+            if (yr[j] * a + b > T(0)) {
+              d1 += gr[j];
+              d2 += double(gr[j]) * yr[j];
+            }
+          st[ch] += d1;
+          st[c + ch] += d2;
+        }
+    }
+  });
+  double* out = sums.data_ptr<double>();
+  std::fill(out, out + 2 * c, 0.0);
+  for (const auto& p : partial)
+    for (int64_t k = 0; k < 2 * c; ++k) out[k] += p[k];
+}
+
+}  // namespace
+
+// y (NCHW contiguous) and its per-channel [sums; sums of squares] in double; with isc/ish the input is read as
+// relu(x * isc + ish).
+std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s,
+                                           const std::optional<at::Tensor>& isc,
+                                           const std::optional<at::Tensor>& ish) {
+  check(x, w, groups, s);
+  check_channel_vec(isc, x.size(1), x, "isc");
+  check_channel_vec(ish, x.size(1), x, "ish");
+  TORCH_CHECK(isc.has_value() == ish.has_value(), "unit_train: isc and ish come together");
+  const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
+  at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options());
+  at::Tensor stats = at::empty({2, w.size(0)}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_forward_stats", [&] {
+    forward_impl<scalar_t>(x, w, y, groups, s, opt_ptr<scalar_t>(isc), opt_ptr<scalar_t>(ish), &stats);
+  });
+  return {y, stats};
+}
+
+// relu(y * sc + sh) per channel, y NCHW contiguous; the result channels_last when asked.
+at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh, bool channels_last) {
+  TORCH_CHECK(y.dim() == 4 && y.is_contiguous(), "unit_train: y must be NCHW contiguous");
+  check_channel_vec(sc, y.size(1), y, "sc");
+  check_channel_vec(sh, y.size(1), y, "sh");
+  at::Tensor out = at::empty_like(y, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "unit_train_apply",
+                             [&] { apply_impl<scalar_t>(y, sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(), out); });
+  return out;
+}
+
+// [sum of gz; sum of gz * y] per channel in double, gz = g where y * sc + sh > 0 (g and y NCHW contiguous).
+at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh) {
+  TORCH_CHECK(y.dim() == 4 && y.is_contiguous() && g.is_contiguous() && g.sizes() == y.sizes() &&
+                  g.scalar_type() == y.scalar_type(),
+              "unit_train: g and y must be NCHW contiguous of one shape and dtype");
+  check_channel_vec(sc, y.size(1), y, "sc");
+  check_channel_vec(sh, y.size(1), y, "sh");
+  at::Tensor sums = at::empty({2, y.size(1)}, y.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "unit_train_grad_sums", [&] {
+    grad_sums_impl<scalar_t>(g, y, sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(), sums);
+  });
+  return sums;
+}
+
+// The convolution's input and weight gradients from g, the gradient of relu(y * sc + sh) (y its output, NCHW
+// contiguous), taken through ReLU and BN's batch statistics as (y * sc + sh > 0 ? sc * g : 0) + y * A + B; with
+// isc/ish the convolution's input was relu(x * isc + ish) (the input gradient is then that of the normalised input).
+std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g,
+                                         const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh,
+                                         const at::Tensor& A, const at::Tensor& B, int64_t groups, int64_t s,
+                                         const std::optional<at::Tensor>& isc, const std::optional<at::Tensor>& ish,
+                                         bool need_input, bool need_weight) {
+  check(x, w, groups, s);
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
+              "unit_train: gradient dtype differs from the input's");
+  TORCH_CHECK(y.is_contiguous() && g.sizes() == y.sizes() && y.size(1) == w.size(0),
+              "unit_train: y must be the NCHW contiguous output, of g's shape");
+  for (const at::Tensor* t : {&sc, &sh, &A, &B}) check_channel_vec(*t, w.size(0), x, "a BN coefficient");
+  check_channel_vec(isc, x.size(1), x, "isc");
+  check_channel_vec(ish, x.size(1), x, "ish");
+  TORCH_CHECK(isc.has_value() == ish.has_value(), "unit_train: isc and ish come together");
+  at::Tensor gx, gw;
+  if (need_input) gx = at::empty_like(x, x.suggest_memory_format());
+  if (need_weight) gw = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_backward_bn", [&] {
+    GradBN<scalar_t> bn;
+    bn.y = y.data_ptr<scalar_t>();
+    bn.sc = sc.data_ptr<scalar_t>();
+    bn.sh = sh.data_ptr<scalar_t>();
+    bn.A = A.data_ptr<scalar_t>();
+    bn.B = B.data_ptr<scalar_t>();
+    backward_impl<scalar_t>(x, w, g, need_input ? &gx : nullptr, need_weight ? &gw : nullptr, groups, s,
+                            opt_ptr<scalar_t>(isc), opt_ptr<scalar_t>(ish), bn);
+  });
+  return {gx, gw};
+}
+
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) {
   check(x, w, groups, s);
   const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
   // the output in the input's layout: a channels_last network stays channels_last around its unit layers
   at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(x.suggest_memory_format()));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_forward",
-                             [&] { forward_impl<scalar_t>(x, w, y, groups, s); });
+                             [&] { forward_impl<scalar_t>(x, w, y, groups, s, nullptr, nullptr, nullptr); });
   return y;
 }
 
@@ -387,4 +700,13 @@ std::vector<at::Tensor> conv_backward(const at::Tensor& x, const at::Tensor& w, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_forward", &conv_forward, "grouped 3x3 conv, pad 1, stride 1 or 2 (forward)");
   m.def("conv_backward", &conv_backward, "its input and weight gradients");
+  m.def("conv_forward_stats", &conv_forward_stats, "the forward (NCHW output) with its batch sums, input via BN+ReLU",
+        py::arg("x"), py::arg("w"), py::arg("groups"), py::arg("s"), py::arg("isc") = py::none(),
+        py::arg("ish") = py::none());
+  m.def("bn_relu_apply", &bn_relu_apply, "relu(y * sc + sh) per channel");
+  m.def("bn_relu_grad_sums", &bn_relu_grad_sums, "per-channel sums of the ReLU-masked gradient and of it times y");
+  m.def("conv_backward_bn", &conv_backward_bn, "input and weight gradients through BN (batch statistics) and ReLU",
+        py::arg("x"), py::arg("w"), py::arg("g"), py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("A"),
+        py::arg("B"), py::arg("groups"), py::arg("s"), py::arg("isc"), py::arg("ish"), py::arg("need_input"),
+        py::arg("need_weight"));
 }
