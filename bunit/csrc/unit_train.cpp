@@ -139,78 +139,96 @@ void pad_copy(const T* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t g
   }
 }
 
-// Forward of OB output channels (o0 .. o0 + OB) of one item from the padded input buffer. With st (per thread:
-// st[c] sums, st[C + c] sums of squares, C all output channels), the outputs' batch statistics are added there.
-template <typename T, int OB, int S>
-inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, const int64_t* ys, int64_t ni,
-                      int64_t gi, double* st) {
+// Forward of OB output channels (o0 .. o0 + OB) of one item, rows i0 .. i0 + RB, from the padded input buffer. RB
+// rows at once give RB * OB independent accumulators: with one or two output channels (the 2-1-2 units) a single
+// chain of dependent multiply-adds per vector would leave the FMA units waiting on their latency.
+template <typename T, int OB, int S, int RB>
+inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, const int64_t* ys, int64_t ni,
+                     int64_t gi, int64_t i0) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const int64_t cin = g.cin;
   constexpr int64_t s = S;
-  typename Vt::type ssum[OB], ssq[OB];
-  for (int o = 0; o < OB; ++o) ssum[o] = ssq[o] = typename Vt::type{};
-  for (int64_t i = 0; i < g.ho; ++i) {
-    for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
-      typename Vt::type acc[OB];
-      for (int o = 0; o < OB; ++o) acc[o] = typename Vt::type{};
-      for (int64_t ci = 0; ci < cin; ++ci) {
-        const T* plane = buf + ci * g.plane();
-        for (int dy = 0; dy < 3; ++dy) {
-          const T* row = plane + (i * s + dy) * g.wq;
+  for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+    typename Vt::type acc[RB][OB];
+    for (int r = 0; r < RB; ++r)
+      for (int o = 0; o < OB; ++o) acc[r][o] = typename Vt::type{};
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      const T* plane = buf + ci * g.plane();
+      for (int dy = 0; dy < 3; ++dy) {
 #pragma GCC unroll 3
-          for (int dx = 0; dx < 3; ++dx) {
-            const typename Vt::type v = Vt::load(row + (dx % s) * g.hp * g.wq + x0 + dx / s);
-            const T* wp = wg + ((o0 * cin + ci) * 3 + dy) * 3 + dx;
+        for (int dx = 0; dx < 3; ++dx) {
+          const T* wp = wg + ((o0 * cin + ci) * 3 + dy) * 3 + dx;
+          typename Vt::type wv[OB];
 #pragma GCC unroll 8
-            for (int o = 0; o < OB; ++o) acc[o] += Vt::splat(wp[o * cin * 9]) * v;
+          for (int o = 0; o < OB; ++o) wv[o] = Vt::splat(wp[o * cin * 9]);
+#pragma GCC unroll 8
+          for (int r = 0; r < RB; ++r) {
+            const T* row = plane + ((i0 + r) * s + dy) * g.wq;
+            const typename Vt::type v = Vt::load(row + (dx % s) * g.hp * g.wq + x0 + dx / s);
+#pragma GCC unroll 8
+            for (int o = 0; o < OB; ++o) acc[r][o] += wv[o] * v;
           }
         }
       }
-      const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
+    }
+    const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
+    for (int r = 0; r < RB; ++r)
       for (int o = 0; o < OB; ++o) {
-        T* dst = y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + i * ys[2];
+        T* dst = y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + (i0 + r) * ys[2];
         if (ys[3] == 1 && valid == VW) {
-          Vt::store(dst + x0, acc[o]);
-          if (st) {
-            ssum[o] += acc[o];
-            ssq[o] += acc[o] * acc[o];
-          }
+          Vt::store(dst + x0, acc[r][o]);
         } else {
           T tmp[VW];
-          Vt::store(tmp, acc[o]);
+          Vt::store(tmp, acc[r][o]);
           for (int64_t j = 0; j < valid; ++j) dst[(x0 + j) * ys[3]] = tmp[j];
-          if (st) {
-            for (int64_t j = valid; j < VW; ++j) tmp[j] = T(0);
-            const typename Vt::type v = Vt::load(tmp);
-            ssum[o] += v;
-            ssq[o] += v * v;
-          }
         }
       }
-    }
-  }
-  if (st) {
-    const int64_t nch = g.groups * g.cout;
-    for (int o = 0; o < OB; ++o) {
-      double a = 0, q = 0;
-      for (int l = 0; l < VW; ++l) {
-        a += ssum[o][l];
-        q += ssq[o][l];
-      }
-      st[gi * g.cout + o0 + o] += a;
-      st[nch + gi * g.cout + o0 + o] += q;
-    }
   }
 }
 
+template <typename T, int OB, int S>
+inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, const int64_t* ys, int64_t ni,
+                      int64_t gi) {
+  constexpr int RB = OB >= 8 ? 1 : 8 / OB;  // then halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2)
+  int64_t i = 0;
+  for (; i + RB <= g.ho; i += RB) fwd_rows<T, OB, S, RB>(buf, wg, g, o0, y, ys, ni, gi, i);
+  if constexpr (RB >= 8) for (; i + 4 <= g.ho; i += 4) fwd_rows<T, OB, S, 4>(buf, wg, g, o0, y, ys, ni, gi, i);
+  if constexpr (RB >= 4) for (; i + 2 <= g.ho; i += 2) fwd_rows<T, OB, S, 2>(buf, wg, g, o0, y, ys, ni, gi, i);
+  for (; i < g.ho; ++i) fwd_rows<T, OB, S, 1>(buf, wg, g, o0, y, ys, ni, gi, i);
+}
+
 template <typename T, int S>
-void fwd_all(const T* buf, const T* wg, const Geo& g, T* yp, const int64_t* ys, int64_t ni, int64_t gi, double* st) {
+void fwd_all(const T* buf, const T* wg, const Geo& g, T* yp, const int64_t* ys, int64_t ni, int64_t gi) {
   int64_t o0 = 0;
-  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, 8, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
-  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, 4, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
-  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, 2, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
-  for (; o0 < g.cout; ++o0) fwd_block<T, 1, S>(buf, wg, g, o0, yp, ys, ni, gi, st);
+  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, 8, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, 4, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, 2, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 < g.cout; ++o0) fwd_block<T, 1, S>(buf, wg, g, o0, yp, ys, ni, gi);
+}
+
+// Sum and sum of squares of n contiguous values (vectors, then the rest), added to st[0] and st[nch].
+template <typename T>
+inline void plane_stats(const T* p, int64_t n, double* st, int64_t nch) {
+  using Vt = V<T>;
+  typename Vt::type s1{}, s2{};
+  int64_t j = 0;
+  for (; j + Vt::W <= n; j += Vt::W) {
+    const typename Vt::type v = Vt::load(p + j);
+    s1 += v;
+    s2 += v * v;
+  }
+  double a = 0, q = 0;
+  for (int l = 0; l < Vt::W; ++l) {
+    a += s1[l];
+    q += s2[l];
+  }
+  for (; j < n; ++j) {
+    a += p[j];
+    q += double(p[j]) * p[j];
+  }
+  st[0] += a;
+  st[nch] += q;
 }
 
 // Threads for a call of `work` multiply-adds / 9 over `items` work items.
@@ -219,7 +237,8 @@ inline int threads_for(int64_t work, int64_t items) {
       std::max<int64_t>(1, std::min<int64_t>({(int64_t)at::get_num_threads(), work / kMinWork, items})));
 }
 
-// The forward; with stats (a double tensor [2, C]), the batch sums and sums of squares of the outputs; with isc/ish,
+// The forward; with stats (a double tensor [2, C]; y then NCHW contiguous), the batch sums and sums of squares of the
+// outputs, summed from each item's planes right after they are written (in cache); with isc/ish,
 // the input taken through BN and ReLU first (relu(x * isc[c] + ish[c]), the previous layer's normalisation).
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t groups, int64_t s, const T* isc,
@@ -248,9 +267,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
         pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
         const T* wg = wp + gi * g.cout * g.cin * 9;
         if (g.s == 1)
-          fwd_all<T, 1>(buf.data(), wg, g, yp, ys, ni, gi, st);
+          fwd_all<T, 1>(buf.data(), wg, g, yp, ys, ni, gi);
         else
-          fwd_all<T, 2>(buf.data(), wg, g, yp, ys, ni, gi, st);
+          fwd_all<T, 2>(buf.data(), wg, g, yp, ys, ni, gi);
+        if (st)  // the item's output planes, just written (in cache); y is NCHW contiguous here
+          for (int64_t o = 0; o < g.cout; ++o) {
+            const int64_t ch = gi * g.cout + o;
+            plane_stats(yp + (ni * g.groups * g.cout + ch) * g.ho * g.wo, g.ho * g.wo, st + ch, g.groups * g.cout);
+          }
       }
     }
   });
@@ -265,42 +289,59 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
 // Input gradient at stride 1, OB input channels (c0 .. c0 + OB) of one item: a convolution of the padded output
 // gradient (gp: cout planes of (ho + 2) rows of wq values, value (i, j) at row i + 1, column j + 1) with the
 // flipped, transposed weights: gx[c][y][x] = sum_{o, dy, dx} w[o][c][dy][dx] * gy[o][y + 1 - dy][x + 1 - dx].
-template <typename T, int OB>
-inline void gx_block(const T* gp, const T* wg, const Geo& g, int64_t c0, T* gx, const int64_t* gs, int64_t ni,
-                     int64_t gi) {
+template <typename T, int OB, int RB>
+inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, T* gx, const int64_t* gs, int64_t ni,
+                    int64_t gi, int64_t y0) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const int64_t cin = g.cin, gplane = (g.ho + 2) * g.wq;
-  for (int64_t y = 0; y < g.h; ++y) {
-    for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
-      typename Vt::type acc[OB];
-      for (int c = 0; c < OB; ++c) acc[c] = typename Vt::type{};
-      for (int64_t o = 0; o < g.cout; ++o) {
-        const T* plane = gp + o * gplane;
-        for (int ey = 0; ey < 3; ++ey) {
-          const T* row = plane + (y + ey) * g.wq + x0;
+  for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+    typename Vt::type acc[RB][OB];
+    for (int r = 0; r < RB; ++r)
+      for (int c = 0; c < OB; ++c) acc[r][c] = typename Vt::type{};
+    for (int64_t o = 0; o < g.cout; ++o) {
+      const T* plane = gp + o * gplane;
+      for (int ey = 0; ey < 3; ++ey) {
 #pragma GCC unroll 3
-          for (int ex = 0; ex < 3; ++ex) {
-            const typename Vt::type v = Vt::load(row + ex);
-            const T* wp = wg + ((o * cin + c0) * 3 + (2 - ey)) * 3 + (2 - ex);
+        for (int ex = 0; ex < 3; ++ex) {
+          const T* wp = wg + ((o * cin + c0) * 3 + (2 - ey)) * 3 + (2 - ex);
+          typename Vt::type wv[OB];
 #pragma GCC unroll 8
-            for (int c = 0; c < OB; ++c) acc[c] += Vt::splat(wp[c * 9]) * v;
+          for (int c = 0; c < OB; ++c) wv[c] = Vt::splat(wp[c * 9]);
+#pragma GCC unroll 8
+          for (int r = 0; r < RB; ++r) {
+            const typename Vt::type v = Vt::load(plane + (y0 + r + ey) * g.wq + x0 + ex);
+#pragma GCC unroll 8
+            for (int c = 0; c < OB; ++c) acc[r][c] += wv[c] * v;
           }
         }
       }
-      const int64_t valid = std::min<int64_t>(VW, g.w - x0);
+    }
+    const int64_t valid = std::min<int64_t>(VW, g.w - x0);
+    for (int r = 0; r < RB; ++r)
       for (int c = 0; c < OB; ++c) {
-        T* dst = gx + ni * gs[0] + (gi * cin + c0 + c) * gs[1] + y * gs[2];
+        T* dst = gx + ni * gs[0] + (gi * cin + c0 + c) * gs[1] + (y0 + r) * gs[2];
         if (gs[3] == 1 && valid == VW) {
-          Vt::store(dst + x0, acc[c]);
+          Vt::store(dst + x0, acc[r][c]);
         } else {
           T tmp[VW];
-          Vt::store(tmp, acc[c]);
+          Vt::store(tmp, acc[r][c]);
           for (int64_t j = 0; j < valid; ++j) dst[(x0 + j) * gs[3]] = tmp[j];
         }
       }
-    }
   }
+}
+
+// Rows in blocks of RB (RB * OB independent accumulators, as in the forward).
+template <typename T, int OB>
+inline void gx_block(const T* gp, const T* wg, const Geo& g, int64_t c0, T* gx, const int64_t* gs, int64_t ni,
+                     int64_t gi) {
+  constexpr int RB = OB >= 8 ? 1 : 8 / OB;
+  int64_t y = 0;
+  for (; y + RB <= g.h; y += RB) gx_rows<T, OB, RB>(gp, wg, g, c0, gx, gs, ni, gi, y);
+  if constexpr (RB >= 8) for (; y + 4 <= g.h; y += 4) gx_rows<T, OB, 4>(gp, wg, g, c0, gx, gs, ni, gi, y);
+  if constexpr (RB >= 4) for (; y + 2 <= g.h; y += 2) gx_rows<T, OB, 2>(gp, wg, g, c0, gx, gs, ni, gi, y);
+  for (; y < g.h; ++y) gx_rows<T, OB, 1>(gp, wg, g, c0, gx, gs, ni, gi, y);
 }
 
 // Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg.
