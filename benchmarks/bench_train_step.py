@@ -8,7 +8,11 @@ each turn one untimed and one timed step. Per model the fastest setting is its s
 dense's fastest setting. Then each model trains whole epochs of the data set (Fashion-MNIST, else the digits) through
 the harness loop (``harness.run.train.train_model``) at its fastest setting, the models taking turns epoch by epoch.
 
-Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1]``.
+``--unfused`` adds, for the BUnit models, the ``unit_train`` kernel without its BN + ReLU fusion (each convolution in
+the kernel, BN and ReLU PyTorch's: what ``unit_train`` ran before the fusion), registered here as the backend
+``unit_train_unfused``, so that the fusion's effect is measured side by side in the same session.
+
+Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1] [--unfused]``.
 Prints the tables and writes ``results/benchmarks/train_step.csv``.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ from harness.core.config import TrainConfig
 from harness.core.data import load_dataset
 from harness.core.models import create_backbone
 from harness.run.train import train_model
-from harness.run.train_speed import apply_setting, candidates, step_fn
+from harness.run.train_speed import TrainSetting, apply_setting, candidates, step_fn
 
 MODELS = ("dense", "bunit:macs:0.5", "bunit:macs:0.8", "bunit:macs:0.95", "l1-filter:macs:0.8")
 
@@ -45,6 +49,20 @@ def build(name: str, size: int) -> torch.nn.Module:
     ctx = MethodContext(example_inputs=x, calib_batches=[(x, torch.arange(16) % 10)], seed=0, backbone="resnet20",
                         shortcut="B", num_classes=10)
     return get_method(method).apply(dense, target, ctx)
+
+
+def register_unfused() -> str:
+    """Register ``unit_train_unfused``: each unit conv in the ``unit_train`` kernel, BN and ReLU PyTorch's."""
+    from bunit import unit_train
+    from bunit.backends import BACKENDS, Backend, register_backend
+
+    name = "unit_train_unfused"
+    if name not in BACKENDS:
+        @register_backend(name)
+        class UnitTrainUnfused(Backend):
+            def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+                return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
+    return name
 
 
 def isa() -> str:
@@ -65,6 +83,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--out", default="results/benchmarks/train_step.csv")
+    parser.add_argument("--unfused", action="store_true", help="also time unit_train without its BN+ReLU fusion")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady_allocator()
@@ -75,6 +94,11 @@ def main() -> None:
     xb = torch.randn(args.batch, 1, args.size, args.size, generator=gen)
     yb = torch.randint(0, 10, (args.batch,), generator=gen)
     settings = {n: candidates(m, bf16=True, device=xb.device) for n, m in models.items()}
+    if args.unfused:
+        extra = register_unfused()
+        for n in names:
+            settings[n] += [TrainSetting(s.bf16, s.channels_last, extra) for s in settings[n]
+                            if s.unit_backend == "unit_train"]
     fns = {f"{n}|{s.name}": step_fn(models[n], s, xb, yb) for n in names for s in settings[n]}
     print(f"cpu: {isa()}; threads {args.threads}; batch {args.batch}; {args.size}x{args.size}; "
           f"{len(fns)} (model, setting) pairs x {args.rounds} rounds", flush=True)
@@ -84,7 +108,8 @@ def main() -> None:
     busy = others_cpus(snap, cpu_snapshot())
     print(f"steps timed in {time.perf_counter() - t0:.0f} s; other work kept {busy} CPUs busy meanwhile")
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    best = {n: min(settings[n], key=lambda s: med[f"{n}|{s.name}"]) for n in names}
+    real = {n: [s for s in settings[n] if s.unit_backend != "unit_train_unfused"] for n in names}
+    best = {n: min(real[n], key=lambda s: med[f"{n}|{s.name}"]) for n in names}  # the harness's candidates only
     ref = med[f"dense|{best['dense'].name}"]
     rows = []
     print(f"\n{'model':22s} {'MACs':>5s} {'setting':34s} {'step ms':>8s} {'/ dense best':>12s}")
@@ -95,6 +120,15 @@ def main() -> None:
                          "ratio_to_dense_best": ms / ref, "best": s == best[n], "kind": "step"})
             mark = " *" if s == best[n] else ""
             print(f"{n:22s} {macs[n] / macs['dense']:5.2f} {s.name:34s} {ms:8.1f} {ms / ref:12.2f}{mark}")
+    if args.unfused:
+        print("\nper model, fastest setting of each unit backend (ratio to dense's fastest):")
+        for n in names[1:]:
+            by = {}
+            for s in settings[n]:
+                ms = med[f"{n}|{s.name}"]
+                if s.unit_backend and ms < by.get(s.unit_backend, (float("inf"),))[0]:
+                    by[s.unit_backend] = (ms, s.name)
+            print(f"{n:22s} " + "  ".join(f"{b}: {ms:.1f} ms {ms / ref:.2f} ({nm})" for b, (ms, nm) in by.items()))
     if args.epochs:
         data = load_dataset(args.dataset, image_size=args.size, device=torch.device("cpu"))
         print(f"\nepochs: {args.dataset}, {len(data.y_train)} training images, each model at its fastest setting")
