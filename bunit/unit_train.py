@@ -167,6 +167,8 @@ class UnitGroupFn(torch.autograd.Function):
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         y1, st1 = ext.conv_forward_stats(x, w1, groups, stride)  # (B, n*b, H/s, W/s), NCHW
         n1 = y1.shape[0] * y1.shape[2] * y1.shape[3]
+        if n1 <= 1:  # as F.batch_norm refuses it in training
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y1.shape)}")
         mean1, var1, inv1, sc1, sh1 = _bn_coefficients(st1, n1, g1, b1, bn1.eps, x.dtype)
         y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1)  # (B, n*c, H/s, W/s), NCHW
         mean2, var2, inv2, sc2, sh2 = _bn_coefficients(st2, n1, g2, b2, bn2.eps, x.dtype)

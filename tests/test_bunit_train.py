@@ -279,3 +279,10 @@ def test_fused_group_under_no_grad_and_without_input_grad():
     new(x).square().sum().backward()
     for (name, a), b in zip(new.named_parameters(), ref.parameters()):
         assert _rel(a.grad, b.grad) <= RTOL, name
+
+
+def test_fused_group_refuses_one_value_per_channel_as_batchnorm_does():
+    layer = UnitLayer(["2-1-2"]).train()
+    layer.backend = "unit_train"
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 2, 1, 1))
