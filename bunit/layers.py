@@ -32,8 +32,9 @@ The fused form runs on one of several execution backends (``layer.backend``), al
   activations of a tile of rows kept in cache; float32 on CPU in eval mode. In training mode, or while
   autograd records, it runs ``grouped`` instead (exact gradients and BN statistics); without a C++ compiler
   it raises, and the autotuner never picks it.
-- ``unit_train``: ``grouped`` with each grouped 3x3 conv run by a C++ kernel that has its own backward
-  (:mod:`bunit.unit_train`), BN (batch statistics in training) and ReLU PyTorch's: the training path, whose cost
+- ``unit_train``: the training path (:mod:`bunit.unit_train`), a C++ kernel with its own backward: in training mode
+  each unit group runs whole in it, BatchNorm with batch statistics and ReLU fused around its two convolutions
+  (``UnitGroupFn``); in eval mode each grouped 3x3 conv runs in the kernel and BN and ReLU are PyTorch's. Its cost
   follows the units' MACs where oneDNN's grouped convolution does not. Float32 (float64 too) on CPU; where the
   extension is not built, or for other kernel sizes, devices and dtypes, each conv runs as in ``grouped``.
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from bunit.functional import bn_mode
 from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
@@ -209,8 +210,6 @@ def fuses_group(grp: nn.Module, x: torch.Tensor) -> bool:
 def group_forward(grp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``grp(x)`` in training mode through :class:`UnitGroupFn` (see :func:`fuses_group`); counters and running
     statistics change as ``grp(x)`` changes them."""
-    from bunit.functional import bn_mode
-
     factors = (bn_mode(grp.bn1)[1], bn_mode(grp.bn2)[1])  # bumps num_batches_tracked as BatchNorm2d.forward does
     return UnitGroupFn.apply(x, grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight,
                              grp.bn2.bias, grp.conv1.groups, grp.conv1.stride[0], (grp.bn1, grp.bn2), factors)
