@@ -2,13 +2,14 @@
 
 The suite file carries the detail; the command line carries only paths, filters and ``section.field=value``
 overrides. Bad input prints one line naming the field and the allowed values and exits with status 2,
-before anything is written. Each command imports what it needs when it runs (marked ``# on demand``), so that
-``bunitbench --help`` and a mistyped command answer without loading torch.
+before anything is written. Each command imports what it needs when it runs (marked ``# on demand``): ``list`` does
+not load pandas or matplotlib, ``run`` does not load ONNX Runtime or OpenVINO, and a local run does not load Ray.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
@@ -87,7 +88,7 @@ def _err(message: str) -> int:
 
 
 def _cmd_run(args) -> int:
-    # on demand: the CLI starts without torch
+    # on demand: a command loads only what it uses
     from harness.core.config import apply_overrides, expand, load_suite
     from harness.core.devices import resolve_device
     from harness.run.runner import load_plugin, select
@@ -106,14 +107,14 @@ def _cmd_run(args) -> int:
         print(f"{len(grid)} experiments in suite {suite.name!r}", file=sys.stderr)
         return 0
     if args.executor == "ray":  # the device is the workers' business, not the driver's
-        # on demand: the CLI starts without torch
+        # on demand: a command loads only what it uses
         from harness.run.ray_executor import run_suite_ray
 
         outcome = run_suite_ray(suite, results_dir=args.results_dir, device=args.device, only=args.only,
                                 address=args.address, plugins=args.plugin, progress=not args.no_progress,
                                 rerun_other_revisions=args.rerun_other_revisions)
     else:
-        # on demand: the CLI starts without torch
+        # on demand: a command loads only what it uses
         from harness.run.executors import run_suite_local
 
         resolve_device(args.device)
@@ -123,10 +124,7 @@ def _cmd_run(args) -> int:
     print(f"suite {suite.name}: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done "
           f"-> {args.results_dir}/{suite.name}/runs.jsonl")
     if args.report:
-        # on demand: the CLI starts without torch
-        from pathlib import Path
-
-        # on demand: the CLI starts without torch
+        # on demand: a command loads only what it uses
         from harness.analyse.report import write_report
 
         out = Path(args.results_dir) / suite.name
@@ -136,7 +134,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    # on demand: the CLI starts without torch
+    # on demand: a command loads only what it uses
     from baselines import list_methods, method_info
     from harness.core.config import list_suites
     from harness.core.data import list_datasets
@@ -158,7 +156,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    # on demand: the CLI starts without torch
+    # on demand: a command loads only what it uses
     from harness.measure.inspection import format_inspection, inspect_backbone
 
     rows = inspect_backbone(args.backbone, args.plan, image_size=args.image_size, num_classes=args.num_classes,
@@ -180,10 +178,7 @@ def _int_option(name: str, text: str | None, minimum: int) -> int | None:
 
 
 def _cmd_time(args) -> int:
-    # on demand: the CLI starts without torch
-    from pathlib import Path
-
-    # on demand: the CLI starts without torch
+    # on demand: a command loads only what it uses
     from harness.measure.runtimes import RUNTIMES
     from harness.measure.timing_pass import format_timings, load_timings, time_store
     from harness.measure.timing_table import best_deployment, format_best
@@ -218,7 +213,7 @@ def _cmd_time(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    # on demand: the CLI starts without torch
+    # on demand: a command loads only what it uses
     from harness.analyse.plots import write_plots
 
     for path in write_plots(args.results_dir):
@@ -227,7 +222,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    # on demand: the CLI starts without torch
+    # on demand: a command loads only what it uses
     from harness.analyse.latency_source import VIEWS
     from harness.analyse.report import write_report
 

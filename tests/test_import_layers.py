@@ -3,7 +3,7 @@
 ``bunit`` knows only torch; ``baselines`` knows ``bunit``; in ``harness``, ``core`` knows no other harness package,
 ``measure`` knows ``core``, ``run`` knows ``core`` and ``measure``, ``analyse`` reads ``core`` and ``measure``'s
 tables (and ``baselines``' family names), and only the CLI (and the package's lazy attribute table) sees everything. A project import inside a
-function must say why on its line or the line above (an optional dependency, the CLI's start-up time).
+function must say why on its line or the line above (an optional dependency, what each CLI command loads).
 """
 from __future__ import annotations
 
