@@ -1,4 +1,5 @@
 """The streaming loader (harness.core.stream) on generated JPEG trees: training, order, shards, bad files, memory."""
+import gc
 import json
 import logging
 import os
@@ -324,3 +325,26 @@ def test_peak_memory_does_not_grow_with_the_tree(tmp_path):
     print("peak RSS (kB):", peaks)
     for part in ("self_kb", "workers_kb"):
         assert abs(peaks[8000][part] - peaks[2000][part]) < 0.10 * peaks[2000][part], peaks
+
+
+@pytest.mark.parametrize("finish_the_epoch", [True, False])
+def test_a_dropped_loader_stops_its_workers_at_once(small_tree, finish_the_epoch):
+    # no garbage collector: the loader must be freed by its last reference going, with its decoding processes;
+    # a reference cycle through the sampler left them to the collector, which then waited 5 s per worker
+    data = _stream(small_tree, size=16, workers=2)
+    loader = data.train_loader(8, seed=0, augment=True)  # 12 batches: more than the workers prefetch
+    gc.disable()
+    try:
+        batches = iter(loader)
+        next(batches)
+        if finish_the_epoch:
+            for _ in batches:
+                pass
+        assert len(mp.active_children()) == 2
+        t0 = time.perf_counter()
+        del batches, loader
+        while mp.active_children() and time.perf_counter() - t0 < 3:
+            time.sleep(0.05)
+        assert mp.active_children() == [] and time.perf_counter() - t0 < 2
+    finally:
+        gc.enable()

@@ -31,6 +31,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -78,18 +79,32 @@ class _BatchDecoder(torch.utils.data.Dataset):
 
 
 class _Tasks(torch.utils.data.Sampler):
-    """Main-process side: the (epoch, indices) tasks of one pass, a new epoch number at every pass."""
+    """Main-process side: the (epoch, indices) tasks of one pass, a new epoch number at every pass.
+
+    It holds its loader weakly. A strong reference closed a cycle (loader -> DataLoader -> sampler -> loader), so a
+    dropped loader waited for the garbage collector, which tore the worker queues down before torch's shutdown could
+    tell the workers to stop: every dropped loader then cost 5 s per worker in joins that timed out.
+    """
 
     def __init__(self, loader: "StreamLoader"):
-        self.loader = loader
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> "StreamLoader":
+        loader = self._loader()
+        if loader is None:
+            raise RuntimeError("the StreamLoader of these tasks is gone")
+        return loader
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        epoch = self.loader.epoch
-        for indices in self.loader.batch_indices(epoch):
-            yield epoch, indices
+        loader = self.loader
+        epoch = loader.epoch
+        batches = list(loader.batch_indices(epoch))  # the epoch's order, taken now: the pass keeps no loader alive
+        del loader
+        return ((epoch, indices) for indices in batches)
 
 
 class StreamLoader:
