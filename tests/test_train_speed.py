@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import harness.run.train_speed as train_speed
-from bunit import bunitify, unit_train
+from bunit import bunitify
 from harness.core.config import TrainConfig
 from harness.core.data import load_dataset
 from harness.core.models import create_backbone
@@ -35,7 +35,7 @@ def test_candidates_round_no_more_than_the_recipe():
     assert {s.bf16 for s in candidates(dense, bf16=True, device=cpu)} == {False, True}
     assert {s.unit_backend for s in candidates(dense, bf16=False, device=cpu)} == {None}
     units = {s.unit_backend for s in candidates(_bunit_model(), bf16=False, device=cpu)}
-    assert units == ({"grouped", "unit_train"} if unit_train.is_available() else {"grouped"})
+    assert units == {"grouped", "unit_train"}  # a compiler is present: the C++ backend builds and is a candidate
     assert {s.unit_backend for s in candidates(_bunit_model(), bf16=False, device=torch.device("meta"))} == {"grouped"}
 
 
@@ -51,12 +51,14 @@ def test_choose_picks_the_fastest_and_leaves_the_model_alone(monkeypatch):
     monkeypatch.setattr(train_speed, "time_settings", scripted)
     xb, yb = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
     best, rec = choose_setting(model, xb, yb, bf16=False, channels_last=True, total_steps=10_000)
-    assert best == TrainSetting(False, False, "unit_train" if unit_train.is_available() else "grouped")
+    assert best == TrainSetting(False, False, "unit_train")
     assert rec["measured"] and rec["setting"] == best.name and "bf16/nchw/grouped" not in rec["step_ms"]
     best, rec = choose_setting(model, xb, yb, bf16=True, channels_last=True, total_steps=10_000)
     assert best.name == "bf16/nchw/grouped" and rec["step_ms"]["bf16/nchw/grouped"] == 900.0
     short, rec = choose_setting(model, xb, yb, bf16=True, channels_last=True, total_steps=10)
     assert short == TrainSetting(True, True, "grouped") and not rec["measured"]  # too short: the recipe's
+    for key, value in model.state_dict().items():  # choosing changed neither weights nor BN statistics
+        assert torch.equal(value, before[key]), key
 
 
 def test_real_measurement_keeps_the_model():
@@ -71,7 +73,6 @@ def test_real_measurement_keeps_the_model():
     assert all(layer.backend == "grouped" for layer in model.modules() if hasattr(layer, "group_units"))
 
 
-@pytest.mark.skipif(not unit_train.is_available(), reason="the unit_train C++ extension does not build")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_training_step_equal_across_unit_backends(channels_last):
     """One SGD step through ``train_model`` (batch 1024 of the digits: one step per epoch), same seed and memory
