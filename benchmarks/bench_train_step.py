@@ -2,8 +2,8 @@
 
 ResNet-20 (option B, one input channel, 28x28): dense; BUnit at 50, 80 and 95% fewer MACs (the cost-target planner);
 L1-filter at 80% fewer MACs (a pruned model, as a fine-tune trains it). Every model is timed in every training setting
-(:mod:`harness.run.train_speed`: fp32 or bf16 autocast, NCHW or channels_last, unit layers on ``grouped`` or
-``unit_train``), all (model, setting) pairs taking turns round-robin in one session (``interleaved_times``),
+(:mod:`harness.run.train_speed`: fp32 or bf16 autocast, NCHW or channels_last, unit layers on ``grouped``,
+``blockdiag`` or ``unit_train``), all (model, setting) pairs taking turns round-robin in one session (``interleaved_times``),
 each turn one untimed and one timed step. Per model the fastest setting is its step; the ratio divides by dense at
 dense's fastest setting. Then each model trains whole epochs of the data set (Fashion-MNIST, else the digits) through
 the harness loop (``harness.run.train.train_model``) at its fastest setting, the models taking turns epoch by epoch.

@@ -5,9 +5,13 @@ A candidate is (precision, memory format, unit backend):
 - precision: ``bf16`` autocast only where the recipe asks for it (``bf16``, and ``bf16_cpu`` on CPU); float32 is
   always a candidate, since it is at least as exact. So the picked precision never rounds more than the recipe says.
 - memory format: NCHW or channels_last (the same arithmetic in another layout).
-- unit backend (models with fused unit layers, on CPU): ``grouped`` (oneDNN's grouped convolution) or
-  ``unit_train`` (:mod:`bunit.unit_train`, the C++ kernel with its own backward, checked within 1e-4 of ``grouped``
-  by ``tests/test_bunit_train.py``).
+- unit backend (models with fused unit layers): ``grouped`` (oneDNN's grouped convolution), ``blockdiag`` (each
+  conv as one dense convolution whose weight is zero off the unit blocks, :mod:`bunit.blockdiag`: more arithmetic
+  than the units need, on the runtime's fastest convolution path; gradients reach only the unit weights) and, on
+  CPU, ``unit_train`` (:mod:`bunit.unit_train`, the C++ kernel with its own backward, checked within 1e-4 of
+  ``grouped`` by ``tests/test_bunit_train.py``). ``tests/test_train_speed.py`` checks one SGD step of each within
+  1e-4 of ``grouped``'s. The backend changes how the step is computed, not what the model is: its MACs and
+  parameters are the units'.
 
 Each candidate trains a deep copy of the model on one real batch (its own SGD optimizer; the model itself, its
 BN statistics and the caller's optimizer are untouched); the candidates take turns round-robin
@@ -34,8 +38,8 @@ __all__ = ["TrainSetting", "candidates", "apply_setting", "step_fn", "time_setti
            "MIN_STEPS_TO_MEASURE"]
 
 MIN_STEPS_TO_MEASURE = 640
-"""Training runs with fewer optimizer steps keep the recipe's configuration: measuring takes up to 8 candidates x 4
-steps, over 5% of a shorter run."""
+"""Training runs with fewer optimizer steps keep the recipe's configuration: measuring takes up to 12 candidates x 4
+steps, over 7% of a shorter run."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def candidates(model: nn.Module, *, bf16: bool, device: torch.device) -> list[Tr
     precisions = [False, True] if bf16 else [False]
     units: list[str | None] = [None]
     if _unit_layers(model):
-        units = ["grouped"]
+        units = ["grouped", "blockdiag"]
         if device.type == "cpu" and unit_train.is_available():
             units.append("unit_train")
     return [TrainSetting(p, cl, u) for p in precisions for cl in (False, True) for u in units]
