@@ -3,7 +3,8 @@
 ResNet-20 (option B, one input channel, 28x28): dense; BUnit at 50, 80 and 95% fewer MACs (the cost-target planner);
 L1-filter at 80% fewer MACs (a pruned model, as a fine-tune trains it). Every model is timed in every training setting
 (:mod:`harness.run.train_speed`: fp32 or bf16 autocast, NCHW or channels_last, unit layers on ``grouped``,
-``blockdiag`` or ``unit_train``), all (model, setting) pairs taking turns round-robin in one session (``interleaved_times``),
+``blockdiag`` or ``unit_train``, and the per-layer mix the harness's ``choose_setting`` picks, where it picks one),
+all (model, setting) pairs taking turns round-robin in one session (``interleaved_times``),
 each turn one untimed and one timed step. Per model the fastest setting is its step; the ratio divides by dense at
 dense's fastest setting. Then each model trains whole epochs of the data set (Fashion-MNIST, else the digits) through
 the harness loop (``harness.run.train.train_model``) at its fastest setting, the models taking turns epoch by epoch.
@@ -34,7 +35,7 @@ from harness.core.config import TrainConfig
 from harness.core.data import load_dataset
 from harness.core.models import create_backbone
 from harness.run.train import train_model
-from harness.run.train_speed import TrainSetting, apply_setting, candidates, step_fn
+from harness.run.train_speed import PER_LAYER, TrainSetting, apply_setting, candidates, choose_setting, step_fn
 
 MODELS = ("dense", "bunit:macs:0.5", "bunit:macs:0.8", "bunit:macs:0.95", "l1-filter:macs:0.8")
 
@@ -94,6 +95,11 @@ def main() -> None:
     xb = torch.randn(args.batch, 1, args.size, args.size, generator=gen)
     yb = torch.randint(0, 10, (args.batch,), generator=gen)
     settings = {n: candidates(m, bf16=True, device=xb.device) for n, m in models.items()}
+    for n, m in models.items():  # the harness's per-layer mix, where it chooses one, joins the session's candidates
+        chosen, _ = choose_setting(m, xb, yb, bf16=True, channels_last=True, total_steps=10**9)
+        if chosen.unit_backend == PER_LAYER:
+            settings[n].append(chosen)
+            print(f"{n}: per-layer unit backends {dict(chosen.layer_backends)}", flush=True)
     if args.unfused:
         extra = register_unfused()
         for n in names:

@@ -16,11 +16,12 @@ from harness.core.config import TrainConfig
 from harness.core.data import load_dataset
 from harness.core.models import create_backbone
 from harness.run.train import train_model
-from harness.run.train_speed import TrainSetting, candidates, choose_setting
+from harness.run.train_speed import PER_LAYER, TrainSetting, apply_setting, candidates, choose_setting
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PLAN = {"layers": {"layer1.0": ["2x8-8-8"], "layer2.0": ["8x2-1-4"], "layer3.0": ["16x2-1-4"]}}
+LAYERS = ("layer1.0.units", "layer2.0.units", "layer3.0.units")  # the fused unit layers of _bunit_model
 
 
 def _bunit_model(seed: int = 0):
@@ -49,7 +50,11 @@ def test_choose_picks_the_fastest_and_leaves_the_model_alone(monkeypatch):
     def scripted(model, settings, xb, yb, *, rounds):
         return {s: [fake.get(s.name, 5.0)] * rounds for s in settings}
 
+    def one_backend_everywhere(model, backends, setting, xb, *, rounds):
+        return {name: {b: (1.0 if b == "grouped" else 2.0) for b in backends} for name in LAYERS}
+
     monkeypatch.setattr(train_speed, "time_settings", scripted)
+    monkeypatch.setattr(train_speed, "time_layer_backends", one_backend_everywhere)
     xb, yb = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
     best, rec = choose_setting(model, xb, yb, bf16=False, channels_last=True, total_steps=10_000)
     assert best == TrainSetting(False, False, "unit_train")
@@ -67,8 +72,11 @@ def test_real_measurement_keeps_the_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xb, yb = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
     best, rec = choose_setting(model, xb, yb, bf16=False, channels_last=False, total_steps=10_000, rounds=1)
-    assert rec["measured"] and set(rec["step_ms"]) == {s.name for s in candidates(model, bf16=False,
-                                                                                  device=xb.device)}
+    whole = {s.name for s in candidates(model, bf16=False, device=xb.device)}
+    mixed = {f"fp32/{fmt}/per-layer" for fmt in ("nchw", "channels_last")}  # in the format that won, if tried
+    assert rec["measured"] and whole <= set(rec["step_ms"]) <= whole | mixed and len(rec["step_ms"]) <= len(whole) + 1
+    assert set(rec["layer_ms"]) == set(LAYERS) and all(set(v) == {"grouped", "blockdiag", "unit_train"}
+                                                       for v in rec["layer_ms"].values())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(layer.backend == "grouped" for layer in model.modules() if hasattr(layer, "group_units"))
@@ -106,3 +114,70 @@ def test_training_step_equal_across_unit_backends(channels_last):
             assert update > 0, key  # it trained
             ulps = 2 * torch.finfo(want.dtype).eps * want.abs().max()  # storing the new weight rounds it
             assert (got - want).abs().max() <= 1e-4 * update + ulps, (other, key)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_per_layer_setting_computes_what_grouped_computes(channels_last):
+    """Forward and backward of a model whose unit layers run three different backends equal ``grouped``'s, in float64:
+    in float32 a mix ends one SGD step up to 1.5e-3 of the update away (the BN of one-channel hidden layers sums
+    gradients with heavy cancellation, and a different summation order shows), as formats do (see above); float64
+    takes rounding out of the comparison."""
+    x = torch.randn(64, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(64) % 10
+    grads, outs = {}, {}
+    mixed = tuple(zip(LAYERS, ("unit_train", "blockdiag", "grouped")))
+    for name, setting in (("grouped", TrainSetting(False, channels_last, "grouped")),
+                          ("mixed", TrainSetting(False, channels_last, PER_LAYER, mixed))):
+        model = _bunit_model(1).double().train()
+        apply_setting(model, setting)
+        assert [model.get_submodule(n).backend for n in LAYERS] == [b for _, b in setting.layer_backends or
+                                                                    [(n, "grouped") for n in LAYERS]]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = model(x.contiguous(memory_format=fmt))
+        torch.nn.functional.cross_entropy(out, y).backward()
+        outs[name], grads[name] = out.detach(), {k: p.grad for k, p in model.named_parameters()}
+    assert torch.allclose(outs["mixed"], outs["grouped"], rtol=0, atol=1e-12)
+    for key, want in grads["grouped"].items():
+        assert (grads["mixed"][key] - want).abs().max() <= 1e-9 * want.abs().max(), key
+
+
+@pytest.mark.parametrize("mixed_ms,kept", [(0.5, True), (1.5, False)])
+def test_per_layer_backends_are_the_fastest_of_each_layer_and_kept_only_if_the_step_is_faster(monkeypatch, mixed_ms,
+                                                                                                kept):
+    layer_ms = {LAYERS[0]: {"grouped": 3.0, "blockdiag": 1.0, "unit_train": 2.0},
+                LAYERS[1]: {"grouped": 3.0, "blockdiag": 2.0, "unit_train": 1.0},
+                LAYERS[2]: {"grouped": 1.0, "blockdiag": 2.0, "unit_train": 3.0}}
+    asked = []
+
+    def scripted_layers(model, backends, setting, xb, *, rounds):
+        asked.append((tuple(backends), setting))
+        return {name: {b: row[b] for b in backends} for name, row in layer_ms.items()}
+
+    def scripted_steps(model, settings, xb, yb, *, rounds):
+        return {s: [mixed_ms if s.unit_backend == PER_LAYER else (1.0 if s.name == "fp32/nchw/unit_train" else 4.0)]
+                for s in settings}
+
+    monkeypatch.setattr(train_speed, "time_settings", scripted_steps)
+    monkeypatch.setattr(train_speed, "time_layer_backends", scripted_layers)
+    xb, yb = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+    best, rec = choose_setting(_bunit_model(), xb, yb, bf16=False, channels_last=False, total_steps=10_000)
+    # layers are timed in the precision and format of the fastest whole-model setting, with every unit backend
+    assert asked == [(("blockdiag", "grouped", "unit_train"), TrainSetting(False, False, "unit_train"))]
+    want = ((LAYERS[0], "blockdiag"), (LAYERS[1], "unit_train"), (LAYERS[2], "grouped"))
+    if kept:
+        assert best == TrainSetting(False, False, PER_LAYER, want) and rec["setting"] == "fp32/nchw/per-layer"
+        assert rec["layer_backends"] == dict(want) and rec["step_ms"]["fp32/nchw/per-layer"] == 500.0
+    else:
+        assert best == TrainSetting(False, False, "unit_train") and rec["layer_backends"] is None
+    assert rec["layer_ms"][LAYERS[1]] == {"grouped": 3000.0, "blockdiag": 2000.0, "unit_train": 1000.0}
+
+
+def test_a_per_layer_setting_names_every_unit_layer():
+    model = _bunit_model()
+    with pytest.raises(ValueError, match="layer_backends: name every fused unit layer"):
+        apply_setting(model, TrainSetting(False, False, PER_LAYER, ((LAYERS[0], "blockdiag"),)))
+    with pytest.raises(ValueError, match="unit_backend: 'per-layer' goes with layer_backends"):
+        TrainSetting(False, False, PER_LAYER)
+    apply_setting(model, TrainSetting(False, False, PER_LAYER, tuple(zip(LAYERS, ("blockdiag", "unit_train",
+                                                                                  "grouped")))))
+    assert [model.get_submodule(n).backend for n in LAYERS] == ["blockdiag", "unit_train", "grouped"]

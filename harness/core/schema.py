@@ -82,7 +82,8 @@ ROW_COLUMNS: dict[str, str] = {
     "train_seconds": "wall time of compressing and training in this run, after its starting point",
     "pretrain_seconds": "wall time it took to train the dense checkpoint the run started from (0 from scratch)",
     "train_settings": "per training phase of this run: the setting it ran with (harness.run.train_speed: setting, "
-                      "bf16, channels_last, unit_backend, measured, step_ms per candidate), None if none trained",
+                      "bf16, channels_last, unit_backend, layer_backends when per-layer, measured, step_ms per "
+                      "candidate, layer_ms per unit layer and backend), None if none trained",
     "model_path": "the kept trained model, relative to the store (harness.core.artefacts); null when not kept",
     "run_seconds": "wall time of the whole run",
     # provenance

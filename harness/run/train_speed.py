@@ -13,6 +13,13 @@ A candidate is (precision, memory format, unit backend):
   1e-4 of ``grouped``'s. The backend changes how the step is computed, not what the model is: its MACs and
   parameters are the units'.
 
+Then, for a model with several unit layers, each unit layer alone (forward and backward, on the input it gets in
+training) is timed on every unit backend in the winner's precision and memory format (:func:`time_layer_backends`),
+and where the fastest backend differs between layers, that mix (``unit_backend`` :data:`PER_LAYER`, the choice per
+layer in ``layer_backends``) is timed side by side with the winner and replaces it if its step is faster. One layer's
+backend changes how that layer is computed, not what: ``tests/test_train_speed.py`` checks a mix against ``grouped``
+in float64.
+
 Each candidate trains a deep copy of the model on one real batch (its own SGD optimizer; the model itself, its
 BN statistics and the caller's optimizer are untouched); the candidates take turns round-robin
 (:func:`bunit.timing.interleaved_times`), so a slow spell of the machine lands on all of them, and the lowest
@@ -34,12 +41,16 @@ from bunit import unit_train
 from bunit.layers import unit_layers
 from bunit.timing import interleaved_times
 
-__all__ = ["TrainSetting", "candidates", "apply_setting", "step_fn", "time_settings", "choose_setting",
-           "MIN_STEPS_TO_MEASURE"]
+__all__ = ["TrainSetting", "PER_LAYER", "candidates", "apply_setting", "step_fn", "time_settings", "choose_setting",
+           "time_layer_backends", "MIN_STEPS_TO_MEASURE"]
 
 MIN_STEPS_TO_MEASURE = 640
 """Training runs with fewer optimizer steps keep the recipe's configuration: measuring takes up to 12 candidates x 4
 steps, over 7% of a shorter run."""
+
+
+PER_LAYER = "per-layer"
+"""The ``unit_backend`` of a setting whose unit layers each run their own backend (``layer_backends``)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,12 @@ class TrainSetting:
 
     bf16: bool
     channels_last: bool
-    unit_backend: str | None  # None: the model has no fused unit layers (or keeps theirs)
+    unit_backend: str | None  # None: the model has no fused unit layers (or keeps theirs); PER_LAYER: see below
+    layer_backends: tuple[tuple[str, str], ...] | None = None  # (unit layer's module name, backend) when PER_LAYER
+
+    def __post_init__(self) -> None:
+        if (self.unit_backend == PER_LAYER) != (self.layer_backends is not None):
+            raise ValueError(f"unit_backend: {PER_LAYER!r} goes with layer_backends, and layer_backends with it")
 
     @property
     def name(self) -> str:
@@ -56,9 +72,12 @@ class TrainSetting:
         return f"{'bf16' if self.bf16 else 'fp32'}/{'channels_last' if self.channels_last else 'nchw'}{units}"
 
 
-def _unit_layers(model: nn.Module) -> list:
+def _named_unit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in unit_layers(model) if m.impl == "fused"]
 
-    return [m for _, m in unit_layers(model) if m.impl == "fused"]
+
+def _unit_layers(model: nn.Module) -> list:
+    return [m for _, m in _named_unit_layers(model)]
 
 
 def candidates(model: nn.Module, *, bf16: bool, device: torch.device) -> list[TrainSetting]:
@@ -76,7 +95,13 @@ def candidates(model: nn.Module, *, bf16: bool, device: torch.device) -> list[Tr
 def apply_setting(model: nn.Module, setting: TrainSetting) -> None:
     """Put ``model`` in ``setting``'s memory format and unit backend (precision is the training loop's autocast)."""
     model.to(memory_format=torch.channels_last if setting.channels_last else torch.contiguous_format)
-    if setting.unit_backend is not None:
+    if setting.layer_backends is not None:
+        layers = dict(_named_unit_layers(model))
+        if set(layers) != {name for name, _ in setting.layer_backends}:
+            raise ValueError(f"layer_backends: name every fused unit layer of the model: {', '.join(layers)}")
+        for name, backend in setting.layer_backends:
+            layers[name].backend = backend
+    elif setting.unit_backend is not None:
         for layer in _unit_layers(model):
             layer.backend = setting.unit_backend
 
@@ -120,7 +145,9 @@ def choose_setting(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, bf16
 
     Returns:
         The setting and a dict for the row: ``setting`` (its name), ``bf16``, ``channels_last``, ``unit_backend``,
-        ``measured`` (False when the recipe's setting was kept) and ``step_ms`` (median ms per candidate).
+        ``layer_backends`` (per unit layer, when the per-layer mix won), ``measured`` (False when the recipe's setting
+        was kept), ``step_ms`` (median ms per candidate, the mix included when it was timed) and ``layer_ms`` (median
+        ms of each unit layer's forward + backward per backend, when layers were timed).
     """
     cands = candidates(model, bf16=bf16, device=xb.device)
     recipe = TrainSetting(bf16, channels_last, "grouped" if cands[0].unit_backend else None)
@@ -129,5 +156,59 @@ def choose_setting(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, bf16
     times = time_settings(model, cands, xb, yb, rounds=rounds)
     medians = {s: statistics.median(t) for s, t in times.items()}
     best = min(cands, key=lambda s: medians[s])
-    return best, {**asdict(best), "setting": best.name, "measured": True,
-                  "step_ms": {s.name: round(ms * 1e3, 2) for s, ms in medians.items()}}
+    record: dict[str, Any] = {}
+    backends = sorted({s.unit_backend for s in cands if s.unit_backend})
+    if len(backends) > 1 and len(_unit_layers(model)) > 1:
+        layer_ms = time_layer_backends(model, backends, best, xb, rounds=rounds + 2)
+        fastest = tuple((name, min(row, key=row.get)) for name, row in layer_ms.items())
+        record["layer_ms"] = {name: {b: round(ms * 1e3, 3) for b, ms in row.items()} for name, row in layer_ms.items()}
+        if len({b for _, b in fastest}) > 1:  # one backend everywhere is a candidate already timed
+            mixed = TrainSetting(best.bf16, best.channels_last, PER_LAYER, fastest)
+            pair = time_settings(model, [best, mixed], xb, yb, rounds=rounds)
+            medians[mixed] = statistics.median(pair[mixed])
+            if medians[mixed] < statistics.median(pair[best]):  # timed side by side with the whole-model winner
+                best = mixed
+    record = {**asdict(best), "setting": best.name, "measured": True, **record,
+              "step_ms": {s.name: round(ms * 1e3, 2) for s, ms in medians.items()}}
+    if best.layer_backends is not None:
+        record["layer_backends"] = dict(best.layer_backends)
+    return best, record
+
+
+def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSetting, xb: torch.Tensor, *,
+                        rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Seconds of forward + backward of each fused unit layer alone, per backend, in ``setting``'s precision and
+    memory format, on the input it gets from ``xb`` in training mode; all (layer, backend) pairs take turns.
+
+    Works on copies: the model, its BN statistics and its backends are untouched.
+    """
+    probe = copy.deepcopy(model).train()
+    apply_setting(probe, TrainSetting(setting.bf16, setting.channels_last, None))
+    fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
+             for name, layer in _named_unit_layers(probe)]
+    try:
+        with torch.no_grad(), torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
+            probe(xb.contiguous(memory_format=fmt))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fns = {}
+    for name, layer in _named_unit_layers(probe):
+        for backend in backends:
+            copy_ = copy.deepcopy(layer)
+            copy_.backend = backend
+            x = inputs[name].clone().requires_grad_(True)
+
+            def fwd_bwd(layer=copy_, x=x) -> None:
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
+                    out = layer(x)
+                out.float().sum().backward()
+            fns[f"{name}|{backend}"] = fwd_bwd
+    times = interleaved_times(fns, rounds=rounds, warmup=1, settle=0, device=xb.device)
+    out: dict[str, dict[str, float]] = {}
+    for key, t in times.items():
+        name, backend = key.split("|")
+        out.setdefault(name, {})[backend] = statistics.median(t)
+    return out
