@@ -14,9 +14,13 @@ for the dense layers and gives the unit layers BUnit's own kernel:
 - :func:`export_with_units` exports a model with ``torch.onnx.export(..., dynamo=False, opset_version=17)`` in
   which every unit layer (the fused form of :class:`bunit.layers.UnitLayer`) becomes one ONNX node
   ``bunit::UnitGroup`` per group of same-spec units, BatchNorm folded into the weights (``bunit.fused_cpu.
-  folded_weights``), a residual block's shortcut and final ReLU inside the node (an option-A shortcut is read by
+  folded_weights``; the node takes them as one constant, ``w1, b1, w2, b2`` flattened one after the other), a residual block's shortcut and final ReLU inside the node (an option-A shortcut is read by
   the kernel from the block input, as ``fused_cpu`` does). A layer with several groups chains its nodes: each
-  takes the previous one's output and writes its own units' channels. Everything else exports as usual.
+  takes the previous one's output and writes its own units' channels. The network's first unit layer takes its
+  input as ``x.permute(0, 2, 3, 1)`` (NHWC; its option-A shortcut too): OpenVINO's CPU plugin hands a convolution's
+  channels-last output to that Transpose as it is, where it would reorder it to NCHW for the custom node (25-31 us,
+  about 5% of a batch-1 inference of ResNet-56's all-stages plan here); the node transposes it back with vector
+  shuffles. Everything else exports as usual.
 - :func:`compile_model` compiles such an export with the library added (``Core.add_extension``); the timing pass
   does this for the ``openvino+units`` runtime (:mod:`harness.measure.runtimes.openvino_units`).
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -145,12 +150,20 @@ def build_info() -> dict[str, Any]:
 def unit_group_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                          residual: torch.Tensor | None, prev: torch.Tensor | None, a: int, b: int, c: int, k: int,
                          s: int, in_start: tuple[int, ...], out_start: tuple[int, ...], out_channels: int,
-                         res_step: int, res_offset: int) -> torch.Tensor:
+                         res_step: int, res_offset: int, x_nhwc: bool = False,
+                         res_nhwc: bool = False) -> torch.Tensor:
     """What one ``bunit.UnitGroup`` node computes, in PyTorch (grouped convolutions on the folded weights).
+
+    With ``x_nhwc``, ``x`` is given as ``(N, H, W, Cin)`` (``x.permute(0, 2, 3, 1)`` of the NCHW input); with
+    ``res_nhwc``, so is ``residual``.
 
     Returns:
         ``(N, out_channels, Ho, Wo)``: ``prev`` (zeros without it) with this group's units' channels written.
     """
+    if x_nhwc:
+        x = x.permute(0, 3, 1, 2)
+    if res_nhwc:
+        residual = residual.permute(0, 3, 1, 2)
     units = len(in_start)
     idx = torch.tensor([i + j for i in in_start for j in range(a)], device=x.device)
     hidden = F.relu(F.conv2d(x.index_select(1, idx), w1, b1, stride=s, padding=k // 2, groups=units))
@@ -164,39 +177,56 @@ def unit_group_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2
     return y.index_copy_(1, out_idx, z)
 
 
+def _unpacked(weights: torch.Tensor, units: int, a: int, b: int, c: int, k: int) -> list[torch.Tensor]:
+    """``w1, b1, w2, b2`` of a group from the one flat tensor a node takes (their flattened values, in this order)."""
+    shapes = [(units * b, a, k, k), (units * b,), (units * c, b, k, k), (units * c,)]
+    sizes = [math.prod(sh) for sh in shapes]
+    return [t.reshape(sh) for t, sh in zip(weights.split(sizes), shapes)]
+
+
 class _UnitGroupOp(torch.autograd.Function):
     """One group of same-spec units: runs :func:`unit_group_reference`, exports as one ``bunit::UnitGroup`` node."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, residual, prev, a, b, c, k, s, in_start, out_start, out_channels, res_step,
-                res_offset):  # noqa: D102
+    def forward(ctx, x, weights, residual, prev, a, b, c, k, s, in_start, out_start, out_channels, res_step,
+                res_offset, x_nhwc, res_nhwc):  # noqa: D102
+        w1, b1, w2, b2 = _unpacked(weights, len(in_start), a, b, c, k)
         return unit_group_reference(x, w1, b1, w2, b2, residual, prev, a, b, c, k, s, in_start, out_start,
-                                    out_channels, res_step, res_offset)
+                                    out_channels, res_step, res_offset, x_nhwc, res_nhwc)
 
     @staticmethod
-    def symbolic(g, x, w1, b1, w2, b2, residual, prev, a, b, c, k, s, in_start, out_start, out_channels, res_step,
-                 res_offset):  # noqa: D102
-        inputs = [x, w1, b1, w2, b2] + [t for t in (residual, prev) if t is not None]
+    def symbolic(g, x, weights, residual, prev, a, b, c, k, s, in_start, out_start, out_channels, res_step,
+                 res_offset, x_nhwc, res_nhwc):  # noqa: D102
+        inputs = [x, weights] + [t for t in (residual, prev) if t is not None]
         y = g.op(_DOMAIN_OP, *inputs, a_i=a, b_i=b, c_i=c, k_i=k, s_i=s, in_start_i=list(in_start),
                  out_start_i=list(out_start), out_channels_i=out_channels, has_residual_i=int(residual is not None),
-                 res_step_i=res_step, res_offset_i=res_offset, has_prev_i=int(prev is not None))
+                 res_step_i=res_step, res_offset_i=res_offset, has_prev_i=int(prev is not None),
+                 x_nhwc_i=int(x_nhwc), res_nhwc_i=int(res_nhwc))
         sizes = x.type().sizes()
         if sizes is not None and None not in sizes:
-            n, _, h, w = sizes
+            n, h, w = (sizes[0], sizes[1], sizes[2]) if x_nhwc else (sizes[0], sizes[2], sizes[3])
             y.setType(x.type().with_sizes([n, out_channels, (h + 2 * (k // 2) - k) // s + 1,
                                            (w + 2 * (k // 2) - k) // s + 1]))
         return y
 
 
-def _exported_forward(groups: list[tuple]):
-    """A unit layer's forward for export: one :class:`_UnitGroupOp` per group, chained through ``prev``."""
+def _exported_forward(groups: list[tuple], x_nhwc: bool):
+    """A unit layer's forward for export: one :class:`_UnitGroupOp` per group, chained through ``prev``.
+
+    With ``x_nhwc`` the layer's input goes to its nodes as ``x.permute(0, 2, 3, 1)`` (one ONNX Transpose), and so
+    does its residual when that is the input itself (an option-A shortcut).
+    """
 
     def forward(self, x, residual=None, residual_map=(1, 0)):
         step, offset = residual_map
+        res_nhwc = x_nhwc and residual is x
+        if x_nhwc:
+            x = x.permute(0, 2, 3, 1)
+            residual = x if res_nhwc else residual
         y = None
-        for (a, b, c, k, s, in_start, out_start), (w1, b1, w2, b2) in groups:
-            y = _UnitGroupOp.apply(x, w1, b1, w2, b2, residual, y, a, b, c, k, s, in_start, out_start,
-                                   self.out_channels, step, offset)
+        for (a, b, c, k, s, in_start, out_start), weights in groups:
+            y = _UnitGroupOp.apply(x, weights, residual, y, a, b, c, k, s, in_start, out_start,
+                                   self.out_channels, step, offset, x_nhwc, res_nhwc)
         return y  # (B, out, H/s, W/s)
 
     return forward
@@ -211,11 +241,12 @@ def _units_as_custom_op(net: nn.Module) -> Iterator[int]:
             if layer.impl != "fused":
                 continue
             with torch.no_grad():  # folded once, outside the trace: the node's weights are constants
-                weights = [tuple(t.detach().clone() for t in ws) for ws in fused_cpu.folded_weights(layer)]
+                weights = [torch.cat([t.detach().reshape(-1) for t in ws]) for ws in fused_cpu.folded_weights(layer)]
             plan = [(a, b, c, k, s, tuple(int(v) for v in i0), tuple(int(v) for v in o0))
                     for a, b, c, k, s, i0, o0 in layer.kernel_plan]
+            first = not patched
             patched.append((layer, layer.backend))
-            layer.forward = types.MethodType(_exported_forward(list(zip(plan, weights))), layer)
+            layer.forward = types.MethodType(_exported_forward(list(zip(plan, weights)), first), layer)
             layer.backend = "fused_cpu"  # a block then hands over its option-A shortcut's input and map
             nodes += len(plan)
         yield nodes
