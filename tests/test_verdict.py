@@ -157,6 +157,27 @@ def test_claim_undecided_and_not_reached():
     assert claim.loc["claim", "status"] == "undecided"
 
 
+@pytest.mark.parametrize("landed,snapped", [(0.7291, True), (0.7340, True), (0.7240, False)])
+def test_claim_reads_each_seeds_run_that_landed_near_the_claim_point(landed, snapped):
+    """Every seed has a BUnit run aimed at 73% fewer parameters that landed at ``landed`` and one at 94%, over 4x
+    apart in cost: read strictly, no seed has a value at exactly 73%. A point within 0.5 points of reduction is read
+    as the claim point (each seed its own), and the row says where it was read; 0.6 points off it is not."""
+    rows = []
+    for s, off in zip(SEEDS, SEED_OFFSET):
+        rows.append(_row("dense", "dense", 0.0, s, 95.0 + off + SPREAD[s]))
+        rows.append(_row("bunit", "bunit", landed, s, 94.0 + off))
+        rows.append(_row("bunit", "bunit", 0.94, s, 90.0 + off))
+    claim = check_claim(pd.DataFrame(rows)).set_index("axis")
+    params = claim.loc["params"]
+    if snapped:
+        assert params["reached"] and params["n_pairs"] == 4 and params["diff"] == pytest.approx(-1.0)
+        assert params["reduction_read"] == pytest.approx(landed)
+        assert params["hi"] - params["diff"] == pytest.approx(_half(SPREAD))
+    else:
+        assert not params["reached"] and params["why"] == "too sparse here" and params["status"] == "undecided"
+        assert math.isnan(params["reduction_read"])
+
+
 def test_latency_prefers_the_timing_pass():
     store = _store()
     table = pd.DataFrame([

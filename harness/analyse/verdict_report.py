@@ -5,6 +5,8 @@ or :func:`harness.analyse.claim.check_claim`, rounded for display.
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +221,9 @@ def _claim_blocks(claim: pd.DataFrame) -> list[Block]:
                    if r.get("why") == "too sparse here" else "BUnit's curve does not reach it (no extrapolation)")
             items.append(f"at {what}: {why} \u2014 **{r['status']}**")
             continue
+        read = r.get("reduction_read")
+        if read is not None and math.isfinite(read) and abs(read - r["reduction"]) > 5e-5:
+            what += f" (read at {100 * read:.2f}%, where BUnit's runs for this point landed)"
         items.append(f"at {what}: BUnit {fmt_value(r['top1_bunit'], 2)}% ({int(r['n_bunit'])} seeds), dense "
                      f"{fmt_value(r['top1_dense'], 2)}% ({int(r['n_dense'])} seeds), BUnit \u2212 dense "
                      f"{diff_text(r['diff'], r['lo'], r['hi'])} points over {int(r['n_pairs'])} paired seeds "
