@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bunit.layers import unit_layers
 from harness.core.config import TrainConfig
 from harness.core.data import ImageData
-from harness.run.train_speed import TrainSetting, apply_setting, choose_setting
+from harness.run.train_speed import TrainSetting, apply_setting, choose_setting, setting_record
 
 if TYPE_CHECKING:
     from harness.run.parallel import DataParallelGroup
@@ -191,8 +191,7 @@ def _take_setting(model: nn.Module, data: ImageData, recipe: TrainConfig, settin
     if isinstance(setting, TrainSetting):
         use_bf16, channels_last = setting.bf16, setting.channels_last
         apply_setting(model, setting)
-        record = record or {"setting": setting.name, "bf16": setting.bf16, "channels_last": setting.channels_last,
-                            "unit_backend": setting.unit_backend, "measured": False, "step_ms": None}
+        record = record or setting_record(setting, measured=False, step_ms=None)
     return use_bf16, torch.channels_last if channels_last else torch.contiguous_format, record
 
 

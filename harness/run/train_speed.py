@@ -41,8 +41,8 @@ from bunit import unit_train
 from bunit.layers import unit_layers
 from bunit.timing import interleaved_times
 
-__all__ = ["TrainSetting", "PER_LAYER", "candidates", "apply_setting", "step_fn", "time_settings", "choose_setting",
-           "time_layer_backends", "MIN_STEPS_TO_MEASURE"]
+__all__ = ["TrainSetting", "PER_LAYER", "setting_record", "candidates", "apply_setting", "step_fn", "time_settings",
+           "choose_setting", "time_layer_backends", "MIN_STEPS_TO_MEASURE"]
 
 MIN_STEPS_TO_MEASURE = 640
 """Training runs with fewer optimizer steps keep the recipe's configuration: measuring takes up to 12 candidates x 4
@@ -71,6 +71,20 @@ class TrainSetting:
         units = f"/{self.unit_backend}" if self.unit_backend else ""
         return f"{'bf16' if self.bf16 else 'fp32'}/{'channels_last' if self.channels_last else 'nchw'}{units}"
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def setting_record(setting: TrainSetting, *, measured: bool, step_ms: dict[str, float] | None,
+                   **extra: Any) -> dict[str, Any]:
+    """The row's record of the setting a training phase ran with (``train_settings``): its fields and name,
+    ``layer_backends`` as ``{layer: backend}``, whether it was measured, the step times behind it, and ``extra``."""
+    record = {**asdict(setting), "setting": setting.name, "measured": measured, **extra, "step_ms": step_ms}
+    if setting.layer_backends is not None:
+        record["layer_backends"] = dict(setting.layer_backends)
+    return record
+
 
 def _named_unit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in unit_layers(model) if m.impl == "fused"]
@@ -94,7 +108,7 @@ def candidates(model: nn.Module, *, bf16: bool, device: torch.device) -> list[Tr
 
 def apply_setting(model: nn.Module, setting: TrainSetting) -> None:
     """Put ``model`` in ``setting``'s memory format and unit backend (precision is the training loop's autocast)."""
-    model.to(memory_format=torch.channels_last if setting.channels_last else torch.contiguous_format)
+    model.to(memory_format=setting.memory_format)
     if setting.layer_backends is not None:
         layers = dict(_named_unit_layers(model))
         if set(layers) != {name for name, _ in setting.layer_backends}:
@@ -110,8 +124,7 @@ def step_fn(model: nn.Module, setting: TrainSetting, xb: torch.Tensor, yb: torch
     """One SGD step (forward, loss, backward, update) of a deep copy of ``model`` in ``setting`` on ``(xb, yb)``."""
     model = copy.deepcopy(model).train()
     apply_setting(model, setting)
-    fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
-    x = xb.contiguous(memory_format=fmt)
+    x = xb.contiguous(memory_format=setting.memory_format)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
     def step() -> None:
@@ -152,7 +165,7 @@ def choose_setting(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, bf16
     cands = candidates(model, bf16=bf16, device=xb.device)
     recipe = TrainSetting(bf16, channels_last, "grouped" if cands[0].unit_backend else None)
     if total_steps < MIN_STEPS_TO_MEASURE or len(cands) == 1:
-        return recipe, {**asdict(recipe), "setting": recipe.name, "measured": False, "step_ms": None}
+        return recipe, setting_record(recipe, measured=False, step_ms=None)
     times = time_settings(model, cands, xb, yb, rounds=rounds)
     medians = {s: statistics.median(t) for s, t in times.items()}
     best = min(cands, key=lambda s: medians[s])
@@ -168,11 +181,8 @@ def choose_setting(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, bf16
             medians[mixed] = statistics.median(pair[mixed])
             if medians[mixed] < statistics.median(pair[best]):  # timed side by side with the whole-model winner
                 best = mixed
-    record = {**asdict(best), "setting": best.name, "measured": True, **record,
-              "step_ms": {s.name: round(ms * 1e3, 2) for s, ms in medians.items()}}
-    if best.layer_backends is not None:
-        record["layer_backends"] = dict(best.layer_backends)
-    return best, record
+    return best, setting_record(best, measured=True, step_ms={s.name: round(ms * 1e3, 2) for s, ms in medians.items()},
+                                **record)
 
 
 def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSetting, xb: torch.Tensor, *,
@@ -184,13 +194,12 @@ def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSet
     """
     probe = copy.deepcopy(model).train()
     apply_setting(probe, TrainSetting(setting.bf16, setting.channels_last, None))
-    fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
     inputs: dict[str, torch.Tensor] = {}
     hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
              for name, layer in _named_unit_layers(probe)]
     try:
         with torch.no_grad(), torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
-            probe(xb.contiguous(memory_format=fmt))
+            probe(xb.contiguous(memory_format=setting.memory_format))
     finally:
         for hook in hooks:
             hook.remove()
