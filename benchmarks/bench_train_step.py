@@ -96,6 +96,8 @@ def main() -> None:
     yb = torch.randint(0, 10, (args.batch,), generator=gen)
     settings = {n: candidates(m, bf16=True, device=xb.device) for n, m in models.items()}
     for n, m in models.items():  # the harness's per-layer mix, where it chooses one, joins the session's candidates
+        if not any(s.unit_backend for s in settings[n]):
+            continue  # no unit layers: nothing to mix
         chosen, _ = choose_setting(m, xb, yb, bf16=True, channels_last=True, total_steps=10**9)
         if chosen.unit_backend == PER_LAYER:
             settings[n].append(chosen)
