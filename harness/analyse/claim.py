@@ -67,11 +67,11 @@ def check_claim(metrics: pd.DataFrame, *, latency: LatencyTable | None = None) -
 
     Returns:
         One row per (setting, point) with ``axis``, ``reduction``, ``reduction_read`` (the mean reduction at which
-        the seeds were read: the claim's, or their own points within :data:`CLAIM_SNAP`), ``top1_bunit``, ``top1_dense``, ``diff``, ``lo``,
-        ``hi``, ``n_pairs``, ``n_bunit``, ``n_dense``, ``reached``, ``why`` (why BUnit has no value there: ``not
-        reached`` / ``too sparse here``; empty otherwise), ``status``; plus one row per setting with
-        ``axis == "claim"`` whose
-        ``status`` combines the points. Empty when no setting has a BUnit curve.
+        the seeds were read: the claim's, or their own points within :data:`CLAIM_SNAP`), ``top1_bunit``,
+        ``top1_dense``, ``diff``, ``lo``, ``hi``, ``n_pairs``, ``n_bunit``, ``n_dense``, ``reached``, ``why`` (why
+        BUnit has no value there: ``not reached`` / ``too sparse here``; empty otherwise), ``status``; plus one row
+        per setting with ``axis == "claim"`` whose ``status`` combines the points. Empty when no setting has a BUnit
+        curve.
     """
     rows = []
     per_setting: dict[str, tuple[dict, list[str]]] = {}

@@ -6,7 +6,6 @@ or :func:`harness.analyse.claim.check_claim`, rounded for display.
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +221,7 @@ def _claim_blocks(claim: pd.DataFrame) -> list[Block]:
             items.append(f"at {what}: {why} \u2014 **{r['status']}**")
             continue
         read = r.get("reduction_read")
-        if read is not None and math.isfinite(read) and abs(read - r["reduction"]) > 5e-5:
+        if read is not None and math.isfinite(read) and f"{100 * read:.2f}" != f"{100 * r['reduction']:.2f}":
             what += f" (read at {100 * read:.2f}%, where BUnit's runs for this point landed)"
         items.append(f"at {what}: BUnit {fmt_value(r['top1_bunit'], 2)}% ({int(r['n_bunit'])} seeds), dense "
                      f"{fmt_value(r['top1_dense'], 2)}% ({int(r['n_dense'])} seeds), BUnit \u2212 dense "

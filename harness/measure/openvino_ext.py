@@ -14,8 +14,9 @@ for the dense layers and gives the unit layers BUnit's own kernel:
 - :func:`export_with_units` exports a model with ``torch.onnx.export(..., dynamo=False, opset_version=17)`` in
   which every unit layer (the fused form of :class:`bunit.layers.UnitLayer`) becomes one ONNX node
   ``bunit::UnitGroup`` per group of same-spec units, BatchNorm folded into the weights (``bunit.fused_cpu.
-  folded_weights``; the node takes them as one constant, ``w1, b1, w2, b2`` flattened one after the other), a residual block's shortcut and final ReLU inside the node (an option-A shortcut is read by
-  the kernel from the block input, as ``fused_cpu`` does). A layer with several groups chains its nodes: each
+  folded_weights``; the node takes them as one constant, ``w1, b1, w2, b2`` flattened one after the other), a
+  residual block's shortcut and final ReLU inside the node (an option-A shortcut is read by the kernel from the
+  block input, as ``fused_cpu`` does). A layer with several groups chains its nodes: each
   takes the previous one's output and writes its own units' channels. The network's first unit layer takes its
   input as ``x.permute(0, 2, 3, 1)`` (NHWC; its option-A shortcut too): OpenVINO's CPU plugin hands a convolution's
   channels-last output to that Transpose as it is, where it would reorder it to NCHW for the custom node (25-31 us,
