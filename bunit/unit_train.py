@@ -11,7 +11,8 @@ In training mode (BN with batch statistics) a whole unit group runs as :class:`U
 output's batch sums, BN1 + ReLU applied while conv2 pads its input, conv2 with its sums, BN2 + ReLU written once in
 the input's memory format; the backward takes the output gradient through ReLU and BN (one pass of per-channel sums,
 then a per-channel affine map applied while the convolution's backward pads it) and rebuilds conv2's input the same
-way, so neither the normalised nor the hidden activations are ever stored. BN's sums are in double; running
+way, so neither the normalised nor the hidden activations are ever stored. BN's sums, and the per-channel maths on them
+(moments, the affine map, the backward's coefficients), are in double in the kernel, one call each; running
 statistics, ``num_batches_tracked`` and the momentum (or cumulative average) follow ``nn.BatchNorm2d``. Outside
 training mode each convolution runs alone (:func:`conv`) and BN and ReLU are PyTorch's. The results equal the
 ``grouped`` backend's to float32 rounding (another order of accumulation), checked by the tests (gradcheck in
@@ -119,40 +120,6 @@ def conv(x: torch.Tensor, conv_module: nn.Conv2d) -> torch.Tensor:
 # --- the whole group: conv1 + BN1 + ReLU + conv2 + BN2 + ReLU, BN with batch statistics ---------------------------
 
 
-def _bn_coefficients(stats: torch.Tensor, count: int, bn_weight: torch.Tensor, bn_bias: torch.Tensor, eps: float,
-                     dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """From the batch sums (double ``[2, C]``): mean, biased variance, 1/std (double) and the affine map
-    ``relu(y * scale + shift)`` applies (``dtype``)."""
-    mean = stats[0] / count
-    var = (stats[1] / count - mean * mean).clamp_min(0.0)
-    invstd = (var + eps).rsqrt()
-    scale = bn_weight.detach().double() * invstd
-    shift = bn_bias.detach().double() - mean * scale
-    return mean, var, invstd, scale.to(dtype), shift.to(dtype)
-
-
-def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int, factor: float) -> None:
-    """Running statistics as ``F.batch_norm`` updates them in training: unbiased variance, factor ``momentum``."""
-    if bn.running_mean is None:
-        return
-    with torch.no_grad():
-        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-        unbiased = var * (count / max(count - 1, 1))
-        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
-
-
-def _grad_coefficients(sums: torch.Tensor, count: int, mean: torch.Tensor, invstd: torch.Tensor,
-                       scale: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """BN's backward with batch statistics from the sums of the ReLU-masked gradient ``gz`` (``[sum gz; sum gz*y]``):
-    the gradients of BN's weight and bias, and ``A``, ``B`` of ``dy = (mask ? scale * g : 0) + y * A + B``."""
-    s1 = sums[0]
-    s2 = invstd * (sums[1] - mean * s1)  # sum of gz * xhat
-    sc = scale.double()
-    a = -sc * invstd * s2 / count
-    b = -sc * s1 / count - a * mean
-    return s2, s1, a.to(dtype), b.to(dtype)
-
-
 class UnitGroupFn(torch.autograd.Function):
     """A unit group in training mode, ``relu(bn2(conv2(relu(bn1(conv1(x))))))`` with batch statistics, in the
     kernel: BN and ReLU are applied while the next convolution pads its input, so the normalised activations are
@@ -170,33 +137,34 @@ class UnitGroupFn(torch.autograd.Function):
         n1 = y1.shape[0] * y1.shape[2] * y1.shape[3]
         if n1 <= 1:  # as F.batch_norm refuses it in training
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y1.shape)}")
-        mean1, var1, inv1, sc1, sh1 = _bn_coefficients(st1, n1, g1, b1, bn1.eps, x.dtype)
+        # [mean; biased var; 1/std] in double, and relu(y * sc + sh) in x's dtype; running statistics updated
+        m1, sc1, sh1 = ext.bn_coefficients(st1, n1, g1.detach(), b1.detach(), bn1.eps, bn1.running_mean,
+                                           bn1.running_var, factors[0], x)
         y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1)  # (B, n*c, H/s, W/s), NCHW
-        mean2, var2, inv2, sc2, sh2 = _bn_coefficients(st2, n1, g2, b2, bn2.eps, x.dtype)
+        m2, sc2, sh2 = ext.bn_coefficients(st2, n1, g2.detach(), b2.detach(), bn2.eps, bn2.running_mean,
+                                           bn2.running_var, factors[1], x)
         out = ext.bn_relu_apply(y2, sc2, sh2, channels_last)  # in x's memory format
-        _update_running(bn1, mean1, var1, n1, factors[0])
-        _update_running(bn2, mean2, var2, n1, factors[1])
-        ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, mean1, inv1, mean2, inv2)
+        ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2)
         ctx.groups, ctx.stride, ctx.count = groups, stride, n1
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: torch.Tensor):
-        x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, mean1, inv1, mean2, inv2 = ctx.saved_tensors
+        x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2 = ctx.saved_tensors
         ext = _state["module"]
         n, groups = ctx.count, ctx.groups
         need = ctx.needs_input_grad
         g = grad.to(x.dtype).contiguous()
-        dg2, db2, a2, b2 = _grad_coefficients(ext.bn_relu_grad_sums(g, y2, sc2, sh2), n, mean2, inv2, sc2, x.dtype)
+        # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
+        dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, n, m2, w2)
         gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4])
-        dg1, db1, a1, b1 = _grad_coefficients(ext.bn_relu_grad_sums(gh, y1, sc1, sh1), n, mean1, inv1, sc1, x.dtype)
+        dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, n, m1, w1)
         gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, ctx.stride, None, None, need[0],
                                        need[1])
-        pdt = w1.dtype
-        return (gx if need[0] else None, gw1 if need[1] else None, dg1.to(pdt) if need[2] else None,
-                db1.to(pdt) if need[3] else None, gw2 if need[4] else None, dg2.to(pdt) if need[5] else None,
-                db2.to(pdt) if need[6] else None, None, None, None, None)
+        return (gx if need[0] else None, gw1 if need[1] else None, dg1 if need[2] else None,
+                db1 if need[3] else None, gw2 if need[4] else None, dg2 if need[5] else None,
+                db2 if need[6] else None, None, None, None, None)
 
 
 def fuses_group(grp: nn.Module, x: torch.Tensor) -> bool:

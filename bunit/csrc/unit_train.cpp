@@ -27,6 +27,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -687,6 +688,109 @@ at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at:
   return sums;
 }
 
+namespace {
+
+// The values of a 1-D floating tensor of n elements, as doubles.
+std::vector<double> as_doubles(const at::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "unit_train: ", what, " must have ", n, " values");
+  const at::Tensor c = t.contiguous();
+  std::vector<double> out(n);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "unit_train_as_doubles", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
+}
+
+// A new 1-D tensor of `like`'s dtype holding v (rounded once, from double).
+at::Tensor from_doubles(const std::vector<double>& v, const at::Tensor& like) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, like.options());
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "unit_train_from_doubles", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  return t;
+}
+
+// running <- running * (1 - factor) + value * factor, in running's dtype (value rounded to it first), as
+// running.mul_(1 - factor).add_(value.to(running.dtype), alpha=factor) computes it.
+void update_running(at::Tensor& running, const std::vector<double>& value, double factor) {
+  TORCH_CHECK(running.dim() == 1 && running.size(0) == static_cast<int64_t>(value.size()) && running.is_contiguous(),
+              "unit_train: a running statistic must be contiguous with one value per channel");
+  AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "unit_train_running", [&] {
+    scalar_t* p = running.data_ptr<scalar_t>();
+    const scalar_t keep = static_cast<scalar_t>(1.0 - factor), f = static_cast<scalar_t>(factor);
+    for (size_t i = 0; i < value.size(); ++i) p[i] = p[i] * keep + f * static_cast<scalar_t>(value[i]);
+  });
+}
+
+}  // namespace
+
+// BN with batch statistics, from a convolution's per-channel [sums; sums of squares] (double [2, C]) over `count`
+// values: mean, biased variance and 1/sqrt(var + eps) as double [3, C], and the affine map relu(y * sc + sh) applies
+// (sc = weight / std, sh = bias - mean * sc, in like's dtype). The running statistics, when given, are updated as
+// F.batch_norm updates them in training (unbiased variance, `factor` the average's factor).
+std::vector<at::Tensor> bn_coefficients(const at::Tensor& stats, int64_t count, const at::Tensor& weight,
+                                        const at::Tensor& bias, double eps,
+                                        const std::optional<at::Tensor>& running_mean,
+                                        const std::optional<at::Tensor>& running_var, double factor,
+                                        const at::Tensor& like) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.scalar_type() == at::kDouble && stats.is_contiguous(),
+              "unit_train: stats must be contiguous double [2, C]");
+  TORCH_CHECK(count > 0, "unit_train: count must be positive");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "unit_train: running mean and variance together");
+  const int64_t c = stats.size(1);
+  const double* st = stats.data_ptr<double>();
+  const std::vector<double> g = as_doubles(weight, c, "the BN weight"), b = as_doubles(bias, c, "the BN bias");
+  at::Tensor moments = at::empty({3, c}, stats.options());
+  double* mean = moments.data_ptr<double>();
+  double* var = mean + c;
+  double* invstd = var + c;
+  std::vector<double> sc(c), sh(c), unbiased(c);
+  const double n = static_cast<double>(count), bessel = n / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  for (int64_t k = 0; k < c; ++k) {
+    mean[k] = st[k] / n;
+    var[k] = std::max(st[c + k] / n - mean[k] * mean[k], 0.0);
+    invstd[k] = 1.0 / std::sqrt(var[k] + eps);
+    sc[k] = g[k] * invstd[k];
+    sh[k] = b[k] - mean[k] * sc[k];
+    unbiased[k] = var[k] * bessel;
+  }
+  if (running_mean.has_value()) {
+    at::Tensor rm = *running_mean, rv = *running_var;
+    update_running(rm, std::vector<double>(mean, mean + c), factor);
+    update_running(rv, unbiased, factor);
+  }
+  return {moments, from_doubles(sc, like), from_doubles(sh, like)};
+}
+
+// BN's backward with batch statistics for the output gradient g of relu(y * sc + sh) (g, y NCHW contiguous): with
+// gz = g where y * sc + sh > 0 (else 0), s1 = sum gz and s2 = sum gz * xhat per channel (in double), the gradients
+// of BN's weight (s2) and bias (s1) in param's dtype, and A, B of the convolution output's gradient
+// (mask ? sc * g : 0) + y * A + B in y's dtype. moments: bn_coefficients' [mean; var; invstd].
+std::vector<at::Tensor> bn_relu_grad_coefficients(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc,
+                                                  const at::Tensor& sh, int64_t count, const at::Tensor& moments,
+                                                  const at::Tensor& param) {
+  const at::Tensor sums = bn_relu_grad_sums(g, y, sc, sh);
+  const int64_t c = y.size(1);
+  TORCH_CHECK(moments.dim() == 2 && moments.size(0) == 3 && moments.size(1) == c &&
+                  moments.scalar_type() == at::kDouble && moments.is_contiguous(),
+              "unit_train: moments must be contiguous double [3, C]");
+  const double* su = sums.data_ptr<double>();
+  const double* mean = moments.data_ptr<double>();
+  const double* invstd = mean + 2 * c;
+  const std::vector<double> scd = as_doubles(sc, c, "sc");  // the scale as applied, rounded to y's dtype
+  std::vector<double> dg(c), db(c), A(c), B(c);
+  const double n = static_cast<double>(count);
+  for (int64_t k = 0; k < c; ++k) {
+    db[k] = su[k];
+    dg[k] = invstd[k] * (su[c + k] - mean[k] * su[k]);
+    A[k] = -scd[k] * invstd[k] * dg[k] / n;
+    B[k] = -scd[k] * su[k] / n - A[k] * mean[k];
+  }
+  return {from_doubles(dg, param), from_doubles(db, param), from_doubles(A, y), from_doubles(B, y)};
+}
+
 // The convolution's input and weight gradients from g, the gradient of relu(y * sc + sh) (y its output, NCHW
 // contiguous), taken through ReLU and BN's batch statistics as (y * sc + sh > 0 ? sc * g : 0) + y * A + B; with
 // isc/ish the convolution's input was relu(x * isc + ish) (the input gradient is then that of the normalised input).
@@ -751,6 +855,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ish") = py::none());
   m.def("bn_relu_apply", &bn_relu_apply, "relu(y * sc + sh) per channel");
   m.def("bn_relu_grad_sums", &bn_relu_grad_sums, "per-channel sums of the ReLU-masked gradient and of it times y");
+  m.def("bn_coefficients", &bn_coefficients, "BN's batch moments and affine map from the sums; running stats updated",
+        py::arg("stats"), py::arg("count"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("factor"), py::arg("like"));
+  m.def("bn_relu_grad_coefficients", &bn_relu_grad_coefficients,
+        "BN's weight and bias gradients and the A, B of the convolution output's gradient");
   m.def("conv_backward_bn", &conv_backward_bn, "input and weight gradients through BN (batch statistics) and ReLU",
         py::arg("x"), py::arg("w"), py::arg("g"), py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("A"),
         py::arg("B"), py::arg("groups"), py::arg("s"), py::arg("isc"), py::arg("ish"), py::arg("need_input"),
