@@ -12,6 +12,9 @@ the harness loop (``harness.run.train.train_model``) at its fastest setting, the
 ``--unfused`` adds, for the BUnit models, the ``unit_train`` kernel without its BN + ReLU fusion (each convolution in
 the kernel, BN and ReLU PyTorch's: what ``unit_train`` ran before the fusion), registered here as the backend
 ``unit_train_unfused``, so that the fusion's effect is measured side by side in the same session.
+``--fp32-storage`` adds, in every bf16 setting where the BUnit models run ``unit_train``, the same kernel with its
+activations stored in float32 instead of bfloat16 (what ``unit_train`` did under autocast before bf16 storage),
+registered as ``unit_train_fp32``; neither added backend is a candidate for a model's fastest setting.
 
 Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1] [--unfused]``.
 Prints the tables and writes ``results/benchmarks/train_step.csv``.
@@ -66,6 +69,22 @@ def register_unfused() -> str:
     return name
 
 
+def register_fp32_storage() -> str:
+    """Register ``unit_train_fp32``: ``unit_train`` with autocast off around the unit layers, so that a fused group
+    stores its input, activations and output in float32 (and the layer returns float32)."""
+    from bunit.backends import BACKENDS, register_backend
+    from bunit.backends.unit_train import UnitTrain
+
+    name = "unit_train_fp32"
+    if name not in BACKENDS:
+        @register_backend(name)
+        class UnitTrainFp32(UnitTrain):
+            def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+                with torch.autocast("cpu", enabled=False):
+                    return super().run(layer, x.float())
+    return name
+
+
 def isa() -> str:
     try:
         flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
@@ -85,6 +104,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--out", default="results/benchmarks/train_step.csv")
     parser.add_argument("--unfused", action="store_true", help="also time unit_train without its BN+ReLU fusion")
+    parser.add_argument("--fp32-storage", action="store_true",
+                        help="also time unit_train storing float32 activations under bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady_allocator()
@@ -107,6 +128,12 @@ def main() -> None:
         for n in names:
             settings[n] += [TrainSetting(s.bf16, s.channels_last, extra) for s in settings[n]
                             if s.unit_backend == "unit_train"]
+    extras = {"unit_train_unfused"}
+    if args.fp32_storage:
+        extras.add(register_fp32_storage())
+        for n in names:
+            settings[n] += [TrainSetting(True, s.channels_last, "unit_train_fp32") for s in settings[n]
+                            if s.unit_backend == "unit_train" and s.bf16]
     fns = {f"{n}|{s.name}": step_fn(models[n], s, xb, yb) for n in names for s in settings[n]}
     print(f"cpu: {isa()}; threads {args.threads}; batch {args.batch}; {args.size}x{args.size}; "
           f"{len(fns)} (model, setting) pairs x {args.rounds} rounds", flush=True)
@@ -116,7 +143,7 @@ def main() -> None:
     busy = others_cpus(snap, cpu_snapshot())
     print(f"steps timed in {time.perf_counter() - t0:.0f} s; other work kept {busy} CPUs busy meanwhile")
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    real = {n: [s for s in settings[n] if s.unit_backend != "unit_train_unfused"] for n in names}
+    real = {n: [s for s in settings[n] if s.unit_backend not in extras] for n in names}
     best = {n: min(real[n], key=lambda s: med[f"{n}|{s.name}"]) for n in names}  # the harness's candidates only
     ref = med[f"dense|{best['dense'].name}"]
     rows = []
@@ -128,6 +155,14 @@ def main() -> None:
                          "ratio_to_dense_best": ms / ref, "best": s == best[n], "kind": "step"})
             mark = " *" if s == best[n] else ""
             print(f"{n:22s} {macs[n] / macs['dense']:5.2f} {s.name:34s} {ms:8.1f} {ms / ref:12.2f}{mark}")
+    if args.fp32_storage:
+        print("\nunit_train under bf16 autocast, bf16 storage against float32 storage (step time ratio):")
+        for n in names[1:]:
+            for s in settings[n]:
+                if s.unit_backend == "unit_train_fp32":
+                    new = med[f"{n}|{TrainSetting(True, s.channels_last, 'unit_train').name}"]
+                    old = med[f"{n}|{s.name}"]
+                    print(f"{n:22s} {s.name:34s} {old:8.1f} ms -> {new:8.1f} ms  {new / old:.3f}")
     if args.unfused:
         print("\nper model, fastest setting of each unit backend (ratio to dense's fastest):")
         for n in names[1:]:

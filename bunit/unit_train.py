@@ -18,9 +18,13 @@ training mode each convolution runs alone (:func:`conv`) and BN and ReLU are PyT
 ``grouped`` backend's to float32 rounding (another order of accumulation), checked by the tests (gradcheck in
 float64, float32 within 1e-4 relative on every catalogue and planner shape, running statistics after steps).
 
-Under bf16 autocast the convolution runs in float32 (:func:`torch.amp.custom_fwd` casts its input): units are so
-small that bf16 buys no speed here, and float32 keeps them exact. Other devices, dtypes and kernel sizes fall back
-to ``F.conv2d``; :func:`supports` says which run here.
+Under CPU bf16 autocast a unit group (:class:`UnitGroupFn`) stores in bfloat16 what it reads and writes in memory,
+as autocast's own convolutions do: its input, both convolutions' outputs, its output and their gradients; the
+kernel widens each value to float32 as it loads it (exact), computes and sums in float32 (BN's sums in double), and
+rounds to nearest even as it stores. Half the bytes: the unit layers are memory-bound, since they keep every
+activation of the dense layer they replace. The weights and their gradients stay float32. A lone convolution
+(:class:`UnitConv`, outside training mode) runs in float32 (:func:`torch.amp.custom_fwd` casts its input). Other
+devices, dtypes and kernel sizes fall back to ``F.conv2d``; :func:`supports` says which run here.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` into the same cache as
 :mod:`bunit.fused_cpu` (``$BUNITBENCH_CACHE_DIR/ext/``), keyed by torch version and CPU; later processes load it.
@@ -39,7 +43,7 @@ from bunit.functional import bn_mode
 from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
-           "UnitGroupFn", "fuses_group", "group_forward"]
+           "UnitGroupFn", "storage_dtype", "fuses_group", "group_forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"
@@ -127,23 +131,26 @@ class UnitGroupFn(torch.autograd.Function):
     ``nn.BatchNorm2d`` updates them (``factors``: their exponential-average factors)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int, bns: tuple, factors: tuple):
         ext = _state.get("module") or load_extension()
         bn1, bn2 = bns
         w1, w2 = w1.contiguous(), w2.contiguous()
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.input_dtype = x.dtype
+        x = x.to(storage_dtype(w1.dtype))  # bf16 under CPU bf16 autocast, else the weights' dtype
         y1, st1 = ext.conv_forward_stats(x, w1, groups, stride)  # (B, n*b, H/s, W/s), NCHW
         n1 = y1.shape[0] * y1.shape[2] * y1.shape[3]
         if n1 <= 1:  # as F.batch_norm refuses it in training
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y1.shape)}")
-        # [mean; biased var; 1/std] in double, and relu(y * sc + sh) in x's dtype; running statistics updated
+        # [mean; biased var; 1/std] in double, and relu(y * sc + sh) in the weights' dtype; running statistics
+        # updated
         m1, sc1, sh1 = ext.bn_coefficients(st1, n1, g1.detach(), b1.detach(), bn1.eps, bn1.running_mean,
-                                           bn1.running_var, factors[0], x)
+                                           bn1.running_var, factors[0], w1)
         y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1)  # (B, n*c, H/s, W/s), NCHW
         m2, sc2, sh2 = ext.bn_coefficients(st2, n1, g2.detach(), b2.detach(), bn2.eps, bn2.running_mean,
-                                           bn2.running_var, factors[1], x)
-        out = ext.bn_relu_apply(y2, sc2, sh2, channels_last)  # in x's memory format
+                                           bn2.running_var, factors[1], w2)
+        out = ext.bn_relu_apply(y2, sc2, sh2, channels_last)  # in x's memory format and storage dtype
         ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2)
         ctx.groups, ctx.stride, ctx.count = groups, stride, n1
         return out
@@ -162,9 +169,18 @@ class UnitGroupFn(torch.autograd.Function):
         dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, n, m1, w1)
         gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, ctx.stride, None, None, need[0],
                                        need[1])
-        return (gx if need[0] else None, gw1 if need[1] else None, dg1 if need[2] else None,
+        return (gx.to(ctx.input_dtype) if need[0] else None, gw1 if need[1] else None, dg1 if need[2] else None,
                 db1 if need[3] else None, gw2 if need[4] else None, dg2 if need[5] else None,
                 db2 if need[6] else None, None, None, None, None)
+
+
+def storage_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype :class:`UnitGroupFn` stores its input, activations, output and their gradients in: bfloat16 under
+    CPU bf16 autocast with float32 weights (computing in float32), else the weights' dtype."""
+    if (weight_dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return torch.bfloat16
+    return weight_dtype
 
 
 def fuses_group(grp: nn.Module, x: torch.Tensor) -> bool:

@@ -158,20 +158,79 @@ def test_float32_large_batches(specs, stride, size, batch):
         assert torch.equal(a, b) if a.dtype == torch.long else _rel(a, b) <= RTOL, name
 
 
-def test_bf16_autocast_runs_units_in_float32():
-    """Under CPU bf16 autocast the kernel takes float32 input (cast from bf16) and returns float32: the layer's
-    output then equals the ``grouped`` layer's on the same bf16-rounded input within float32 rounding."""
+@pytest.mark.parametrize("shape", [(3, 4, 2, 2, 1, 10, 13), (2, 16, 8, 8, 2, 9, 9), (2, 8, 16, 1, 1, 28, 28),
+                                   (2, 6, 12, 3, 2, 20, 17)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_storage_is_the_float32_kernel_rounded_once(shape, channels_last):
+    """bfloat16 storage (the fused path under autocast) widens on load and rounds to nearest even on store: every
+    kernel call on bf16 tensors equals, bit for bit, the same call in float32 on the widened values with its tensor
+    results rounded by ``Tensor.bfloat16()``; the batch sums are those of the stored (rounded) outputs; the weight
+    gradient stays float32."""
+    n, cin, cout, groups, s, h, w = shape
+    ext = unit_train.load_extension()
+    gen = torch.Generator().manual_seed(cout + s)
+    x = torch.randn(n, cin, h, w, generator=gen).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w1 = torch.randn(cout, cin // groups, 3, 3, generator=gen)
+    y, st = ext.conv_forward_stats(x, w1, groups, s)
+    y32, _ = ext.conv_forward_stats(x.float(), w1, groups, s)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y32.bfloat16())
+    stored = torch.stack([y.double().sum((0, 2, 3)), y.double().square().sum((0, 2, 3))])
+    torch.testing.assert_close(st, stored, rtol=1e-6, atol=1e-6)  # float lanes, then double
+    sc, sh = torch.rand(cout, generator=gen) + 0.5, torch.randn(cout, generator=gen) * 0.3
+    w2 = torch.randn(cout, 1, 3, 3, generator=gen)
+    y2, _ = ext.conv_forward_stats(y, w2, cout, 1, sc, sh)  # input through BN and ReLU while padded
+    assert torch.equal(y2, ext.conv_forward_stats(y.float(), w2, cout, 1, sc, sh)[0].bfloat16())
+    out = ext.bn_relu_apply(y, sc, sh, channels_last)
+    assert torch.equal(out, ext.bn_relu_apply(y.float(), sc, sh, channels_last).bfloat16())
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g = torch.randn(y.shape, generator=gen).bfloat16()
+    a, b = torch.randn(cout, generator=gen) * 0.01, torch.randn(cout, generator=gen) * 0.01
+    gx, gw = ext.conv_backward_bn(x, w1, g, y, sc, sh, a, b, groups, s, None, None, True, True)
+    gx32, gw32 = ext.conv_backward_bn(x.float(), w1, g.float(), y.float(), sc, sh, a, b, groups, s, None, None, True,
+                                      True)
+    assert gx.dtype == torch.bfloat16 and torch.equal(gx, gx32.bfloat16())
+    assert gw.dtype == torch.float32 and torch.equal(gw, gw32)
+    assert torch.equal(ext.bn_relu_grad_sums(g, y, sc, sh), ext.bn_relu_grad_sums(g.float(), y.float(), sc, sh))
+
+
+def test_bf16_store_rounds_ties_to_even_as_torch_does():
+    """A float32 result stored as bf16 rounds to nearest, ties to even, with overflow to infinity and NaN kept:
+    the products 1 * w of a centre-only 3x3 filter, in whole vectors (16 columns) and in the tail (17th)."""
+    ext = unit_train.load_extension()
+    centre = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -9, 3.0e38, 3.4e38, float("inf"),
+                           float("nan")])
+    w = torch.zeros(len(centre), 1, 3, 3)
+    w[:, 0, 1, 1] = centre
+    y, _ = ext.conv_forward_stats(torch.ones(1, len(centre), 2, 17, dtype=torch.bfloat16), w, len(centre), 1)
+    want = centre.bfloat16().view(1, -1, 1, 1).expand_as(y)
+    assert torch.equal(y[:, :-1], want[:, :-1]) and torch.isnan(y[:, -1]).all()
+    assert want[0, 0, 0, 0] == 1 and want[0, 1, 0, 0] == 1 + 2 ** -6 and torch.isinf(want[0, 5, 0, 0])  # ties, overflow
+
+
+def test_bf16_autocast_fused_group_stores_bf16():
+    """Under CPU bf16 autocast a fused unit group stores its output (and takes its input) in bfloat16, returns the
+    input gradient in the input's dtype and the parameter gradients in float32; its output is within bf16 rounding
+    of ``grouped`` run in float32 on the same (bf16) input."""
     torch.manual_seed(0)
     layer = spread_bn(UnitLayer(["8x2-1-2"]), 1).train()
     ref = spread_bn(UnitLayer(["8x2-1-2"]), 1).train()
     ref.load_state_dict(layer.state_dict())
     layer.backend = "unit_train"
-    x = torch.randn(4, layer.in_channels, 10, 10).bfloat16()
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(4, layer.in_channels, 10, 10).bfloat16().to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert x.grad.dtype == dtype
+        assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
+        assert _rel(y.float(), ref(x.detach().float())) <= 2 ** -7  # one bf16 rounding of each stored tensor
+    assert unit_train.storage_dtype(torch.float32) == torch.float32  # outside autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.float32
-    y_ref = ref(x.float())
-    assert _rel(y, y_ref) <= RTOL
+        assert unit_train.storage_dtype(torch.float32) == torch.bfloat16
+        assert unit_train.storage_dtype(torch.float64) == torch.float64
 
 
 def test_unsupported_convs_fall_back_to_the_module():

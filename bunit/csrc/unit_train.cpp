@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -31,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -45,33 +47,79 @@ struct V {
   static type splat(T x) { return x - type{}; }
 };
 
-// relu(src * a + b) over n contiguous values into dst: whole vectors, then the rest one by one (branch-free).
+// How the kernel reads and writes tensor memory of type M while computing in T: M = T, or M = bfloat16 with T =
+// float (bf16 storage under autocast: values widened exactly on load, rounded to nearest even on store, as
+// c10::BFloat16 and Tensor.to(torch.bfloat16) round). The padded work buffers are always T.
+template <typename T, typename M>
+struct IO;
+
 template <typename T>
-inline void bn_relu_row(const T* src, int64_t n, T a, T b, T* dst) {
+struct IO<T, T> {
+  static typename V<T>::type load(const T* p) { return V<T>::load(p); }
+  static void store(T* p, typename V<T>::type v) { V<T>::store(p, v); }
+  static T get(const T* p) { return *p; }
+  static void put(T* p, T v) { *p = v; }
+};
+
+template <>
+struct IO<float, c10::BFloat16> {
+  typedef uint16_t half16 __attribute__((vector_size(32)));
+  typedef uint16_t half16u __attribute__((vector_size(32), aligned(2), may_alias));
+  typedef uint32_t word16 __attribute__((vector_size(64)));
+  using F = V<float>::type;
+  static F load(const c10::BFloat16* p) {
+    const half16 h = *reinterpret_cast<const half16u*>(p);
+    return (F)(__builtin_convertvector(h, word16) << 16);
+  }
+  static void store(c10::BFloat16* p, F v) {
+    const word16 u = (word16)v;
+    const word16 nan = (word16)(v != v);  // all ones in NaN lanes, which become the quiet NaN 0x7fc0
+    const word16 r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
+    *reinterpret_cast<half16u*>(p) = __builtin_convertvector(r, half16);
+  }
+  static float get(const c10::BFloat16* p) { return static_cast<float>(*p); }
+  static void put(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
+};
+
+// n contiguous values of M into T.
+template <typename T, typename M>
+inline void widen_row(const M* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, M>) {
+    std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    int64_t j = 0;
+    for (; j + V<T>::W <= n; j += V<T>::W) V<T>::store(dst + j, IO<T, M>::load(src + j));
+    for (; j < n; ++j) dst[j] = IO<T, M>::get(src + j);
+  }
+}
+
+// relu(src * a + b) over n contiguous values into dst: whole vectors, then the rest one by one (branch-free).
+template <typename T, typename M = T>
+inline void bn_relu_row(const M* src, int64_t n, T a, T b, T* dst) {
   using Vt = V<T>;
   const typename Vt::type va = Vt::splat(a), vb = Vt::splat(b), zero{};
   int64_t j = 0;
   for (; j + Vt::W <= n; j += Vt::W) {
-    const typename Vt::type v = Vt::load(src + j) * va + vb;
+    const typename Vt::type v = IO<T, M>::load(src + j) * va + vb;
     Vt::store(dst + j, v > zero ? v : zero);
   }
-  for (; j < n; ++j) dst[j] = std::max(src[j] * a + b, T(0));
+  for (; j < n; ++j) dst[j] = std::max(IO<T, M>::get(src + j) * a + b, T(0));
 }
 
 // The gradient reaching y through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, over n contiguous values.
-template <typename T>
-inline void bn_relu_grad_row(const T* y, const T* gr, int64_t n, T sc, T sh, T A, T B, T* dst) {
+template <typename T, typename M = T>
+inline void bn_relu_grad_row(const M* y, const M* gr, int64_t n, T sc, T sh, T A, T B, T* dst) {
   using Vt = V<T>;
   const typename Vt::type vsc = Vt::splat(sc), vsh = Vt::splat(sh), va = Vt::splat(A), vb = Vt::splat(B), zero{};
   int64_t j = 0;
   for (; j + Vt::W <= n; j += Vt::W) {  // branch-free: the ReLU mask is data, a branch would mispredict
-    const typename Vt::type yv = Vt::load(y + j);
-    const typename Vt::type gv = Vt::load(gr + j) * vsc;
+    const typename Vt::type yv = IO<T, M>::load(y + j);
+    const typename Vt::type gv = IO<T, M>::load(gr + j) * vsc;
     Vt::store(dst + j, (yv * vsc + vsh > zero ? gv : zero) + yv * va + vb);
   }
   for (; j < n; ++j) {
-    const T gv = gr[j] * sc;
-    dst[j] = (y[j] * sc + sh > T(0) ? gv : T(0)) + y[j] * A + B;
+    const T yv = IO<T, M>::get(y + j), gv = IO<T, M>::get(gr + j) * sc;
+    dst[j] = (yv * sc + sh > T(0) ? gv : T(0)) + yv * A + B;
   }
 }
 
@@ -105,42 +153,47 @@ Geo geometry(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s
   return g;
 }
 
+// One input plane (row stride rs, column stride cs) into its padded, phase-split place dst in the buffer.
+template <typename T, typename M>
+inline void pad_plane(const M* src, int64_t rs, int64_t cs, const Geo& g, T* dst) {
+  for (int64_t r = 0; r < g.h; ++r) {
+    const M* sr = src + r * rs;
+    T* dr = dst + (r + 1) * g.wq;
+    if (g.s == 1) {
+      if (cs == 1) {
+        widen_row(sr, g.w, dr + 1);
+      } else {
+        for (int64_t c = 0; c < g.w; ++c) dr[c + 1] = IO<T, M>::get(sr + c * cs);
+      }
+    } else {  // s == 2: padded column c + 1 goes to phase (c + 1) % 2, position (c + 1) / 2
+      T* odd = dr + g.hp * g.wq;
+      for (int64_t c = 0; c < g.w; c += 2) odd[c / 2] = IO<T, M>::get(sr + c * cs);
+      for (int64_t c = 1; c < g.w; c += 2) dr[(c + 1) / 2] = IO<T, M>::get(sr + c * cs);
+    }
+  }
+}
+
 // Input plane ci of group gi of image ni into buf: padded row r + 1, padded column c + 1, split by phase. With isc
 // (and ish), the plane is taken through the previous BatchNorm and ReLU: relu(v * isc[c] + ish[c]), c the channel.
-template <typename T>
-void pad_copy(const T* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t gi, T* buf, const T* isc = nullptr,
+template <typename T, typename M = T>
+void pad_copy(const M* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t gi, T* buf, const T* isc = nullptr,
               const T* ish = nullptr, T* tmp = nullptr) {
   std::fill(buf, buf + g.cin * g.plane(), T(0));
   for (int64_t ci = 0; ci < g.cin; ++ci) {
     const int64_t ch = gi * g.cin + ci;
-    const T* src = x + ni * xs[0] + ch * xs[1];
-    int64_t rs = xs[2], cs = xs[3];
+    const M* src = x + ni * xs[0] + ch * xs[1];
+    T* dst = buf + ci * g.plane();
     if (isc) {  // through BN and ReLU into tmp, a whole plane at a time where it is contiguous
-      if (cs == 1 && rs == g.w) {
+      if (xs[3] == 1 && xs[2] == g.w) {
         bn_relu_row(src, g.h * g.w, isc[ch], ish[ch], tmp);
       } else {
         for (int64_t r = 0; r < g.h; ++r)
-          for (int64_t c = 0; c < g.w; ++c) tmp[r * g.w + c] = std::max(src[r * rs + c * cs] * isc[ch] + ish[ch], T(0));
+          for (int64_t c = 0; c < g.w; ++c)
+            tmp[r * g.w + c] = std::max(IO<T, M>::get(src + r * xs[2] + c * xs[3]) * isc[ch] + ish[ch], T(0));
       }
-      src = tmp;
-      rs = g.w;
-      cs = 1;
-    }
-    T* dst = buf + ci * g.plane();
-    for (int64_t r = 0; r < g.h; ++r) {
-      const T* sr = src + r * rs;
-      T* dr = dst + (r + 1) * g.wq;
-      if (g.s == 1) {
-        if (cs == 1) {
-          std::memcpy(dr + 1, sr, sizeof(T) * g.w);
-        } else {
-          for (int64_t c = 0; c < g.w; ++c) dr[c + 1] = sr[c * cs];
-        }
-      } else {  // s == 2: padded column c + 1 goes to phase (c + 1) % 2, position (c + 1) / 2
-        T* odd = dr + g.hp * g.wq;
-        for (int64_t c = 0; c < g.w; c += 2) odd[c / 2] = sr[c * cs];
-        for (int64_t c = 1; c < g.w; c += 2) dr[(c + 1) / 2] = sr[c * cs];
-      }
+      pad_plane<T, T>(tmp, g.w, 1, g, dst);
+    } else {
+      pad_plane<T, M>(src, xs[2], xs[3], g, dst);
     }
   }
 }
@@ -148,8 +201,8 @@ void pad_copy(const T* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t g
 // Forward of OB output channels (o0 .. o0 + OB) of one item, rows i0 .. i0 + RB, from the padded input buffer. RB
 // rows at once give RB * OB independent accumulators: with one or two output channels (the 2-1-2 units) a single
 // chain of dependent multiply-adds per vector would leave the FMA units waiting on their latency.
-template <typename T, int OB, int S, int RB>
-inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, const int64_t* ys, int64_t ni,
+template <typename T, typename M, int OB, int S, int RB>
+inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, const int64_t* ys, int64_t ni,
                      int64_t gi, int64_t i0) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
@@ -181,46 +234,46 @@ inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, 
     const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
     for (int r = 0; r < RB; ++r)
       for (int o = 0; o < OB; ++o) {
-        T* dst = y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + (i0 + r) * ys[2];
+        M* dst = y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + (i0 + r) * ys[2];
         if (ys[3] == 1 && valid == VW) {
-          Vt::store(dst + x0, acc[r][o]);
+          IO<T, M>::store(dst + x0, acc[r][o]);
         } else {
           T tmp[VW];
           Vt::store(tmp, acc[r][o]);
-          for (int64_t j = 0; j < valid; ++j) dst[(x0 + j) * ys[3]] = tmp[j];
+          for (int64_t j = 0; j < valid; ++j) IO<T, M>::put(dst + (x0 + j) * ys[3], tmp[j]);
         }
       }
   }
 }
 
-template <typename T, int OB, int S>
-inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, T* y, const int64_t* ys, int64_t ni,
+template <typename T, typename M, int OB, int S>
+inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, const int64_t* ys, int64_t ni,
                       int64_t gi) {
   constexpr int RB = OB >= 8 ? 1 : 8 / OB;  // then halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2)
   int64_t i = 0;
-  for (; i + RB <= g.ho; i += RB) fwd_rows<T, OB, S, RB>(buf, wg, g, o0, y, ys, ni, gi, i);
-  if constexpr (RB >= 8) for (; i + 4 <= g.ho; i += 4) fwd_rows<T, OB, S, 4>(buf, wg, g, o0, y, ys, ni, gi, i);
-  if constexpr (RB >= 4) for (; i + 2 <= g.ho; i += 2) fwd_rows<T, OB, S, 2>(buf, wg, g, o0, y, ys, ni, gi, i);
-  for (; i < g.ho; ++i) fwd_rows<T, OB, S, 1>(buf, wg, g, o0, y, ys, ni, gi, i);
+  for (; i + RB <= g.ho; i += RB) fwd_rows<T, M, OB, S, RB>(buf, wg, g, o0, y, ys, ni, gi, i);
+  if constexpr (RB >= 8) for (; i + 4 <= g.ho; i += 4) fwd_rows<T, M, OB, S, 4>(buf, wg, g, o0, y, ys, ni, gi, i);
+  if constexpr (RB >= 4) for (; i + 2 <= g.ho; i += 2) fwd_rows<T, M, OB, S, 2>(buf, wg, g, o0, y, ys, ni, gi, i);
+  for (; i < g.ho; ++i) fwd_rows<T, M, OB, S, 1>(buf, wg, g, o0, y, ys, ni, gi, i);
 }
 
-template <typename T, int S>
-void fwd_all(const T* buf, const T* wg, const Geo& g, T* yp, const int64_t* ys, int64_t ni, int64_t gi) {
+template <typename T, typename M, int S>
+void fwd_all(const T* buf, const T* wg, const Geo& g, M* yp, const int64_t* ys, int64_t ni, int64_t gi) {
   int64_t o0 = 0;
-  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, 8, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, 4, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, 2, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 < g.cout; ++o0) fwd_block<T, 1, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, M, 8, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, M, 4, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, M, 2, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  for (; o0 < g.cout; ++o0) fwd_block<T, M, 1, S>(buf, wg, g, o0, yp, ys, ni, gi);
 }
 
 // Sum and sum of squares of n contiguous values (vectors, then the rest), added to st[0] and st[nch].
-template <typename T>
-inline void plane_stats(const T* p, int64_t n, double* st, int64_t nch) {
+template <typename T, typename M = T>
+inline void plane_stats(const M* p, int64_t n, double* st, int64_t nch) {
   using Vt = V<T>;
   typename Vt::type s1{}, s2{};
   int64_t j = 0;
   for (; j + Vt::W <= n; j += Vt::W) {
-    const typename Vt::type v = Vt::load(p + j);
+    const typename Vt::type v = IO<T, M>::load(p + j);
     s1 += v;
     s2 += v * v;
   }
@@ -230,8 +283,9 @@ inline void plane_stats(const T* p, int64_t n, double* st, int64_t nch) {
     q += s2[l];
   }
   for (; j < n; ++j) {
-    a += p[j];
-    q += double(p[j]) * p[j];
+    const T v = IO<T, M>::get(p + j);
+    a += v;
+    q += double(v) * v;
   }
   st[0] += a;
   st[nch] += q;
@@ -246,13 +300,13 @@ inline int threads_for(int64_t work, int64_t items) {
 // The forward; with stats (a double tensor [2, C]; y then NCHW contiguous), the batch sums and sums of squares of the
 // outputs, summed from each item's planes right after they are written (in cache); with isc/ish,
 // the input taken through BN and ReLU first (relu(x * isc[c] + ish[c]), the previous layer's normalisation).
-template <typename T>
+template <typename T, typename M = T>
 void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t groups, int64_t s, const T* isc,
                   const T* ish, at::Tensor* stats) {
   const Geo g = geometry(x, w, groups, s, V<T>::W);
-  const T* xp = x.data_ptr<T>();
+  const M* xp = x.data_ptr<M>();
   const T* wp = w.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+  M* yp = y.data_ptr<M>();
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
   const int64_t items = g.n * g.groups;
@@ -273,13 +327,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
         pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
         const T* wg = wp + gi * g.cout * g.cin * 9;
         if (g.s == 1)
-          fwd_all<T, 1>(buf.data(), wg, g, yp, ys, ni, gi);
+          fwd_all<T, M, 1>(buf.data(), wg, g, yp, ys, ni, gi);
         else
-          fwd_all<T, 2>(buf.data(), wg, g, yp, ys, ni, gi);
-        if (st)  // the item's output planes, just written (in cache); y is NCHW contiguous here
+          fwd_all<T, M, 2>(buf.data(), wg, g, yp, ys, ni, gi);
+        if (st)  // the item's output planes, just written (in cache, as stored); y is NCHW contiguous here
           for (int64_t o = 0; o < g.cout; ++o) {
             const int64_t ch = gi * g.cout + o;
-            plane_stats(yp + (ni * g.groups * g.cout + ch) * g.ho * g.wo, g.ho * g.wo, st + ch, g.groups * g.cout);
+            plane_stats<T, M>(yp + (ni * g.groups * g.cout + ch) * g.ho * g.wo, g.ho * g.wo, st + ch, g.groups * g.cout);
           }
       }
     }
@@ -295,8 +349,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
 // Input gradient at stride 1, OB input channels (c0 .. c0 + OB) of one item: a convolution of the padded output
 // gradient (gp: cout planes of (ho + 2) rows of wq values, value (i, j) at row i + 1, column j + 1) with the
 // flipped, transposed weights: gx[c][y][x] = sum_{o, dy, dx} w[o][c][dy][dx] * gy[o][y + 1 - dy][x + 1 - dx].
-template <typename T, int OB, int RB>
-inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, T* gx, const int64_t* gs, int64_t ni,
+template <typename T, typename M, int OB, int RB>
+inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, M* gx, const int64_t* gs, int64_t ni,
                     int64_t gi, int64_t y0) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
@@ -326,28 +380,28 @@ inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, T* gx, c
     const int64_t valid = std::min<int64_t>(VW, g.w - x0);
     for (int r = 0; r < RB; ++r)
       for (int c = 0; c < OB; ++c) {
-        T* dst = gx + ni * gs[0] + (gi * cin + c0 + c) * gs[1] + (y0 + r) * gs[2];
+        M* dst = gx + ni * gs[0] + (gi * cin + c0 + c) * gs[1] + (y0 + r) * gs[2];
         if (gs[3] == 1 && valid == VW) {
-          Vt::store(dst + x0, acc[r][c]);
+          IO<T, M>::store(dst + x0, acc[r][c]);
         } else {
           T tmp[VW];
           Vt::store(tmp, acc[r][c]);
-          for (int64_t j = 0; j < valid; ++j) dst[(x0 + j) * gs[3]] = tmp[j];
+          for (int64_t j = 0; j < valid; ++j) IO<T, M>::put(dst + (x0 + j) * gs[3], tmp[j]);
         }
       }
   }
 }
 
 // Rows in blocks of RB (RB * OB independent accumulators, as in the forward).
-template <typename T, int OB>
-inline void gx_block(const T* gp, const T* wg, const Geo& g, int64_t c0, T* gx, const int64_t* gs, int64_t ni,
+template <typename T, typename M, int OB>
+inline void gx_block(const T* gp, const T* wg, const Geo& g, int64_t c0, M* gx, const int64_t* gs, int64_t ni,
                      int64_t gi) {
   constexpr int RB = OB >= 8 ? 1 : 8 / OB;
   int64_t y = 0;
-  for (; y + RB <= g.h; y += RB) gx_rows<T, OB, RB>(gp, wg, g, c0, gx, gs, ni, gi, y);
-  if constexpr (RB >= 8) for (; y + 4 <= g.h; y += 4) gx_rows<T, OB, 4>(gp, wg, g, c0, gx, gs, ni, gi, y);
-  if constexpr (RB >= 4) for (; y + 2 <= g.h; y += 2) gx_rows<T, OB, 2>(gp, wg, g, c0, gx, gs, ni, gi, y);
-  for (; y < g.h; ++y) gx_rows<T, OB, 1>(gp, wg, g, c0, gx, gs, ni, gi, y);
+  for (; y + RB <= g.h; y += RB) gx_rows<T, M, OB, RB>(gp, wg, g, c0, gx, gs, ni, gi, y);
+  if constexpr (RB >= 8) for (; y + 4 <= g.h; y += 4) gx_rows<T, M, OB, 4>(gp, wg, g, c0, gx, gs, ni, gi, y);
+  if constexpr (RB >= 4) for (; y + 2 <= g.h; y += 2) gx_rows<T, M, OB, 2>(gp, wg, g, c0, gx, gs, ni, gi, y);
+  for (; y < g.h; ++y) gx_rows<T, M, OB, 1>(gp, wg, g, c0, gx, gs, ni, gi, y);
 }
 
 // Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg.
@@ -389,23 +443,23 @@ inline void gw_block(const T* buf, const T* gp, const Geo& g, int64_t o0, int64_
 // Output-gradient transform of the fused path: the gradient reaching the convolution's output y through BN (batch
 // statistics) and ReLU, from the gradient g of relu(y * sc + sh): (y * sc + sh > 0 ? sc * g : 0) + y * A + B, with
 // per-channel A and B holding BN's batch-statistic terms.
-template <typename T>
+template <typename T, typename M = T>
 struct GradBN {
-  const T* y = nullptr;  // the convolution's output, NCHW contiguous; nullptr: no transform
+  const M* y = nullptr;  // the convolution's output, NCHW contiguous; nullptr: no transform
   const T *sc = nullptr, *sh = nullptr, *A = nullptr, *B = nullptr;
 };
 
-template <typename T>
+template <typename T, typename M = T>
 void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy, at::Tensor* gx, at::Tensor* gw,
                    int64_t groups, int64_t s, const T* isc = nullptr, const T* ish = nullptr,
-                   GradBN<T> bn = GradBN<T>()) {
+                   GradBN<T, M> bn = GradBN<T, M>()) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const Geo g = geometry(x, w, groups, s, VW);
-  const T* xp = x.data_ptr<T>();
+  const M* xp = x.data_ptr<M>();
   const T* wp = w.data_ptr<T>();
-  const T* gyp = gy.data_ptr<T>();
-  T* gxp = gx ? gx->data_ptr<T>() : nullptr;
+  const M* gyp = gy.data_ptr<M>();
+  M* gxp = gx ? gx->data_ptr<M>() : nullptr;
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t gys[4] = {gy.stride(0), gy.stride(1), gy.stride(2), gy.stride(3)};
   int64_t gxs[4] = {0, 0, 0, 0};
@@ -437,32 +491,30 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
         const bool plane_contiguous = gys[3] == 1 && gys[2] == g.wo;
         for (int64_t o = 0; o < g.cout; ++o) {
           const int64_t ch = gi * g.cout + o;
-          const T* gsrc = gyp + ni * gys[0] + ch * gys[1];
-          int64_t rs = gys[2], cs = gys[3];
+          const M* gsrc = gyp + ni * gys[0] + ch * gys[1];
+          T* gdst = gbuf.data() + o * gplane + g.wq + 1;  // value (i, j) at gdst[i * wq + j]
           if (bn.y) {
-            const T* yp = bn.y + (ni * g.groups * g.cout + ch) * g.ho * g.wo;
+            const M* yp = bn.y + (ni * g.groups * g.cout + ch) * g.ho * g.wo;
             const T sc = bn.sc[ch], sh = bn.sh[ch], A = bn.A[ch], B = bn.B[ch];
             if (plane_contiguous) {
               bn_relu_grad_row(yp, gsrc, g.ho * g.wo, sc, sh, A, B, plane.data());
             } else {
               for (int64_t i = 0; i < g.ho; ++i)
                 for (int64_t j = 0; j < g.wo; ++j) {
-                  const T yv = yp[i * g.wo + j];
-                  const T gv = gsrc[i * gys[2] + j * gys[3]] * sc;
+                  const T yv = IO<T, M>::get(yp + i * g.wo + j);
+                  const T gv = IO<T, M>::get(gsrc + i * gys[2] + j * gys[3]) * sc;
                   plane[i * g.wo + j] = (yv * sc + sh > T(0) ? gv : T(0)) + yv * A + B;
                 }
             }
-            gsrc = plane.data();
-            rs = g.wo;
-            cs = 1;
-          }
-          for (int64_t i = 0; i < g.ho; ++i) {
-            const T* src = gsrc + i * rs;
-            T* dst = gbuf.data() + o * gplane + (i + 1) * g.wq + 1;
-            if (cs == 1) {
-              std::memcpy(dst, src, sizeof(T) * g.wo);
-            } else {
-              for (int64_t j = 0; j < g.wo; ++j) dst[j] = src[j * cs];
+            for (int64_t i = 0; i < g.ho; ++i) std::memcpy(gdst + i * g.wq, plane.data() + i * g.wo, sizeof(T) * g.wo);
+          } else {
+            for (int64_t i = 0; i < g.ho; ++i) {
+              const M* src = gsrc + i * gys[2];
+              if (gys[3] == 1) {
+                widen_row(src, g.wo, gdst + i * g.wq);
+              } else {
+                for (int64_t j = 0; j < g.wo; ++j) gdst[i * g.wq + j] = IO<T, M>::get(src + j * gys[3]);
+              }
             }
           }
         }
@@ -483,10 +535,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
         if (gx && s == 1) {
           const T* wg = wp + gi * g.cout * g.cin * 9;
           int64_t c0 = 0;
-          for (; c0 + 8 <= g.cin; c0 += 8) gx_block<T, 8>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
-          for (; c0 + 4 <= g.cin; c0 += 4) gx_block<T, 4>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
-          for (; c0 + 2 <= g.cin; c0 += 2) gx_block<T, 2>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
-          for (; c0 < g.cin; ++c0) gx_block<T, 1>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          for (; c0 + 8 <= g.cin; c0 += 8) gx_block<T, M, 8>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          for (; c0 + 4 <= g.cin; c0 += 4) gx_block<T, M, 4>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          for (; c0 + 2 <= g.cin; c0 += 2) gx_block<T, M, 2>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          for (; c0 < g.cin; ++c0) gx_block<T, M, 1>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
         } else if (gx) {
           // stride 2: scatter every (o, dy, dx)'s w * gy into the padded, phase-split input positions it read
           std::fill(gxb.begin(), gxb.end(), T(0));
@@ -508,11 +560,11 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
                 }
               }
             for (int64_t r = 0; r < g.h; ++r) {  // copy out without padding, phases merged
-              T* dr = gxp + ni * gxs[0] + (gi * g.cin + ci) * gxs[1] + r * gxs[2];
+              M* dr = gxp + ni * gxs[0] + (gi * g.cin + ci) * gxs[1] + r * gxs[2];
               const T* sr = plane + (r + 1) * g.wq;
               const T* odd = sr + g.hp * g.wq;
-              for (int64_t c = 0; c < g.w; c += 2) dr[c * gxs[3]] = odd[c / 2];
-              for (int64_t c = 1; c < g.w; c += 2) dr[c * gxs[3]] = sr[(c + 1) / 2];
+              for (int64_t c = 0; c < g.w; c += 2) IO<T, M>::put(dr + c * gxs[3], odd[c / 2]);
+              for (int64_t c = 1; c < g.w; c += 2) IO<T, M>::put(dr + c * gxs[3], sr[(c + 1) / 2]);
             }
           }
         }
@@ -528,10 +580,29 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   }
 }
 
-void check(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) {
+// The dtype the kernel computes in for tensors stored as t: float for bfloat16, else t itself.
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kBFloat16 ? at::kFloat : t; }
+
+// f(T{}, M{}) for the storage dtype t: (float, bfloat16) for bfloat16, (t, t) for float and double.
+template <typename F>
+void dispatch_storage(at::ScalarType t, const char* name, F&& f) {
+  if (t == at::kBFloat16)
+    f(float{}, c10::BFloat16{});
+  else if (t == at::kFloat)
+    f(float{}, float{});
+  else if (t == at::kDouble)
+    f(double{}, double{});
+  else
+    TORCH_CHECK(false, name, ": dtype ", t, " is not supported (float, double or bfloat16)");
+}
+
+// bfloat16 storage: input (and the fused path's activations and gradients) bfloat16, weight float.
+void check(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s, bool allow_bf16 = false) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "unit_train: CPU tensors only");
   TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3, "unit_train: 3x3 kernels only");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "unit_train: input and weight dtypes differ");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() ||
+                  (allow_bf16 && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kFloat),
+              "unit_train: input and weight dtypes differ");
   TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0 && w.size(0) % groups == 0 && w.size(1) == x.size(1) / groups,
               "unit_train: channel counts do not match the groups");
   TORCH_CHECK(s == 1 || s == 2, "unit_train: stride 1 or 2 only");
@@ -557,52 +628,54 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
 }
 
+// A per-channel coefficient: c contiguous values of the dtype the kernel computes in for `like`.
 void check_channel_vec(const std::optional<at::Tensor>& t, int64_t c, const at::Tensor& like, const char* what) {
   if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == c && t->is_contiguous() && t->scalar_type() == like.scalar_type(),
-              "unit_train: ", what, " must be a contiguous vector of ", c, " values of the input's dtype");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == c && t->is_contiguous() &&
+                  t->scalar_type() == compute_type(like.scalar_type()),
+              "unit_train: ", what, " must be a contiguous vector of ", c, " values of the compute dtype");
 }
 
 // Per plane (n, c) of y (NCHW contiguous): out = relu(y * sc[c] + sh[c]), out in NCHW or channels_last.
-template <typename T>
+template <typename T, typename M = T>
 void apply_impl(const at::Tensor& y, const T* sc, const T* sh, at::Tensor& out) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
-  const T* yp = y.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  const M* yp = y.data_ptr<M>();
+  M* op = out.data_ptr<M>();
   const bool nchw = out.is_contiguous();
   const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, hw));
   at::parallel_for(0, n * c, grain, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t ni = p / c, ch = p % c;
-      const T* src = yp + p * hw;
+      const M* src = yp + p * hw;
       const T a = sc[ch], s0 = sh[ch];
       if (nchw) {
-        T* dst = op + p * hw;
+        M* dst = op + p * hw;
         const typename Vt::type va = Vt::splat(a), vb = Vt::splat(s0), zero{};
         int64_t j = 0;
         for (; j + VW <= hw; j += VW) {
-          typename Vt::type v = Vt::load(src + j) * va + vb;
-          Vt::store(dst + j, v > zero ? v : zero);
+          typename Vt::type v = IO<T, M>::load(src + j) * va + vb;
+          IO<T, M>::store(dst + j, v > zero ? v : zero);
         }
-        for (; j < hw; ++j) dst[j] = std::max(src[j] * a + s0, T(0));
+        for (; j < hw; ++j) IO<T, M>::put(dst + j, std::max(IO<T, M>::get(src + j) * a + s0, T(0)));
       } else {  // channels_last: (n, h, w, c)
-        T* dst = op + ni * hw * c + ch;
-        for (int64_t j = 0; j < hw; ++j) dst[j * c] = std::max(src[j] * a + s0, T(0));
+        M* dst = op + ni * hw * c + ch;
+        for (int64_t j = 0; j < hw; ++j) IO<T, M>::put(dst + j * c, std::max(IO<T, M>::get(src + j) * a + s0, T(0)));
       }
     }
   });
 }
 
 // Sums over the batch of gz = (y * sc + sh > 0 ? g : 0) and of gz * y per channel (g and y NCHW contiguous).
-template <typename T>
+template <typename T, typename M = T>
 void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const T* sh, at::Tensor& sums) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
-  const T* yp = y.data_ptr<T>();
-  const T* gp = g.data_ptr<T>();
+  const M* yp = y.data_ptr<M>();
+  const M* gp = g.data_ptr<M>();
   const int nthreads = threads_for(n * c * hw / 8, n);
   std::vector<std::vector<double>> partial(nthreads, std::vector<double>(2 * c, 0.0));
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
@@ -610,15 +683,15 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
       double* st = partial[t].data();
       for (int64_t ni = n * t / nthreads; ni < n * (t + 1) / nthreads; ++ni)
         for (int64_t ch = 0; ch < c; ++ch) {
-          const T* yr = yp + (ni * c + ch) * hw;
-          const T* gr = gp + (ni * c + ch) * hw;
+          const M* yr = yp + (ni * c + ch) * hw;
+          const M* gr = gp + (ni * c + ch) * hw;
           const T a = sc[ch], b = sh[ch];
           const typename Vt::type va = Vt::splat(a), vb = Vt::splat(b), zero{};
           typename Vt::type s1{}, s2{};
           int64_t j = 0;
           for (; j + VW <= hw; j += VW) {
-            const typename Vt::type yv = Vt::load(yr + j);
-            const typename Vt::type gz = yv * va + vb > zero ? Vt::load(gr + j) : zero;
+            const typename Vt::type yv = IO<T, M>::load(yr + j);
+            const typename Vt::type gz = yv * va + vb > zero ? IO<T, M>::load(gr + j) : zero;
             s1 += gz;
             s2 += gz * yv;
           }
@@ -627,11 +700,13 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
             d1 += s1[l];
             d2 += s2[l];
           }
-          for (; j < hw; ++j)
-            if (yr[j] * a + b > T(0)) {
-              d1 += gr[j];
-              d2 += double(gr[j]) * yr[j];
+          for (; j < hw; ++j) {
+            const T yv = IO<T, M>::get(yr + j), gv = IO<T, M>::get(gr + j);
+            if (yv * a + b > T(0)) {
+              d1 += gv;
+              d2 += double(gv) * yv;
             }
+          }
           st[ch] += d1;
           st[c + ch] += d2;
         }
@@ -650,15 +725,17 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
 std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s,
                                            const std::optional<at::Tensor>& isc,
                                            const std::optional<at::Tensor>& ish) {
-  check(x, w, groups, s);
+  check(x, w, groups, s, true);
   check_channel_vec(isc, x.size(1), x, "isc");
   check_channel_vec(ish, x.size(1), x, "ish");
   TORCH_CHECK(isc.has_value() == ish.has_value(), "unit_train: isc and ish come together");
   const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
   at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options());
   at::Tensor stats = at::empty({2, w.size(0)}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_forward_stats", [&] {
-    forward_impl<scalar_t>(x, w, y, groups, s, opt_ptr<scalar_t>(isc), opt_ptr<scalar_t>(ish), &stats);
+  dispatch_storage(x.scalar_type(), "unit_train_forward_stats", [&](auto t, auto m) {
+    using T = decltype(t);
+    using M = decltype(m);
+    forward_impl<T, M>(x, w, y, groups, s, opt_ptr<T>(isc), opt_ptr<T>(ish), &stats);
   });
   return {y, stats};
 }
@@ -669,8 +746,10 @@ at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Te
   check_channel_vec(sc, y.size(1), y, "sc");
   check_channel_vec(sh, y.size(1), y, "sh");
   at::Tensor out = at::empty_like(y, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "unit_train_apply",
-                             [&] { apply_impl<scalar_t>(y, sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(), out); });
+  dispatch_storage(y.scalar_type(), "unit_train_apply", [&](auto t, auto m) {
+    using T = decltype(t);
+    apply_impl<T, decltype(m)>(y, sc.data_ptr<T>(), sh.data_ptr<T>(), out);
+  });
   return out;
 }
 
@@ -682,8 +761,9 @@ at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at:
   check_channel_vec(sc, y.size(1), y, "sc");
   check_channel_vec(sh, y.size(1), y, "sh");
   at::Tensor sums = at::empty({2, y.size(1)}, y.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "unit_train_grad_sums", [&] {
-    grad_sums_impl<scalar_t>(g, y, sc.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(), sums);
+  dispatch_storage(y.scalar_type(), "unit_train_grad_sums", [&](auto t, auto m) {
+    using T = decltype(t);
+    grad_sums_impl<T, decltype(m)>(g, y, sc.data_ptr<T>(), sh.data_ptr<T>(), sums);
   });
   return sums;
 }
@@ -766,8 +846,8 @@ std::vector<at::Tensor> bn_coefficients(const at::Tensor& stats, int64_t count, 
 
 // BN's backward with batch statistics for the output gradient g of relu(y * sc + sh) (g, y NCHW contiguous): with
 // gz = g where y * sc + sh > 0 (else 0), s1 = sum gz and s2 = sum gz * xhat per channel (in double), the gradients
-// of BN's weight (s2) and bias (s1) in param's dtype, and A, B of the convolution output's gradient
-// (mask ? sc * g : 0) + y * A + B in y's dtype. moments: bn_coefficients' [mean; var; invstd].
+// of BN's weight (s2) and bias (s1), and A, B of the convolution output's gradient (mask ? sc * g : 0) + y * A + B,
+// all in param's dtype (the dtype the kernel computes in). moments: bn_coefficients' [mean; var; invstd].
 std::vector<at::Tensor> bn_relu_grad_coefficients(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc,
                                                   const at::Tensor& sh, int64_t count, const at::Tensor& moments,
                                                   const at::Tensor& param) {
@@ -788,7 +868,7 @@ std::vector<at::Tensor> bn_relu_grad_coefficients(const at::Tensor& g, const at:
     A[k] = -scd[k] * invstd[k] * dg[k] / n;
     B[k] = -scd[k] * su[k] / n - A[k] * mean[k];
   }
-  return {from_doubles(dg, param), from_doubles(db, param), from_doubles(A, y), from_doubles(B, y)};
+  return {from_doubles(dg, param), from_doubles(db, param), from_doubles(A, param), from_doubles(B, param)};
 }
 
 // The convolution's input and weight gradients from g, the gradient of relu(y * sc + sh) (y its output, NCHW
@@ -799,7 +879,7 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& A, const at::Tensor& B, int64_t groups, int64_t s,
                                          const std::optional<at::Tensor>& isc, const std::optional<at::Tensor>& ish,
                                          bool need_input, bool need_weight) {
-  check(x, w, groups, s);
+  check(x, w, groups, s, true);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
               "unit_train: gradient dtype differs from the input's");
   TORCH_CHECK(y.is_contiguous() && g.sizes() == y.sizes() && y.size(1) == w.size(0),
@@ -811,15 +891,17 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
   at::Tensor gx, gw;
   if (need_input) gx = at::empty_like(x, x.suggest_memory_format());
   if (need_weight) gw = at::empty_like(w);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "unit_train_backward_bn", [&] {
-    GradBN<scalar_t> bn;
-    bn.y = y.data_ptr<scalar_t>();
-    bn.sc = sc.data_ptr<scalar_t>();
-    bn.sh = sh.data_ptr<scalar_t>();
-    bn.A = A.data_ptr<scalar_t>();
-    bn.B = B.data_ptr<scalar_t>();
-    backward_impl<scalar_t>(x, w, g, need_input ? &gx : nullptr, need_weight ? &gw : nullptr, groups, s,
-                            opt_ptr<scalar_t>(isc), opt_ptr<scalar_t>(ish), bn);
+  dispatch_storage(x.scalar_type(), "unit_train_backward_bn", [&](auto t, auto m) {
+    using T = decltype(t);
+    using M = decltype(m);
+    GradBN<T, M> bn;
+    bn.y = y.data_ptr<M>();
+    bn.sc = sc.data_ptr<T>();
+    bn.sh = sh.data_ptr<T>();
+    bn.A = A.data_ptr<T>();
+    bn.B = B.data_ptr<T>();
+    backward_impl<T, M>(x, w, g, need_input ? &gx : nullptr, need_weight ? &gw : nullptr, groups, s, opt_ptr<T>(isc),
+                        opt_ptr<T>(ish), bn);
   });
   return {gx, gw};
 }
