@@ -794,13 +794,13 @@ at::Tensor from_doubles(const std::vector<double>& v, const at::Tensor& like) {
 
 // running <- running * (1 - factor) + value * factor, in running's dtype (value rounded to it first), as
 // running.mul_(1 - factor).add_(value.to(running.dtype), alpha=factor) computes it.
-void update_running(at::Tensor& running, const std::vector<double>& value, double factor) {
-  TORCH_CHECK(running.dim() == 1 && running.size(0) == static_cast<int64_t>(value.size()) && running.is_contiguous(),
+void update_running(const at::Tensor& running, const double* value, int64_t n, double factor) {
+  TORCH_CHECK(running.dim() == 1 && running.size(0) == n && running.is_contiguous(),
               "unit_train: a running statistic must be contiguous with one value per channel");
   AT_DISPATCH_FLOATING_TYPES(running.scalar_type(), "unit_train_running", [&] {
     scalar_t* p = running.data_ptr<scalar_t>();
     const scalar_t keep = static_cast<scalar_t>(1.0 - factor), f = static_cast<scalar_t>(factor);
-    for (size_t i = 0; i < value.size(); ++i) p[i] = p[i] * keep + f * static_cast<scalar_t>(value[i]);
+    for (int64_t i = 0; i < n; ++i) p[i] = p[i] * keep + f * static_cast<scalar_t>(value[i]);
   });
 }
 
@@ -837,9 +837,8 @@ std::vector<at::Tensor> bn_coefficients(const at::Tensor& stats, int64_t count, 
     unbiased[k] = var[k] * bessel;
   }
   if (running_mean.has_value()) {
-    at::Tensor rm = *running_mean, rv = *running_var;
-    update_running(rm, std::vector<double>(mean, mean + c), factor);
-    update_running(rv, unbiased, factor);
+    update_running(*running_mean, mean, c, factor);
+    update_running(*running_var, unbiased.data(), c, factor);
   }
   return {moments, from_doubles(sc, like), from_doubles(sh, like)};
 }
