@@ -85,6 +85,23 @@ def register_fp32_storage() -> str:
     return name
 
 
+def register_fp32_multiplies() -> str:
+    """Register ``unit_train_fp32_mul``: ``unit_train`` with the bf16 dot products off, so that a fused group under
+    autocast stores bf16 but multiplies in float32."""
+    from bunit import unit_train
+    from bunit.backends import BACKENDS, register_backend
+    from bunit.backends.unit_train import UnitTrain
+
+    name = "unit_train_fp32_mul"
+    if name not in BACKENDS:
+        @register_backend(name)
+        class UnitTrainFp32Mul(UnitTrain):
+            def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+                with unit_train.float32_multiplies():
+                    return super().run(layer, x)
+    return name
+
+
 def isa() -> str:
     try:
         flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
@@ -106,6 +123,8 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true", help="also time unit_train without its BN+ReLU fusion")
     parser.add_argument("--fp32-storage", action="store_true",
                         help="also time unit_train storing float32 activations under bf16 autocast")
+    parser.add_argument("--fp32-multiplies", action="store_true",
+                        help="also time unit_train storing bf16 but multiplying in float32 (no bf16 dot products)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady_allocator()
@@ -134,6 +153,11 @@ def main() -> None:
         for n in names:
             settings[n] += [TrainSetting(True, s.channels_last, "unit_train_fp32") for s in settings[n]
                             if s.unit_backend == "unit_train" and s.bf16]
+    if args.fp32_multiplies:
+        extras.add(register_fp32_multiplies())
+        for n in names:
+            settings[n] += [TrainSetting(True, s.channels_last, "unit_train_fp32_mul") for s in settings[n]
+                            if s.unit_backend == "unit_train" and s.bf16]
     fns = {f"{n}|{s.name}": step_fn(models[n], s, xb, yb) for n in names for s in settings[n]}
     print(f"cpu: {isa()}; threads {args.threads}; batch {args.batch}; {args.size}x{args.size}; "
           f"{len(fns)} (model, setting) pairs x {args.rounds} rounds", flush=True)
@@ -160,6 +184,14 @@ def main() -> None:
         for n in names[1:]:
             for s in settings[n]:
                 if s.unit_backend == "unit_train_fp32":
+                    new = med[f"{n}|{TrainSetting(True, s.channels_last, 'unit_train').name}"]
+                    old = med[f"{n}|{s.name}"]
+                    print(f"{n:22s} {s.name:34s} {old:8.1f} ms -> {new:8.1f} ms  {new / old:.3f}")
+    if args.fp32_multiplies:
+        print("\nunit_train under bf16 autocast, bf16 dot products against float32 multiplies (step time ratio):")
+        for n in names[1:]:
+            for s in settings[n]:
+                if s.unit_backend == "unit_train_fp32_mul":
                     new = med[f"{n}|{TrainSetting(True, s.channels_last, 'unit_train').name}"]
                     old = med[f"{n}|{s.name}"]
                     print(f"{n:22s} {s.name:34s} {old:8.1f} ms -> {new:8.1f} ms  {new / old:.3f}")

@@ -20,9 +20,16 @@ float64, float32 within 1e-4 relative on every catalogue and planner shape, runn
 
 Under CPU bf16 autocast a unit group (:class:`UnitGroupFn`) stores in bfloat16 what it reads and writes in memory,
 as autocast's own convolutions do: its input, both convolutions' outputs, its output and their gradients; the
-kernel widens each value to float32 as it loads it (exact), computes and sums in float32 (BN's sums in double), and
-rounds to nearest even as it stores. Half the bytes: the unit layers are memory-bound, since they keep every
-activation of the dense layer they replace. The weights and their gradients stay float32. A lone convolution
+kernel widens each value to float32 as it loads it (exact), sums in float32 (BN's sums in double), and rounds to
+nearest even as it stores. Half the bytes: the unit layers keep every activation of the dense layer they replace.
+Where the CPU has AVX512-BF16 (:func:`bf16_dot_products`), the convolutions also multiply in bfloat16, as autocast's
+convolutions do: the weights, conv2's input and the gradient taken through BN are rounded to bf16 and multiplied in
+pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the products summed in float32. A
+convolution without channel pairs (an odd count per group) and the input gradient at stride 2 multiply in float32.
+The tolerance is autocast's: outputs and input gradients within one bf16 rounding of float32 sums of the rounded
+operands, weight gradients within 1e-5 of them (tested); a whole model no further from float32 than ``grouped``
+under autocast (within 25%, tested). :func:`float32_multiplies` turns the dot products off, for side-by-side timing.
+The weights and their gradients stay float32. A lone convolution
 (:class:`UnitConv`, outside training mode) runs in float32 (:func:`torch.amp.custom_fwd` casts its input). Other
 devices, dtypes and kernel sizes fall back to ``F.conv2d``; :func:`supports` says which run here.
 
@@ -31,6 +38,7 @@ The extension is built on first use with ``torch.utils.cpp_extension.load`` into
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from pathlib import Path
@@ -43,7 +51,7 @@ from bunit.functional import bn_mode
 from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
-           "UnitGroupFn", "storage_dtype", "fuses_group", "group_forward"]
+           "UnitGroupFn", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"
@@ -139,7 +147,8 @@ class UnitGroupFn(torch.autograd.Function):
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.input_dtype = x.dtype
         x = x.to(storage_dtype(w1.dtype))  # bf16 under CPU bf16 autocast, else the weights' dtype
-        y1, st1 = ext.conv_forward_stats(x, w1, groups, stride)  # (B, n*b, H/s, W/s), NCHW
+        dot = x.dtype == torch.bfloat16 and bf16_dot_products()  # multiply in bf16, as autocast's convolutions do
+        y1, st1 = ext.conv_forward_stats(x, w1, groups, stride, bf16_dot=dot)  # (B, n*b, H/s, W/s), NCHW
         n1 = y1.shape[0] * y1.shape[2] * y1.shape[3]
         if n1 <= 1:  # as F.batch_norm refuses it in training
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y1.shape)}")
@@ -147,12 +156,12 @@ class UnitGroupFn(torch.autograd.Function):
         # updated
         m1, sc1, sh1 = ext.bn_coefficients(st1, n1, g1.detach(), b1.detach(), bn1.eps, bn1.running_mean,
                                            bn1.running_var, factors[0], w1)
-        y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1)  # (B, n*c, H/s, W/s), NCHW
+        y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1, bf16_dot=dot)  # (B, n*c, H/s, W/s), NCHW
         m2, sc2, sh2 = ext.bn_coefficients(st2, n1, g2.detach(), b2.detach(), bn2.eps, bn2.running_mean,
                                            bn2.running_var, factors[1], w2)
         out = ext.bn_relu_apply(y2, sc2, sh2, channels_last)  # in x's memory format and storage dtype
         ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2)
-        ctx.groups, ctx.stride, ctx.count = groups, stride, n1
+        ctx.groups, ctx.stride, ctx.count, ctx.dot = groups, stride, n1, dot
         return out
 
     @staticmethod
@@ -165,13 +174,33 @@ class UnitGroupFn(torch.autograd.Function):
         g = grad.to(x.dtype).contiguous()
         # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
         dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, n, m2, w2)
-        gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4])
+        gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4],
+                                       bf16_dot=ctx.dot)
         dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, n, m1, w1)
         gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, ctx.stride, None, None, need[0],
-                                       need[1])
+                                       need[1], bf16_dot=ctx.dot)
         return (gx.to(ctx.input_dtype) if need[0] else None, gw1 if need[1] else None, dg1 if need[2] else None,
                 db1 if need[3] else None, gw2 if need[4] else None, dg2 if need[5] else None,
                 db2 if need[6] else None, None, None, None, None)
+
+
+def bf16_dot_products() -> bool:
+    """Whether :class:`UnitGroupFn` multiplies its bf16-stored operands in bfloat16 (AVX512-BF16 dot products, sums
+    in float32): the extension was built with them and :func:`float32_multiplies` is not in force."""
+    ext = _state.get("module") or load_extension()
+    return ext.has_bf16_dot() and not _state.get("float32_multiplies", False)
+
+
+@contextlib.contextmanager
+def float32_multiplies():
+    """Within it, unit groups that store bf16 multiply in float32 (the widened values) instead of with bf16 dot
+    products; read at each group's forward, which fixes its backward too. For side-by-side timing."""
+    before = _state.get("float32_multiplies", False)
+    _state["float32_multiplies"] = True
+    try:
+        yield
+    finally:
+        _state["float32_multiplies"] = before
 
 
 def storage_dtype(weight_dtype: torch.dtype) -> torch.dtype:

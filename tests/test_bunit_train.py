@@ -209,6 +209,62 @@ def test_bf16_store_rounds_ties_to_even_as_torch_does():
     assert want[0, 0, 0, 0] == 1 and want[0, 1, 0, 0] == 1 + 2 ** -6 and torch.isinf(want[0, 5, 0, 0])  # ties, overflow
 
 
+def _within_bf16_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Each value within one bf16 rounding (2^-8 relative) of the float64 reference, plus float32 summation slack."""
+    want = want.double()
+    return bool(((got.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-5 * want.abs().max()).all())
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16, 2, 1, 28, 28), (3, 4, 2, 2, 1, 10, 13), (2, 6, 12, 3, 2, 20, 17),
+                                   (2, 16, 8, 8, 1, 9, 9), (2, 8, 16, 1, 2, 7, 7)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_dot_products_sum_bf16_rounded_operands_in_float32(shape, channels_last):
+    """With bf16_dot the kernel multiplies bf16 operands: the weights, conv2's input relu(y1 * sc) and the output
+    gradient taken through BN are rounded to bf16 (nearest even), the products summed in float32. Forward and input
+    gradient (stored bf16) are within one bf16 rounding of float64 convolutions of the rounded operands; the weight
+    gradient (float32, not rounded on output) within 1e-5, while the float32-multiply path, which does not round the
+    gradient, is about 1e-3 away from it. A convolution without channel pairs (an odd count per group: the forward's
+    input channels, the input gradient's output channels) and the input gradient at stride 2 multiply the unrounded
+    operands in float32. Strides 1 and 2, odd output heights (a row pair with one row)."""
+    n, cin, cout, groups, s, h, w = shape
+    ext = unit_train.load_extension()
+    if not ext.has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: the extension is built without bf16 dot products")
+    gen = torch.Generator().manual_seed(cin * cout + s)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, cin, h, w, generator=gen).bfloat16().contiguous(memory_format=fmt)
+    wt = torch.randn(cout, cin // groups, 3, 3, generator=gen)
+    wr = wt.bfloat16().double()
+    isc = torch.rand(cin, generator=gen) + 0.5  # y * isc rounds once in float32, as torch rounds it (no shift)
+    for bn_in in (False, True):
+        y, st = ext.conv_forward_stats(x, wt, groups, s, *((isc, torch.zeros(cin)) if bn_in else ()), bf16_dot=True)
+        xin = torch.relu(x.float() * isc.view(1, -1, 1, 1)) if bn_in else x
+        paired = (cin // groups) % 2 == 0
+        want = F.conv2d((xin.bfloat16() if paired else xin).double(), wr if paired else wt.double(), None, s, 1,
+                        groups=groups)
+        assert _within_bf16_rounding(y, want)
+        stored = torch.stack([y.double().sum((0, 2, 3)), y.double().square().sum((0, 2, 3))])
+        torch.testing.assert_close(st, stored, rtol=1e-6, atol=1e-6)
+    sc = torch.rand(cout, generator=gen) + 0.5
+    g = torch.randn(y.shape, generator=gen).bfloat16()
+    zeros = torch.zeros(cout)  # A = B = 0 and no shift: the transformed gradient is g * sc where y * sc > 0
+    gx, gw = ext.conv_backward_bn(x, wt, g, y, sc, zeros, zeros, zeros, groups, s, None, None, True, True,
+                                  bf16_dot=True)
+    gt = torch.where(y.float() * sc.view(1, -1, 1, 1) > 0, g.float() * sc.view(1, -1, 1, 1), torch.zeros(()))
+    xd = x.double().requires_grad_()
+    wd = wr.clone().requires_grad_()
+    F.conv2d(xd, wd, None, s, 1, groups=groups).backward(gt.bfloat16().double())
+    assert gw.dtype == torch.float32 and _rel(gw.double(), wd.grad) <= 1e-5
+    if s == 1 and (cout // groups) % 2 == 0:
+        want = xd.grad
+    else:
+        want = torch.nn.grad.conv2d_input(x.shape, wt.double(), gt.double(), s, 1, groups=groups)
+    assert gx.dtype == torch.bfloat16 and gx.is_contiguous(memory_format=fmt)
+    assert _within_bf16_rounding(gx, want)
+    _, gw32 = ext.conv_backward_bn(x, wt, g, y, sc, zeros, zeros, zeros, groups, s, None, None, False, True)
+    assert _rel(gw32.double(), wd.grad) > 1e-4  # float32 multiplies: the unrounded gradient
+
+
 def test_bf16_autocast_fused_group_stores_bf16():
     """Under CPU bf16 autocast a fused unit group stores its output (and takes its input) in bfloat16, returns the
     input gradient in the input's dtype and the parameter gradients in float32; its output is within bf16 rounding

@@ -14,10 +14,12 @@
 //      written in the input's memory format (NCHW or channels_last);
 //   3. backward: the output gradient is copied into a buffer whose rows are padded to whole vectors (zeros past
 //      the row end); the weight gradient is a dot product over rows and vectors (9 accumulators per (o, ci)),
-//      into a per-thread buffer summed at the end; the input gradient is scattered into a padded, phase-split
-//      buffer (every (o, dy, dx) adds w * gy to the input positions it read), then copied out without padding.
-// float and double (double for gradcheck). The accumulation order differs from oneDNN's: float results agree
-// to rounding (about 1e-6 relative).
+//      into a per-thread buffer summed at the end; the input gradient at stride 1 is a convolution of the padded
+//      gradient with the flipped weights, at stride 2 it is scattered into a padded, phase-split buffer (every
+//      (o, dy, dx) adds w * gy to the input positions it read), then copied out without padding.
+// float and double (double for gradcheck); bf16 storage with float32 arithmetic, or with bf16 dot products where the
+// CPU has AVX512-BF16 (see "bf16 dot products" below). The accumulation order differs from oneDNN's: float results
+// agree to rounding (about 1e-6 relative).
 // Light headers, not <torch/extension.h> (the whole C++ frontend): the build takes about a third of the time.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -25,6 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <immintrin.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -80,6 +83,45 @@ struct IO<float, c10::BFloat16> {
   static float get(const c10::BFloat16* p) { return static_cast<float>(*p); }
   static void put(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
 };
+
+// --- bf16 dot products (AVX512-BF16): the multiplies of the bf16-storage path in bfloat16 ---------------------
+//
+// With bf16 storage and bf16_dot set, the convolutions multiply in bfloat16 as autocast's own convolutions do: each
+// vdpbf16ps adds to 16 float lanes the products of two bf16 pairs (exact in float32), so 32 multiply-adds per
+// instruction where a float32 FMA does 16. The operands are rounded to bf16 (nearest even) where they are not bf16
+// already: the weights, the input of conv2 (BN1 + ReLU of the stored y1) and the output gradient taken through BN
+// and ReLU. Sums stay float32 (BN's in double). Pairs run over two channels for the forward (input channels) and
+// the input gradient (output channels), and over two output rows for the weight gradient.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+typedef uint32_t u32v __attribute__((vector_size(64)));
+typedef uint32_t u32vu __attribute__((vector_size(64), aligned(4), may_alias));
+
+// float bits rounded to nearest even bf16, kept in the upper 16 bits (NaN: the quiet NaN 0x7fc0), as IO stores.
+inline u32v bf16_high(V<float>::type v) {
+  const u32v u = (u32v)v;
+  const u32v nan = (u32v)(v != v);
+  return ((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u & ~nan) | (0x7fc00000u & nan);
+}
+
+inline uint32_t bf16_high(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if (v != v) return 0x7fc00000u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
+
+// n pairs (lo[j], hi[j]) rounded to bf16: lo in the low half of each 32-bit word, hi in the high half.
+inline void pack_pairs(const float* lo, const float* hi, int64_t n, uint32_t* dst) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    *reinterpret_cast<u32vu*>(dst + j) = (bf16_high(V<float>::load(lo + j)) >> 16) | bf16_high(V<float>::load(hi + j));
+  for (; j < n; ++j) dst[j] = (bf16_high(lo[j]) >> 16) | bf16_high(hi[j]);
+}
 
 // n contiguous values of M into T.
 template <typename T, typename M>
@@ -198,6 +240,42 @@ void pad_copy(const M* x, const int64_t* xs, const Geo& g, int64_t ni, int64_t g
   }
 }
 
+// One vector of results into VW values of a row at dst (column stride cs), the first `valid` of them.
+template <typename T, typename M>
+inline void store_row(typename V<T>::type v, M* dst, int64_t cs, int64_t valid) {
+  if (cs == 1 && valid == V<T>::W) {
+    IO<T, M>::store(dst, v);
+  } else {
+    T tmp[V<T>::W];
+    V<T>::store(tmp, v);
+    for (int64_t j = 0; j < valid; ++j) IO<T, M>::put(dst + j * cs, tmp[j]);
+  }
+}
+
+// Rows i .. rows in blocks of RB, then of RB / 2, ... 1: f(integral_constant<RB>, first row).
+template <int RB, typename F>
+inline void rows_from(int64_t i, int64_t rows, F& f) {
+  for (; i + RB <= rows; i += RB) f(std::integral_constant<int, RB>{}, i);
+  if constexpr (RB > 1) rows_from<RB / 2>(i, rows, f);
+}
+
+// Rows 0 .. rows of one block of OB channels in blocks of RB = ACC / OB rows (RB * OB independent accumulators),
+// then halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2 and ACC = 8).
+template <int OB, int ACC = 8, typename F>
+inline void in_row_blocks(int64_t rows, F&& f) {
+  rows_from<(ACC / OB > 1 ? ACC / OB : 1)>(0, rows, f);
+}
+
+// Channels 0 .. n in blocks of 8, 4, 2 and 1: f(integral_constant<OB>, first channel).
+template <typename F>
+inline void in_channel_blocks(int64_t n, F&& f) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) f(std::integral_constant<int, 8>{}, c);
+  for (; c + 4 <= n; c += 4) f(std::integral_constant<int, 4>{}, c);
+  for (; c + 2 <= n; c += 2) f(std::integral_constant<int, 2>{}, c);
+  for (; c < n; ++c) f(std::integral_constant<int, 1>{}, c);
+}
+
 // Forward of OB output channels (o0 .. o0 + OB) of one item, rows i0 .. i0 + RB, from the padded input buffer. RB
 // rows at once give RB * OB independent accumulators: with one or two output channels (the 2-1-2 units) a single
 // chain of dependent multiply-adds per vector would leave the FMA units waiting on their latency.
@@ -210,7 +288,9 @@ inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, 
   constexpr int64_t s = S;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
     typename Vt::type acc[RB][OB];
+#pragma GCC unroll 16
     for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
       for (int o = 0; o < OB; ++o) acc[r][o] = typename Vt::type{};
     for (int64_t ci = 0; ci < cin; ++ci) {
       const T* plane = buf + ci * g.plane();
@@ -232,38 +312,196 @@ inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, 
       }
     }
     const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
+#pragma GCC unroll 16
     for (int r = 0; r < RB; ++r)
-      for (int o = 0; o < OB; ++o) {
-        M* dst = y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + (i0 + r) * ys[2];
-        if (ys[3] == 1 && valid == VW) {
-          IO<T, M>::store(dst + x0, acc[r][o]);
-        } else {
-          T tmp[VW];
-          Vt::store(tmp, acc[r][o]);
-          for (int64_t j = 0; j < valid; ++j) IO<T, M>::put(dst + (x0 + j) * ys[3], tmp[j]);
-        }
-      }
+#pragma GCC unroll 8
+      for (int o = 0; o < OB; ++o)
+        store_row<T, M>(acc[r][o], y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + (i0 + r) * ys[2] + x0 * ys[3],
+                        ys[3], valid);
   }
-}
-
-template <typename T, typename M, int OB, int S>
-inline void fwd_block(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, const int64_t* ys, int64_t ni,
-                      int64_t gi) {
-  constexpr int RB = OB >= 8 ? 1 : 8 / OB;  // then halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2)
-  int64_t i = 0;
-  for (; i + RB <= g.ho; i += RB) fwd_rows<T, M, OB, S, RB>(buf, wg, g, o0, y, ys, ni, gi, i);
-  if constexpr (RB >= 8) for (; i + 4 <= g.ho; i += 4) fwd_rows<T, M, OB, S, 4>(buf, wg, g, o0, y, ys, ni, gi, i);
-  if constexpr (RB >= 4) for (; i + 2 <= g.ho; i += 2) fwd_rows<T, M, OB, S, 2>(buf, wg, g, o0, y, ys, ni, gi, i);
-  for (; i < g.ho; ++i) fwd_rows<T, M, OB, S, 1>(buf, wg, g, o0, y, ys, ni, gi, i);
 }
 
 template <typename T, typename M, int S>
 void fwd_all(const T* buf, const T* wg, const Geo& g, M* yp, const int64_t* ys, int64_t ni, int64_t gi) {
-  int64_t o0 = 0;
-  for (; o0 + 8 <= g.cout; o0 += 8) fwd_block<T, M, 8, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 + 4 <= g.cout; o0 += 4) fwd_block<T, M, 4, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 + 2 <= g.cout; o0 += 2) fwd_block<T, M, 2, S>(buf, wg, g, o0, yp, ys, ni, gi);
-  for (; o0 < g.cout; ++o0) fwd_block<T, M, 1, S>(buf, wg, g, o0, yp, ys, ni, gi);
+  in_channel_blocks(g.cout, [&](auto ob, int64_t o0) {
+    constexpr int OB = decltype(ob)::value;
+    in_row_blocks<OB>(g.ho, [&](auto rb, int64_t i) {
+      fwd_rows<T, M, OB, S, decltype(rb)::value>(buf, wg, g, o0, yp, ys, ni, gi, i);
+    });
+  });
+}
+
+#if defined(__AVX512BF16__)
+// --- the same three convolutions with bf16 dot products (see "bf16 dot products" above) ---------------------------
+
+inline __m512bh bf16_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh bf16_pair_splat(uint32_t w) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(w)); }
+
+// Forward from bp, the padded buffer with channels 2k and 2k + 1 paired in each 32-bit word (cin / 2 planes), and
+// wpg, the group's weights paired the same way ([cout][cin / 2][9] words).
+template <typename M, int OB, int S, int RB>
+inline void fwd_rows_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, int64_t o0, M* y, const int64_t* ys,
+                         int64_t ni, int64_t gi, int64_t i0) {
+  constexpr int VW = 16;
+  const int64_t np = g.cin / 2;
+  for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+    __m512 acc[RB][OB];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+      for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < np; ++k) {
+      const uint32_t* plane = bp + k * g.plane();
+      for (int dy = 0; dy < 3; ++dy) {
+#pragma GCC unroll 3
+        for (int dx = 0; dx < 3; ++dx) {
+          const uint32_t* wp = wpg + (o0 * np + k) * 9 + dy * 3 + dx;
+          __m512bh wv[OB];
+#pragma GCC unroll 8
+          for (int o = 0; o < OB; ++o) wv[o] = bf16_pair_splat(wp[o * np * 9]);
+#pragma GCC unroll 8
+          for (int r = 0; r < RB; ++r) {
+            const uint32_t* row = plane + ((i0 + r) * S + dy) * g.wq;
+            const __m512bh v = bf16_pairs(row + (dx % S) * g.hp * g.wq + x0 + dx / S);
+#pragma GCC unroll 8
+            for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_dpbf16_ps(acc[r][o], v, wv[o]);
+          }
+        }
+      }
+    }
+    const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+      for (int o = 0; o < OB; ++o)
+        store_row<float, M>((V<float>::type)acc[r][o],
+                            y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + (i0 + r) * ys[2] + x0 * ys[3], ys[3],
+                            valid);
+  }
+}
+
+template <typename M, int S>
+void fwd_all_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, M* yp, const int64_t* ys, int64_t ni,
+                 int64_t gi) {
+  in_channel_blocks(g.cout, [&](auto ob, int64_t o0) {
+    constexpr int OB = decltype(ob)::value;
+    in_row_blocks<OB, 16>(g.ho, [&](auto rb, int64_t i) {
+      fwd_rows_dot<M, OB, S, decltype(rb)::value>(bp, wpg, g, o0, yp, ys, ni, gi, i);
+    });
+  });
+}
+
+// Input gradient at stride 1 from gpp, the padded output gradient with channels 2m and 2m + 1 paired (cout / 2
+// planes of (ho + 2) rows of wq words), and wxg, the group's flipped weights paired over output channels
+// ([cin][cout / 2][9] words, tap (ey, ex) holding w[.][c][2 - ey][2 - ex]).
+template <typename M, int OB, int RB>
+inline void gx_rows_dot(const uint32_t* gpp, const uint32_t* wxg, const Geo& g, int64_t c0, M* gx, const int64_t* gs,
+                        int64_t ni, int64_t gi, int64_t y0) {
+  constexpr int VW = 16;
+  const int64_t np = g.cout / 2, gplane = (g.ho + 2) * g.wq;
+  for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+    __m512 acc[RB][OB];
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < OB; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t m = 0; m < np; ++m) {
+      const uint32_t* plane = gpp + m * gplane;
+      for (int ey = 0; ey < 3; ++ey) {
+#pragma GCC unroll 3
+        for (int ex = 0; ex < 3; ++ex) {
+          const uint32_t* wp = wxg + (c0 * np + m) * 9 + ey * 3 + ex;
+          __m512bh wv[OB];
+#pragma GCC unroll 8
+          for (int c = 0; c < OB; ++c) wv[c] = bf16_pair_splat(wp[c * np * 9]);
+#pragma GCC unroll 8
+          for (int r = 0; r < RB; ++r) {
+            const __m512bh v = bf16_pairs(plane + (y0 + r + ey) * g.wq + x0 + ex);
+#pragma GCC unroll 8
+            for (int c = 0; c < OB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, wv[c]);
+          }
+        }
+      }
+    }
+    const int64_t valid = std::min<int64_t>(VW, g.w - x0);
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < OB; ++c)
+        store_row<float, M>((V<float>::type)acc[r][c],
+                            gx + ni * gs[0] + (gi * g.cin + c0 + c) * gs[1] + (y0 + r) * gs[2] + x0 * gs[3], gs[3],
+                            valid);
+  }
+}
+
+// Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg, with output rows
+// paired: g2 holds (gy row 2p, gy row 2p + 1) per word ([cout][(ho + 1) / 2][wr] words, zeros past the row end and
+// for the missing row of an odd ho); x2 holds (row r, row r + S) of the padded, phase-split input buffer.
+template <int OB, int S>
+inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, int64_t o0, int64_t ci, float* gwg) {
+  constexpr int VW = 16;
+  const int64_t pairs = (g.ho + 1) / 2, g2plane = pairs * g.wr;
+  __m512 acc[OB][9];  // every loop over acc fully unrolled: else GCC keeps acc in memory
+#pragma GCC unroll 4
+  for (int o = 0; o < OB; ++o)
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) acc[o][k] = _mm512_setzero_ps();
+  const uint32_t* plane = x2 + ci * g.plane();
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+      __m512bh gv[OB];
+#pragma GCC unroll 4
+      for (int o = 0; o < OB; ++o) gv[o] = bf16_pairs(g2 + (o0 + o) * g2plane + p * g.wr + x0);
+#pragma GCC unroll 3
+      for (int dy = 0; dy < 3; ++dy) {
+        const uint32_t* row = plane + (2 * p * S + dy) * g.wq + x0;
+#pragma GCC unroll 3
+        for (int dx = 0; dx < 3; ++dx) {
+          const __m512bh v = bf16_pairs(row + (dx % S) * g.hp * g.wq + dx / S);
+#pragma GCC unroll 4
+          for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] = _mm512_dpbf16_ps(acc[o][dy * 3 + dx], gv[o], v);
+        }
+      }
+    }
+#pragma GCC unroll 4
+  for (int o = 0; o < OB; ++o) {
+    float* dst = gwg + ((o0 + o) * g.cin + ci) * 9;
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) dst[k] += _mm512_reduce_add_ps(acc[o][k]);
+  }
+}
+#endif
+
+// Weights paired for the bf16 dot products: fwd[(o * (cin / 2) + k) * 9 + t] = (w[o][2k][t], w[o][2k + 1][t]) when cin
+// is even; gx[((gi * cin + c) * (cout / 2) + m) * 9 + 8 - t] = (w[2m][c][t], w[2m + 1][c][t]) in group gi's output
+// channels when cout is even (t = 3 * dy + dx). Empty where the count is odd.
+struct PairedWeights {
+  std::vector<uint32_t> fwd, gx;
+};
+
+inline PairedWeights pair_weights(const float* w, const Geo& g, bool fwd, bool gx) {
+  PairedWeights pw;
+  const int64_t co = g.groups * g.cout;
+  if (fwd && g.cin % 2 == 0) {
+    pw.fwd.resize(co * g.cin / 2 * 9);
+    for (int64_t o = 0; o < co; ++o)
+      for (int64_t k = 0; k < g.cin / 2; ++k)
+        for (int t = 0; t < 9; ++t)
+          pw.fwd[(o * (g.cin / 2) + k) * 9 + t] = (bf16_high(w[(o * g.cin + 2 * k) * 9 + t]) >> 16) |
+                                                  bf16_high(w[(o * g.cin + 2 * k + 1) * 9 + t]);
+  }
+  if (gx && g.cout % 2 == 0) {
+    const int64_t np = g.cout / 2;
+    pw.gx.resize(g.groups * g.cin * np * 9);
+    for (int64_t gi = 0; gi < g.groups; ++gi)
+      for (int64_t c = 0; c < g.cin; ++c)
+        for (int64_t m = 0; m < np; ++m)
+          for (int t = 0; t < 9; ++t) {
+            const float* wo = w + ((gi * g.cout + 2 * m) * g.cin + c) * 9 + t;
+            pw.gx[((gi * g.cin + c) * np + m) * 9 + 8 - t] = (bf16_high(*wo) >> 16) | bf16_high(wo[g.cin * 9]);
+          }
+  }
+  return pw;
 }
 
 // Sum and sum of squares of n contiguous values (vectors, then the rest), added to st[0] and st[nch].
@@ -300,12 +538,20 @@ inline int threads_for(int64_t work, int64_t items) {
 // The forward; with stats (a double tensor [2, C]; y then NCHW contiguous), the batch sums and sums of squares of the
 // outputs, summed from each item's planes right after they are written (in cache); with isc/ish,
 // the input taken through BN and ReLU first (relu(x * isc[c] + ish[c]), the previous layer's normalisation).
+// With dot (bf16 storage, an even cin, AVX512-BF16 in the build), the multiplies are bf16 dot products.
 template <typename T, typename M = T>
 void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t groups, int64_t s, const T* isc,
-                  const T* ish, at::Tensor* stats) {
+                  const T* ish, at::Tensor* stats, bool dot = false) {
   const Geo g = geometry(x, w, groups, s, V<T>::W);
   const M* xp = x.data_ptr<M>();
   const T* wp = w.data_ptr<T>();
+  [[maybe_unused]] PairedWeights pw;
+  if constexpr (std::is_same_v<M, c10::BFloat16>) {
+    dot = dot && kBf16Dot && g.cin % 2 == 0;
+    if (dot) pw = pair_weights(wp, g, true, false);
+  } else {
+    dot = false;
+  }
   M* yp = y.data_ptr<M>();
   const int64_t xs[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
   const int64_t ys[4] = {y.stride(0), y.stride(1), y.stride(2), y.stride(3)};
@@ -317,6 +563,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
       std::vector<T> buf(g.cin * g.plane()), tmp(isc ? g.h * g.w : 0);
+      std::vector<uint32_t> pairs(dot ? g.cin / 2 * g.plane() : 0);
       double* st = nullptr;
       if (stats) {
         partial[t].assign(nst, 0.0);
@@ -326,10 +573,26 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
         const int64_t ni = item / g.groups, gi = item % g.groups;
         pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
         const T* wg = wp + gi * g.cout * g.cin * 9;
-        if (g.s == 1)
-          fwd_all<T, M, 1>(buf.data(), wg, g, yp, ys, ni, gi);
-        else
-          fwd_all<T, M, 2>(buf.data(), wg, g, yp, ys, ni, gi);
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (dot) {
+            for (int64_t k = 0; k < g.cin / 2; ++k)
+              pack_pairs(buf.data() + 2 * k * g.plane(), buf.data() + (2 * k + 1) * g.plane(), g.plane(),
+                         pairs.data() + k * g.plane());
+            const uint32_t* wpg = pw.fwd.data() + gi * g.cout * (g.cin / 2) * 9;
+            if (g.s == 1)
+              fwd_all_dot<M, 1>(pairs.data(), wpg, g, yp, ys, ni, gi);
+            else
+              fwd_all_dot<M, 2>(pairs.data(), wpg, g, yp, ys, ni, gi);
+          }
+        }
+#endif
+        if (!dot) {
+          if (g.s == 1)
+            fwd_all<T, M, 1>(buf.data(), wg, g, yp, ys, ni, gi);
+          else
+            fwd_all<T, M, 2>(buf.data(), wg, g, yp, ys, ni, gi);
+        }
         if (st)  // the item's output planes, just written (in cache, as stored); y is NCHW contiguous here
           for (int64_t o = 0; o < g.cout; ++o) {
             const int64_t ch = gi * g.cout + o;
@@ -357,7 +620,9 @@ inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, M* gx, c
   const int64_t cin = g.cin, gplane = (g.ho + 2) * g.wq;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
     typename Vt::type acc[RB][OB];
+#pragma GCC unroll 16
     for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 8
       for (int c = 0; c < OB; ++c) acc[r][c] = typename Vt::type{};
     for (int64_t o = 0; o < g.cout; ++o) {
       const T* plane = gp + o * gplane;
@@ -378,30 +643,13 @@ inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, M* gx, c
       }
     }
     const int64_t valid = std::min<int64_t>(VW, g.w - x0);
+#pragma GCC unroll 16
     for (int r = 0; r < RB; ++r)
-      for (int c = 0; c < OB; ++c) {
-        M* dst = gx + ni * gs[0] + (gi * cin + c0 + c) * gs[1] + (y0 + r) * gs[2];
-        if (gs[3] == 1 && valid == VW) {
-          IO<T, M>::store(dst + x0, acc[r][c]);
-        } else {
-          T tmp[VW];
-          Vt::store(tmp, acc[r][c]);
-          for (int64_t j = 0; j < valid; ++j) IO<T, M>::put(dst + (x0 + j) * gs[3], tmp[j]);
-        }
-      }
+#pragma GCC unroll 8
+      for (int c = 0; c < OB; ++c)
+        store_row<T, M>(acc[r][c], gx + ni * gs[0] + (gi * cin + c0 + c) * gs[1] + (y0 + r) * gs[2] + x0 * gs[3],
+                        gs[3], valid);
   }
-}
-
-// Rows in blocks of RB (RB * OB independent accumulators, as in the forward).
-template <typename T, typename M, int OB>
-inline void gx_block(const T* gp, const T* wg, const Geo& g, int64_t c0, M* gx, const int64_t* gs, int64_t ni,
-                     int64_t gi) {
-  constexpr int RB = OB >= 8 ? 1 : 8 / OB;
-  int64_t y = 0;
-  for (; y + RB <= g.h; y += RB) gx_rows<T, M, OB, RB>(gp, wg, g, c0, gx, gs, ni, gi, y);
-  if constexpr (RB >= 8) for (; y + 4 <= g.h; y += 4) gx_rows<T, M, OB, 4>(gp, wg, g, c0, gx, gs, ni, gi, y);
-  if constexpr (RB >= 4) for (; y + 2 <= g.h; y += 2) gx_rows<T, M, OB, 2>(gp, wg, g, c0, gx, gs, ni, gi, y);
-  for (; y < g.h; ++y) gx_rows<T, M, OB, 1>(gp, wg, g, c0, gx, gs, ni, gi, y);
 }
 
 // Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg.
@@ -411,13 +659,16 @@ inline void gw_block(const T* buf, const T* gp, const Geo& g, int64_t o0, int64_
   constexpr int VW = Vt::W;
   constexpr int64_t s = S;
   const int64_t gplane = (g.ho + 2) * g.wq;
-  typename Vt::type acc[OB][9];
+  typename Vt::type acc[OB][9];  // every loop over acc fully unrolled: else GCC keeps acc in memory
+#pragma GCC unroll 4
   for (int o = 0; o < OB; ++o)
+#pragma GCC unroll 9
     for (int k = 0; k < 9; ++k) acc[o][k] = typename Vt::type{};
   const T* plane = buf + ci * g.plane();
   for (int64_t i = 0; i < g.ho; ++i)
     for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
       typename Vt::type gv[OB];
+#pragma GCC unroll 4
       for (int o = 0; o < OB; ++o) gv[o] = Vt::load(gp + (o0 + o) * gplane + (i + 1) * g.wq + 1 + x0);
 #pragma GCC unroll 3
       for (int dy = 0; dy < 3; ++dy) {
@@ -430,8 +681,10 @@ inline void gw_block(const T* buf, const T* gp, const Geo& g, int64_t o0, int64_
         }
       }
     }
+#pragma GCC unroll 4
   for (int o = 0; o < OB; ++o) {
     T* dst = gwg + ((o0 + o) * g.cin + ci) * 9;
+#pragma GCC unroll 9
     for (int k = 0; k < 9; ++k) {
       T sum = 0;
       for (int l = 0; l < VW; ++l) sum += acc[o][k][l];
@@ -452,10 +705,22 @@ struct GradBN {
 template <typename T, typename M = T>
 void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy, at::Tensor* gx, at::Tensor* gw,
                    int64_t groups, int64_t s, const T* isc = nullptr, const T* ish = nullptr,
-                   GradBN<T, M> bn = GradBN<T, M>()) {
+                   GradBN<T, M> bn = GradBN<T, M>(), bool dot = false) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const Geo g = geometry(x, w, groups, s, VW);
+  // bf16 dot products (bf16 storage, AVX512-BF16 in the build): the weight gradient always, the input gradient at
+  // stride 1 with an even cout
+  bool dot_gx = false;
+  [[maybe_unused]] PairedWeights pw;
+  if constexpr (std::is_same_v<M, c10::BFloat16>) {
+    dot = dot && kBf16Dot;
+    dot_gx = dot && gx && s == 1 && g.cout % 2 == 0;
+    if (dot_gx) pw = pair_weights(w.data_ptr<float>(), g, false, true);
+  } else {
+    dot = false;
+  }
+  const bool dot_gw = dot && gw;
   const M* xp = x.data_ptr<M>();
   const T* wp = w.data_ptr<T>();
   const M* gyp = gy.data_ptr<M>();
@@ -479,6 +744,11 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
       std::vector<T> gxb(gx && s != 1 ? g.cin * g.plane() : 0);
       // one output-gradient plane through BN and ReLU, one input plane through the previous BN and ReLU
       std::vector<T> plane(bn.y ? g.ho * g.wo : 0), tmp(isc ? g.h * g.w : 0);
+      // the bf16 dot products' operands: input rows paired (r, r + s), output-gradient rows paired (2p, 2p + 1),
+      // output-gradient channels paired (2m, 2m + 1); a zero row for the pairs past the last row
+      std::vector<uint32_t> x2(dot_gw ? g.cin * g.plane() : 0), g2(dot_gw ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
+      std::vector<uint32_t> gpp(dot_gx ? g.cout / 2 * gplane : 0);
+      std::vector<T> zero_row(dot_gw ? g.wq : 0, T(0));
       T* gwt = nullptr;
       if (gw) {
         partial[t].assign(wsize, T(0));
@@ -518,8 +788,50 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
         }
-        if (gw) {
-          pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
+        if (gw) pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (dot_gw) {
+            for (int64_t ci = 0; ci < g.cin; ++ci)
+              for (int64_t ph = 0; ph < g.s; ++ph) {  // rows r and r + s of a phase are s * wq values apart
+                const int64_t base = ci * g.plane() + ph * g.hp * g.wq, whole = (g.hp - g.s) * g.wq;
+                pack_pairs(buf.data() + base, buf.data() + base + g.s * g.wq, whole, x2.data() + base);
+                for (int64_t r = g.hp - g.s; r < g.hp; ++r)
+                  pack_pairs(buf.data() + base + r * g.wq, zero_row.data(), g.wq, x2.data() + base + r * g.wq);
+              }
+            const int64_t pairs = (g.ho + 1) / 2;
+            for (int64_t o = 0; o < g.cout; ++o)
+              for (int64_t p = 0; p < pairs; ++p) {
+                const T* src = gbuf.data() + o * gplane + (2 * p + 1) * g.wq + 1;  // rows 2p and 2p + 1 (or padding)
+                pack_pairs(src, src + g.wq, g.wr, g2.data() + (o * pairs + p) * g.wr);
+              }
+            T* gwg = gwt + gi * g.cout * g.cin * 9;
+            for (int64_t ci = 0; ci < g.cin; ++ci) {
+              int64_t o0 = 0;
+              if (s == 1) {
+                for (; o0 + 2 <= g.cout; o0 += 2) gw_block_dot<2, 1>(x2.data(), g2.data(), g, o0, ci, gwg);
+                for (; o0 < g.cout; ++o0) gw_block_dot<1, 1>(x2.data(), g2.data(), g, o0, ci, gwg);
+              } else {
+                for (; o0 + 2 <= g.cout; o0 += 2) gw_block_dot<2, 2>(x2.data(), g2.data(), g, o0, ci, gwg);
+                for (; o0 < g.cout; ++o0) gw_block_dot<1, 2>(x2.data(), g2.data(), g, o0, ci, gwg);
+              }
+            }
+          }
+          if (dot_gx) {
+            for (int64_t m = 0; m < g.cout / 2; ++m)
+              pack_pairs(gbuf.data() + 2 * m * gplane, gbuf.data() + (2 * m + 1) * gplane, gplane,
+                         gpp.data() + m * gplane);
+            const uint32_t* wxg = pw.gx.data() + gi * g.cin * (g.cout / 2) * 9;
+            in_channel_blocks(g.cin, [&](auto ob, int64_t c0) {
+              constexpr int OB = decltype(ob)::value;
+              in_row_blocks<OB, 16>(g.h, [&](auto rb, int64_t y) {
+                gx_rows_dot<M, OB, decltype(rb)::value>(gpp.data(), wxg, g, c0, gxp, gxs, ni, gi, y);
+              });
+            });
+          }
+        }
+#endif
+        if (gw && !dot_gw) {
           T* gwg = gwt + gi * g.cout * g.cin * 9;
           for (int64_t ci = 0; ci < g.cin; ++ci) {
             int64_t o0 = 0;
@@ -532,13 +844,16 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
         }
-        if (gx && s == 1) {
+        if (dot_gx) {
+          // done above
+        } else if (gx && s == 1) {
           const T* wg = wp + gi * g.cout * g.cin * 9;
-          int64_t c0 = 0;
-          for (; c0 + 8 <= g.cin; c0 += 8) gx_block<T, M, 8>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
-          for (; c0 + 4 <= g.cin; c0 += 4) gx_block<T, M, 4>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
-          for (; c0 + 2 <= g.cin; c0 += 2) gx_block<T, M, 2>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
-          for (; c0 < g.cin; ++c0) gx_block<T, M, 1>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi);
+          in_channel_blocks(g.cin, [&](auto ob, int64_t c0) {
+            constexpr int OB = decltype(ob)::value;
+            in_row_blocks<OB>(g.h, [&](auto rb, int64_t y) {
+              gx_rows<T, M, OB, decltype(rb)::value>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi, y);
+            });
+          });
         } else if (gx) {
           // stride 2: scatter every (o, dy, dx)'s w * gy into the padded, phase-split input positions it read
           std::fill(gxb.begin(), gxb.end(), T(0));
@@ -724,7 +1039,7 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
 // relu(x * isc + ish).
 std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s,
                                            const std::optional<at::Tensor>& isc,
-                                           const std::optional<at::Tensor>& ish) {
+                                           const std::optional<at::Tensor>& ish, bool bf16_dot) {
   check(x, w, groups, s, true);
   check_channel_vec(isc, x.size(1), x, "isc");
   check_channel_vec(ish, x.size(1), x, "ish");
@@ -735,7 +1050,7 @@ std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor
   dispatch_storage(x.scalar_type(), "unit_train_forward_stats", [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
-    forward_impl<T, M>(x, w, y, groups, s, opt_ptr<T>(isc), opt_ptr<T>(ish), &stats);
+    forward_impl<T, M>(x, w, y, groups, s, opt_ptr<T>(isc), opt_ptr<T>(ish), &stats, bf16_dot);
   });
   return {y, stats};
 }
@@ -877,7 +1192,7 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh,
                                          const at::Tensor& A, const at::Tensor& B, int64_t groups, int64_t s,
                                          const std::optional<at::Tensor>& isc, const std::optional<at::Tensor>& ish,
-                                         bool need_input, bool need_weight) {
+                                         bool need_input, bool need_weight, bool bf16_dot) {
   check(x, w, groups, s, true);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
               "unit_train: gradient dtype differs from the input's");
@@ -900,7 +1215,7 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
     bn.A = A.data_ptr<T>();
     bn.B = B.data_ptr<T>();
     backward_impl<T, M>(x, w, g, need_input ? &gx : nullptr, need_weight ? &gw : nullptr, groups, s, opt_ptr<T>(isc),
-                        opt_ptr<T>(ish), bn);
+                        opt_ptr<T>(ish), bn, bf16_dot);
   });
   return {gx, gw};
 }
@@ -933,7 +1248,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_backward", &conv_backward, "its input and weight gradients");
   m.def("conv_forward_stats", &conv_forward_stats, "the forward (NCHW output) with its batch sums, input via BN+ReLU",
         py::arg("x"), py::arg("w"), py::arg("groups"), py::arg("s"), py::arg("isc") = py::none(),
-        py::arg("ish") = py::none());
+        py::arg("ish") = py::none(), py::arg("bf16_dot") = false);
   m.def("bn_relu_apply", &bn_relu_apply, "relu(y * sc + sh) per channel");
   m.def("bn_relu_grad_sums", &bn_relu_grad_sums, "per-channel sums of the ReLU-masked gradient and of it times y");
   m.def("bn_coefficients", &bn_coefficients, "BN's batch moments and affine map from the sums; running stats updated",
@@ -944,5 +1259,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_backward_bn", &conv_backward_bn, "input and weight gradients through BN (batch statistics) and ReLU",
         py::arg("x"), py::arg("w"), py::arg("g"), py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("A"),
         py::arg("B"), py::arg("groups"), py::arg("s"), py::arg("isc"), py::arg("ish"), py::arg("need_input"),
-        py::arg("need_weight"));
+        py::arg("need_weight"), py::arg("bf16_dot") = false);
+  m.def("has_bf16_dot", [] { return kBf16Dot; },
+        "whether this build multiplies bf16 storage with AVX512-BF16 dot products when asked (bf16_dot)");
 }
