@@ -27,7 +27,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -56,12 +58,32 @@ struct V {
 template <typename T, typename M>
 struct IO;
 
+// The first n (0 < n < W) values of a vector: AVX-512 masked stores where the build has them (rows of 7, 14 and 28
+// values end in a part of a vector), else one value at a time.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr bool kMasked = true;
+#else
+constexpr bool kMasked = false;
+#endif
+
 template <typename T>
 struct IO<T, T> {
   static typename V<T>::type load(const T* p) { return V<T>::load(p); }
   static void store(T* p, typename V<T>::type v) { V<T>::store(p, v); }
   static T get(const T* p) { return *p; }
   static void put(T* p, T v) { *p = v; }
+  static void store_n(T* p, typename V<T>::type v, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
+      return;
+    }
+#endif
+    for (int64_t j = 0; j < n; ++j) p[j] = v[j];
+  }
 };
 
 template <>
@@ -82,6 +104,26 @@ struct IO<float, c10::BFloat16> {
   }
   static float get(const c10::BFloat16* p) { return static_cast<float>(*p); }
   static void put(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
+  static F load_n(const c10::BFloat16* p, int64_t n) {  // zeros past n
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const half16 h = (half16)_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    return (F)(__builtin_convertvector(h, word16) << 16);
+#else
+    F v{};
+    for (int64_t j = 0; j < n; ++j) v[j] = get(p + j);
+    return v;
+#endif
+  }
+  static void store_n(c10::BFloat16* p, F v, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const word16 u = (word16)v;
+    const word16 nan = (word16)(v != v);
+    const word16 r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), (__m256i)__builtin_convertvector(r, half16));
+#else
+    for (int64_t j = 0; j < n; ++j) put(p + j, v[j]);
+#endif
+  }
 };
 
 // --- bf16 dot products (AVX512-BF16): the multiplies of the bf16-storage path in bfloat16 ---------------------
@@ -131,7 +173,11 @@ inline void widen_row(const M* src, int64_t n, T* dst) {
   } else {
     int64_t j = 0;
     for (; j + V<T>::W <= n; j += V<T>::W) V<T>::store(dst + j, IO<T, M>::load(src + j));
-    for (; j < n; ++j) dst[j] = IO<T, M>::get(src + j);
+    if constexpr (kMasked) {
+      if (j < n) IO<T, T>::store_n(dst + j, IO<T, M>::load_n(src + j, n - j), n - j);
+    } else {
+      for (; j < n; ++j) dst[j] = IO<T, M>::get(src + j);
+    }
   }
 }
 
@@ -245,6 +291,8 @@ template <typename T, typename M>
 inline void store_row(typename V<T>::type v, M* dst, int64_t cs, int64_t valid) {
   if (cs == 1 && valid == V<T>::W) {
     IO<T, M>::store(dst, v);
+  } else if (cs == 1 && kMasked) {
+    IO<T, M>::store_n(dst, v, valid);
   } else {
     T tmp[V<T>::W];
     V<T>::store(tmp, v);
