@@ -1,13 +1,15 @@
-"""The ``unit_train`` backend: ``grouped`` with the units' grouped 3x3 convs run by the C++ kernel of
-:mod:`bunit.unit_train`, which has its own backward (the training path on CPU). In training mode (BN with batch
+"""The ``unit_train`` backend: ``grouped`` with the units' grouped 3x3 convs run by kernels with their own backward,
+the training path of unit layers. On CPU, the C++ kernel of :mod:`bunit.unit_train`: in training mode (BN with batch
 statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
-(:class:`bunit.unit_train.UnitGroupFn`); otherwise each conv runs in the kernel and BN and ReLU are PyTorch's. Where
-the kernel does not run (other devices, dtypes, kernel sizes, or no compiler) each conv runs as in ``grouped``."""
+(:class:`bunit.unit_train.UnitGroupFn`); otherwise each conv runs in the kernel and BN and ReLU are PyTorch's. On
+CUDA, the Triton kernels of :mod:`bunit.unit_triton` for each conv, BN and ReLU PyTorch's (never run on a GPU so
+far: tested by Triton's interpreter on CPU). Where no kernel runs (other devices, dtypes, kernel sizes, no compiler,
+no ``triton``) each conv runs as in ``grouped``."""
 from __future__ import annotations
 
 import torch
 
-from bunit import unit_train
+from bunit import unit_train, unit_triton
 from bunit.backends.base import Backend, register_backend
 
 __all__ = ["UnitTrain"]
@@ -19,6 +21,8 @@ class UnitTrain(Backend):
     through :func:`bunit.unit_train.conv`, BN and ReLU PyTorch's."""
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return layer.run_groups(x, unit_triton.conv)  # (B, out, H/s, W/s)
         if not all(unit_train.fuses_group(grp, x) for grp in layer.groups):
             return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
         # the layer's gather of each group's input channels (UnitLayer.run_groups does the same around its conv)

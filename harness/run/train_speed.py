@@ -7,9 +7,10 @@ A candidate is (precision, memory format, unit backend):
 - memory format: NCHW or channels_last (the same arithmetic in another layout).
 - unit backend (models with fused unit layers): ``grouped`` (oneDNN's grouped convolution), ``blockdiag`` (each
   conv as one dense convolution whose weight is zero off the unit blocks, :mod:`bunit.blockdiag`: more arithmetic
-  than the units need, on the runtime's fastest convolution path; gradients reach only the unit weights) and, on
-  CPU, ``unit_train`` (:mod:`bunit.unit_train`, the C++ kernel with its own backward, checked within 1e-4 of
-  ``grouped`` by ``tests/test_bunit_train.py``). ``tests/test_train_speed.py`` checks one SGD step of each within
+  than the units need, on the runtime's fastest convolution path; gradients reach only the unit weights) and
+  ``unit_train``: on CPU :mod:`bunit.unit_train`, the C++ kernel with its own backward, checked within 1e-4 of
+  ``grouped`` by ``tests/test_bunit_train.py``; on CUDA, where ``triton`` is installed, the Triton kernels of
+  :mod:`bunit.unit_triton` (checked by ``tests/test_unit_triton.py`` in Triton's interpreter; never run on a GPU). ``tests/test_train_speed.py`` checks one SGD step of each within
   1e-4 of ``grouped``'s. The backend changes how the step is computed, not what the model is: its MACs and
   parameters are the units'.
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bunit import unit_train
+from bunit import unit_train, unit_triton
 from bunit.layers import unit_layers
 from bunit.timing import interleaved_times
 
@@ -101,8 +102,9 @@ def candidates(model: nn.Module, *, bf16: bool, device: torch.device) -> list[Tr
     units: list[str | None] = [None]
     if _unit_layers(model):
         units = ["grouped", "blockdiag"]
-        if device.type == "cpu" and unit_train.is_available():
-            units.append("unit_train")
+        if (device.type == "cpu" and unit_train.is_available()) or (device.type == "cuda" and
+                                                                      unit_triton.is_available()):
+            units.append("unit_train")  # the C++ kernel on CPU, the Triton kernels on CUDA
     return [TrainSetting(p, cl, u) for p in precisions for cl in (False, True) for u in units]
 
 
