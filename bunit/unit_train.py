@@ -25,7 +25,7 @@ nearest even as it stores. Half the bytes: the unit layers keep every activation
 Where the CPU has AVX512-BF16 (:func:`bf16_dot_products`), the convolutions also multiply in bfloat16, as autocast's
 convolutions do: the weights, conv2's input and the gradient taken through BN are rounded to bf16 and multiplied in
 pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the products summed in float32. A
-convolution without channel pairs (an odd count per group) and the input gradient at stride 2 multiply in float32.
+forward or input gradient without channel pairs (an odd count per group) or at stride 2 multiplies in float32.
 The tolerance is autocast's: outputs and input gradients within one bf16 rounding of float32 sums of the rounded
 operands, weight gradients within 1e-5 of them (tested); a whole model no further from float32 than ``grouped``
 under autocast (within 25%, tested). :func:`float32_multiplies` turns the dot products off, for side-by-side timing.

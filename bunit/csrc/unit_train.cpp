@@ -133,7 +133,9 @@ struct IO<float, c10::BFloat16> {
 // instruction where a float32 FMA does 16. The operands are rounded to bf16 (nearest even) where they are not bf16
 // already: the weights, the input of conv2 (BN1 + ReLU of the stored y1) and the output gradient taken through BN
 // and ReLU. Sums stay float32 (BN's in double). Pairs run over two channels for the forward (input channels) and
-// the input gradient (output channels), and over two output rows for the weight gradient.
+// the input gradient (output channels), at stride 1, and over two output rows for the weight gradient (strides 1 and
+// 2). A forward or input gradient without channel pairs (an odd count per group) or at stride 2 (a transition's
+// conv1) multiplies the unrounded operands in float32.
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
 #else
@@ -307,11 +309,11 @@ inline void rows_from(int64_t i, int64_t rows, F& f) {
   if constexpr (RB > 1) rows_from<RB / 2>(i, rows, f);
 }
 
-// Rows 0 .. rows of one block of OB channels in blocks of RB = ACC / OB rows (RB * OB independent accumulators),
-// then halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2 and ACC = 8).
-template <int OB, int ACC = 8, typename F>
+// Rows 0 .. rows of one block of OB channels in blocks of RB = 8 / OB rows (RB * OB independent accumulators), then
+// halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2).
+template <int OB, typename F>
 inline void in_row_blocks(int64_t rows, F&& f) {
-  rows_from<(ACC / OB > 1 ? ACC / OB : 1)>(0, rows, f);
+  rows_from<(8 / OB > 1 ? 8 / OB : 1)>(0, rows, f);
 }
 
 // Channels 0 .. n in blocks of 8, 4, 2 and 1: f(integral_constant<OB>, first channel).
@@ -336,7 +338,7 @@ inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, 
   constexpr int64_t s = S;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
     typename Vt::type acc[RB][OB];
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o) acc[r][o] = typename Vt::type{};
@@ -360,7 +362,7 @@ inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, 
       }
     }
     const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o)
@@ -385,16 +387,16 @@ void fwd_all(const T* buf, const T* wg, const Geo& g, M* yp, const int64_t* ys, 
 inline __m512bh bf16_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh bf16_pair_splat(uint32_t w) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(w)); }
 
-// Forward from bp, the padded buffer with channels 2k and 2k + 1 paired in each 32-bit word (cin / 2 planes), and
-// wpg, the group's weights paired the same way ([cout][cin / 2][9] words).
-template <typename M, int OB, int S, int RB>
+// Forward at stride 1 from bp, the padded buffer with channels 2k and 2k + 1 paired in each 32-bit word (cin / 2
+// planes), and wpg, the group's weights paired the same way ([cout][cin / 2][9] words).
+template <typename M, int OB, int RB>
 inline void fwd_rows_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, int64_t o0, M* y, const int64_t* ys,
                          int64_t ni, int64_t gi, int64_t i0) {
   constexpr int VW = 16;
   const int64_t np = g.cin / 2;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
     __m512 acc[RB][OB];
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_setzero_ps();
@@ -409,8 +411,7 @@ inline void fwd_rows_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, 
           for (int o = 0; o < OB; ++o) wv[o] = bf16_pair_splat(wp[o * np * 9]);
 #pragma GCC unroll 8
           for (int r = 0; r < RB; ++r) {
-            const uint32_t* row = plane + ((i0 + r) * S + dy) * g.wq;
-            const __m512bh v = bf16_pairs(row + (dx % S) * g.hp * g.wq + x0 + dx / S);
+            const __m512bh v = bf16_pairs(plane + (i0 + r + dy) * g.wq + x0 + dx);
 #pragma GCC unroll 8
             for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_dpbf16_ps(acc[r][o], v, wv[o]);
           }
@@ -418,7 +419,7 @@ inline void fwd_rows_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, 
       }
     }
     const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o)
@@ -428,13 +429,13 @@ inline void fwd_rows_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, 
   }
 }
 
-template <typename M, int S>
+template <typename M>
 void fwd_all_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, M* yp, const int64_t* ys, int64_t ni,
                  int64_t gi) {
   in_channel_blocks(g.cout, [&](auto ob, int64_t o0) {
     constexpr int OB = decltype(ob)::value;
-    in_row_blocks<OB, 16>(g.ho, [&](auto rb, int64_t i) {
-      fwd_rows_dot<M, OB, S, decltype(rb)::value>(bp, wpg, g, o0, yp, ys, ni, gi, i);
+    in_row_blocks<OB>(g.ho, [&](auto rb, int64_t i) {
+      fwd_rows_dot<M, OB, decltype(rb)::value>(bp, wpg, g, o0, yp, ys, ni, gi, i);
     });
   });
 }
@@ -449,7 +450,7 @@ inline void gx_rows_dot(const uint32_t* gpp, const uint32_t* wxg, const Geo& g, 
   const int64_t np = g.cout / 2, gplane = (g.ho + 2) * g.wq;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
     __m512 acc[RB][OB];
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < OB; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -472,7 +473,7 @@ inline void gx_rows_dot(const uint32_t* gpp, const uint32_t* wxg, const Geo& g, 
       }
     }
     const int64_t valid = std::min<int64_t>(VW, g.w - x0);
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < OB; ++c)
@@ -595,7 +596,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
   const T* wp = w.data_ptr<T>();
   [[maybe_unused]] PairedWeights pw;
   if constexpr (std::is_same_v<M, c10::BFloat16>) {
-    dot = dot && kBf16Dot && g.cin % 2 == 0;
+    dot = dot && kBf16Dot && g.cin % 2 == 0 && g.s == 1;  // stride 2 (a transition's conv1): float32 multiplies
     if (dot) pw = pair_weights(wp, g, true, false);
   } else {
     dot = false;
@@ -628,10 +629,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
               pack_pairs(buf.data() + 2 * k * g.plane(), buf.data() + (2 * k + 1) * g.plane(), g.plane(),
                          pairs.data() + k * g.plane());
             const uint32_t* wpg = pw.fwd.data() + gi * g.cout * (g.cin / 2) * 9;
-            if (g.s == 1)
-              fwd_all_dot<M, 1>(pairs.data(), wpg, g, yp, ys, ni, gi);
-            else
-              fwd_all_dot<M, 2>(pairs.data(), wpg, g, yp, ys, ni, gi);
+            fwd_all_dot<M>(pairs.data(), wpg, g, yp, ys, ni, gi);
           }
         }
 #endif
@@ -668,7 +666,7 @@ inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, M* gx, c
   const int64_t cin = g.cin, gplane = (g.ho + 2) * g.wq;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
     typename Vt::type acc[RB][OB];
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < OB; ++c) acc[r][c] = typename Vt::type{};
@@ -691,7 +689,7 @@ inline void gx_rows(const T* gp, const T* wg, const Geo& g, int64_t c0, M* gx, c
       }
     }
     const int64_t valid = std::min<int64_t>(VW, g.w - x0);
-#pragma GCC unroll 16
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int c = 0; c < OB; ++c)
@@ -872,7 +870,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             const uint32_t* wxg = pw.gx.data() + gi * g.cin * (g.cout / 2) * 9;
             in_channel_blocks(g.cin, [&](auto ob, int64_t c0) {
               constexpr int OB = decltype(ob)::value;
-              in_row_blocks<OB, 16>(g.h, [&](auto rb, int64_t y) {
+              in_row_blocks<OB>(g.h, [&](auto rb, int64_t y) {
                 gx_rows_dot<M, OB, decltype(rb)::value>(gpp.data(), wxg, g, c0, gxp, gxs, ni, gi, y);
               });
             });
