@@ -33,14 +33,17 @@ _share_the_cores()
 def _fused_cpu_extension():
     """Build or load the ``fused_cpu`` and ``unit_train`` C++ extensions once per session from the default cache
     (before the per-test cache isolation below), so that no test session compiles them again (half a minute or
-    more each on 2 cores, one compiler process each). Under xdist the second worker starts with ``unit_train``, so
-    on a fresh machine the two compile side by side and each worker then loads the other's build."""
+    more each on 2 cores, one compiler process each). Under xdist each worker builds one, ``gw1`` ``unit_train``, so
+    on a fresh machine the two compile side by side; the other one loads at the first test that uses it (from the
+    same folder: it waits for the other worker's build if that is still running), so a worker whose build ends
+    first starts its tests instead of waiting."""
     from bunit import fused_cpu, unit_train
 
     builds = [fused_cpu.is_available, unit_train.is_available]
-    if os.environ.get("PYTEST_XDIST_WORKER") == "gw1":
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker == "gw1":
         builds.reverse()
-    for build in builds:
+    for build in builds[:1] if worker else builds:
         build()
 
 

@@ -310,19 +310,22 @@ inline void rows_from(int64_t i, int64_t rows, F& f) {
 }
 
 // Rows 0 .. rows of one block of OB channels in blocks of RB = 8 / OB rows (RB * OB independent accumulators), then
-// halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2).
-template <int OB, typename F>
+// halves for the rows left (7 rows: 4 + 2 + 1 at OB = 2). ONE: a row at a time.
+template <int OB, bool ONE = false, typename F>
 inline void in_row_blocks(int64_t rows, F&& f) {
-  rows_from<(8 / OB > 1 ? 8 / OB : 1)>(0, rows, f);
+  rows_from<(ONE || 8 / OB <= 1 ? 1 : 8 / OB)>(0, rows, f);
 }
 
-// Channels 0 .. n in blocks of 8, 4, 2 and 1: f(integral_constant<OB>, first channel).
-template <typename F>
+// Channels 0 .. n in blocks of 8, 4, 2 and 1: f(integral_constant<OB>, first channel). ONE: a channel at a time.
+// double (gradcheck only) runs one channel and one row at a time: fewer copies of the unrolled kernels to compile.
+template <bool ONE = false, typename F>
 inline void in_channel_blocks(int64_t n, F&& f) {
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) f(std::integral_constant<int, 8>{}, c);
-  for (; c + 4 <= n; c += 4) f(std::integral_constant<int, 4>{}, c);
-  for (; c + 2 <= n; c += 2) f(std::integral_constant<int, 2>{}, c);
+  if constexpr (!ONE) {
+    for (; c + 8 <= n; c += 8) f(std::integral_constant<int, 8>{}, c);
+    for (; c + 4 <= n; c += 4) f(std::integral_constant<int, 4>{}, c);
+    for (; c + 2 <= n; c += 2) f(std::integral_constant<int, 2>{}, c);
+  }
   for (; c < n; ++c) f(std::integral_constant<int, 1>{}, c);
 }
 
@@ -373,9 +376,10 @@ inline void fwd_rows(const T* buf, const T* wg, const Geo& g, int64_t o0, M* y, 
 
 template <typename T, typename M, int S>
 void fwd_all(const T* buf, const T* wg, const Geo& g, M* yp, const int64_t* ys, int64_t ni, int64_t gi) {
-  in_channel_blocks(g.cout, [&](auto ob, int64_t o0) {
+  constexpr bool one = std::is_same_v<T, double>;
+  in_channel_blocks<one>(g.cout, [&](auto ob, int64_t o0) {
     constexpr int OB = decltype(ob)::value;
-    in_row_blocks<OB>(g.ho, [&](auto rb, int64_t i) {
+    in_row_blocks<OB, one>(g.ho, [&](auto rb, int64_t i) {
       fwd_rows<T, M, OB, S, decltype(rb)::value>(buf, wg, g, o0, yp, ys, ni, gi, i);
     });
   });
@@ -882,10 +886,12 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
           for (int64_t ci = 0; ci < g.cin; ++ci) {
             int64_t o0 = 0;
             if (s == 1) {
-              for (; o0 + 2 <= g.cout; o0 += 2) gw_block<T, 2, 1>(buf.data(), gbuf.data(), g, o0, ci, gwg);
+              if constexpr (!std::is_same_v<T, double>)
+                for (; o0 + 2 <= g.cout; o0 += 2) gw_block<T, 2, 1>(buf.data(), gbuf.data(), g, o0, ci, gwg);
               for (; o0 < g.cout; ++o0) gw_block<T, 1, 1>(buf.data(), gbuf.data(), g, o0, ci, gwg);
             } else {
-              for (; o0 + 2 <= g.cout; o0 += 2) gw_block<T, 2, 2>(buf.data(), gbuf.data(), g, o0, ci, gwg);
+              if constexpr (!std::is_same_v<T, double>)
+                for (; o0 + 2 <= g.cout; o0 += 2) gw_block<T, 2, 2>(buf.data(), gbuf.data(), g, o0, ci, gwg);
               for (; o0 < g.cout; ++o0) gw_block<T, 1, 2>(buf.data(), gbuf.data(), g, o0, ci, gwg);
             }
           }
@@ -894,9 +900,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
           // done above
         } else if (gx && s == 1) {
           const T* wg = wp + gi * g.cout * g.cin * 9;
-          in_channel_blocks(g.cin, [&](auto ob, int64_t c0) {
+          constexpr bool one = std::is_same_v<T, double>;
+          in_channel_blocks<one>(g.cin, [&](auto ob, int64_t c0) {
             constexpr int OB = decltype(ob)::value;
-            in_row_blocks<OB>(g.h, [&](auto rb, int64_t y) {
+            in_row_blocks<OB, one>(g.h, [&](auto rb, int64_t y) {
               gx_rows<T, M, OB, decltype(rb)::value>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi, y);
             });
           });
