@@ -72,21 +72,22 @@ def cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _build(build_dir: Path, name: str, source: Path) -> Any:
+def _build(build_dir: Path, name: str, source: Path, opt: str) -> Any:
     """Compile (or load the cached build of) one extension into ``build_dir``; raises on any failure."""
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build_dir),
-                              extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+                              extra_cflags=[opt, "-march=native", "-fopenmp", "-ffp-contract=fast"],
                               extra_ldflags=["-fopenmp"], verbose=False)
 
 
-def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quiet: bool = False) -> Any:
+def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quiet: bool = False,
+                       opt: str = "-O3") -> Any:
     """Build (or load the cached build of) a C++ extension of bunit on first call, remembering the outcome in
     ``state`` (``module`` or ``error``, ``build_s``, ``build_dir``); the one loader of ``fused_cpu`` and
     ``unit_train``. The build goes to ``$BUNITBENCH_CACHE_DIR/ext/<name>-torch<version>-cpu<cpu_tag>``, compiled
-    with ``-O3 -march=native -fopenmp``.
+    with ``opt -march=native -fopenmp`` (a changed flag rebuilds it).
 
     Args:
         name: the extension's module name.
@@ -94,6 +95,7 @@ def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quie
         state: the caller's per-process dict.
         label: how messages name it (``fused_cpu``, ``unit_train``).
         quiet: do not print the one-line build report.
+        opt: the optimisation level (``-O3``; ``unit_train`` builds with ``-O2``).
 
     Raises:
         RuntimeError: when the extension cannot be built or loaded here (the message carries the reason).
@@ -105,7 +107,7 @@ def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quie
     build_dir = cache_dir() / "ext" / f"{name}-torch{torch.__version__.replace('+', '_')}-cpu{cpu_tag()}"
     t0 = time.perf_counter()
     try:
-        module = _build(build_dir, name, source)
+        module = _build(build_dir, name, source, opt)
     except Exception as err:  # no compiler, no ninja, a compile error: the path is unavailable
         state.update(error=f"{type(err).__name__}: {str(err).strip()[-1500:]}", build_s=time.perf_counter() - t0,
                      build_dir=str(build_dir))
