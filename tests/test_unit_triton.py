@@ -3,8 +3,8 @@
 No GPU has run these kernels. ``TRITON_INTERPRET=1`` runs them on CPU tensors (float32 only), but it must be set
 before ``triton`` is imported, so the checks run in a process of their own (``tests/triton_interpreter_cases.py``):
 the kernels' forward, input and weight gradients against float64 ``F.conv2d`` and its autograd (groups, strides 1
-and 2, channels_last, planes and batches spanning several programs), and whole unit layers in training mode against
-``grouped`` (outputs, gradients, BN running statistics).
+and 2, channels_last, planes and batches spanning several programs), and a whole unit layer (2-1-4 units) at stride 2 in
+training mode against ``grouped`` (outputs, gradients, BN running statistics).
 """
 from __future__ import annotations
 
@@ -37,11 +37,11 @@ def test_kernels_and_unit_layers_in_the_interpreter():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    for case in ("groups2_s1", "groups3_s2", "channels_last_s2", "two_blocks"):
+    for case in ("groups3_s2", "channels_last_s1", "two_blocks"):
         r = got[case]
         assert r["y"] < 1e-6 and r["gx"] < 1e-6 and r["gw"] < 1e-6, (case, r)
         assert r["layout_kept"], (case, r)
-    for case in ("hybrid_s1", "planner_s2"):
+    for case in ("units_s2",):
         r = got[case]
         assert r["supports"], (case, r)
         assert max(r["y"], r["gx"], r["params"], r["running"]) < 1e-4, (case, r)

@@ -10,8 +10,8 @@ A candidate is (precision, memory format, unit backend):
   than the units need, on the runtime's fastest convolution path; gradients reach only the unit weights) and
   ``unit_train``: on CPU :mod:`bunit.unit_train`, the C++ kernel with its own backward, checked within 1e-4 of
   ``grouped`` by ``tests/test_bunit_train.py``; on CUDA, where ``triton`` is installed, the Triton kernels of
-  :mod:`bunit.unit_triton` (checked by ``tests/test_unit_triton.py`` in Triton's interpreter; never run on a GPU). ``tests/test_train_speed.py`` checks one SGD step of each within
-  1e-4 of ``grouped``'s. The backend changes how the step is computed, not what the model is: its MACs and
+  :mod:`bunit.unit_triton` (checked by ``tests/test_unit_triton.py`` in Triton's interpreter; never run on a
+  GPU). ``tests/test_train_speed.py`` checks one SGD step of each within 1e-4 of ``grouped``'s. The backend changes how the step is computed, not what the model is: its MACs and
   parameters are the units'.
 
 Then, for a model with several unit layers, each unit layer alone (forward and backward, on the input it gets in
