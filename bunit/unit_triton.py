@@ -140,7 +140,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, groups: int, stride: int) -> torc
     c_out = w.shape[0]
     ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
     y = torch.empty(n, c_out, ho, wo, device=x.device, dtype=x.dtype, memory_format=_format(x))
-    grid = (n * c_out, triton_cdiv(ho * wo, _BLOCK))
+    grid = (n * c_out, _cdiv(ho * wo, _BLOCK))
     _kernels()["fwd"][grid](x, w, y, c_out, h, wd, ho, wo, *_strides(x), *_strides(y), CIN=c_in // groups,
                             COUT=c_out // groups, STRIDE=stride, BLOCK=_BLOCK)
     return y
@@ -149,7 +149,7 @@ def _forward(x: torch.Tensor, w: torch.Tensor, groups: int, stride: int) -> torc
 def _input_grad(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
     n, c_in, h, wd = x.shape
     gx = torch.empty_like(x, memory_format=_format(x))
-    grid = (n * c_in, triton_cdiv(h * wd, _BLOCK))
+    grid = (n * c_in, _cdiv(h * wd, _BLOCK))
     _kernels()["gx"][grid](g, w, gx, c_in, h, wd, g.shape[2], g.shape[3], *_strides(g), *_strides(gx),
                            CIN=c_in // groups, COUT=w.shape[0] // groups, STRIDE=stride, BLOCK=_BLOCK)
     return gx
@@ -159,14 +159,14 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, groups: int,
     n, c_in, h, wd = x.shape
     c_out, ho, wo = g.shape[1], g.shape[2], g.shape[3]
     total = n * ho * wo
-    blocks = triton_cdiv(total, _BLOCK_GW)
+    blocks = _cdiv(total, _BLOCK_GW)
     part = torch.empty(blocks, c_out, c_in // groups, 9, device=x.device, dtype=torch.float32)
     _kernels()["gw"][(c_out, blocks)](x, g, part, c_out, h, wd, ho, wo, total, *_strides(x), *_strides(g),
                                       CIN=c_in // groups, COUT=c_out // groups, STRIDE=stride, BLOCK=_BLOCK_GW)
     return part.sum(0).view_as(w).to(w.dtype)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
