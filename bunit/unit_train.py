@@ -11,7 +11,9 @@ In training mode (BN with batch statistics) a whole unit group runs as :class:`U
 output's batch sums, BN1 + ReLU applied while conv2 pads its input, conv2 with its sums, BN2 + ReLU written once in
 the input's memory format; the backward takes the output gradient through ReLU and BN (one pass of per-channel sums,
 then a per-channel affine map applied while the convolution's backward pads it) and rebuilds conv2's input the same
-way, so neither the normalised nor the hidden activations are ever stored. BN's sums, and the per-channel maths on them
+way, so neither the normalised nor the hidden activations are ever stored. Given a residual block's shortcut (a one-group layer,
+``UnitTrain.run_with_residual``), the output pass also adds it and applies the block's ReLU, bit for bit what
+``relu(units(x) + shortcut)`` computes from the stored output (tested, float32 and bf16). BN's sums, and the per-channel maths on them
 (moments, the affine map, the backward's coefficients), are in double in the kernel, one call each; running
 statistics, ``num_batches_tracked`` and the momentum (or cumulative average) follow ``nn.BatchNorm2d``. Outside
 training mode each convolution runs alone (:func:`conv`) and BN and ReLU are PyTorch's. The results equal the
@@ -52,7 +54,8 @@ from bunit.functional import bn_mode
 from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
-           "UnitGroupFn", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward"]
+           "UnitGroupFn", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward",
+           "takes_residual"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"
@@ -142,7 +145,8 @@ class UnitGroupFn(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int, bns: tuple, factors: tuple):
+    def forward(ctx, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int, bns: tuple, factors: tuple,
+                residual=None):
         ext = _state.get("module") or load_extension()
         bn1, bn2 = bns
         w1, w2 = w1.contiguous(), w2.contiguous()
@@ -161,18 +165,21 @@ class UnitGroupFn(torch.autograd.Function):
         y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1, bf16_dot=dot)  # (B, n*c, H/s, W/s), NCHW
         m2, sc2, sh2 = ext.bn_coefficients(st2, n1, g2.detach(), b2.detach(), bn2.eps, bn2.running_mean,
                                            bn2.running_var, factors[1], w2)
-        out = ext.bn_relu_apply(y2, sc2, sh2, channels_last)  # in x's memory format and storage dtype
-        ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2)
+        # in x's memory format and storage dtype; with a residual, relu(that + residual) in the residual's dtype
+        out = ext.bn_relu_apply(y2, sc2, sh2, channels_last, residual)
+        ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out if residual is not None else None)
         ctx.groups, ctx.stride, ctx.count, ctx.dot = groups, stride, n1, dot
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: torch.Tensor):
-        x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2 = ctx.saved_tensors
+        x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out = ctx.saved_tensors
         ext = _state["module"]
         n, groups = ctx.count, ctx.groups
         need = ctx.needs_input_grad
+        if out is not None:  # through the block's ReLU: the residual's gradient, and the units' output gradient
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
         g = grad.to(x.dtype).contiguous()
         # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
         dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, n, m2, w2)
@@ -183,7 +190,7 @@ class UnitGroupFn(torch.autograd.Function):
                                        need[1], bf16_dot=ctx.dot)
         return (gx.to(ctx.input_dtype) if need[0] else None, gw1 if need[1] else None, dg1 if need[2] else None,
                 db1 if need[3] else None, gw2 if need[4] else None, dg2 if need[5] else None,
-                db2 if need[6] else None, None, None, None, None)
+                db2 if need[6] else None, None, None, None, None, grad if out is not None and need[11] else None)
 
 
 def bf16_dot_products() -> bool:
@@ -222,9 +229,22 @@ def fuses_group(grp: nn.Module, x: torch.Tensor) -> bool:
             and grp.conv2.stride == (1, 1) and supports(x, grp.conv2))
 
 
-def group_forward(grp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def group_forward(grp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``grp(x)`` in training mode through :class:`UnitGroupFn` (see :func:`fuses_group`); counters and running
-    statistics change as ``grp(x)`` changes them."""
+    statistics change as ``grp(x)`` changes them. With ``residual`` (see :func:`takes_residual`),
+    ``relu(grp(x) + residual)``, the add and ReLU in the group's output pass."""
     factors = (bn_mode(grp.bn1)[1], bn_mode(grp.bn2)[1])  # bumps num_batches_tracked as BatchNorm2d.forward does
     return UnitGroupFn.apply(x, grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight,
-                             grp.bn2.bias, grp.conv1.groups, grp.conv1.stride[0], (grp.bn1, grp.bn2), factors)
+                             grp.bn2.bias, grp.conv1.groups, grp.conv1.stride[0], (grp.bn1, grp.bn2), factors,
+                             residual)
+
+
+def takes_residual(x: torch.Tensor, residual: torch.Tensor, out_shape: tuple[int, ...],
+                   weight_dtype: torch.dtype) -> bool:
+    """Whether :func:`group_forward` adds ``residual`` in its output pass for input ``x``: a CPU tensor of the
+    output's shape, in ``x``'s memory format, of the group's storage dtype or (for bf16 storage) float32."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    store = storage_dtype(weight_dtype)
+    return (residual.is_cpu and tuple(residual.shape) == tuple(out_shape) and residual.is_contiguous(memory_format=fmt)
+            and (residual.dtype == store or (store == torch.bfloat16 and residual.dtype == torch.float32)))

@@ -7,6 +7,8 @@ catalogue shape and the shapes the cost-target planner picks, strides 1 and 2, w
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -402,3 +404,37 @@ def test_fused_group_refuses_one_value_per_channel_as_batchnorm_does():
     layer.backend = "unit_train"
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 2, 1, 1))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, channels_last):
+    """A one-group layer given a block's shortcut adds it and applies the block's ReLU in the group's output pass;
+    output, input, shortcut and parameter gradients and BN statistics equal, bit for bit, the unit output followed
+    by ``relu(y + shortcut)`` (float32, and under bf16 autocast with a float32 shortcut)."""
+    base = spread_bn(UnitLayer(["8x2-1-2"]), 1).train()
+    base.backend = "unit_train"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(3)
+    x, r = torch.randn(4, 16, 9, 10, generator=gen), torch.randn(4, 16, 9, 10, generator=gen)
+    got = {}
+    for fused in (True, False):
+        layer = copy.deepcopy(base)
+        xi = x.contiguous(memory_format=fmt).requires_grad_()
+        ri = r.contiguous(memory_format=fmt).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = layer(xi, residual=ri) if fused else layer.add_residual(layer(xi), ri, (1, 0))
+        assert (type(y.grad_fn).__name__ == "UnitGroupFnBackward") == fused  # the fused pass did run
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        got[fused] = [y.detach(), xi.grad, ri.grad, *[p.grad for p in layer.parameters()], *layer.buffers()]
+    assert got[True][0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+
+
+def test_gradcheck_fused_group_with_residual_float64():
+    layer = spread_bn(UnitLayer(["2x2-1-2"]), 1).double().train()
+    layer.backend = "unit_train"
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert type(layer(x, residual=r).grad_fn).__name__ == "UnitGroupFnBackward"
+    assert torch.autograd.gradcheck(lambda a, b: layer(a, residual=b), (x, r), eps=1e-6, atol=1e-5)

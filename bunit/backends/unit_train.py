@@ -1,9 +1,9 @@
 """The ``unit_train`` backend: ``grouped`` with the units' grouped 3x3 convs run by kernels with their own backward,
 the training path of unit layers. On CPU, the C++ kernel of :mod:`bunit.unit_train`: in training mode (BN with batch
 statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
-(:class:`bunit.unit_train.UnitGroupFn`); otherwise each conv runs in the kernel and BN and ReLU are PyTorch's. On
-CUDA, the Triton kernels of :mod:`bunit.unit_triton` for each conv, BN and ReLU PyTorch's (never run on a GPU so
-far: tested by Triton's interpreter on CPU). Where no kernel runs (other devices, dtypes, kernel sizes, no compiler,
+(:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there); otherwise each
+conv runs in the kernel and BN and ReLU are PyTorch's. On CUDA, the Triton kernels of :mod:`bunit.unit_triton` for
+each conv, BN and ReLU PyTorch's (never run on a GPU so far: tested by Triton's interpreter on CPU). Where no kernel runs (other devices, dtypes, kernel sizes, no compiler,
 no ``triton``) each conv runs as in ``grouped``."""
 from __future__ import annotations
 
@@ -29,3 +29,18 @@ class UnitTrain(Backend):
         outs = [unit_train.group_forward(grp, layer._group_input(x, g)) for g, grp in enumerate(layer.groups)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, out, H/s, W/s), group order
         return y if layer.out_perm is None else y.index_select(1, layer.out_perm)  # layer order
+
+    def run_with_residual(self, layer, x: torch.Tensor, residual: torch.Tensor | None,
+                          residual_map: tuple[int, int]) -> torch.Tensor:
+        """A one-group layer in training mode adds the shortcut and applies the block's ReLU in the group's output
+        pass (:func:`bunit.unit_train.group_forward` with ``residual``); otherwise as every backend does."""
+        if (residual is not None and tuple(residual_map) == (1, 0) and not x.is_cuda and len(layer.groups) == 1
+                and layer.out_perm is None):
+            grp = layer.groups[0]
+            xg = layer._group_input(x, 0)
+            ho, wo = (x.shape[2] - 1) // layer.stride + 1, (x.shape[3] - 1) // layer.stride + 1
+            out_shape = (x.shape[0], layer.out_channels, ho, wo)
+            if unit_train.fuses_group(grp, xg) and unit_train.takes_residual(xg, residual, out_shape,
+                                                                             grp.conv1.weight.dtype):
+                return unit_train.group_forward(grp, xg, residual)  # relu(units(x) + residual), (B, out, H/s, W/s)
+        return super().run_with_residual(layer, x, residual, residual_map)

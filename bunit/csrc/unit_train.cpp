@@ -1004,14 +1004,25 @@ void check_channel_vec(const std::optional<at::Tensor>& t, int64_t c, const at::
               "unit_train: ", what, " must be a contiguous vector of ", c, " values of the compute dtype");
 }
 
-// Per plane (n, c) of y (NCHW contiguous): out = relu(y * sc[c] + sh[c]), out in NCHW or channels_last.
-template <typename T, typename M = T>
-void apply_impl(const at::Tensor& y, const T* sc, const T* sh, at::Tensor& out) {
+// v as the unfused path reads it back after storing it in M: rounded to bf16 (nearest even) for M = bfloat16.
+template <typename T, typename M>
+inline typename V<T>::type as_stored(typename V<T>::type v) {
+  if constexpr (std::is_same_v<M, c10::BFloat16>)
+    return (typename V<T>::type)bf16_high(v);
+  else
+    return v;
+}
+
+// Per plane (n, c) of y (NCHW contiguous): out = relu(y * sc[c] + sh[c]), out in NCHW or channels_last. With res (a
+// residual block's shortcut, of out's shape, layout and dtype R), out = relu(u + res) where u is that value as stored
+// in M: what relu(units(x) + shortcut) computes from the unit group's stored output, in one pass.
+template <typename T, typename M = T, typename R = M>
+void apply_impl(const at::Tensor& y, const T* sc, const T* sh, at::Tensor& out, const R* res = nullptr) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
   const M* yp = y.data_ptr<M>();
-  M* op = out.data_ptr<M>();
+  R* op = out.data_ptr<R>();
   const bool nchw = out.is_contiguous();
   const int64_t grain = std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, hw));
   at::parallel_for(0, n * c, grain, [&](int64_t b, int64_t e) {
@@ -1020,17 +1031,32 @@ void apply_impl(const at::Tensor& y, const T* sc, const T* sh, at::Tensor& out) 
       const M* src = yp + p * hw;
       const T a = sc[ch], s0 = sh[ch];
       if (nchw) {
-        M* dst = op + p * hw;
+        R* dst = op + p * hw;
+        const R* rp = res ? res + p * hw : nullptr;
         const typename Vt::type va = Vt::splat(a), vb = Vt::splat(s0), zero{};
         int64_t j = 0;
         for (; j + VW <= hw; j += VW) {
           typename Vt::type v = IO<T, M>::load(src + j) * va + vb;
-          IO<T, M>::store(dst + j, v > zero ? v : zero);
+          v = v > zero ? v : zero;
+          if (rp) {
+            v = as_stored<T, M>(v) + IO<T, R>::load(rp + j);
+            v = v > zero ? v : zero;
+          }
+          IO<T, R>::store(dst + j, v);
         }
-        for (; j < hw; ++j) IO<T, M>::put(dst + j, std::max(IO<T, M>::get(src + j) * a + s0, T(0)));
+        for (; j < hw; ++j) {
+          T v = std::max(IO<T, M>::get(src + j) * a + s0, T(0));
+          if (rp) v = std::max(static_cast<T>(static_cast<M>(v)) + IO<T, R>::get(rp + j), T(0));
+          IO<T, R>::put(dst + j, v);
+        }
       } else {  // channels_last: (n, h, w, c)
-        M* dst = op + ni * hw * c + ch;
-        for (int64_t j = 0; j < hw; ++j) IO<T, M>::put(dst + j * c, std::max(IO<T, M>::get(src + j) * a + s0, T(0)));
+        R* dst = op + ni * hw * c + ch;
+        const R* rp = res ? res + ni * hw * c + ch : nullptr;
+        for (int64_t j = 0; j < hw; ++j) {
+          T v = std::max(IO<T, M>::get(src + j) * a + s0, T(0));
+          if (rp) v = std::max(static_cast<T>(static_cast<M>(v)) + IO<T, R>::get(rp + j * c), T(0));
+          IO<T, R>::put(dst + j * c, v);
+        }
       }
     }
   });
@@ -1108,15 +1134,34 @@ std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor
   return {y, stats};
 }
 
-// relu(y * sc + sh) per channel, y NCHW contiguous; the result channels_last when asked.
-at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh, bool channels_last) {
+// relu(y * sc + sh) per channel, y NCHW contiguous; the result channels_last when asked. With a residual (of the
+// result's shape and layout; y's dtype, or float32 for bfloat16 y), relu(that value as stored + residual) in the
+// residual's dtype: a residual block's tail, relu(units(x) + shortcut), in the same pass.
+at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh, bool channels_last,
+                         const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(y.dim() == 4 && y.is_contiguous(), "unit_train: y must be NCHW contiguous");
   check_channel_vec(sc, y.size(1), y, "sc");
   check_channel_vec(sh, y.size(1), y, "sh");
-  at::Tensor out = at::empty_like(y, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool with_res = residual.has_value() && residual->defined();
+  if (with_res) {
+    const at::ScalarType rt = residual->scalar_type();
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->is_contiguous(fmt) && residual->device().is_cpu() &&
+                    (rt == y.scalar_type() || (y.scalar_type() == at::kBFloat16 && rt == at::kFloat)),
+                "unit_train: the residual must have the output's shape and layout, and y's dtype (or float32 for "
+                "bfloat16 y)");
+  }
+  at::Tensor out = at::empty_like(with_res ? *residual : y, fmt);
   dispatch_storage(y.scalar_type(), "unit_train_apply", [&](auto t, auto m) {
     using T = decltype(t);
-    apply_impl<T, decltype(m)>(y, sc.data_ptr<T>(), sh.data_ptr<T>(), out);
+    using M = decltype(m);
+    if (!with_res) {
+      apply_impl<T, M>(y, sc.data_ptr<T>(), sh.data_ptr<T>(), out);
+    } else if (residual->scalar_type() == y.scalar_type()) {
+      apply_impl<T, M, M>(y, sc.data_ptr<T>(), sh.data_ptr<T>(), out, residual->data_ptr<M>());
+    } else if constexpr (std::is_same_v<M, c10::BFloat16>) {
+      apply_impl<T, M, float>(y, sc.data_ptr<T>(), sh.data_ptr<T>(), out, residual->data_ptr<float>());
+    }
   });
   return out;
 }
@@ -1302,7 +1347,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_forward_stats", &conv_forward_stats, "the forward (NCHW output) with its batch sums, input via BN+ReLU",
         py::arg("x"), py::arg("w"), py::arg("groups"), py::arg("s"), py::arg("isc") = py::none(),
         py::arg("ish") = py::none(), py::arg("bf16_dot") = false);
-  m.def("bn_relu_apply", &bn_relu_apply, "relu(y * sc + sh) per channel");
+  m.def("bn_relu_apply", &bn_relu_apply, "relu(y * sc + sh) per channel; with a residual, relu(that + residual)",
+        py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("channels_last"), py::arg("residual") = py::none());
   m.def("bn_relu_grad_sums", &bn_relu_grad_sums, "per-channel sums of the ReLU-masked gradient and of it times y");
   m.def("bn_coefficients", &bn_coefficients, "BN's batch moments and affine map from the sums; running stats updated",
         py::arg("stats"), py::arg("count"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
