@@ -7,18 +7,19 @@ its step in their backward), so :func:`conv` replaces ``F.conv2d(x, w, None, s, 
 each (``csrc/unit_train.cpp``: work items (image, group) in parallel, VW columns x up to 8 output channels in
 vector registers, input read through its strides).
 
-In training mode (BN with batch statistics) a whole unit group runs as :class:`UnitGroupFn`: conv1 with its
-output's batch sums, BN1 + ReLU applied while conv2 pads its input, conv2 with its sums, BN2 + ReLU written once in
-the input's memory format; the backward takes the output gradient through ReLU and BN (one pass of per-channel sums,
-then a per-channel affine map applied while the convolution's backward pads it) and rebuilds conv2's input the same
-way, so neither the normalised nor the hidden activations are ever stored. Given a residual block's shortcut (a one-group layer,
-``UnitTrain.run_with_residual``), the output pass also adds it and applies the block's ReLU, bit for bit what
-``relu(units(x) + shortcut)`` computes from the stored output (tested, float32 and bf16). BN's sums, and the per-channel maths on them
-(moments, the affine map, the backward's coefficients), are in double in the kernel, one call each; running
-statistics, ``num_batches_tracked`` and the momentum (or cumulative average) follow ``nn.BatchNorm2d``. Outside
-training mode each convolution runs alone (:func:`conv`) and BN and ReLU are PyTorch's. The results equal the
-``grouped`` backend's to float32 rounding (another order of accumulation), checked by the tests (gradcheck in
-float64, float32 within 1e-4 relative on every catalogue and planner shape, running statistics after steps).
+In training mode (BN with batch statistics) a whole unit group runs as :class:`UnitGroupFn`: conv1 with its output's
+batch sums, BN1 + ReLU applied while conv2 pads its input, conv2 with its sums, BN2 + ReLU written once in the
+input's memory format; the backward takes the output gradient through ReLU and BN (one pass of per-channel sums, then
+a per-channel affine map applied while the convolution's backward pads it) and rebuilds conv2's input the same way,
+so neither the normalised nor the hidden activations are ever stored. Given a residual block's shortcut (a one-group
+layer, ``UnitTrain.run_with_residual``), the output pass also adds it and applies the block's ReLU, bit for bit what
+``relu(units(x) + shortcut)`` computes from the stored output (tested, float32 and bf16). BN's sums, and the
+per-channel maths on them (moments, the affine map, the backward's coefficients), are in double in the kernel, one
+call each; running statistics, ``num_batches_tracked`` and the momentum (or cumulative average) follow
+``nn.BatchNorm2d``. Outside training mode each convolution runs alone (:func:`conv`) and BN and ReLU are PyTorch's.
+The results equal the ``grouped`` backend's to float32 rounding (another order of accumulation), checked by the tests
+(gradcheck in float64, float32 within 1e-4 relative on every catalogue and planner shape, running statistics after
+steps).
 
 Under CPU bf16 autocast a unit group (:class:`UnitGroupFn`) stores in bfloat16 what it reads and writes in memory,
 as autocast's own convolutions do: its input, both convolutions' outputs, its output and their gradients; the

@@ -1,10 +1,10 @@
 """The ``unit_train`` backend: ``grouped`` with the units' grouped 3x3 convs run by kernels with their own backward,
 the training path of unit layers. On CPU, the C++ kernel of :mod:`bunit.unit_train`: in training mode (BN with batch
 statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
-(:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there); otherwise each
-conv runs in the kernel and BN and ReLU are PyTorch's. On CUDA, the Triton kernels of :mod:`bunit.unit_triton` for
-each conv, BN and ReLU PyTorch's (never run on a GPU so far: tested by Triton's interpreter on CPU). Where no kernel runs (other devices, dtypes, kernel sizes, no compiler,
-no ``triton``) each conv runs as in ``grouped``."""
+(:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there); otherwise each conv
+runs in the kernel and BN and ReLU are PyTorch's. On CUDA, the Triton kernels of :mod:`bunit.unit_triton` for each
+conv, BN and ReLU PyTorch's (never run on a GPU so far: tested by Triton's interpreter on CPU). Where no kernel runs
+(other devices, dtypes, kernel sizes, no compiler, no ``triton``) each conv runs as in ``grouped``."""
 from __future__ import annotations
 
 import torch
