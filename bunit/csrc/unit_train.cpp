@@ -391,100 +391,67 @@ void fwd_all(const T* buf, const T* wg, const Geo& g, M* yp, const int64_t* ys, 
 inline __m512bh bf16_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh bf16_pair_splat(uint32_t w) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(w)); }
 
-// Forward at stride 1 from bp, the padded buffer with channels 2k and 2k + 1 paired in each 32-bit word (cin / 2
-// planes), and wpg, the group's weights paired the same way ([cout][cin / 2][9] words).
+// A 3x3 convolution at stride 1 with bf16 dot products, rows r0 .. r0 + RB of output channels o0 .. o0 + OB of one
+// item: np padded planes of 32-bit words (plane stride ps, rows of wq words, value (i, j) at row i + 1, column j + 1),
+// each word a pair of input channels, and weights paired the same way (w[(o * np + k) * 9 + tap]). The output has
+// `width` columns; channel o0 + o goes to out[ni * os[0] + (ch0 + o) * os[1] + ...]. It serves the forward (pairs of
+// input channels, the group's weights) and the input gradient (pairs of output channels of the padded gradient, the
+// flipped weights).
+struct DotConv {
+  const uint32_t* planes;
+  int64_t np, ps;
+  const uint32_t* w;
+  int64_t rows, width, ch0;  // output rows and columns; the group's first output channel in out
+};
+
 template <typename M, int OB, int RB>
-inline void fwd_rows_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, int64_t o0, M* y, const int64_t* ys,
-                         int64_t ni, int64_t gi, int64_t i0) {
+inline void conv_rows_dot(const DotConv& c, const Geo& g, int64_t o0, M* out, const int64_t* os, int64_t ni,
+                          int64_t r0) {
   constexpr int VW = 16;
-  const int64_t np = g.cin / 2;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
     __m512 acc[RB][OB];
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < np; ++k) {
-      const uint32_t* plane = bp + k * g.plane();
+    for (int64_t k = 0; k < c.np; ++k) {
+      const uint32_t* plane = c.planes + k * c.ps;
       for (int dy = 0; dy < 3; ++dy) {
 #pragma GCC unroll 3
         for (int dx = 0; dx < 3; ++dx) {
-          const uint32_t* wp = wpg + (o0 * np + k) * 9 + dy * 3 + dx;
+          const uint32_t* wp = c.w + (o0 * c.np + k) * 9 + dy * 3 + dx;
           __m512bh wv[OB];
 #pragma GCC unroll 8
-          for (int o = 0; o < OB; ++o) wv[o] = bf16_pair_splat(wp[o * np * 9]);
+          for (int o = 0; o < OB; ++o) wv[o] = bf16_pair_splat(wp[o * c.np * 9]);
 #pragma GCC unroll 8
           for (int r = 0; r < RB; ++r) {
-            const __m512bh v = bf16_pairs(plane + (i0 + r + dy) * g.wq + x0 + dx);
+            const __m512bh v = bf16_pairs(plane + (r0 + r + dy) * g.wq + x0 + dx);
 #pragma GCC unroll 8
             for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_dpbf16_ps(acc[r][o], v, wv[o]);
           }
         }
       }
     }
-    const int64_t valid = std::min<int64_t>(VW, g.wo - x0);
+    const int64_t valid = std::min<int64_t>(VW, c.width - x0);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o)
         store_row<float, M>((V<float>::type)acc[r][o],
-                            y + ni * ys[0] + (gi * g.cout + o0 + o) * ys[1] + (i0 + r) * ys[2] + x0 * ys[3], ys[3],
+                            out + ni * os[0] + (c.ch0 + o0 + o) * os[1] + (r0 + r) * os[2] + x0 * os[3], os[3],
                             valid);
   }
 }
 
+// Every output channel (cout of them) and row of one item.
 template <typename M>
-void fwd_all_dot(const uint32_t* bp, const uint32_t* wpg, const Geo& g, M* yp, const int64_t* ys, int64_t ni,
-                 int64_t gi) {
-  in_channel_blocks(g.cout, [&](auto ob, int64_t o0) {
+void conv_all_dot(const DotConv& c, const Geo& g, int64_t cout, M* out, const int64_t* os, int64_t ni) {
+  in_channel_blocks(cout, [&](auto ob, int64_t o0) {
     constexpr int OB = decltype(ob)::value;
-    in_row_blocks<OB>(g.ho, [&](auto rb, int64_t i) {
-      fwd_rows_dot<M, OB, decltype(rb)::value>(bp, wpg, g, o0, yp, ys, ni, gi, i);
+    in_row_blocks<OB>(c.rows, [&](auto rb, int64_t r) {
+      conv_rows_dot<M, OB, decltype(rb)::value>(c, g, o0, out, os, ni, r);
     });
   });
-}
-
-// Input gradient at stride 1 from gpp, the padded output gradient with channels 2m and 2m + 1 paired (cout / 2
-// planes of (ho + 2) rows of wq words), and wxg, the group's flipped weights paired over output channels
-// ([cin][cout / 2][9] words, tap (ey, ex) holding w[.][c][2 - ey][2 - ex]).
-template <typename M, int OB, int RB>
-inline void gx_rows_dot(const uint32_t* gpp, const uint32_t* wxg, const Geo& g, int64_t c0, M* gx, const int64_t* gs,
-                        int64_t ni, int64_t gi, int64_t y0) {
-  constexpr int VW = 16;
-  const int64_t np = g.cout / 2, gplane = (g.ho + 2) * g.wq;
-  for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
-    __m512 acc[RB][OB];
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-      for (int c = 0; c < OB; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t m = 0; m < np; ++m) {
-      const uint32_t* plane = gpp + m * gplane;
-      for (int ey = 0; ey < 3; ++ey) {
-#pragma GCC unroll 3
-        for (int ex = 0; ex < 3; ++ex) {
-          const uint32_t* wp = wxg + (c0 * np + m) * 9 + ey * 3 + ex;
-          __m512bh wv[OB];
-#pragma GCC unroll 8
-          for (int c = 0; c < OB; ++c) wv[c] = bf16_pair_splat(wp[c * np * 9]);
-#pragma GCC unroll 8
-          for (int r = 0; r < RB; ++r) {
-            const __m512bh v = bf16_pairs(plane + (y0 + r + ey) * g.wq + x0 + ex);
-#pragma GCC unroll 8
-            for (int c = 0; c < OB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, wv[c]);
-          }
-        }
-      }
-    }
-    const int64_t valid = std::min<int64_t>(VW, g.w - x0);
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r)
-#pragma GCC unroll 8
-      for (int c = 0; c < OB; ++c)
-        store_row<float, M>((V<float>::type)acc[r][c],
-                            gx + ni * gs[0] + (gi * g.cin + c0 + c) * gs[1] + (y0 + r) * gs[2] + x0 * gs[3], gs[3],
-                            valid);
-  }
 }
 
 // Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg, with output rows
@@ -632,8 +599,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
             for (int64_t k = 0; k < g.cin / 2; ++k)
               pack_pairs(buf.data() + 2 * k * g.plane(), buf.data() + (2 * k + 1) * g.plane(), g.plane(),
                          pairs.data() + k * g.plane());
-            const uint32_t* wpg = pw.fwd.data() + gi * g.cout * (g.cin / 2) * 9;
-            fwd_all_dot<M>(pairs.data(), wpg, g, yp, ys, ni, gi);
+            const DotConv c{pairs.data(), g.cin / 2, g.plane(), pw.fwd.data() + gi * g.cout * (g.cin / 2) * 9, g.ho,
+                            g.wo, gi * g.cout};
+            conv_all_dot(c, g, g.cout, yp, ys, ni);
           }
         }
 #endif
@@ -871,13 +839,9 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             for (int64_t m = 0; m < g.cout / 2; ++m)
               pack_pairs(gbuf.data() + 2 * m * gplane, gbuf.data() + (2 * m + 1) * gplane, gplane,
                          gpp.data() + m * gplane);
-            const uint32_t* wxg = pw.gx.data() + gi * g.cin * (g.cout / 2) * 9;
-            in_channel_blocks(g.cin, [&](auto ob, int64_t c0) {
-              constexpr int OB = decltype(ob)::value;
-              in_row_blocks<OB>(g.h, [&](auto rb, int64_t y) {
-                gx_rows_dot<M, OB, decltype(rb)::value>(gpp.data(), wxg, g, c0, gxp, gxs, ni, gi, y);
-              });
-            });
+            const DotConv c{gpp.data(), g.cout / 2, gplane, pw.gx.data() + gi * g.cin * (g.cout / 2) * 9, g.h, g.w,
+                            gi * g.cin};
+            conv_all_dot(c, g, g.cin, gxp, gxs, ni);
           }
         }
 #endif
@@ -896,9 +860,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
         }
-        if (dot_gx) {
-          // done above
-        } else if (gx && s == 1) {
+        if (gx && s == 1 && !dot_gx) {
           const T* wg = wp + gi * g.cout * g.cin * 9;
           constexpr bool one = std::is_same_v<T, double>;
           in_channel_blocks<one>(g.cin, [&](auto ob, int64_t c0) {
@@ -907,7 +869,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
               gx_rows<T, M, OB, decltype(rb)::value>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi, y);
             });
           });
-        } else if (gx) {
+        } else if (gx && s != 1) {
           // stride 2: scatter every (o, dy, dx)'s w * gy into the padded, phase-split input positions it read
           std::fill(gxb.begin(), gxb.end(), T(0));
           const T* wg = wp + gi * g.cout * g.cin * 9;
