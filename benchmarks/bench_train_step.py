@@ -148,15 +148,16 @@ def main() -> None:
             settings[n] += [TrainSetting(s.bf16, s.channels_last, extra) for s in settings[n]
                             if s.unit_backend == "unit_train"]
     extras = {"unit_train_unfused"}
+    # side-by-side variants of unit_train under bf16 autocast: (backend, what unit_train is compared with)
+    variants = []
     if args.fp32_storage:
-        extras.add(register_fp32_storage())
-        for n in names:
-            settings[n] += [TrainSetting(True, s.channels_last, "unit_train_fp32") for s in settings[n]
-                            if s.unit_backend == "unit_train" and s.bf16]
+        variants.append((register_fp32_storage(), "bf16 storage against float32 storage"))
     if args.fp32_multiplies:
-        extras.add(register_fp32_multiplies())
+        variants.append((register_fp32_multiplies(), "bf16 dot products against float32 multiplies"))
+    for variant, _ in variants:
+        extras.add(variant)
         for n in names:
-            settings[n] += [TrainSetting(True, s.channels_last, "unit_train_fp32_mul") for s in settings[n]
+            settings[n] += [TrainSetting(True, s.channels_last, variant) for s in settings[n]
                             if s.unit_backend == "unit_train" and s.bf16]
     fns = {f"{n}|{s.name}": step_fn(models[n], s, xb, yb) for n in names for s in settings[n]}
     print(f"cpu: {isa()}; threads {args.threads}; batch {args.batch}; {args.size}x{args.size}; "
@@ -179,19 +180,11 @@ def main() -> None:
                          "ratio_to_dense_best": ms / ref, "best": s == best[n], "kind": "step"})
             mark = " *" if s == best[n] else ""
             print(f"{n:22s} {macs[n] / macs['dense']:5.2f} {s.name:34s} {ms:8.1f} {ms / ref:12.2f}{mark}")
-    if args.fp32_storage:
-        print("\nunit_train under bf16 autocast, bf16 storage against float32 storage (step time ratio):")
+    for variant, what in variants:
+        print(f"\nunit_train under bf16 autocast, {what} (step time ratio):")
         for n in names[1:]:
             for s in settings[n]:
-                if s.unit_backend == "unit_train_fp32":
-                    new = med[f"{n}|{TrainSetting(True, s.channels_last, 'unit_train').name}"]
-                    old = med[f"{n}|{s.name}"]
-                    print(f"{n:22s} {s.name:34s} {old:8.1f} ms -> {new:8.1f} ms  {new / old:.3f}")
-    if args.fp32_multiplies:
-        print("\nunit_train under bf16 autocast, bf16 dot products against float32 multiplies (step time ratio):")
-        for n in names[1:]:
-            for s in settings[n]:
-                if s.unit_backend == "unit_train_fp32_mul":
+                if s.unit_backend == variant:
                     new = med[f"{n}|{TrainSetting(True, s.channels_last, 'unit_train').name}"]
                     old = med[f"{n}|{s.name}"]
                     print(f"{n:22s} {s.name:34s} {old:8.1f} ms -> {new:8.1f} ms  {new / old:.3f}")
