@@ -55,7 +55,7 @@ from bunit.functional import bn_mode
 from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
-           "UnitGroupFn", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward",
+           "UnitGroupFn", "UnitLayerFn", "layer_forward", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward",
            "takes_residual"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
@@ -138,6 +138,50 @@ def conv(x: torch.Tensor, conv_module: nn.Conv2d) -> torch.Tensor:
 # --- the whole group: conv1 + BN1 + ReLU + conv2 + BN2 + ReLU, BN with batch statistics ---------------------------
 
 
+def _group_forward(ext: Any, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int, bns: tuple, factors: tuple,
+                   residual, channels_last: bool, dot: bool):
+    """One unit group's forward in the kernel (``x`` already in the storage dtype, read through its strides): the
+    output in ``channels_last`` or NCHW, and what its backward needs (:func:`_group_backward`)."""
+    bn1, bn2 = bns
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    y1, st1 = ext.conv_forward_stats(x, w1, groups, stride, bf16_dot=dot)  # (B, n*b, H/s, W/s), NCHW
+    n1 = y1.shape[0] * y1.shape[2] * y1.shape[3]
+    if n1 <= 1:  # as F.batch_norm refuses it in training
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y1.shape)}")
+    # [mean; biased var; 1/std] in double, and relu(y * sc + sh) in the weights' dtype; running statistics updated
+    m1, sc1, sh1 = ext.bn_coefficients(st1, n1, g1.detach(), b1.detach(), bn1.eps, bn1.running_mean,
+                                       bn1.running_var, factors[0], w1)
+    y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1, bf16_dot=dot)  # (B, n*c, H/s, W/s), NCHW
+    m2, sc2, sh2 = ext.bn_coefficients(st2, n1, g2.detach(), b2.detach(), bn2.eps, bn2.running_mean,
+                                       bn2.running_var, factors[1], w2)
+    # in the asked memory format and x's dtype; with a residual, relu(that + residual) in the residual's dtype
+    out = ext.bn_relu_apply(y2, sc2, sh2, channels_last, residual)
+    saved = (x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out if residual is not None else None)
+    return out, saved, n1
+
+
+def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int, dot: bool, grad: torch.Tensor,
+                    need: tuple) -> tuple:
+    """The gradients of :func:`_group_forward`'s inputs from its output's gradient: ``(x, w1, g1, b1, w2, g2, b2,
+    residual)``, None where ``need`` (flags in that order) says no."""
+    x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out = saved
+    if out is not None:  # through the block's ReLU: the residual's gradient, and the units' output gradient
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+    g = grad.to(x.dtype).contiguous()
+    # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
+    dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, w2)
+    gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4], bf16_dot=dot)
+    dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, count, m1, w1)
+    gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, stride, None, None, need[0], need[1],
+                                   bf16_dot=dot)
+    grads = (gx, gw1, dg1, db1, gw2, dg2, db2, grad if out is not None else None)
+    return tuple(t if want else None for t, want in zip(grads, need))
+
+
+def _memory_format_is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class UnitGroupFn(torch.autograd.Function):
     """A unit group in training mode, ``relu(bn2(conv2(relu(bn1(conv1(x))))))`` with batch statistics, in the
     kernel: BN and ReLU are applied while the next convolution pads its input, so the normalised activations are
@@ -149,49 +193,88 @@ class UnitGroupFn(torch.autograd.Function):
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int, bns: tuple, factors: tuple,
                 residual=None):
         ext = _state.get("module") or load_extension()
-        bn1, bn2 = bns
-        w1, w2 = w1.contiguous(), w2.contiguous()
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = _memory_format_is_channels_last(x)
         ctx.input_dtype = x.dtype
         x = x.to(storage_dtype(w1.dtype))  # bf16 under CPU bf16 autocast, else the weights' dtype
         dot = x.dtype == torch.bfloat16 and bf16_dot_products()  # multiply in bf16, as autocast's convolutions do
-        y1, st1 = ext.conv_forward_stats(x, w1, groups, stride, bf16_dot=dot)  # (B, n*b, H/s, W/s), NCHW
-        n1 = y1.shape[0] * y1.shape[2] * y1.shape[3]
-        if n1 <= 1:  # as F.batch_norm refuses it in training
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y1.shape)}")
-        # [mean; biased var; 1/std] in double, and relu(y * sc + sh) in the weights' dtype; running statistics
-        # updated
-        m1, sc1, sh1 = ext.bn_coefficients(st1, n1, g1.detach(), b1.detach(), bn1.eps, bn1.running_mean,
-                                           bn1.running_var, factors[0], w1)
-        y2, st2 = ext.conv_forward_stats(y1, w2, groups, 1, sc1, sh1, bf16_dot=dot)  # (B, n*c, H/s, W/s), NCHW
-        m2, sc2, sh2 = ext.bn_coefficients(st2, n1, g2.detach(), b2.detach(), bn2.eps, bn2.running_mean,
-                                           bn2.running_var, factors[1], w2)
-        # in x's memory format and storage dtype; with a residual, relu(that + residual) in the residual's dtype
-        out = ext.bn_relu_apply(y2, sc2, sh2, channels_last, residual)
-        ctx.save_for_backward(x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out if residual is not None else None)
-        ctx.groups, ctx.stride, ctx.count, ctx.dot = groups, stride, n1, dot
+        out, saved, ctx.count = _group_forward(ext, x, w1, g1, b1, w2, g2, b2, groups, stride, bns, factors,
+                                               residual, channels_last, dot)
+        ctx.save_for_backward(*saved)
+        ctx.groups, ctx.stride, ctx.dot = groups, stride, dot
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: torch.Tensor):
-        x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out = ctx.saved_tensors
-        ext = _state["module"]
-        n, groups = ctx.count, ctx.groups
         need = ctx.needs_input_grad
-        if out is not None:  # through the block's ReLU: the residual's gradient, and the units' output gradient
-            grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        g = grad.to(x.dtype).contiguous()
-        # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
-        dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, n, m2, w2)
-        gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4],
-                                       bf16_dot=ctx.dot)
-        dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, n, m1, w1)
-        gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, ctx.stride, None, None, need[0],
-                                       need[1], bf16_dot=ctx.dot)
-        return (gx.to(ctx.input_dtype) if need[0] else None, gw1 if need[1] else None, dg1 if need[2] else None,
-                db1 if need[3] else None, gw2 if need[4] else None, dg2 if need[5] else None,
-                db2 if need[6] else None, None, None, None, None, grad if out is not None and need[11] else None)
+        gx, gw1, dg1, db1, gw2, dg2, db2, gres = _group_backward(
+            _state["module"], ctx.saved_tensors, ctx.count, ctx.groups, ctx.stride, ctx.dot, grad,
+            need[:7] + (len(need) > 11 and need[11],))  # residual: the twelfth argument, where passed
+        return (gx.to(ctx.input_dtype) if gx is not None else None, gw1, dg1, db1, gw2, dg2, db2, None, None, None,
+                None, gres)
+
+
+class UnitLayerFn(torch.autograd.Function):
+    """A unit layer of several groups in training mode, each group as :class:`UnitGroupFn` computes it, in one
+    autograd node: each group's input channels gathered, the groups' outputs concatenated and put in layer order,
+    and in the backward the input gradient assembled by one concatenation and one gather (the inverse permutation of
+    the input channels) instead of one scatter-add per group into a zeroed tensor and a sum over the groups.
+
+    ``plan``: per group ``(in_index, groups, stride, bns, factors)`` (``in_index`` the group's input channels in
+    layer order: a tensor, or ``(first, count)`` for a range), and ``params`` its ``(w1, g1, b1, w2, g2, b2)`` in group order, flattened; ``in_inverse`` the
+    inverse of the concatenated ``in_index`` (None: identity), ``out_perm`` the layer's output order (None:
+    identity)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, plan: tuple, in_inverse, out_perm, *params):
+        ext = _state.get("module") or load_extension()
+        channels_last = _memory_format_is_channels_last(x)
+        ctx.input_dtype = x.dtype
+        x = x.to(storage_dtype(params[0].dtype))
+        dot = x.dtype == torch.bfloat16 and bf16_dot_products()
+        outs, saved, meta = [], [], []
+        for k, (index, groups, stride, bns, factors) in enumerate(plan):
+            # (B, n*a, H, W): the channels of index (a range: a view, read by the kernel through its strides)
+            xg = x.narrow(1, *index) if isinstance(index, tuple) else x.index_select(1, index)
+            out, s, count = _group_forward(ext, xg, *params[6 * k:6 * k + 6], groups, stride, bns, factors, None,
+                                           channels_last, dot)
+            outs.append(out)
+            saved.extend(s[:-1])  # no residual: the last is None
+            meta.append((count, groups, stride, out.shape[1]))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, out, H/s, W/s), group order
+        if out_perm is not None:
+            y = y.index_select(1, out_perm)  # layer order
+            ctx.out_inverse = torch.empty_like(out_perm)
+            ctx.out_inverse[out_perm] = torch.arange(out_perm.numel())
+        else:
+            ctx.out_inverse = None
+        ctx.save_for_backward(*saved)
+        ctx.meta, ctx.in_inverse, ctx.dot = meta, in_inverse, dot
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad: torch.Tensor):
+        ext = _state["module"]
+        saved = ctx.saved_tensors
+        need_x, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        gxs, gparams, first = [], [], 0
+        for k, (count, groups, stride, width) in enumerate(ctx.meta):
+            rows = slice(first, first + width) if ctx.out_inverse is None else ctx.out_inverse[first:first + width]
+            gk = grad[:, rows] if ctx.out_inverse is None else grad.index_select(1, rows)  # group k's output grad
+            first += width
+            g = _group_backward(ext, saved[11 * k:11 * k + 11] + (None,), count, groups, stride, ctx.dot, gk,
+                                (need_x,) + tuple(need_p[6 * k:6 * k + 6]) + (False,))
+            gxs.append(g[0])
+            gparams.extend(g[1:7])
+        gx = None
+        if need_x:
+            gx = gxs[0] if len(gxs) == 1 else torch.cat(gxs, dim=1)  # group order
+            if ctx.in_inverse is not None:
+                gx = gx.index_select(1, ctx.in_inverse)  # layer order
+            gx = gx.to(ctx.input_dtype)
+        return (gx, None, None, None, *gparams)
 
 
 def bf16_dot_products() -> bool:
@@ -238,6 +321,26 @@ def group_forward(grp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
     return UnitGroupFn.apply(x, grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight,
                              grp.bn2.bias, grp.conv1.groups, grp.conv1.stride[0], (grp.bn1, grp.bn2), factors,
                              residual)
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``layer`` (a fused :class:`bunit.layers.UnitLayer` whose groups all run here,
+    :func:`fuses_group`) in training mode, its groups in one :class:`UnitLayerFn`; counters and running statistics
+    change as the layer's own forward changes them."""
+    plan, params, order = [], [], []
+    for g, grp in enumerate(layer.groups):
+        rng = layer._in_ranges[g]
+        index = getattr(layer, f"in_index{g}")
+        plan.append((rng if rng is not None else index, grp.conv1.groups, grp.conv1.stride[0], (grp.bn1, grp.bn2),
+                     (bn_mode(grp.bn1)[1], bn_mode(grp.bn2)[1])))  # bumps num_batches_tracked as BatchNorm2d does
+        params += [grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight, grp.bn2.bias]
+        order.append(index)
+    order_t = torch.cat(order)
+    in_inverse = None
+    if not torch.equal(order_t, torch.arange(order_t.numel())):
+        in_inverse = torch.empty_like(order_t)
+        in_inverse[order_t] = torch.arange(order_t.numel())
+    return UnitLayerFn.apply(x, tuple(plan), in_inverse, layer.out_perm, *params)
 
 
 def takes_residual(x: torch.Tensor, residual: torch.Tensor, out_shape: tuple[int, ...],

@@ -25,10 +25,9 @@ class UnitTrain(Backend):
             return layer.run_groups(x, unit_triton.conv)  # (B, out, H/s, W/s)
         if not all(unit_train.fuses_group(grp, x) for grp in layer.groups):
             return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
-        # the layer's gather of each group's input channels (UnitLayer.run_groups does the same around its conv)
-        outs = [unit_train.group_forward(grp, layer._group_input(x, g)) for g, grp in enumerate(layer.groups)]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, out, H/s, W/s), group order
-        return y if layer.out_perm is None else y.index_select(1, layer.out_perm)  # layer order
+        if len(layer.groups) == 1 and layer.out_perm is None:
+            return unit_train.group_forward(layer.groups[0], layer._group_input(x, 0))  # (B, out, H/s, W/s)
+        return unit_train.layer_forward(layer, x)  # every group in one autograd node, (B, out, H/s, W/s)
 
     def run_with_residual(self, layer, x: torch.Tensor, residual: torch.Tensor | None,
                           residual_map: tuple[int, int]) -> torch.Tensor:
