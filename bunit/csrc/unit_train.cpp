@@ -243,6 +243,55 @@ Geo geometry(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s
   return g;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// The first n (0 <= n <= 16) values at p as floats, zeros past n.
+template <typename M>
+inline __m512 load16(const M* p, int64_t n) {
+  if (n <= 0) return _mm512_setzero_ps();
+  if constexpr (std::is_same_v<M, float>) {
+    return n >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  } else {
+    return (__m512)(n >= 16 ? IO<float, M>::load(p) : IO<float, M>::load_n(p, n));
+  }
+}
+
+// A contiguous row of w values split by phase for stride 2, 32 at a time: src[2k] to odd[k], src[2k + 1] to
+// even[k], zeros past the row (whole vectors: the buffer rows hold them, see Geo).
+template <typename M>
+inline void split_row_s2(const M* src, int64_t w, float* even, float* odd) {
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t j = 0; j < w; j += 32) {
+    const __m512 a = load16(src + j, w - j), b = load16(src + j + 16, w - j - 16);
+    _mm512_storeu_ps(odd + j / 2, _mm512_permutex2var_ps(a, ie, b));
+    _mm512_storeu_ps(even + j / 2, _mm512_permutex2var_ps(a, io, b));
+  }
+}
+
+// The inverse: dst[2k] = odd[k], dst[2k + 1] = even[k] for the w values of a contiguous row of M.
+template <typename M>
+inline void merge_row_s2(const float* even, const float* odd, int64_t w, M* dst) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t j = 0; j < w; j += 32) {
+    const __m512 a = _mm512_loadu_ps(odd + j / 2), b = _mm512_loadu_ps(even + j / 2);
+    const V<float>::type v0 = (V<float>::type)_mm512_permutex2var_ps(a, lo, b);
+    const V<float>::type v1 = (V<float>::type)_mm512_permutex2var_ps(a, hi, b);
+    if (w - j >= 32) {
+      IO<float, M>::store(dst + j, v0);
+      IO<float, M>::store(dst + j + 16, v1);
+    } else if (w - j > 16) {
+      IO<float, M>::store(dst + j, v0);
+      IO<float, M>::store_n(dst + j + 16, v1, w - j - 16);
+    } else if (w - j == 16) {
+      IO<float, M>::store(dst + j, v0);
+    } else {
+      IO<float, M>::store_n(dst + j, v0, w - j);
+    }
+  }
+}
+#endif
+
 // One input plane (row stride rs, column stride cs) into its padded, phase-split place dst in the buffer.
 template <typename T, typename M>
 inline void pad_plane(const M* src, int64_t rs, int64_t cs, const Geo& g, T* dst) {
@@ -257,6 +306,14 @@ inline void pad_plane(const M* src, int64_t rs, int64_t cs, const Geo& g, T* dst
       }
     } else {  // s == 2: padded column c + 1 goes to phase (c + 1) % 2, position (c + 1) / 2
       T* odd = dr + g.hp * g.wq;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (cs == 1) {
+          split_row_s2(sr, g.w, dr + 1, odd);
+          continue;
+        }
+      }
+#endif
       for (int64_t c = 0; c < g.w; c += 2) odd[c / 2] = IO<T, M>::get(sr + c * cs);
       for (int64_t c = 1; c < g.w; c += 2) dr[(c + 1) / 2] = IO<T, M>::get(sr + c * cs);
     }
@@ -490,6 +547,72 @@ inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, i
     for (int k = 0; k < 9; ++k) dst[k] += _mm512_reduce_add_ps(acc[o][k]);
   }
 }
+
+// --- the dot products' operands built straight from the stored tensors ---------------------------------------------
+//
+// The paired buffers are built from the bf16 tensors in one pass per value (each value widened, taken through BN and
+// ReLU or its gradient where it is, rounded to bf16 once, placed next to its pair), not through a padded float
+// buffer and a second packing pass. Rows are written 16 values at a time, zeros past the row end; the borders (the
+// padding rows and columns) are never written, so a buffer zeroed once per thread stays padded for every item.
+
+typedef uint16_t u16v __attribute__((vector_size(32)));
+typedef uint16_t u16vu __attribute__((vector_size(32), aligned(2), may_alias));
+
+inline u16v bf16_bits(V<float>::type v) { return __builtin_convertvector(bf16_high(v) >> 16, u16v); }
+inline u32v widen_u16(const uint16_t* p) { return __builtin_convertvector(*reinterpret_cast<const u16vu*>(p), u32v); }
+
+// 16 values of a row from `from` (n valid, zeros past them), as floats: relu(v * sc + sh) with bn.
+inline V<float>::type row_values(const c10::BFloat16* from, int64_t n, bool bn, float sc, float sh) {
+  V<float>::type v = n >= 16 ? IO<float, c10::BFloat16>::load(from) : IO<float, c10::BFloat16>::load_n(from, n);
+  if (bn) {
+    const V<float>::type zero{};
+    v = v * sc + sh;
+    v = v > zero ? v : zero;
+    if (n < 16) v = (V<float>::type)_mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+  }
+  return v;
+}
+
+// Words (lo[j], hi[j]) of two rows of w values at dst[0 ..): the forward's pair of input channels.
+// With bn, lo's values through relu(v * slo + tlo) and hi's through relu(v * shi + thi).
+inline void pair_rows(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t w, bool bn, float slo, float tlo,
+                      float shi, float thi, uint32_t* dst) {
+  for (int64_t x0 = 0; x0 < w; x0 += 16) {
+    const int64_t n = w - x0;
+    const u32v a = __builtin_convertvector(bf16_bits(row_values(lo + x0, n, bn, slo, tlo)), u32v);
+    const u32v b = __builtin_convertvector(bf16_bits(row_values(hi + x0, n, bn, shi, thi)), u32v);
+    *reinterpret_cast<u32vu*>(dst + x0) = a | (b << 16);
+  }
+}
+
+// A row of w values at dst[0 ..) as bf16 bits (relu(v * sc + sh) with bn).
+inline void bits_row(const c10::BFloat16* src, int64_t w, bool bn, float sc, float sh, uint16_t* dst) {
+  for (int64_t x0 = 0; x0 < w; x0 += 16)
+    *reinterpret_cast<u16vu*>(dst + x0) = bf16_bits(row_values(src + x0, w - x0, bn, sc, sh));
+}
+
+// A row of w values of the gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, as bf16 bits.
+inline void grad_bits_row(const c10::BFloat16* y, const c10::BFloat16* gr, int64_t w, float sc, float sh, float A,
+                          float B, uint16_t* dst) {
+  const V<float>::type zero{};
+  for (int64_t x0 = 0; x0 < w; x0 += 16) {
+    const int64_t n = w - x0;
+    const V<float>::type yv = n >= 16 ? IO<float, c10::BFloat16>::load(y + x0)
+                                      : IO<float, c10::BFloat16>::load_n(y + x0, n);
+    const V<float>::type gv = (n >= 16 ? IO<float, c10::BFloat16>::load(gr + x0)
+                                       : IO<float, c10::BFloat16>::load_n(gr + x0, n)) * sc;
+    V<float>::type v = (yv * sc + sh > zero ? gv : zero) + yv * A + B;
+    if (n < 16) v = (V<float>::type)_mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+    *reinterpret_cast<u16vu*>(dst + x0) = bf16_bits(v);
+  }
+}
+
+// Words (lo[j], hi[j]) of n 16-bit values.
+inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, uint32_t* dst) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) *reinterpret_cast<u32vu*>(dst + j) = widen_u16(lo + j) | (widen_u16(hi + j) << 16);
+  for (; j < n; ++j) dst[j] = static_cast<uint32_t>(lo[j]) | (static_cast<uint32_t>(hi[j]) << 16);
+}
 #endif
 
 // Weights paired for the bf16 dot products: fwd[(o * (cin / 2) + k) * 9 + t] = (w[o][2k][t], w[o][2k + 1][t]) when cin
@@ -582,7 +705,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
-      std::vector<T> buf(g.cin * g.plane()), tmp(isc ? g.h * g.w : 0);
+      // direct: the channel pairs built straight from x (NCHW rows), in a buffer zeroed once (its borders stay zero)
+      const bool direct = dot && xs[3] == 1;
+      std::vector<T> buf(direct ? 0 : g.cin * g.plane()), tmp(isc && !direct ? g.h * g.w : 0);
       std::vector<uint32_t> pairs(dot ? g.cin / 2 * g.plane() : 0);
       double* st = nullptr;
       if (stats) {
@@ -591,14 +716,25 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
       }
       for (int64_t item = begin; item < end; ++item) {
         const int64_t ni = item / g.groups, gi = item % g.groups;
-        pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
+        if (!direct) pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
         const T* wg = wp + gi * g.cout * g.cin * 9;
 #if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, float>) {
-          if (dot) {
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<M, c10::BFloat16>) {
+          if (direct) {
+            for (int64_t k = 0; k < g.cin / 2; ++k) {
+              const int64_t lo = gi * g.cin + 2 * k, hi = lo + 1;
+              const M* src = xp + ni * xs[0] + lo * xs[1];
+              for (int64_t r = 0; r < g.h; ++r)
+                pair_rows(src + r * xs[2], src + xs[1] + r * xs[2], g.w, isc != nullptr, isc ? isc[lo] : 0.f,
+                          isc ? ish[lo] : 0.f, isc ? isc[hi] : 0.f, isc ? ish[hi] : 0.f,
+                          pairs.data() + k * g.plane() + (r + 1) * g.wq + 1);
+            }
+          } else if (dot) {
             for (int64_t k = 0; k < g.cin / 2; ++k)
               pack_pairs(buf.data() + 2 * k * g.plane(), buf.data() + (2 * k + 1) * g.plane(), g.plane(),
                          pairs.data() + k * g.plane());
+          }
+          if (dot) {
             const DotConv c{pairs.data(), g.cin / 2, g.plane(), pw.fwd.data() + gi * g.cout * (g.cin / 2) * 9, g.ho,
                             g.wo, gi * g.cout};
             conv_all_dot(c, g, g.cout, yp, ys, ni);
@@ -754,14 +890,21 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   const int64_t work = items * g.ho * g.wr * g.cout * g.cin;  // multiply-adds / 9 of one gradient
   const int nthreads = threads_for(work, items);
   std::vector<std::vector<T>> partial(gw ? nthreads : 0);
+  const bool plane_contiguous = gys[3] == 1 && gys[2] == g.wo;
+  // The dot products' operands built straight from the tensors (see "built straight from the stored tensors"):
+  // the output gradient's when no float32 multiply reads it, the input's row pairs at stride 1 from NCHW rows.
+  const bool direct_g = dot && bn.y && plane_contiguous && (!gx || dot_gx);
+  const bool direct_x = dot_gw && s == 1 && xs[3] == 1;
   // One chunk of whole items per thread, each with its own weight-gradient buffer, summed at the end.
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
-      std::vector<T> buf(gw ? g.cin * g.plane() : 0), gbuf(g.cout * gplane, T(0));
+      std::vector<T> buf(gw && !direct_x ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
+      std::vector<uint16_t> gb16(direct_g ? g.cout * gplane : 0), xb16(direct_x ? g.cin * g.plane() : 0);
+      std::vector<uint16_t> zero16(direct_x ? g.wq : 0);
       std::vector<T> gxb(gx && s != 1 ? g.cin * g.plane() : 0);
       // one output-gradient plane through BN and ReLU, one input plane through the previous BN and ReLU
-      std::vector<T> plane(bn.y ? g.ho * g.wo : 0), tmp(isc ? g.h * g.w : 0);
+      std::vector<T> plane(bn.y && !direct_g ? g.ho * g.wo : 0), tmp(isc && !direct_x ? g.h * g.w : 0);
       // the bf16 dot products' operands: input rows paired (r, r + s), output-gradient rows paired (2p, 2p + 1),
       // output-gradient channels paired (2m, 2m + 1); a zero row for the pairs past the last row
       std::vector<uint32_t> x2(dot_gw ? g.cin * g.plane() : 0), g2(dot_gw ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
@@ -776,8 +919,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
         const int64_t ni = item / g.groups, gi = item % g.groups;
         // output gradient, padded by one row and column of zeros (and zeros past the row end); on the fused path
         // taken through BN and ReLU first, a whole plane at a time (rows of 7-28 values are too short for vectors)
-        const bool plane_contiguous = gys[3] == 1 && gys[2] == g.wo;
-        for (int64_t o = 0; o < g.cout; ++o) {
+        for (int64_t o = 0; o < g.cout && !direct_g; ++o) {
           const int64_t ch = gi * g.cout + o;
           const M* gsrc = gyp + ni * gys[0] + ch * gys[1];
           T* gdst = gbuf.data() + o * gplane + g.wq + 1;  // value (i, j) at gdst[i * wq + j]
@@ -806,19 +948,51 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
         }
-        if (gw) pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
+        if (gw && !direct_x) pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
 #if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (std::is_same_v<T, float> && std::is_same_v<M, c10::BFloat16>) {
+          const int64_t pairs = (g.ho + 1) / 2;
+          if (direct_g) {  // the gradient through BN and ReLU as bf16 bits, then its channel and row pairs
+            for (int64_t o = 0; o < g.cout; ++o) {
+              const int64_t ch = gi * g.cout + o, off = (ni * g.groups * g.cout + ch) * g.ho * g.wo;
+              const M* gsrc = gyp + ni * gys[0] + ch * gys[1];
+              for (int64_t i = 0; i < g.ho; ++i)
+                grad_bits_row(bn.y + off + i * g.wo, gsrc + i * g.wo, g.wo, bn.sc[ch], bn.sh[ch], bn.A[ch], bn.B[ch],
+                              gb16.data() + o * gplane + (i + 1) * g.wq + 1);
+            }
+            if (dot_gx)
+              for (int64_t m = 0; m < g.cout / 2; ++m)
+                interleave_bits(gb16.data() + 2 * m * gplane, gb16.data() + (2 * m + 1) * gplane, gplane,
+                                gpp.data() + m * gplane);
+            if (dot_gw)
+              for (int64_t o = 0; o < g.cout; ++o)
+                for (int64_t p = 0; p < pairs; ++p) {
+                  const uint16_t* src = gb16.data() + o * gplane + (2 * p + 1) * g.wq + 1;  // rows 2p and 2p + 1
+                  interleave_bits(src, src + g.wq, g.wr, g2.data() + (o * pairs + p) * g.wr);
+                }
+          }
+          if (direct_x) {  // the input (through the previous BN and ReLU) as bf16 bits, then its row pairs
+            for (int64_t ci = 0; ci < g.cin; ++ci) {
+              const int64_t ch = gi * g.cin + ci;
+              const M* src = xp + ni * xs[0] + ch * xs[1];
+              uint16_t* xb = xb16.data() + ci * g.plane();
+              for (int64_t r = 0; r < g.h; ++r)
+                bits_row(src + r * xs[2], g.w, isc != nullptr, isc ? isc[ch] : 0.f, isc ? ish[ch] : 0.f,
+                         xb + (r + 1) * g.wq + 1);
+              const int64_t whole = (g.hp - 1) * g.wq;
+              interleave_bits(xb, xb + g.wq, whole, x2.data() + ci * g.plane());
+              interleave_bits(xb + whole, zero16.data(), g.wq, x2.data() + ci * g.plane() + whole);
+            }
+          }
           if (dot_gw) {
-            for (int64_t ci = 0; ci < g.cin; ++ci)
+            for (int64_t ci = 0; ci < g.cin && !direct_x; ++ci)
               for (int64_t ph = 0; ph < g.s; ++ph) {  // rows r and r + s of a phase are s * wq values apart
                 const int64_t base = ci * g.plane() + ph * g.hp * g.wq, whole = (g.hp - g.s) * g.wq;
                 pack_pairs(buf.data() + base, buf.data() + base + g.s * g.wq, whole, x2.data() + base);
                 for (int64_t r = g.hp - g.s; r < g.hp; ++r)
                   pack_pairs(buf.data() + base + r * g.wq, zero_row.data(), g.wq, x2.data() + base + r * g.wq);
               }
-            const int64_t pairs = (g.ho + 1) / 2;
-            for (int64_t o = 0; o < g.cout; ++o)
+            for (int64_t o = 0; o < g.cout && !direct_g; ++o)
               for (int64_t p = 0; p < pairs; ++p) {
                 const T* src = gbuf.data() + o * gplane + (2 * p + 1) * g.wq + 1;  // rows 2p and 2p + 1 (or padding)
                 pack_pairs(src, src + g.wq, g.wr, g2.data() + (o * pairs + p) * g.wr);
@@ -836,7 +1010,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
           if (dot_gx) {
-            for (int64_t m = 0; m < g.cout / 2; ++m)
+            for (int64_t m = 0; m < g.cout / 2 && !direct_g; ++m)
               pack_pairs(gbuf.data() + 2 * m * gplane, gbuf.data() + (2 * m + 1) * gplane, gplane,
                          gpp.data() + m * gplane);
             const DotConv c{gpp.data(), g.cout / 2, gplane, pw.gx.data() + gi * g.cin * (g.cout / 2) * 9, g.h, g.w,
@@ -893,6 +1067,14 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
               M* dr = gxp + ni * gxs[0] + (gi * g.cin + ci) * gxs[1] + r * gxs[2];
               const T* sr = plane + (r + 1) * g.wq;
               const T* odd = sr + g.hp * g.wq;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+              if constexpr (std::is_same_v<T, float>) {
+                if (gxs[3] == 1) {
+                  merge_row_s2(sr + 1, odd, g.w, dr);
+                  continue;
+                }
+              }
+#endif
               for (int64_t c = 0; c < g.w; c += 2) IO<T, M>::put(dr + c * gxs[3], odd[c / 2]);
               for (int64_t c = 1; c < g.w; c += 2) IO<T, M>::put(dr + c * gxs[3], sr[(c + 1) / 2]);
             }
