@@ -555,40 +555,43 @@ inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, i
 // buffer and a second packing pass. Rows are written 16 values at a time, zeros past the row end; the borders (the
 // padding rows and columns) are never written, so a buffer zeroed once per thread stays padded for every item.
 
-typedef uint16_t u16v __attribute__((vector_size(32)));
-typedef uint16_t u16vu __attribute__((vector_size(32), aligned(2), may_alias));
-
-inline u16v bf16_bits(V<float>::type v) { return __builtin_convertvector(bf16_high(v) >> 16, u16v); }
-inline u32v widen_u16(const uint16_t* p) { return __builtin_convertvector(*reinterpret_cast<const u16vu*>(p), u32v); }
-
-// 16 values of a row from `from` (n valid, zeros past them), as floats: relu(v * sc + sh) with bn.
-inline V<float>::type row_values(const c10::BFloat16* from, int64_t n, bool bn, float sc, float sh) {
-  V<float>::type v = n >= 16 ? IO<float, c10::BFloat16>::load(from) : IO<float, c10::BFloat16>::load_n(from, n);
-  if (bn) {
-    const V<float>::type zero{};
-    v = v * sc + sh;
-    v = v > zero ? v : zero;
-    if (n < 16) v = (V<float>::type)_mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), (__m512)v);
-  }
-  return v;
+// The bits of 16 bf16 values at p (n valid, zeros past them), each in the low half of a 32-bit lane.
+inline u32v load_bits(const c10::BFloat16* p, int64_t n) {
+  const __m256i h = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                            : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+  return (u32v)_mm512_cvtepu16_epi32(h);
 }
 
-// Words (lo[j], hi[j]) of two rows of w values at dst[0 ..): the forward's pair of input channels.
-// With bn, lo's values through relu(v * slo + tlo) and hi's through relu(v * shi + thi).
+inline V<float>::type keep_first(V<float>::type v, int64_t n) {
+  return n >= 16 ? v : (V<float>::type)_mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+}
+
+// 16 values of a row (n valid, zeros past them) as bf16 bits in the high half of each lane: the stored values
+// themselves, or relu(v * sc + sh) rounded to nearest even with bn.
+inline u32v row_high(const c10::BFloat16* from, int64_t n, bool bn, float sc, float sh) {
+  const u32v bits = load_bits(from, n) << 16;
+  if (!bn) return bits;
+  const V<float>::type zero{};
+  V<float>::type v = (V<float>::type)bits * sc + sh;
+  return bf16_high(keep_first(v > zero ? v : zero, n));
+}
+
+inline void store_bits(uint16_t* dst, u32v high) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16((__m512i)(high >> 16)));
+}
+
+// Words (lo[j], hi[j]) of two rows of w values at dst[0 ..): the forward's pair of input channels. With bn, lo's
+// values through relu(v * slo + tlo) and hi's through relu(v * shi + thi).
 inline void pair_rows(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t w, bool bn, float slo, float tlo,
                       float shi, float thi, uint32_t* dst) {
-  for (int64_t x0 = 0; x0 < w; x0 += 16) {
-    const int64_t n = w - x0;
-    const u32v a = __builtin_convertvector(bf16_bits(row_values(lo + x0, n, bn, slo, tlo)), u32v);
-    const u32v b = __builtin_convertvector(bf16_bits(row_values(hi + x0, n, bn, shi, thi)), u32v);
-    *reinterpret_cast<u32vu*>(dst + x0) = a | (b << 16);
-  }
+  for (int64_t x0 = 0; x0 < w; x0 += 16)
+    *reinterpret_cast<u32vu*>(dst + x0) = (row_high(lo + x0, w - x0, bn, slo, tlo) >> 16) |
+                                          row_high(hi + x0, w - x0, bn, shi, thi);
 }
 
 // A row of w values at dst[0 ..) as bf16 bits (relu(v * sc + sh) with bn).
 inline void bits_row(const c10::BFloat16* src, int64_t w, bool bn, float sc, float sh, uint16_t* dst) {
-  for (int64_t x0 = 0; x0 < w; x0 += 16)
-    *reinterpret_cast<u16vu*>(dst + x0) = bf16_bits(row_values(src + x0, w - x0, bn, sc, sh));
+  for (int64_t x0 = 0; x0 < w; x0 += 16) store_bits(dst + x0, row_high(src + x0, w - x0, bn, sc, sh));
 }
 
 // A row of w values of the gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, as bf16 bits.
@@ -597,14 +600,14 @@ inline void grad_bits_row(const c10::BFloat16* y, const c10::BFloat16* gr, int64
   const V<float>::type zero{};
   for (int64_t x0 = 0; x0 < w; x0 += 16) {
     const int64_t n = w - x0;
-    const V<float>::type yv = n >= 16 ? IO<float, c10::BFloat16>::load(y + x0)
-                                      : IO<float, c10::BFloat16>::load_n(y + x0, n);
-    const V<float>::type gv = (n >= 16 ? IO<float, c10::BFloat16>::load(gr + x0)
-                                       : IO<float, c10::BFloat16>::load_n(gr + x0, n)) * sc;
-    V<float>::type v = (yv * sc + sh > zero ? gv : zero) + yv * A + B;
-    if (n < 16) v = (V<float>::type)_mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), (__m512)v);
-    *reinterpret_cast<u16vu*>(dst + x0) = bf16_bits(v);
+    const V<float>::type yv = (V<float>::type)(load_bits(y + x0, n) << 16);
+    const V<float>::type gv = (V<float>::type)(load_bits(gr + x0, n) << 16) * sc;
+    store_bits(dst + x0, bf16_high(keep_first((yv * sc + sh > zero ? gv : zero) + yv * A + B, n)));
   }
+}
+
+inline u32v widen_u16(const uint16_t* p) {
+  return (u32v)_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // Words (lo[j], hi[j]) of n 16-bit values.
