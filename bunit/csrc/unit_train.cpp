@@ -92,22 +92,34 @@ struct IO<float, c10::BFloat16> {
   typedef uint16_t half16u __attribute__((vector_size(32), aligned(2), may_alias));
   typedef uint32_t word16 __attribute__((vector_size(64)));
   using F = V<float>::type;
-  static F load(const c10::BFloat16* p) {
-    const half16 h = *reinterpret_cast<const half16u*>(p);
-    return (F)(__builtin_convertvector(h, word16) << 16);
+  // 16-bit to 32-bit lanes and back: AVX-512's one-instruction conversions where the build has them (GCC splits
+  // the generic vector conversions into 128-bit pieces)
+  static word16 widen(half16 h) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    return (word16)_mm512_cvtepu16_epi32((__m256i)h);
+#else
+    return __builtin_convertvector(h, word16);
+#endif
   }
+  static half16 narrow(word16 w) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    return (half16)_mm512_cvtepi32_epi16((__m512i)w);
+#else
+    return __builtin_convertvector(w, half16);
+#endif
+  }
+  static F load(const c10::BFloat16* p) { return (F)(widen(*reinterpret_cast<const half16u*>(p)) << 16); }
   static void store(c10::BFloat16* p, F v) {
     const word16 u = (word16)v;
     const word16 nan = (word16)(v != v);  // all ones in NaN lanes, which become the quiet NaN 0x7fc0
     const word16 r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
-    *reinterpret_cast<half16u*>(p) = __builtin_convertvector(r, half16);
+    *reinterpret_cast<half16u*>(p) = narrow(r);
   }
   static float get(const c10::BFloat16* p) { return static_cast<float>(*p); }
   static void put(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
   static F load_n(const c10::BFloat16* p, int64_t n) {  // zeros past n
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    const half16 h = (half16)_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
-    return (F)(__builtin_convertvector(h, word16) << 16);
+    return (F)(widen((half16)_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p)) << 16);
 #else
     F v{};
     for (int64_t j = 0; j < n; ++j) v[j] = get(p + j);
@@ -119,7 +131,7 @@ struct IO<float, c10::BFloat16> {
     const word16 u = (word16)v;
     const word16 nan = (word16)(v != v);
     const word16 r = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
-    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), (__m256i)__builtin_convertvector(r, half16));
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), (__m256i)narrow(r));
 #else
     for (int64_t j = 0; j < n; ++j) put(p + j, v[j]);
 #endif
