@@ -324,6 +324,34 @@ def test_channels_last_stays_channels_last():
     assert torch.equal(out, out_n) and torch.equal(gx, gx_n)
 
 
+@pytest.mark.parametrize("specs,residual", [(["2x8-8-8"], "identity"), (["8x2-1-4"], "projection"),
+                                             (["8x2-1-2", "2-1-2"], None)])
+def test_channels_last_layer_trains_in_nchw_with_the_same_values(specs, residual):
+    """In training, a ``unit_train`` layer given a channels_last input computes in NCHW (one copy in) and returns
+    NCHW, bit for bit the values and gradients of the same layer given the NCHW input (identity and projection
+    shortcuts added in the kernel, several groups)."""
+    torch.manual_seed(0)
+    layer = spread_bn(UnitLayer(specs, stride=2 if residual == "projection" else 1), 0).train()
+    layer.backend = "unit_train"
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, layer.in_channels, 10, 10)
+    side = 5 if residual == "projection" else 10
+    r = torch.randn(3, layer.out_channels, side, side) if residual == "projection" else None
+    grad = torch.randn(3, layer.out_channels, side, side)
+    got, want = {}, {}
+    for mod, fmt, into in ((layer, torch.channels_last, got), (twin, torch.contiguous_format, want)):
+        xi = x.contiguous(memory_format=fmt).requires_grad_()
+        ri = None if r is None else r.contiguous(memory_format=fmt).requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            out = mod(xi, residual=xi if residual == "identity" else ri)
+        out.backward(grad)
+        into.update(out=out, gx=xi.grad, gr=None if ri is None else ri.grad,
+                    **{n: p.grad for n, p in mod.named_parameters()})
+    assert got["out"].is_contiguous()
+    for key in want:
+        assert (got[key] is None) == (want[key] is None) and (want[key] is None or torch.equal(got[key], want[key])), key
+
+
 # --- the fused group path: BN (batch statistics) and ReLU inside the kernel's forward and backward -------------------
 
 

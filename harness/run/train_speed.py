@@ -4,7 +4,9 @@ A candidate is (precision, memory format, unit backend):
 
 - precision: ``bf16`` autocast only where the recipe asks for it (``bf16``, and ``bf16_cpu`` on CPU); float32 is
   always a candidate, since it is at least as exact. So the picked precision never rounds more than the recipe says.
-- memory format: NCHW or channels_last (the same arithmetic in another layout).
+- memory format: NCHW or channels_last (the same arithmetic in another layout). On CPU, ``unit_train``'s unit
+  layers compute in NCHW: in a channels_last setting the first one copies its input to NCHW and every layer
+  after it runs NCHW, so channels_last serves the dense layers before it (the dense stages of a partial plan).
 - unit backend (models with fused unit layers): ``grouped`` (oneDNN's grouped convolution), ``blockdiag`` (each
   conv as one dense convolution whose weight is zero off the unit blocks, :mod:`bunit.blockdiag`: more arithmetic
   than the units need, on the runtime's fastest convolution path; gradients reach only the unit weights) and
