@@ -226,7 +226,10 @@ def _within_bf16_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 16, 2, 1, 28, 28), (3, 4, 2, 2, 1, 10, 13), (2, 6, 12, 3, 2, 20, 17),
-                                   (2, 16, 8, 8, 1, 9, 9), (2, 8, 16, 1, 2, 7, 7)])
+                                   (2, 16, 8, 8, 1, 9, 9), (2, 8, 16, 1, 2, 7, 7),
+                                   # rows of up to 8 at stride 1: 8-lane dot products (forward and backward, backward
+                                   # only where the forward has no channel pairs)
+                                   (2, 16, 16, 2, 1, 7, 7), (3, 4, 4, 2, 1, 5, 8), (2, 8, 16, 8, 1, 7, 6)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bf16_dot_products_sum_bf16_rounded_operands_in_float32(shape, channels_last):
     """With bf16_dot the kernel multiplies bf16 operands: the weights, conv2's input relu(y1 * sc) and the output

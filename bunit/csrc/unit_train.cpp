@@ -232,6 +232,7 @@ constexpr int64_t kMinWork = 1 << 15;
 struct Geo {
   int64_t n, groups, cin, cout, s;  // per group: cin input and cout output channels
   int64_t h, w, ho, wo;
+  int64_t vw;  // the vector width the rows are rounded to: 16 floats, or 8 for rows of up to 8 (see DotV)
   int64_t wr;  // wo rounded up to whole vectors
   int64_t hp;  // padded rows
   int64_t wq;  // floats per padded row and phase
@@ -249,6 +250,7 @@ Geo geometry(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s
   g.w = x.size(3);
   g.ho = (g.h - 1) / s + 1;
   g.wo = (g.w - 1) / s + 1;
+  g.vw = vw;
   g.wr = (g.wo + vw - 1) / vw * vw;
   g.hp = std::max(g.h + 2, (g.ho - 1) * s + 3);
   g.wq = g.wr + 3;
@@ -461,6 +463,40 @@ void fwd_all(const T* buf, const T* wg, const Geo& g, M* yp, const int64_t* ys, 
 inline __m512bh bf16_pairs(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
 inline __m512bh bf16_pair_splat(uint32_t w) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(w)); }
 
+// The dot-product kernels' vectors: 16 float lanes (zmm), or 8 (ymm) for rows of up to 8 values, where 16 lanes
+// would leave more than half of them idle (the 7 px planes of a ResNet's last stage). On a CPU that runs 512-bit
+// instructions as two 256-bit halves (AMD Zen 4), an 8-lane dot product costs half of a 16-lane one.
+template <int VW>
+struct DotV;
+
+template <>
+struct DotV<16> {
+  using F = __m512;
+  using B = __m512bh;
+  static F zero() { return _mm512_setzero_ps(); }
+  static B load(const uint32_t* p) { return bf16_pairs(p); }
+  static B splat(uint32_t w) { return bf16_pair_splat(w); }
+  static F dot(F a, B x, B y) { return _mm512_dpbf16_ps(a, x, y); }
+  static V<float>::type wide(F a) { return (V<float>::type)a; }  // all 16 lanes
+  static float sum(F a) { return _mm512_reduce_add_ps(a); }
+};
+
+template <>
+struct DotV<8> {
+  using F = __m256;
+  using B = __m256bh;
+  static F zero() { return _mm256_setzero_ps(); }
+  static B load(const uint32_t* p) { return (B)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static B splat(uint32_t w) { return (B)_mm256_set1_epi32(static_cast<int>(w)); }
+  static F dot(F a, B x, B y) { return _mm256_dpbf16_ps(a, x, y); }
+  static V<float>::type wide(F a) { return (V<float>::type)_mm512_castps256_ps512(a); }  // lanes 8-15 undefined
+  static float sum(F a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+  }
+};
+
 // A 3x3 convolution at stride 1 with bf16 dot products, rows r0 .. r0 + RB of output channels o0 .. o0 + OB of one
 // item: np padded planes of 32-bit words (plane stride ps, rows of wq words, value (i, j) at row i + 1, column j + 1),
 // each word a pair of input channels, and weights paired the same way (w[(o * np + k) * 9 + tap]). The output has
@@ -474,30 +510,30 @@ struct DotConv {
   int64_t rows, width, ch0;  // output rows and columns; the group's first output channel in out
 };
 
-template <typename M, int OB, int RB>
+template <typename M, int OB, int RB, int VW>
 inline void conv_rows_dot(const DotConv& c, const Geo& g, int64_t o0, M* out, const int64_t* os, int64_t ni,
                           int64_t r0) {
-  constexpr int VW = 16;
+  using D = DotV<VW>;
   for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
-    __m512 acc[RB][OB];
+    typename D::F acc[RB][OB];
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
-      for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_setzero_ps();
+      for (int o = 0; o < OB; ++o) acc[r][o] = D::zero();
     for (int64_t k = 0; k < c.np; ++k) {
       const uint32_t* plane = c.planes + k * c.ps;
       for (int dy = 0; dy < 3; ++dy) {
 #pragma GCC unroll 3
         for (int dx = 0; dx < 3; ++dx) {
           const uint32_t* wp = c.w + (o0 * c.np + k) * 9 + dy * 3 + dx;
-          __m512bh wv[OB];
+          typename D::B wv[OB];
 #pragma GCC unroll 8
-          for (int o = 0; o < OB; ++o) wv[o] = bf16_pair_splat(wp[o * c.np * 9]);
+          for (int o = 0; o < OB; ++o) wv[o] = D::splat(wp[o * c.np * 9]);
 #pragma GCC unroll 8
           for (int r = 0; r < RB; ++r) {
-            const __m512bh v = bf16_pairs(plane + (r0 + r + dy) * g.wq + x0 + dx);
+            const typename D::B v = D::load(plane + (r0 + r + dy) * g.wq + x0 + dx);
 #pragma GCC unroll 8
-            for (int o = 0; o < OB; ++o) acc[r][o] = _mm512_dpbf16_ps(acc[r][o], v, wv[o]);
+            for (int o = 0; o < OB; ++o) acc[r][o] = D::dot(acc[r][o], v, wv[o]);
           }
         }
       }
@@ -507,7 +543,7 @@ inline void conv_rows_dot(const DotConv& c, const Geo& g, int64_t o0, M* out, co
     for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 8
       for (int o = 0; o < OB; ++o)
-        store_row<float, M>((V<float>::type)acc[r][o],
+        store_row<float, M>(D::wide(acc[r][o]),
                             out + ni * os[0] + (c.ch0 + o0 + o) * os[1] + (r0 + r) * os[2] + x0 * os[3], os[3],
                             valid);
   }
@@ -519,7 +555,10 @@ void conv_all_dot(const DotConv& c, const Geo& g, int64_t cout, M* out, const in
   in_channel_blocks(cout, [&](auto ob, int64_t o0) {
     constexpr int OB = decltype(ob)::value;
     in_row_blocks<OB>(c.rows, [&](auto rb, int64_t r) {
-      conv_rows_dot<M, OB, decltype(rb)::value>(c, g, o0, out, os, ni, r);
+      if (g.vw == 8)
+        conv_rows_dot<M, OB, decltype(rb)::value, 8>(c, g, o0, out, os, ni, r);
+      else
+        conv_rows_dot<M, OB, decltype(rb)::value, 16>(c, g, o0, out, os, ni, r);
     });
   });
 }
@@ -527,29 +566,29 @@ void conv_all_dot(const DotConv& c, const Geo& g, int64_t cout, M* out, const in
 // Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg, with output rows
 // paired: g2 holds (gy row 2p, gy row 2p + 1) per word ([cout][(ho + 1) / 2][wr] words, zeros past the row end and
 // for the missing row of an odd ho); x2 holds (row r, row r + S) of the padded, phase-split input buffer.
-template <int OB, int S>
+template <int OB, int S, int VW = 16>
 inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, int64_t o0, int64_t ci, float* gwg) {
-  constexpr int VW = 16;
+  using D = DotV<VW>;
   const int64_t pairs = (g.ho + 1) / 2, g2plane = pairs * g.wr;
-  __m512 acc[OB][9];  // every loop over acc fully unrolled: else GCC keeps acc in memory
+  typename D::F acc[OB][9];  // every loop over acc fully unrolled: else GCC keeps acc in memory
 #pragma GCC unroll 4
   for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 9
-    for (int k = 0; k < 9; ++k) acc[o][k] = _mm512_setzero_ps();
+    for (int k = 0; k < 9; ++k) acc[o][k] = D::zero();
   const uint32_t* plane = x2 + ci * g.plane();
   for (int64_t p = 0; p < pairs; ++p)
     for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
-      __m512bh gv[OB];
+      typename D::B gv[OB];
 #pragma GCC unroll 4
-      for (int o = 0; o < OB; ++o) gv[o] = bf16_pairs(g2 + (o0 + o) * g2plane + p * g.wr + x0);
+      for (int o = 0; o < OB; ++o) gv[o] = D::load(g2 + (o0 + o) * g2plane + p * g.wr + x0);
 #pragma GCC unroll 3
       for (int dy = 0; dy < 3; ++dy) {
         const uint32_t* row = plane + (2 * p * S + dy) * g.wq + x0;
 #pragma GCC unroll 3
         for (int dx = 0; dx < 3; ++dx) {
-          const __m512bh v = bf16_pairs(row + (dx % S) * g.hp * g.wq + dx / S);
+          const typename D::B v = D::load(row + (dx % S) * g.hp * g.wq + dx / S);
 #pragma GCC unroll 4
-          for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] = _mm512_dpbf16_ps(acc[o][dy * 3 + dx], gv[o], v);
+          for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] = D::dot(acc[o][dy * 3 + dx], gv[o], v);
         }
       }
     }
@@ -557,7 +596,7 @@ inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, i
   for (int o = 0; o < OB; ++o) {
     float* dst = gwg + ((o0 + o) * g.cin + ci) * 9;
 #pragma GCC unroll 9
-    for (int k = 0; k < 9; ++k) dst[k] += _mm512_reduce_add_ps(acc[o][k]);
+    for (int k = 0; k < 9; ++k) dst[k] += D::sum(acc[o][k]);
   }
 }
 
@@ -701,13 +740,14 @@ inline int threads_for(int64_t work, int64_t items) {
 template <typename T, typename M = T>
 void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t groups, int64_t s, const T* isc,
                   const T* ish, at::Tensor* stats, bool dot = false) {
-  const Geo g = geometry(x, w, groups, s, V<T>::W);
+  Geo g = geometry(x, w, groups, s, V<T>::W);
   const M* xp = x.data_ptr<M>();
   const T* wp = w.data_ptr<T>();
   [[maybe_unused]] PairedWeights pw;
   if constexpr (std::is_same_v<M, c10::BFloat16>) {
     dot = dot && kBf16Dot && g.cin % 2 == 0 && g.s == 1;  // stride 2 (a transition's conv1): float32 multiplies
     if (dot) pw = pair_weights(wp, g, true, false);
+    if (dot && g.wo <= 8) g = geometry(x, w, groups, s, 8);  // rows of up to 8: 8-lane dot products (DotV)
   } else {
     dot = false;
   }
@@ -878,7 +918,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
                    GradBN<T, M> bn = GradBN<T, M>(), bool dot = false) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
-  const Geo g = geometry(x, w, groups, s, VW);
+  Geo g = geometry(x, w, groups, s, VW);
   // bf16 dot products (bf16 storage, AVX512-BF16 in the build): the weight gradient always, the input gradient at
   // stride 1 with an even cout
   bool dot_gx = false;
@@ -887,6 +927,8 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
     dot = dot && kBf16Dot;
     dot_gx = dot && gx && s == 1 && g.cout % 2 == 0;
     if (dot_gx) pw = pair_weights(w.data_ptr<float>(), g, false, true);
+    // rows of up to 8 where every product asked for is a dot product: 8-lane dot products (DotV)
+    if (dot && s == 1 && g.wo <= 8 && (!gx || dot_gx)) g = geometry(x, w, groups, s, 8);
   } else {
     dot = false;
   }
@@ -1017,6 +1059,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             for (int64_t ci = 0; ci < g.cin; ++ci) {
               int64_t o0 = 0;
               if (s == 1) {
+                if (g.vw == 8) {
+                  for (; o0 + 2 <= g.cout; o0 += 2) gw_block_dot<2, 1, 8>(x2.data(), g2.data(), g, o0, ci, gwg);
+                  for (; o0 < g.cout; ++o0) gw_block_dot<1, 1, 8>(x2.data(), g2.data(), g, o0, ci, gwg);
+                }
                 for (; o0 + 2 <= g.cout; o0 += 2) gw_block_dot<2, 1>(x2.data(), g2.data(), g, o0, ci, gwg);
                 for (; o0 < g.cout; ++o0) gw_block_dot<1, 1>(x2.data(), g2.data(), g, o0, ci, gwg);
               } else {
