@@ -16,7 +16,11 @@ layer, ``UnitTrain.run_with_residual``), the output pass also adds it and applie
 ``relu(units(x) + shortcut)`` computes from the stored output (tested, float32 and bf16). BN's sums, and the
 per-channel maths on them (moments, the affine map, the backward's coefficients), are in double in the kernel, one
 call each; running statistics, ``num_batches_tracked`` and the momentum (or cumulative average) follow
-``nn.BatchNorm2d``. Outside training mode each convolution runs alone (:func:`conv`) and BN and ReLU are PyTorch's.
+``nn.BatchNorm2d``. A layer of several groups (a hybrid row, :func:`layer_forward`) runs them in one autograd node,
+:class:`UnitLayerFn`: each group's input channels gathered, the outputs concatenated in layer order, and the input
+gradient assembled by one concatenation and one inverse gather (not a scatter-add per group into a zeroed tensor and
+a sum over the groups). Outside training mode each convolution runs alone (:func:`conv`) and BN and ReLU are
+PyTorch's.
 The results equal the ``grouped`` backend's to float32 rounding (another order of accumulation), checked by the tests
 (gradcheck in float64, float32 within 1e-4 relative on every catalogue and planner shape, running statistics after
 steps).
@@ -28,7 +32,9 @@ nearest even as it stores. Half the bytes: the unit layers keep every activation
 Where the CPU has AVX512-BF16 (:func:`bf16_dot_products`), the convolutions also multiply in bfloat16, as autocast's
 convolutions do: the weights, conv2's input and the gradient taken through BN are rounded to bf16 and multiplied in
 pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the products summed in float32. A
-forward or input gradient without channel pairs (an odd count per group) or at stride 2 multiplies in float32.
+forward or input gradient without channel pairs (an odd count per group) or at stride 2 multiplies in float32. The
+paired operands are built straight from the stored bf16 tensors (each value rounded once, no float32 work buffer),
+and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products.
 The tolerance is autocast's: outputs and input gradients within one bf16 rounding of float32 sums of the rounded
 operands, weight gradients within 1e-5 of them (tested); a whole model no further from float32 than ``grouped``
 under autocast (within 25%, tested). :func:`float32_multiplies` turns the dot products off, for side-by-side timing.

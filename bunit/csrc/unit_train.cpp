@@ -9,7 +9,9 @@
 //
 // Work items are (image, group) pairs, run in parallel with at::parallel_for. Per item:
 //   1. the group's `cin` input planes are copied into a zero-padded buffer, columns split by phase (column mod s),
-//      so that every tap of a strided conv reads contiguous values (any input layout: read through strides);
+//      so that every tap of a strided conv reads contiguous values (any input layout: read through strides; NCHW rows
+//      split 32 columns at a time by AVX-512 permutes); with bf16 dot products, the paired buffers are built straight
+//      from the tensor instead (see "built straight from the stored tensors");
 //   2. forward: VW output columns x OB output channels at a time in GCC vector registers, summed over (ci, dy, dx),
 //      written in the input's memory format (NCHW or channels_last);
 //   3. backward: the output gradient is copied into a buffer whose rows are padded to whole vectors (zeros past
