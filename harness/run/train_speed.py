@@ -192,12 +192,14 @@ def choose_setting(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, bf16
 def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSetting, xb: torch.Tensor, *,
                         rounds: int = 5) -> dict[str, dict[str, float]]:
     """Seconds of forward + backward of each fused unit layer alone, per backend, in ``setting``'s precision and
-    memory format, on the input it gets from ``xb`` in training mode; all (layer, backend) pairs take turns.
+    memory format, on the input it gets from ``xb`` in training mode under ``setting`` (its unit backends too: in a
+    channels_last setting ``unit_train`` hands the next layer NCHW, and that is the input the layer is timed on); all
+    (layer, backend) pairs take turns.
 
     Works on copies: the model, its BN statistics and its backends are untouched.
     """
     probe = copy.deepcopy(model).train()
-    apply_setting(probe, TrainSetting(setting.bf16, setting.channels_last, None))
+    apply_setting(probe, setting)
     inputs: dict[str, torch.Tensor] = {}
     hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
              for name, layer in _named_unit_layers(probe)]
