@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import harness.run.train_speed as train_speed
 from bunit import bunitify
@@ -213,3 +214,32 @@ def test_under_bf16_autocast_every_unit_backend_is_as_exact_as_grouped():
         for backend in ("blockdiag", "unit_train"):
             out, grad = distance(*run(backend, True, channels_last))
             assert out <= 1.25 * ref_out and grad <= 1.25 * ref_grad, (backend, channels_last, out, grad)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_option_b_projection_computes_the_strided_1x1_convolution(channels_last):
+    """The option-B shortcut's 1x1 convolution (``SubsampledProjection``), which in training convolves the input
+    subsampled by the stride at stride 1, gives the strided convolution's output and gradients (float64), in training
+    and in eval mode, NCHW and channels_last."""
+    from harness.core.models import SubsampledProjection
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet20", num_classes=10, in_channels=1, shortcut="B")
+    proj = model.layer2[0].shortcut[0]
+    assert type(proj) is SubsampledProjection and proj.stride == (2, 2)
+    proj = proj.double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for training in (True, False):
+        proj.train(training)
+        x = torch.randn(3, proj.in_channels, 9, 8, dtype=torch.float64).contiguous(memory_format=fmt)
+        x.requires_grad_()
+        grad = torch.randn(3, proj.out_channels, 5, 4, dtype=torch.float64)
+        out = proj(x)
+        gx, gw = torch.autograd.grad(out, (x, proj.weight), grad)
+        xr = x.detach().clone().requires_grad_()
+        wr = proj.weight.detach().clone().requires_grad_()
+        ref = F.conv2d(xr, wr, None, 2)
+        rx, rw = torch.autograd.grad(ref, (xr, wr), grad)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bunit.functional import shift_residual
 
@@ -29,6 +30,7 @@ __all__ = [
     "get_backbone_info",
     "create_backbone",
     "PadShortcut",
+    "SubsampledProjection",
     "CifarBasicBlock",
     "CifarResNet",
     "VGG",
@@ -103,6 +105,23 @@ class PadShortcut(nn.Module):
         return f"{self.in_channels}->{self.out_channels}, stride={self.stride}"
 
 
+class SubsampledProjection(nn.Conv2d):
+    """Option-B shortcut's 1x1 convolution at stride ``s``; in training, on an NCHW-contiguous input, computed as the
+    stride-1 convolution of ``x[:, :, ::s, ::s]`` (the pixels a strided 1x1 convolution reads: the same values).
+
+    Measured (torch profiler, ResNet-20 at 28 px, batch 128, bf16 autocast, NCHW, a BUnit model on ``unit_train``):
+    oneDNN's backward of the strided 1x1 convolution took 4.8 ms plus a 1.5 ms copy of its input for 16 -> 32
+    channels at 28 px, the subsampled stride-1 one 1.4 ms; a whole step 0.89-0.91x (interleaved A/B), dense's within
+    1% (channels_last, and dense's NCHW). Elsewhere (eval mode, channels_last, export) it is ``nn.Conv2d`` as is, so
+    deployment graphs keep their strided convolution. Parameters, ``state_dict`` and counts are ``nn.Conv2d``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        if self.training and s != (1, 1) and self.kernel_size == (1, 1) and self.padding == (0, 0) and x.is_contiguous():
+            return F.conv2d(x[:, :, :: s[0], :: s[1]], self.weight, self.bias, 1, 0, self.dilation, self.groups)
+        return super().forward(x)
+
+
 class CifarBasicBlock(nn.Module):
     expansion = 1
 
@@ -118,7 +137,8 @@ class CifarBasicBlock(nn.Module):
         elif shortcut == "A":
             self.shortcut = PadShortcut(in_planes, planes, stride)
         else:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(SubsampledProjection(in_planes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))  # (B, planes, H/s, W/s)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.core.devices import normalize_device
+from harness.core.models import SubsampledProjection
 from harness.measure.latency import make_batch, prepared_copy, timed_pass
 
 __all__ = ["has_semi_structured", "bf16_columns", "semi24_columns", "mask_2to4", "GemmConv2d",
@@ -102,7 +103,7 @@ class GemmConv2d(nn.Module):
 
     @staticmethod
     def supports(conv: nn.Module) -> bool:
-        return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+        return (type(conv) in (nn.Conv2d, SubsampledProjection) and conv.groups == 1 and conv.padding_mode == "zeros"
                 and not isinstance(conv.padding, str))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
