@@ -243,3 +243,28 @@ def test_option_b_projection_computes_the_strided_1x1_convolution(channels_last)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(gw, rw, rtol=1e-12, atol=1e-12)
+
+
+def test_training_sgd_is_fused_on_cpu_and_updates_as_the_per_parameter_loop():
+    """The harness's SGD (``sgd_optimizer``) is PyTorch's fused one on CPU, and its updates (momentum, Nesterov,
+    weight decay on weights only) equal the default per-parameter loop's, bit for bit, over several steps."""
+    from harness.run.train import sgd_optimizer
+
+    torch.manual_seed(0)
+    model = bunitify(create_backbone("resnet8", num_classes=10, in_channels=1, shortcut="B"), PLAN)
+    twin = copy.deepcopy(model)
+    recipe = TrainConfig(momentum=0.9, nesterov=True, weight_decay=5e-4)
+    fused = sgd_optimizer(model, recipe, 0.1)
+    assert fused.defaults["fused"]
+    loop = torch.optim.SGD([{**g, "params": [dict(twin.named_parameters())[n] for n, p in model.named_parameters()
+                                             if any(p is q for q in g["params"])]}
+                            for g in fused.param_groups], lr=0.1, momentum=0.9, nesterov=True, fused=False,
+                           foreach=False)
+    for step in range(3):
+        x, y = torch.randn(8, 1, 12, 12), torch.arange(8) % 10
+        for mod, opt in ((model, fused), (twin, loop)):
+            F.cross_entropy(mod(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name

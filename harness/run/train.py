@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bunit.layers import unit_layers
 from harness.core.config import TrainConfig
 from harness.core.data import ImageData
-from harness.run.train_speed import TrainSetting, apply_setting, choose_setting, setting_record
+from harness.run.train_speed import TrainSetting, apply_setting, choose_setting, fused_sgd_supported, setting_record
 
 if TYPE_CHECKING:
     from harness.run.parallel import DataParallelGroup
@@ -150,14 +150,16 @@ def train_model(model: nn.Module, data: ImageData, recipe: TrainConfig, *, epoch
 
 
 def sgd_optimizer(model: nn.Module, recipe: TrainConfig, base_lr: float) -> torch.optim.SGD:
-    """SGD with the recipe's momentum; weight decay on weights, none on BatchNorm parameters and biases."""
+    """SGD with the recipe's momentum; weight decay on weights, none on BatchNorm parameters and biases; fused where
+    :func:`fused_sgd_supported` (the same update rule in one kernel)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=base_lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+                           lr=base_lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0,
+                           fused=fused_sgd_supported(decay + no_decay) or None)
 
 
 @dataclass
