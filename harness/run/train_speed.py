@@ -17,7 +17,8 @@ A candidate is (precision, memory format, unit backend):
   parameters are the units'.
 
 Then, for a model with several unit layers, each unit layer alone (forward and backward, on the input it gets in
-training) is timed on every unit backend in the winner's precision and memory format (:func:`time_layer_backends`),
+training under the winner) is timed on every unit backend in the winner's precision and memory format
+(:func:`time_layer_backends`),
 and where the fastest backend differs between layers, that mix (``unit_backend`` :data:`PER_LAYER`, the choice per
 layer in ``layer_backends``) is timed side by side with the winner and replaces it if its step is faster. One layer's
 backend changes how that layer is computed, not what: ``tests/test_train_speed.py`` checks a mix against ``grouped``
