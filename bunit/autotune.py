@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from bunit import fused_cpu, unit_train
+from bunit.functional import is_channels_last
 from bunit.fused_cpu import cache_dir
 from bunit.backends import EAGER_BACKENDS, list_backends
 from bunit.layers import UnitLayer, unit_layers
@@ -68,7 +69,7 @@ def _device_name(device: torch.device) -> str:
 def layer_key(layer: UnitLayer, x: torch.Tensor) -> str:
     """The cache key of timing ``layer`` on inputs like ``x``."""
     threads = torch.get_num_threads() if x.device.type == "cpu" else 0
-    fmt = "cl" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "nchw"
+    fmt = "cl" if is_channels_last(x) else "nchw"
     return "|".join([",".join(compact_specs(layer.specs)), f"s{layer.stride}", "x".join(map(str, x.shape)), fmt,
                      str(x.dtype).removeprefix("torch."), _device_name(x.device), f"threads={threads}",
                      f"torch={torch.__version__}", f"fused_cpu={fused_cpu.source_tag()}",

@@ -11,7 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["bn_mode", "bn_stats", "bn_slice", "bn_cat", "conv_module", "conv_bmm", "conv_stencil", "out_size",
-           "shift_residual"]
+           "shift_residual", "is_channels_last"]
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is laid out channels_last and not also NCHW-contiguous (a tensor with one channel or a 1x1 plane
+    is both, and counts as NCHW)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def out_size(size: int, kernel: int, stride: int) -> int:

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from bunit.functional import bn_mode
+from bunit.functional import bn_mode, is_channels_last
 from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
@@ -184,10 +184,6 @@ def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int
     return tuple(t if want else None for t, want in zip(grads, need))
 
 
-def _memory_format_is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 class UnitGroupFn(torch.autograd.Function):
     """A unit group in training mode, ``relu(bn2(conv2(relu(bn1(conv1(x))))))`` with batch statistics, in the
     kernel: BN and ReLU are applied while the next convolution pads its input, so the normalised activations are
@@ -199,7 +195,7 @@ class UnitGroupFn(torch.autograd.Function):
     def forward(ctx, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int, bns: tuple, factors: tuple,
                 residual=None):
         ext = _state.get("module") or load_extension()
-        channels_last = _memory_format_is_channels_last(x)
+        channels_last = is_channels_last(x)
         ctx.input_dtype = x.dtype
         x = x.to(storage_dtype(w1.dtype))  # bf16 under CPU bf16 autocast, else the weights' dtype
         dot = x.dtype == torch.bfloat16 and bf16_dot_products()  # multiply in bf16, as autocast's convolutions do
@@ -235,7 +231,7 @@ class UnitLayerFn(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, plan: tuple, in_inverse, out_perm, *params):
         ext = _state.get("module") or load_extension()
-        channels_last = _memory_format_is_channels_last(x)
+        channels_last = is_channels_last(x)
         ctx.input_dtype = x.dtype
         x = x.to(storage_dtype(params[0].dtype))
         dot = x.dtype == torch.bfloat16 and bf16_dot_products()
@@ -353,8 +349,7 @@ def takes_residual(x: torch.Tensor, residual: torch.Tensor, out_shape: tuple[int
                    weight_dtype: torch.dtype) -> bool:
     """Whether :func:`group_forward` adds ``residual`` in its output pass for input ``x``: a CPU tensor of the
     output's shape, in ``x``'s memory format, of the group's storage dtype or (for bf16 storage) float32."""
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     store = storage_dtype(weight_dtype)
     return (residual.is_cpu and tuple(residual.shape) == tuple(out_shape) and residual.is_contiguous(memory_format=fmt)
             and (residual.dtype == store or (store == torch.bfloat16 and residual.dtype == torch.float32)))

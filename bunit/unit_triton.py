@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from bunit.functional import is_channels_last
+
 __all__ = ["is_available", "interpreting", "supports", "TritonUnitConv", "conv"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -171,8 +173,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 class TritonUnitConv(torch.autograd.Function):

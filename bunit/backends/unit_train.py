@@ -11,12 +11,9 @@ import torch
 
 from bunit import unit_train, unit_triton
 from bunit.backends.base import Backend, register_backend
+from bunit.functional import is_channels_last
 
 __all__ = ["UnitTrain"]
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _nchw(t: torch.Tensor) -> torch.Tensor:
@@ -28,7 +25,7 @@ def _nchw(t: torch.Tensor) -> torch.Tensor:
     channels_last model's unit layers (in training, on CPU) take their input in NCHW, and return NCHW: the first one
     copies, every later one is handed NCHW. The layers before them keep channels_last (the dense stages of a partial
     BUnit plan, whose oneDNN convolutions are faster in it)."""
-    return t.contiguous() if _is_channels_last(t) else t
+    return t.contiguous() if is_channels_last(t) else t
 
 
 @register_backend("unit_train")
@@ -53,7 +50,7 @@ class UnitTrain(Backend):
         if (residual is not None and tuple(residual_map) == (1, 0) and not x.is_cuda and len(layer.groups) == 1
                 and layer.out_perm is None):
             grp = layer.groups[0]
-            if unit_train.fuses_group(grp, x) and _is_channels_last(x):
+            if unit_train.fuses_group(grp, x) and is_channels_last(x):
                 xn = _nchw(x)
                 x, residual = xn, (xn if residual is x else _nchw(residual))  # an identity shortcut: the same copy
             xg = layer._group_input(x, 0)
