@@ -170,6 +170,12 @@ class UnitLayer(nn.Module):
                     pos += 1
         perm = None if cat_pos == list(range(self.out_channels)) else torch.tensor(cat_pos, dtype=torch.long)
         self.register_buffer("out_perm", perm, persistent=False)  # y = cat(groups)[:, out_perm]
+        # the inverse maps, for gradients: cat(groups)'s grad = grad[:, out_inverse]; the layer's input gradient =
+        # cat(each group's input gradient)[:, in_inverse] (None: the identity)
+        self.register_buffer("out_inverse", None if perm is None else torch.argsort(perm), persistent=False)
+        order = [ch for us in self.group_units for u in us for ch in range(in_off[u], in_off[u + 1])]
+        inverse = None if order == list(range(self.in_channels)) else torch.argsort(torch.tensor(order))
+        self.register_buffer("in_inverse", inverse, persistent=False)
         self.kernel = max(s.kernel for s in self.specs)
         blockdiag.register_index(self, in_off, out_off)
 

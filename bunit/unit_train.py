@@ -184,6 +184,13 @@ def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int
     return tuple(t if want else None for t, want in zip(grads, need))
 
 
+def _storage_and_multiplies(x: torch.Tensor, weight_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """``x`` in the storage dtype (bf16 under CPU bf16 autocast, else the weights' dtype), and whether the group
+    multiplies in bf16 dot products (:func:`bf16_dot_products`), as autocast's convolutions do."""
+    x = x.to(storage_dtype(weight_dtype))
+    return x, x.dtype == torch.bfloat16 and bf16_dot_products()
+
+
 class UnitGroupFn(torch.autograd.Function):
     """A unit group in training mode, ``relu(bn2(conv2(relu(bn1(conv1(x))))))`` with batch statistics, in the
     kernel: BN and ReLU are applied while the next convolution pads its input, so the normalised activations are
@@ -197,8 +204,7 @@ class UnitGroupFn(torch.autograd.Function):
         ext = _state.get("module") or load_extension()
         channels_last = is_channels_last(x)
         ctx.input_dtype = x.dtype
-        x = x.to(storage_dtype(w1.dtype))  # bf16 under CPU bf16 autocast, else the weights' dtype
-        dot = x.dtype == torch.bfloat16 and bf16_dot_products()  # multiply in bf16, as autocast's convolutions do
+        x, dot = _storage_and_multiplies(x, w1.dtype)
         out, saved, ctx.count = _group_forward(ext, x, w1, g1, b1, w2, g2, b2, groups, stride, bns, factors,
                                                residual, channels_last, dot)
         ctx.save_for_backward(*saved)
@@ -223,18 +229,17 @@ class UnitLayerFn(torch.autograd.Function):
     the input channels) instead of one scatter-add per group into a zeroed tensor and a sum over the groups.
 
     ``plan``: per group ``(in_index, groups, stride, bns, factors)`` (``in_index`` the group's input channels in
-    layer order: a tensor, or ``(first, count)`` for a range), and ``params`` its ``(w1, g1, b1, w2, g2, b2)`` in group order, flattened; ``in_inverse`` the
-    inverse of the concatenated ``in_index`` (None: identity), ``out_perm`` the layer's output order (None:
-    identity)."""
+    layer order: a tensor, or ``(first, count)`` for a range), and ``params`` its ``(w1, g1, b1, w2, g2, b2)`` in
+    group order, flattened; ``in_inverse``, ``out_perm`` and ``out_inverse`` the layer's channel maps
+    (:class:`bunit.layers.UnitLayer`; None: the identity)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, plan: tuple, in_inverse, out_perm, *params):
+    def forward(ctx, x, plan: tuple, in_inverse, out_perm, out_inverse, *params):
         ext = _state.get("module") or load_extension()
         channels_last = is_channels_last(x)
         ctx.input_dtype = x.dtype
-        x = x.to(storage_dtype(params[0].dtype))
-        dot = x.dtype == torch.bfloat16 and bf16_dot_products()
+        x, dot = _storage_and_multiplies(x, params[0].dtype)
         outs, saved, meta = [], [], []
         for k, (index, groups, stride, bns, factors) in enumerate(plan):
             # (B, n*a, H, W): the channels of index (a range: a view, read by the kernel through its strides)
@@ -247,12 +252,8 @@ class UnitLayerFn(torch.autograd.Function):
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, out, H/s, W/s), group order
         if out_perm is not None:
             y = y.index_select(1, out_perm)  # layer order
-            ctx.out_inverse = torch.empty_like(out_perm)
-            ctx.out_inverse[out_perm] = torch.arange(out_perm.numel())
-        else:
-            ctx.out_inverse = None
         ctx.save_for_backward(*saved)
-        ctx.meta, ctx.in_inverse, ctx.dot = meta, in_inverse, dot
+        ctx.meta, ctx.in_inverse, ctx.out_inverse, ctx.dot = meta, in_inverse, out_inverse, dot
         return y
 
     @staticmethod
@@ -260,7 +261,7 @@ class UnitLayerFn(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         ext = _state["module"]
         saved = ctx.saved_tensors
-        need_x, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        need_x, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
         gxs, gparams, first = [], [], 0
         for k, (count, groups, stride, width) in enumerate(ctx.meta):
             rows = slice(first, first + width) if ctx.out_inverse is None else ctx.out_inverse[first:first + width]
@@ -276,7 +277,7 @@ class UnitLayerFn(torch.autograd.Function):
             if ctx.in_inverse is not None:
                 gx = gx.index_select(1, ctx.in_inverse)  # layer order
             gx = gx.to(ctx.input_dtype)
-        return (gx, None, None, None, *gparams)
+        return (gx, None, None, None, None, *gparams)
 
 
 def bf16_dot_products() -> bool:
@@ -329,20 +330,14 @@ def layer_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The output of ``layer`` (a fused :class:`bunit.layers.UnitLayer` whose groups all run here,
     :func:`fuses_group`) in training mode, its groups in one :class:`UnitLayerFn`; counters and running statistics
     change as the layer's own forward changes them."""
-    plan, params, order = [], [], []
+    plan, params = [], []
     for g, grp in enumerate(layer.groups):
         rng = layer._in_ranges[g]
-        index = getattr(layer, f"in_index{g}")
-        plan.append((rng if rng is not None else index, grp.conv1.groups, grp.conv1.stride[0], (grp.bn1, grp.bn2),
+        plan.append((rng if rng is not None else getattr(layer, f"in_index{g}"), grp.conv1.groups,
+                     grp.conv1.stride[0], (grp.bn1, grp.bn2),
                      (bn_mode(grp.bn1)[1], bn_mode(grp.bn2)[1])))  # bumps num_batches_tracked as BatchNorm2d does
         params += [grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight, grp.bn2.bias]
-        order.append(index)
-    order_t = torch.cat(order)
-    in_inverse = None
-    if not torch.equal(order_t, torch.arange(order_t.numel())):
-        in_inverse = torch.empty_like(order_t)
-        in_inverse[order_t] = torch.arange(order_t.numel())
-    return UnitLayerFn.apply(x, tuple(plan), in_inverse, layer.out_perm, *params)
+    return UnitLayerFn.apply(x, tuple(plan), layer.in_inverse, layer.out_perm, layer.out_inverse, *params)
 
 
 def takes_residual(x: torch.Tensor, residual: torch.Tensor, out_shape: tuple[int, ...],
