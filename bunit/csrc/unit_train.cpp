@@ -481,6 +481,7 @@ struct DotV<16> {
   static F dot(F a, B x, B y) { return _mm512_dpbf16_ps(a, x, y); }
   static V<float>::type wide(F a) { return (V<float>::type)a; }  // all 16 lanes
   static float sum(F a) { return _mm512_reduce_add_ps(a); }
+  static void add_to(float* p, F a) { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), a)); }
 };
 
 template <>
@@ -497,6 +498,7 @@ struct DotV<8> {
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
   }
+  static void add_to(float* p, F a) { _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), a)); }
 };
 
 // A 3x3 convolution at stride 1 with bf16 dot products, rows r0 .. r0 + RB of output channels o0 .. o0 + OB of one
@@ -565,11 +567,13 @@ void conv_all_dot(const DotConv& c, const Geo& g, int64_t cout, M* out, const in
   });
 }
 
-// Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added into gwg, with output rows
-// paired: g2 holds (gy row 2p, gy row 2p + 1) per word ([cout][(ho + 1) / 2][wr] words, zeros past the row end and
-// for the missing row of an odd ho); x2 holds (row r, row r + S) of the padded, phase-split input buffer.
+// Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, added lane by lane into gwl
+// (VW float lanes per weight, [(o * cin + ci) * 9 + tap][VW]: the lanes are summed once per thread, not once per
+// item, which at 7 px planes cost as much as the products), with output rows paired: g2 holds (gy row 2p, gy row
+// 2p + 1) per word ([cout][(ho + 1) / 2][wr] words, zeros past the row end and for the missing row of an odd ho); x2
+// holds (row r, row r + S) of the padded, phase-split input buffer.
 template <int OB, int S, int VW = 16>
-inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, int64_t o0, int64_t ci, float* gwg) {
+inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, int64_t o0, int64_t ci, float* gwl) {
   using D = DotV<VW>;
   const int64_t pairs = (g.ho + 1) / 2, g2plane = pairs * g.wr;
   typename D::F acc[OB][9];  // every loop over acc fully unrolled: else GCC keeps acc in memory
@@ -596,9 +600,9 @@ inline void gw_block_dot(const uint32_t* x2, const uint32_t* g2, const Geo& g, i
     }
 #pragma GCC unroll 4
   for (int o = 0; o < OB; ++o) {
-    float* dst = gwg + ((o0 + o) * g.cin + ci) * 9;
+    float* dst = gwl + ((o0 + o) * g.cin + ci) * 9 * VW;
 #pragma GCC unroll 9
-    for (int k = 0; k < 9; ++k) dst[k] += D::sum(acc[o][k]);
+    for (int k = 0; k < 9; ++k) D::add_to(dst + k * VW, acc[o][k]);
   }
 }
 
@@ -668,7 +672,12 @@ inline u32v widen_u16(const uint16_t* p) {
 inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, uint32_t* dst) {
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) *reinterpret_cast<u32vu*>(dst + j) = widen_u16(lo + j) | (widen_u16(hi + j) << 16);
-  for (; j < n; ++j) dst[j] = static_cast<uint32_t>(lo[j]) | (static_cast<uint32_t>(hi[j]) << 16);
+  if (j < n) {  // the last n - j < 16 words by masked loads and a masked store (rows of 7 and 14 words)
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
+    const u32v l = (u32v)_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + j));
+    const u32v h = (u32v)_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + j));
+    _mm512_mask_storeu_epi32(dst + j, m, (__m512i)(l | (h << 16)));
+  }
 }
 #endif
 
@@ -704,9 +713,33 @@ inline PairedWeights pair_weights(const float* w, const Geo& g, bool fwd, bool g
   return pw;
 }
 
-// Sum and sum of squares of n contiguous values (vectors, then the rest), added to st[0] and st[nch].
+// BN's per-thread sums in double, kSumLanes per sum: with AVX-512, 8 (a float vector's lanes l and l + 8 are added
+// to lane l, exactly; the lanes are summed once per call), so that a 7 px plane's sums do not end in 32 scalar
+// additions; else 1.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr int kSumLanes = 8;
+
+inline void add_lanes(__m512 v, double* acc) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_add_pd(lo, hi)));
+}
+#else
+constexpr int kSumLanes = 1;
+#endif
+
+// Sums over threads and lanes: out[k] = sum of partial[t][k * kSumLanes + l] (n values).
+inline void sum_lanes(const std::vector<std::vector<double>>& partial, int64_t n, double* out) {
+  std::fill(out, out + n, 0.0);
+  for (const auto& p : partial)
+    if (!p.empty())
+      for (int64_t k = 0; k < n; ++k)
+        for (int l = 0; l < kSumLanes; ++l) out[k] += p[k * kSumLanes + l];
+}
+
+// Sum and sum of squares of n contiguous values, added to the kSumLanes lanes at sum and at sq.
 template <typename T, typename M = T>
-inline void plane_stats(const M* p, int64_t n, double* st, int64_t nch) {
+inline void plane_stats(const M* p, int64_t n, double* sum, double* sq) {
   using Vt = V<T>;
   typename Vt::type s1{}, s2{};
   int64_t j = 0;
@@ -715,6 +748,18 @@ inline void plane_stats(const M* p, int64_t n, double* st, int64_t nch) {
     s1 += v;
     s2 += v * v;
   }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (j < n) {  // the rest as one vector, zeros past it
+      const typename Vt::type v = (typename Vt::type)load16(p + j, n - j);
+      s1 += v;
+      s2 += v * v;
+    }
+    add_lanes((__m512)s1, sum);
+    add_lanes((__m512)s2, sq);
+    return;
+  }
+#endif
   double a = 0, q = 0;
   for (int l = 0; l < Vt::W; ++l) {
     a += s1[l];
@@ -725,8 +770,8 @@ inline void plane_stats(const M* p, int64_t n, double* st, int64_t nch) {
     a += v;
     q += double(v) * v;
   }
-  st[0] += a;
-  st[nch] += q;
+  sum[0] += a;
+  sq[0] += q;
 }
 
 // Threads for a call of `work` multiply-adds / 9 over `items` work items.
@@ -769,7 +814,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
       std::vector<uint32_t> pairs(dot ? g.cin / 2 * g.plane() : 0);
       double* st = nullptr;
       if (stats) {
-        partial[t].assign(nst, 0.0);
+        partial[t].assign(nst * kSumLanes, 0.0);
         st = partial[t].data();
       }
       for (int64_t item = begin; item < end; ++item) {
@@ -808,17 +853,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
         if (st)  // the item's output planes, just written (in cache, as stored); y is NCHW contiguous here
           for (int64_t o = 0; o < g.cout; ++o) {
             const int64_t ch = gi * g.cout + o;
-            plane_stats<T, M>(yp + (ni * g.groups * g.cout + ch) * g.ho * g.wo, g.ho * g.wo, st + ch, g.groups * g.cout);
+            plane_stats<T, M>(yp + (ni * g.groups * g.cout + ch) * g.ho * g.wo, g.ho * g.wo, st + ch * kSumLanes,
+                              st + (g.groups * g.cout + ch) * kSumLanes);
           }
       }
     }
   });
-  if (stats) {
-    double* out = stats->data_ptr<double>();
-    std::fill(out, out + nst, 0.0);
-    for (const auto& p : partial)
-      for (int64_t k = 0; k < nst; ++k) out[k] += p[k];
-  }
+  if (stats) sum_lanes(partial, nst, stats->data_ptr<double>());
 }
 
 // Input gradient at stride 1, OB input channels (c0 .. c0 + OB) of one item: a convolution of the padded output
@@ -970,6 +1011,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
       std::vector<uint32_t> x2(dot_gw ? g.cin * g.plane() : 0), g2(dot_gw ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
       std::vector<uint32_t> gpp(dot_gx ? g.cout / 2 * gplane : 0);
       std::vector<T> zero_row(dot_gw ? g.wq : 0, T(0));
+      std::vector<float> gw_lanes(dot_gw ? wsize * g.vw : 0, 0.f);  // gw_block_dot's, summed into gwt at the end
       T* gwt = nullptr;
       if (gw) {
         partial[t].assign(wsize, T(0));
@@ -1057,7 +1099,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
                 const T* src = gbuf.data() + o * gplane + (2 * p + 1) * g.wq + 1;  // rows 2p and 2p + 1 (or padding)
                 pack_pairs(src, src + g.wq, g.wr, g2.data() + (o * pairs + p) * g.wr);
               }
-            T* gwg = gwt + gi * g.cout * g.cin * 9;
+            float* gwg = gw_lanes.data() + gi * g.cout * g.cin * 9 * g.vw;
             for (int64_t ci = 0; ci < g.cin; ++ci) {
               int64_t o0 = 0;
               if (s == 1) {
@@ -1144,6 +1186,11 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
         }
+      }
+      for (int64_t k = 0; k < wsize && dot_gw; ++k) {  // the thread's lanes, summed once
+        float sum = 0.f;
+        for (int64_t l = 0; l < g.vw; ++l) sum += gw_lanes[k * g.vw + l];
+        gwt[k] += sum;
       }
     }
   });
@@ -1270,7 +1317,8 @@ void apply_impl(const at::Tensor& y, const T* sc, const T* sh, at::Tensor& out, 
   });
 }
 
-// Sums over the batch of gz = (y * sc + sh > 0 ? g : 0) and of gz * y per channel (g and y NCHW contiguous).
+// Sums over the batch of gz = (y * sc + sh > 0 ? g : 0) and of gz * y per channel (g and y NCHW contiguous), each
+// in kSumLanes double lanes per thread (see plane_stats).
 template <typename T, typename M = T>
 void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const T* sh, at::Tensor& sums) {
   using Vt = V<T>;
@@ -1279,7 +1327,7 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
   const M* yp = y.data_ptr<M>();
   const M* gp = g.data_ptr<M>();
   const int nthreads = threads_for(n * c * hw / 8, n);
-  std::vector<std::vector<double>> partial(nthreads, std::vector<double>(2 * c, 0.0));
+  std::vector<std::vector<double>> partial(nthreads, std::vector<double>(2 * c * kSumLanes, 0.0));
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       double* st = partial[t].data();
@@ -1297,6 +1345,19 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
             s1 += gz;
             s2 += gz * yv;
           }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+          if constexpr (std::is_same_v<T, float>) {
+            if (j < hw) {  // the rest as one vector: zeros past it give gz = 0 there
+              const typename Vt::type yv = (typename Vt::type)load16(yr + j, hw - j);
+              const typename Vt::type gz = yv * va + vb > zero ? (typename Vt::type)load16(gr + j, hw - j) : zero;
+              s1 += gz;
+              s2 += gz * yv;
+            }
+            add_lanes((__m512)s1, st + ch * kSumLanes);
+            add_lanes((__m512)s2, st + (c + ch) * kSumLanes);
+            continue;
+          }
+#endif
           double d1 = 0, d2 = 0;
           for (int l = 0; l < VW; ++l) {
             d1 += s1[l];
@@ -1309,15 +1370,12 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
               d2 += double(gv) * yv;
             }
           }
-          st[ch] += d1;
-          st[c + ch] += d2;
+          st[ch * kSumLanes] += d1;
+          st[(c + ch) * kSumLanes] += d2;
         }
     }
   });
-  double* out = sums.data_ptr<double>();
-  std::fill(out, out + 2 * c, 0.0);
-  for (const auto& p : partial)
-    for (int64_t k = 0; k < 2 * c; ++k) out[k] += p[k];
+  sum_lanes(partial, 2 * c, sums.data_ptr<double>());
 }
 
 }  // namespace
