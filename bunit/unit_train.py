@@ -31,8 +31,9 @@ kernel widens each value to float32 as it loads it (exact), sums in float32 (BN'
 nearest even as it stores. Half the bytes: the unit layers keep every activation of the dense layer they replace.
 Where the CPU has AVX512-BF16 (:func:`bf16_dot_products`), the convolutions also multiply in bfloat16, as autocast's
 convolutions do: the weights, conv2's input and the gradient taken through BN are rounded to bf16 and multiplied in
-pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the products summed in float32. A
-forward or input gradient without channel pairs (an odd count per group) or at stride 2 multiplies in float32. The
+pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the products summed in float32; an
+odd channel count per group pairs its last channel with zeros. A forward or input gradient at stride 2 multiplies
+in float32. The
 paired operands are built straight from the stored bf16 tensors (each value rounded once, no float32 work buffer),
 and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products.
 The tolerance is autocast's: outputs and input gradients within one bf16 rounding of float32 sums of the rounded

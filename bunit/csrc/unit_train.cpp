@@ -148,8 +148,9 @@ struct IO<float, c10::BFloat16> {
 // already: the weights, the input of conv2 (BN1 + ReLU of the stored y1) and the output gradient taken through BN
 // and ReLU. Sums stay float32 (BN's in double). Pairs run over two channels for the forward (input channels) and
 // the input gradient (output channels), at stride 1, and over two output rows for the weight gradient (strides 1 and
-// 2). A forward or input gradient without channel pairs (an odd count per group) or at stride 2 (a transition's
-// conv1) multiplies the unrounded operands in float32.
+// 2). An odd count per group pairs its last channel with zeros (and a zero weight): a 2-1-2 unit's conv2 (one input
+// channel) multiplies in bf16 too. A forward or input gradient at stride 2 (a transition's conv1) multiplies the
+// unrounded operands in float32.
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
 #else
@@ -638,13 +639,14 @@ inline void store_bits(uint16_t* dst, u32v high) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16((__m512i)(high >> 16)));
 }
 
-// Words (lo[j], hi[j]) of two rows of w values at dst[0 ..): the forward's pair of input channels. With bn, lo's
-// values through relu(v * slo + tlo) and hi's through relu(v * shi + thi).
+// Words (lo[j], hi[j]) of two rows of w values at dst[0 ..): the forward's pair of input channels (hi null: zeros,
+// the last pair of an odd count). With bn, lo's values through relu(v * slo + tlo) and hi's through
+// relu(v * shi + thi).
 inline void pair_rows(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t w, bool bn, float slo, float tlo,
                       float shi, float thi, uint32_t* dst) {
   for (int64_t x0 = 0; x0 < w; x0 += 16)
     *reinterpret_cast<u32vu*>(dst + x0) = (row_high(lo + x0, w - x0, bn, slo, tlo) >> 16) |
-                                          row_high(hi + x0, w - x0, bn, shi, thi);
+                                          (hi ? row_high(hi + x0, w - x0, bn, shi, thi) : u32v{});
 }
 
 // A row of w values at dst[0 ..) as bf16 bits (relu(v * sc + sh) with bn).
@@ -681,9 +683,10 @@ inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, u
 }
 #endif
 
-// Weights paired for the bf16 dot products: fwd[(o * (cin / 2) + k) * 9 + t] = (w[o][2k][t], w[o][2k + 1][t]) when cin
-// is even; gx[((gi * cin + c) * (cout / 2) + m) * 9 + 8 - t] = (w[2m][c][t], w[2m + 1][c][t]) in group gi's output
-// channels when cout is even (t = 3 * dy + dx). Empty where the count is odd.
+// Weights paired for the bf16 dot products, np = (count + 1) / 2 pairs: fwd[(o * np + k) * 9 + t] = (w[o][2k][t],
+// w[o][2k + 1][t]) over input channels; gx[((gi * cin + c) * np + m) * 9 + 8 - t] = (w[2m][c][t], w[2m + 1][c][t])
+// over group gi's output channels (t = 3 * dy + dx). An odd count's last pair has a zero second weight (its
+// operands pair the last channel with zeros).
 struct PairedWeights {
   std::vector<uint32_t> fwd, gx;
 };
@@ -691,23 +694,25 @@ struct PairedWeights {
 inline PairedWeights pair_weights(const float* w, const Geo& g, bool fwd, bool gx) {
   PairedWeights pw;
   const int64_t co = g.groups * g.cout;
-  if (fwd && g.cin % 2 == 0) {
-    pw.fwd.resize(co * g.cin / 2 * 9);
+  if (fwd) {
+    const int64_t np = (g.cin + 1) / 2;
+    pw.fwd.resize(co * np * 9);
     for (int64_t o = 0; o < co; ++o)
-      for (int64_t k = 0; k < g.cin / 2; ++k)
+      for (int64_t k = 0; k < np; ++k)
         for (int t = 0; t < 9; ++t)
-          pw.fwd[(o * (g.cin / 2) + k) * 9 + t] = (bf16_high(w[(o * g.cin + 2 * k) * 9 + t]) >> 16) |
-                                                  bf16_high(w[(o * g.cin + 2 * k + 1) * 9 + t]);
+          pw.fwd[(o * np + k) * 9 + t] = (bf16_high(w[(o * g.cin + 2 * k) * 9 + t]) >> 16) |
+                                         (2 * k + 1 < g.cin ? bf16_high(w[(o * g.cin + 2 * k + 1) * 9 + t]) : 0u);
   }
-  if (gx && g.cout % 2 == 0) {
-    const int64_t np = g.cout / 2;
+  if (gx) {
+    const int64_t np = (g.cout + 1) / 2;
     pw.gx.resize(g.groups * g.cin * np * 9);
     for (int64_t gi = 0; gi < g.groups; ++gi)
       for (int64_t c = 0; c < g.cin; ++c)
         for (int64_t m = 0; m < np; ++m)
           for (int t = 0; t < 9; ++t) {
             const float* wo = w + ((gi * g.cout + 2 * m) * g.cin + c) * 9 + t;
-            pw.gx[((gi * g.cin + c) * np + m) * 9 + 8 - t] = (bf16_high(*wo) >> 16) | bf16_high(wo[g.cin * 9]);
+            pw.gx[((gi * g.cin + c) * np + m) * 9 + 8 - t] =
+                (bf16_high(*wo) >> 16) | (2 * m + 1 < g.cout ? bf16_high(wo[g.cin * 9]) : 0u);
           }
   }
   return pw;
@@ -792,7 +797,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
   const T* wp = w.data_ptr<T>();
   [[maybe_unused]] PairedWeights pw;
   if constexpr (std::is_same_v<M, c10::BFloat16>) {
-    dot = dot && kBf16Dot && g.cin % 2 == 0 && g.s == 1;  // stride 2 (a transition's conv1): float32 multiplies
+    dot = dot && kBf16Dot && g.s == 1;  // stride 2 (a transition's conv1): float32 multiplies
     if (dot) pw = pair_weights(wp, g, true, false);
     if (dot && g.wo <= 8) g = geometry(x, w, groups, s, 8);  // rows of up to 8: 8-lane dot products (DotV)
   } else {
@@ -811,7 +816,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
       // direct: the channel pairs built straight from x (NCHW rows), in a buffer zeroed once (its borders stay zero)
       const bool direct = dot && xs[3] == 1;
       std::vector<T> buf(direct ? 0 : g.cin * g.plane()), tmp(isc && !direct ? g.h * g.w : 0);
-      std::vector<uint32_t> pairs(dot ? g.cin / 2 * g.plane() : 0);
+      const int64_t np = (g.cin + 1) / 2;  // channel pairs (an odd count's last with zeros)
+      std::vector<uint32_t> pairs(dot ? np * g.plane() : 0);
+      std::vector<T> zero_plane(dot && !direct && g.cin % 2 ? g.plane() : 0, T(0));
       double* st = nullptr;
       if (stats) {
         partial[t].assign(nst * kSumLanes, 0.0);
@@ -824,22 +831,24 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, float> && std::is_same_v<M, c10::BFloat16>) {
           if (direct) {
-            for (int64_t k = 0; k < g.cin / 2; ++k) {
+            for (int64_t k = 0; k < np; ++k) {
               const int64_t lo = gi * g.cin + 2 * k, hi = lo + 1;
+              const bool has_hi = 2 * k + 1 < g.cin;
               const M* src = xp + ni * xs[0] + lo * xs[1];
               for (int64_t r = 0; r < g.h; ++r)
-                pair_rows(src + r * xs[2], src + xs[1] + r * xs[2], g.w, isc != nullptr, isc ? isc[lo] : 0.f,
-                          isc ? ish[lo] : 0.f, isc ? isc[hi] : 0.f, isc ? ish[hi] : 0.f,
-                          pairs.data() + k * g.plane() + (r + 1) * g.wq + 1);
+                pair_rows(src + r * xs[2], has_hi ? src + xs[1] + r * xs[2] : nullptr, g.w, isc != nullptr,
+                          isc ? isc[lo] : 0.f, isc ? ish[lo] : 0.f, isc && has_hi ? isc[hi] : 0.f,
+                          isc && has_hi ? ish[hi] : 0.f, pairs.data() + k * g.plane() + (r + 1) * g.wq + 1);
             }
           } else if (dot) {
-            for (int64_t k = 0; k < g.cin / 2; ++k)
-              pack_pairs(buf.data() + 2 * k * g.plane(), buf.data() + (2 * k + 1) * g.plane(), g.plane(),
+            for (int64_t k = 0; k < np; ++k)
+              pack_pairs(buf.data() + 2 * k * g.plane(),
+                         2 * k + 1 < g.cin ? buf.data() + (2 * k + 1) * g.plane() : zero_plane.data(), g.plane(),
                          pairs.data() + k * g.plane());
           }
           if (dot) {
-            const DotConv c{pairs.data(), g.cin / 2, g.plane(), pw.fwd.data() + gi * g.cout * (g.cin / 2) * 9, g.ho,
-                            g.wo, gi * g.cout};
+            const DotConv c{pairs.data(), np, g.plane(), pw.fwd.data() + gi * g.cout * np * 9, g.ho, g.wo,
+                            gi * g.cout};
             conv_all_dot(c, g, g.cout, yp, ys, ni);
           }
         }
@@ -968,7 +977,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   [[maybe_unused]] PairedWeights pw;
   if constexpr (std::is_same_v<M, c10::BFloat16>) {
     dot = dot && kBf16Dot;
-    dot_gx = dot && gx && s == 1 && g.cout % 2 == 0;
+    dot_gx = dot && gx && s == 1;
     if (dot_gx) pw = pair_weights(w.data_ptr<float>(), g, false, true);
     // rows of up to 8 where every product asked for is a dot product: 8-lane dot products (DotV)
     if (dot && s == 1 && g.wo <= 8 && (!gx || dot_gx)) g = geometry(x, w, groups, s, 8);
@@ -1009,7 +1018,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
       // the bf16 dot products' operands: input rows paired (r, r + s), output-gradient rows paired (2p, 2p + 1),
       // output-gradient channels paired (2m, 2m + 1); a zero row for the pairs past the last row
       std::vector<uint32_t> x2(dot_gw ? g.cin * g.plane() : 0), g2(dot_gw ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
-      std::vector<uint32_t> gpp(dot_gx ? g.cout / 2 * gplane : 0);
+      const int64_t npg = (g.cout + 1) / 2;  // output-gradient channel pairs (an odd count's last with zeros)
+      std::vector<uint32_t> gpp(dot_gx ? npg * gplane : 0);
+      std::vector<uint16_t> zero_g16(dot_gx && direct_g && g.cout % 2 ? gplane : 0);
+      std::vector<T> zero_g(dot_gx && !direct_g && g.cout % 2 ? gplane : 0, T(0));
       std::vector<T> zero_row(dot_gw ? g.wq : 0, T(0));
       std::vector<float> gw_lanes(dot_gw ? wsize * g.vw : 0, 0.f);  // gw_block_dot's, summed into gwt at the end
       T* gwt = nullptr;
@@ -1063,8 +1075,9 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
                               gb16.data() + o * gplane + (i + 1) * g.wq + 1);
             }
             if (dot_gx)
-              for (int64_t m = 0; m < g.cout / 2; ++m)
-                interleave_bits(gb16.data() + 2 * m * gplane, gb16.data() + (2 * m + 1) * gplane, gplane,
+              for (int64_t m = 0; m < npg; ++m)
+                interleave_bits(gb16.data() + 2 * m * gplane,
+                                2 * m + 1 < g.cout ? gb16.data() + (2 * m + 1) * gplane : zero_g16.data(), gplane,
                                 gpp.data() + m * gplane);
             if (dot_gw)
               for (int64_t o = 0; o < g.cout; ++o)
@@ -1116,10 +1129,11 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
           if (dot_gx) {
-            for (int64_t m = 0; m < g.cout / 2 && !direct_g; ++m)
-              pack_pairs(gbuf.data() + 2 * m * gplane, gbuf.data() + (2 * m + 1) * gplane, gplane,
+            for (int64_t m = 0; m < npg && !direct_g; ++m)
+              pack_pairs(gbuf.data() + 2 * m * gplane,
+                         2 * m + 1 < g.cout ? gbuf.data() + (2 * m + 1) * gplane : zero_g.data(), gplane,
                          gpp.data() + m * gplane);
-            const DotConv c{gpp.data(), g.cout / 2, gplane, pw.gx.data() + gi * g.cin * (g.cout / 2) * 9, g.h, g.w,
+            const DotConv c{gpp.data(), npg, gplane, pw.gx.data() + gi * g.cin * npg * 9, g.h, g.w,
                             gi * g.cin};
             conv_all_dot(c, g, g.cin, gxp, gxs, ni);
           }
