@@ -35,7 +35,11 @@ pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the 
 odd channel count per group pairs its last channel with zeros. A forward or input gradient at stride 2 multiplies
 in float32. The
 paired operands are built straight from the stored bf16 tensors (each value rounded once, no float32 work buffer),
-and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products.
+and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products. A row of 2-1-2 units (a
+multiple of 16, stride 1; :func:`runs_channels_last`) runs in channels_last instead, in kernels that hold 16 units in
+one vector (a pixel's 32 input channels are the 16 channel pairs of one dot product), where the NCHW kernels spend
+their time on per-(image, unit) work over planes of 7-14 px: the same rounded operands, sums in another order
+(tested against the NCHW kernels and, in a layer, against ``grouped`` under autocast).
 The tolerance is autocast's: outputs and input gradients within one bf16 rounding of float32 sums of the rounded
 operands, weight gradients within 1e-5 of them (tested); a whole model no further from float32 than ``grouped``
 under autocast (within 25%, tested). :func:`float32_multiplies` turns the dot products off, for side-by-side timing.
@@ -63,7 +67,7 @@ from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
            "UnitGroupFn", "UnitLayerFn", "layer_forward", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward",
-           "takes_residual"]
+           "takes_residual", "runs_channels_last"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"
@@ -172,11 +176,20 @@ def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int
     """The gradients of :func:`_group_forward`'s inputs from its output's gradient: ``(x, w1, g1, b1, w2, g2, b2,
     residual)``, None where ``need`` (flags in that order) says no."""
     x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out = saved
-    if out is not None:  # through the block's ReLU: the residual's gradient, and the units' output gradient
-        grad = torch.ops.aten.threshold_backward(grad, out, 0)
-    g = grad.to(x.dtype).contiguous()
-    # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
-    dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, w2)
+    fmt = torch.channels_last if is_channels_last(y2) else torch.contiguous_format  # the kernels' layout
+    if out is not None and grad.dtype == out.dtype == x.dtype and out.is_contiguous(memory_format=fmt):
+        # the block's ReLU taken in the same pass as BN's sums: the residual's gradient, and the units' output
+        # gradient (threshold_backward's values), then as below; a gradient of the other layout (from a pooling
+        # layer) copied to the output's first
+        grad = grad.contiguous(memory_format=fmt)
+        dg2, db2, a2, b2, grad = ext.bn_relu_grad_coefficients(grad, y2, sc2, sh2, count, m2, w2, out)
+        g = grad
+    else:
+        if out is not None:  # through the block's ReLU: the residual's gradient, and the units' output gradient
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        g = grad.to(x.dtype).contiguous(memory_format=fmt)
+        # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
+        dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, w2)
     gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4], bf16_dot=dot)
     dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, count, m1, w1)
     gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, stride, None, None, need[0], need[1],
@@ -307,6 +320,18 @@ def storage_dtype(weight_dtype: torch.dtype) -> torch.dtype:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return torch.bfloat16
     return weight_dtype
+
+
+def runs_channels_last(grp: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the kernel runs ``grp`` (a :class:`bunit.units.UnitGroup`) on inputs like ``x`` in its channels_last
+    path, one vector holding 16 units: a row of 2-1-2 units, a multiple of 16 of them, at stride 1, stored in bf16
+    and multiplied in bf16 dot products (CPU bf16 autocast, AVX512-BF16). Such a group is then given its input
+    channels_last, and returns its output so."""
+    c1, c2 = grp.conv1, grp.conv2
+    n = c1.groups
+    return (n % 16 == 0 and c1.in_channels == 2 * n and c1.out_channels == n and c2.out_channels == 2 * n
+            and c1.stride == (1, 1) and x.is_cpu and storage_dtype(c1.weight.dtype) == torch.bfloat16
+            and bf16_dot_products())
 
 
 def fuses_group(grp: nn.Module, x: torch.Tensor) -> bool:

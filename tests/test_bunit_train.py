@@ -364,6 +364,97 @@ def test_channels_last_layer_trains_in_nchw_with_the_same_values(specs, residual
         assert (got[key] is None) == (want[key] is None) and (want[key] is None or torch.equal(got[key], want[key])), key
 
 
+def _group_calls(ext, x, w1, w2, res):
+    """One 2-1-2 group's kernel calls in training order (what ``_group_forward`` and ``_group_backward`` call), with
+    fixed BN parameters and output gradient; every result by name."""
+    n = w1.shape[0]
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    gen = torch.Generator().manual_seed(5)
+    g1, b1 = torch.rand(n, generator=gen) + 0.5, torch.randn(n, generator=gen) * 0.1
+    g2, b2 = torch.rand(2 * n, generator=gen) + 0.5, torch.randn(2 * n, generator=gen) * 0.1
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    y1, st1 = ext.conv_forward_stats(x, w1, n, 1, bf16_dot=True)
+    m1, sc1, sh1 = ext.bn_coefficients(st1, count, g1, b1, 1e-5, torch.zeros(n), torch.ones(n), 0.1, w1)
+    y2, st2 = ext.conv_forward_stats(y1, w2, n, 1, sc1, sh1, bf16_dot=True)
+    m2, sc2, sh2 = ext.bn_coefficients(st2, count, g2, b2, 1e-5, torch.zeros(2 * n), torch.ones(2 * n), 0.1, w2)
+    out = ext.bn_relu_apply(y2, sc2, sh2, cl, None if res is None else res.contiguous(memory_format=fmt))
+    grad = torch.randn(out.shape, generator=gen).bfloat16().contiguous(memory_format=fmt)
+    got = ext.bn_relu_grad_coefficients(grad, y2, sc2, sh2, count, m2, w2, *(() if res is None else (out,)))
+    g = got[4] if res is not None else grad
+    gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, got[2], got[3], n, 1, sc1, sh1, True, True,
+                                   bf16_dot=True)
+    dg1, db1, a1, c1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, count, m1, w1)
+    gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, c1, n, 1, None, None, True, True, bf16_dot=True)
+    return dict(y1=y1, st1=st1, y2=y2, st2=st2, out=out, g=g, dg2=got[0], db2=got[1], gh=gh, gw2=gw2, dg1=dg1,
+                db1=db1, gx=gx, gw1=gw1)
+
+
+@pytest.mark.parametrize("batch,units,size", [(3, 16, 7), (2, 32, 14), (4, 16, 5), (2, 48, 6)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_channels_last_rows_of_2_1_2_units_compute_what_the_nchw_kernels_do(batch, units, size, residual):
+    """A row of 2-1-2 units (16k of them, stride 1, bf16 dot products) given channels_last tensors runs the kernels
+    that hold 16 units per vector, and returns channels_last tensors with the values of the NCHW kernels (the same
+    bf16-rounded operands, float32 sums in another order): activations and input gradients within one bf16
+    rounding, weight gradients within 1e-5, BN's sums and gradients within 1e-6 (relative to the largest); with a
+    block's shortcut, the output pass and the ReLU's gradient too. Plane widths of 5-14 (whole blocks of 4 columns
+    and single ones)."""
+    ext = unit_train.load_extension()
+    if not ext.has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: the extension is built without bf16 dot products")
+    gen = torch.Generator().manual_seed(units + size)
+    x = torch.randn(batch, 2 * units, size, size, generator=gen).bfloat16()
+    w1, w2 = torch.randn(units, 2, 3, 3, generator=gen), torch.randn(2 * units, 1, 3, 3, generator=gen)
+    res = torch.randn(x.shape, generator=gen).bfloat16() if residual else None
+    want = _group_calls(ext, x, w1, w2, res)
+    got = _group_calls(ext, x.contiguous(memory_format=torch.channels_last), w1, w2, res)
+    for key in ("y1", "y2", "out", "g", "gh", "gx"):
+        assert got[key].is_contiguous(memory_format=torch.channels_last) and not got[key].is_contiguous(), key
+        assert _within_bf16_rounding(got[key], want[key]), key
+    for key in ("gw1", "gw2"):
+        assert _rel(got[key], want[key]) <= 1e-5, key
+    for key in ("st1", "st2"):
+        assert _rel(got[key], want[key]) <= 1e-6, key
+    for key in ("dg1", "db1", "dg2", "db2"):  # sums over a gradient with some values a bf16 rounding apart
+        assert _rel(got[key], want[key]) <= 1e-5, key
+
+
+@pytest.mark.parametrize("shortcut", [None, "identity"])
+def test_channels_last_row_of_2_1_2_units_trains_as_grouped_does(shortcut):
+    """In a layer, a row of 16 2-1-2 units under bf16 autocast runs channels_last (given an NCHW input: one copy in;
+    its input gradient copied back to NCHW), and its output, input and parameter gradients and BN running statistics
+    are no further from float32 than ``grouped`` under the same autocast (relative L2 within 1.25x)."""
+    if not unit_train.bf16_dot_products():
+        pytest.skip("this CPU has no AVX512-BF16: no channels_last unit kernels")
+    torch.manual_seed(0)
+    layer = spread_bn(UnitLayer(["16x2-1-2"]), 1).train()
+    ref = copy.deepcopy(layer)
+    exact = copy.deepcopy(layer)
+    layer.backend = "unit_train"
+    x = torch.randn(4, 32, 9, 9)
+    grad = torch.randn(4, 32, 9, 9)
+
+    def run(mod, autocast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            assert not autocast or mod is not layer or unit_train.runs_channels_last(mod.groups[0], xi)
+            out = mod(xi, residual=xi if shortcut else None)
+        out.float().backward(grad)
+        return out, [out.float(), xi.grad.float(), *[p.grad for p in mod.parameters()],
+                     *[b.float() for b in mod.buffers() if b.is_floating_point()]]
+
+    out, got = run(layer, True)
+    assert out.is_contiguous(memory_format=torch.channels_last) and got[1].is_contiguous()  # x.grad: x's layout
+    _, want = run(ref, True)
+    _, exact_vals = run(exact, False)
+
+    def dist(a, b):
+        return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-12))
+
+    for k, (a, b, e) in enumerate(zip(got, want, exact_vals)):
+        assert dist(a, e) <= 1.25 * dist(b, e) + 1e-6, k
+
+
 # --- the fused group path: BN (batch statistics) and ReLU inside the kernel's forward and backward -------------------
 
 
@@ -459,17 +550,19 @@ def test_fused_group_refuses_one_value_per_channel_as_batchnorm_does():
         layer(torch.randn(1, 2, 1, 1))
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("bf16,shortcut", [(False, torch.float32), (True, torch.float32),
+                                            (True, torch.bfloat16)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, channels_last):
+def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, shortcut, channels_last):
     """A one-group layer given a block's shortcut adds it and applies the block's ReLU in the group's output pass;
     output, input, shortcut and parameter gradients and BN statistics equal, bit for bit, the unit output followed
-    by ``relu(y + shortcut)`` (float32, and under bf16 autocast with a float32 shortcut)."""
+    by ``relu(y + shortcut)`` (float32, and under bf16 autocast with a float32 or a bf16 shortcut: with a shortcut
+    of the stored dtype, the backward takes the block's ReLU in the pass of BN's sums)."""
     base = spread_bn(UnitLayer(["8x2-1-2"]), 1).train()
     base.backend = "unit_train"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(3)
-    x, r = torch.randn(4, 16, 9, 10, generator=gen), torch.randn(4, 16, 9, 10, generator=gen)
+    x, r = torch.randn(4, 16, 9, 10, generator=gen), torch.randn(4, 16, 9, 10, generator=gen).to(shortcut)
     got = {}
     for fused in (True, False):
         layer = copy.deepcopy(base)
@@ -480,8 +573,32 @@ def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, channels_l
         assert (type(y.grad_fn).__name__ == "UnitGroupFnBackward") == fused  # the fused pass did run
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
         got[fused] = [y.detach(), xi.grad, ri.grad, *[p.grad for p in layer.parameters()], *layer.buffers()]
-    assert got[True][0].dtype == torch.float32
+    assert got[True][0].dtype == shortcut  # the block's output in the shortcut's dtype
     assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_relu_taken_with_bn_sums_equals_threshold_backward(dtype):
+    """``bn_relu_grad_coefficients`` given a block's output takes the gradient through that ReLU first: the
+    gradient it returns equals ``threshold_backward(g, out, 0)`` bit for bit (zeros where out is 0 or below, g
+    elsewhere), and the coefficients equal those computed from that gradient. Planes of 49 and 63 values (whole
+    vectors and a part of one)."""
+    ext = unit_train.load_extension()
+    for h, w in ((7, 7), (7, 9)):
+        gen = torch.Generator().manual_seed(h * w)
+        y = torch.randn(3, 5, h, w, generator=gen).to(dtype)
+        g = torch.randn(3, 5, h, w, generator=gen).to(dtype)
+        out = torch.relu(torch.randn(3, 5, h, w, generator=gen)).to(dtype)  # a ReLU's output: many exact zeros
+        sc, sh = torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen) * 0.1
+        moments = torch.stack([torch.randn(5, generator=gen).double(), torch.rand(5, generator=gen).double() + 0.5,
+                               torch.rand(5, generator=gen).double() + 0.5])
+        wt = torch.randn(5, 1, 3, 3)
+        got = ext.bn_relu_grad_coefficients(g, y, sc, sh, 3 * h * w, moments, wt, out)
+        want_g = torch.ops.aten.threshold_backward(g, out, 0)
+        assert len(got) == 5 and got[4].dtype == dtype and torch.equal(got[4], want_g)
+        assert (got[4] == 0).sum() > (g == 0).sum()  # the mask did zero some
+        want = ext.bn_relu_grad_coefficients(want_g, y, sc, sh, 3 * h * w, moments, wt)
+        assert len(want) == 4 and all(torch.equal(a, b) for a, b in zip(got[:4], want))
 
 
 def test_gradcheck_fused_group_with_residual_float64():

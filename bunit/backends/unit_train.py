@@ -1,7 +1,8 @@
 """The ``unit_train`` backend: ``grouped`` with the units' grouped 3x3 convs run by kernels with their own backward,
 the training path of unit layers. On CPU, the C++ kernel of :mod:`bunit.unit_train`: in training mode (BN with batch
 statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
-(:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there); otherwise each conv
+(:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there; a row of 2-1-2
+units, 16k of them at stride 1 under bf16 autocast, runs channels_last, in NCHW every other); otherwise each conv
 runs in the kernel and BN and ReLU are PyTorch's. On CUDA, the Triton kernels of :mod:`bunit.unit_triton` for each
 conv, BN and ReLU PyTorch's (never run on a GPU so far: tested by Triton's interpreter on CPU). Where no kernel runs
 (other devices, dtypes, kernel sizes, no compiler, no ``triton``) each conv runs as in ``grouped``."""
@@ -16,6 +17,28 @@ from bunit.functional import is_channels_last
 __all__ = ["UnitTrain"]
 
 
+class _Relayout(torch.autograd.Function):
+    """``x`` copied to ``memory_format``, and its gradient copied back to ``x``'s layout: every gradient keeps its
+    tensor's layout (``Tensor.contiguous`` passes the gradient through in the copy's layout, and a gradient of the
+    other layout makes autograd's sums, and the ops that read it beside their output, run several times slower)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        ctx.fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        return x.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.contiguous(memory_format=ctx.fmt), None
+
+
+def _to_layout(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``t`` in ``memory_format`` (itself when it is already), through :class:`_Relayout`."""
+    if t.is_contiguous(memory_format=memory_format):
+        return t
+    return _Relayout.apply(t, memory_format)
+
+
 def _nchw(t: torch.Tensor) -> torch.Tensor:
     """A channels_last ``t`` copied to NCHW (the fused groups' layout); any other ``t`` as it is.
 
@@ -24,8 +47,19 @@ def _nchw(t: torch.Tensor) -> torch.Tensor:
     16.8 ms against 9.7 in NCHW; the copy takes 0.5 ms, and so does the input gradient's copy back). So a
     channels_last model's unit layers (in training, on CPU) take their input in NCHW, and return NCHW: the first one
     copies, every later one is handed NCHW. The layers before them keep channels_last (the dense stages of a partial
-    BUnit plan, whose oneDNN convolutions are faster in it)."""
-    return t.contiguous() if is_channels_last(t) else t
+    BUnit plan, whose oneDNN convolutions are faster in it). The exception is a row of 2-1-2 units that the kernel
+    runs in channels_last (:func:`_fused_layout`). Copies go through :class:`_Relayout`, which gives the gradient
+    back in the input's layout."""
+    return _to_layout(t, torch.contiguous_format) if is_channels_last(t) else t
+
+
+def _fused_layout(layer, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the layout a layer's fused groups run in: channels_last for a one-group row that the kernel runs in
+    channels_last (:func:`bunit.unit_train.runs_channels_last`: 2-1-2 units side by side in one vector), else NCHW
+    (:func:`_nchw`)."""
+    if len(layer.groups) == 1 and unit_train.runs_channels_last(layer.groups[0], x):
+        return _to_layout(x, torch.channels_last)
+    return _nchw(x)
 
 
 @register_backend("unit_train")
@@ -38,7 +72,7 @@ class UnitTrain(Backend):
             return layer.run_groups(x, unit_triton.conv)  # (B, out, H/s, W/s)
         if not all(unit_train.fuses_group(grp, x) for grp in layer.groups):
             return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
-        x = _nchw(x)
+        x = _fused_layout(layer, x)
         if len(layer.groups) == 1 and layer.out_perm is None:
             return unit_train.group_forward(layer.groups[0], layer._group_input(x, 0))  # (B, out, H/s, W/s)
         return unit_train.layer_forward(layer, x)  # every group in one autograd node, (B, out, H/s, W/s)
@@ -50,9 +84,11 @@ class UnitTrain(Backend):
         if (residual is not None and tuple(residual_map) == (1, 0) and not x.is_cuda and len(layer.groups) == 1
                 and layer.out_perm is None):
             grp = layer.groups[0]
-            if unit_train.fuses_group(grp, x) and is_channels_last(x):
-                xn = _nchw(x)
-                x, residual = xn, (xn if residual is x else _nchw(residual))  # an identity shortcut: the same copy
+            if unit_train.fuses_group(grp, x):
+                xn = _fused_layout(layer, x)
+                if xn is not x:  # an identity shortcut: the same copy; another shortcut in the same layout
+                    fmt = torch.channels_last if is_channels_last(xn) else torch.contiguous_format
+                    x, residual = xn, (xn if residual is x else _to_layout(residual, fmt))
             xg = layer._group_input(x, 0)
             ho, wo = (x.shape[2] - 1) // layer.stride + 1, (x.shape[3] - 1) // layer.stride + 1
             out_shape = (x.shape[0], layer.out_channels, ho, wo)

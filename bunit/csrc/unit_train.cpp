@@ -1332,9 +1332,12 @@ void apply_impl(const at::Tensor& y, const T* sc, const T* sh, at::Tensor& out, 
 }
 
 // Sums over the batch of gz = (y * sc + sh > 0 ? g : 0) and of gz * y per channel (g and y NCHW contiguous), each
-// in kSumLanes double lanes per thread (see plane_stats).
-template <typename T, typename M = T>
-void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const T* sh, at::Tensor& sums) {
+// in kSumLanes double lanes per thread (see plane_stats). RES: g first goes through the residual block's ReLU,
+// g = out <= 0 ? 0 : g (what threshold_backward(g, out, 0) computes, out the block's output), and that gradient is
+// written to gres (the shortcut's gradient) in the same pass.
+template <typename T, typename M = T, bool RES = false>
+void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const T* sh, at::Tensor& sums,
+                    const M* op = nullptr, M* gres = nullptr) {
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   const int64_t n = y.size(0), c = y.size(1), hw = y.size(2) * y.size(3);
@@ -1347,15 +1350,21 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
       double* st = partial[t].data();
       for (int64_t ni = n * t / nthreads; ni < n * (t + 1) / nthreads; ++ni)
         for (int64_t ch = 0; ch < c; ++ch) {
-          const M* yr = yp + (ni * c + ch) * hw;
-          const M* gr = gp + (ni * c + ch) * hw;
+          const int64_t off = (ni * c + ch) * hw;
+          const M* yr = yp + off;
+          const M* gr = gp + off;
           const T a = sc[ch], b = sh[ch];
           const typename Vt::type va = Vt::splat(a), vb = Vt::splat(b), zero{};
           typename Vt::type s1{}, s2{};
           int64_t j = 0;
           for (; j + VW <= hw; j += VW) {
             const typename Vt::type yv = IO<T, M>::load(yr + j);
-            const typename Vt::type gz = yv * va + vb > zero ? IO<T, M>::load(gr + j) : zero;
+            typename Vt::type gv = IO<T, M>::load(gr + j);
+            if constexpr (RES) {
+              gv = IO<T, M>::load(op + off + j) <= zero ? zero : gv;
+              IO<T, M>::store(gres + off + j, gv);
+            }
+            const typename Vt::type gz = yv * va + vb > zero ? gv : zero;
             s1 += gz;
             s2 += gz * yv;
           }
@@ -1363,7 +1372,12 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
           if constexpr (std::is_same_v<T, float>) {
             if (j < hw) {  // the rest as one vector: zeros past it give gz = 0 there
               const typename Vt::type yv = (typename Vt::type)load16(yr + j, hw - j);
-              const typename Vt::type gz = yv * va + vb > zero ? (typename Vt::type)load16(gr + j, hw - j) : zero;
+              typename Vt::type gv = (typename Vt::type)load16(gr + j, hw - j);
+              if constexpr (RES) {
+                gv = (typename Vt::type)load16(op + off + j, hw - j) <= zero ? zero : gv;
+                IO<T, M>::store_n(gres + off + j, gv, hw - j);
+              }
+              const typename Vt::type gz = yv * va + vb > zero ? gv : zero;
               s1 += gz;
               s2 += gz * yv;
             }
@@ -1378,7 +1392,12 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
             d2 += s2[l];
           }
           for (; j < hw; ++j) {
-            const T yv = IO<T, M>::get(yr + j), gv = IO<T, M>::get(gr + j);
+            const T yv = IO<T, M>::get(yr + j);
+            T gv = IO<T, M>::get(gr + j);
+            if constexpr (RES) {
+              gv = IO<T, M>::get(op + off + j) <= T(0) ? T(0) : gv;
+              IO<T, M>::put(gres + off + j, gv);
+            }
             if (yv * a + b > T(0)) {
               d1 += gv;
               d2 += double(gv) * yv;
@@ -1394,6 +1413,510 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
 
 }  // namespace
 
+namespace {
+
+// --- rows of 2-1-2 units in channels_last: one vector holds 16 units -------------------------------------------
+//
+// A row of n 2-1-2 units (conv1 two input channels to one, conv2 one to two, stride 1) spends its time in the
+// per-(image, unit) work of the kernels above: each work item is a few planes of 7-14 px. In channels_last the
+// units lie side by side instead: at one pixel, a 512-bit load of the input holds 16 units' channel pairs, exactly
+// the word pairs vdpbf16ps multiplies, and conv1 of 16 units is 9 dot products per pixel; conv2 and the gradients
+// are 16-lane multiply-adds with one unit per lane. These kernels take that layout (bf16 storage, AVX512-BF16, n a
+// multiple of 16) and compute what the dot-product path computes: the same operands rounded to bf16 (weights,
+// conv2's input relu(y1 * sc + sh), the gradients taken through BN), products exact in float32, float32 sums in
+// another order, BN's sums in double. Each image's planes go through a zero-bordered scratch copy, so no tap is
+// tested at the borders.
+#if defined(__AVX512BF16__)
+constexpr bool kChannelsLastUnits = true;
+
+inline __m512 round_bf16(__m512 v) { return (__m512)bf16_high((V<float>::type)v); }
+inline __m512 words_lo(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+inline __m512 words_hi(__m512i w) {
+  return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+// (lo, hi) rounded to bf16, lo in the low half of each word: 16 channel pairs (2u, 2u + 1) in channels_last order.
+inline __m512i pack_words(__m512 lo, __m512 hi) {
+  return (__m512i)((bf16_high((V<float>::type)lo) >> 16) | bf16_high((V<float>::type)hi));
+}
+inline __m512 load_bf16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store_bf16(c10::BFloat16* p, __m512 v) {
+  store_bits(reinterpret_cast<uint16_t*>(p), bf16_high((V<float>::type)v));
+}
+// 16 floats added to 16 double lanes (one per channel).
+inline void add_channels(__m512 v, double* acc) {
+  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(_mm512_castps512_ps256(v))));
+  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(_mm256_castpd_ps(
+                                                                       _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))));
+}
+
+// Which kernel of this section computes conv(x, w, groups, s): 1 conv1 of 2-1-2 units (w: (n, 2, 3, 3)), 2 their
+// conv2 (w: (2n, 1, 3, 3)), 0 none (then the kernels above).
+inline int channels_last_units(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s, bool dot) {
+  if (!dot || s != 1 || x.scalar_type() != at::kBFloat16 || groups % 16 != 0 || x.size(1) == 1 ||
+      !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous())
+    return 0;
+  if (w.size(0) == groups && w.size(1) == 2 && x.size(1) == 2 * groups) return 1;
+  if (w.size(0) == 2 * groups && w.size(1) == 1 && x.size(1) == groups) return 2;
+  return 0;
+}
+
+inline bool is_cl(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// Columns 0 .. w of a row in blocks of 4, then one at a time: f(integral_constant<P>, first column). P independent
+// accumulators per step: one pixel's 9 taps are a chain of dependent multiply-adds, which alone leaves the FMA
+// units waiting on their latency.
+template <typename F>
+inline void in_pixel_blocks(int64_t w, F&& f) {
+  int64_t c = 0;
+  for (; c + 4 <= w; c += 4) f(std::integral_constant<int, 4>{}, c);
+  for (; c < w; ++c) f(std::integral_constant<int, 1>{}, c);
+}
+
+// Per-thread work of a call over the B images: f(first image, last image, thread).
+template <typename F>
+void over_images(int64_t images, int64_t work, F&& f) {
+  const int nthreads = threads_for(work, images);
+  at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) f(images * t / nthreads, images * (t + 1) / nthreads, t);
+  });
+}
+
+// Per-thread double sums, summed over threads into out (n values).
+inline void sum_threads(const std::vector<std::vector<double>>& partial, int64_t n, double* out) {
+  std::fill(out, out + n, 0.0);
+  for (const auto& p : partial)
+    for (int64_t k = 0; k < n && !p.empty(); ++k) out[k] += p[k];
+}
+
+// conv1 of n 2-1-2 units: x (B, 2n, H, W) channels_last bf16 -> y (B, n, H, W) channels_last bf16, with the batch
+// [sums; sums of squares] of y as stored.
+void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& stats) {
+  const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
+  const float* wf = w.data_ptr<float>();
+  std::vector<uint32_t> wq(9 * n);  // wq[t * n + u]: (w[u][0][t], w[u][1][t]) as bf16 pair
+  for (int64_t u = 0; u < n; ++u)
+    for (int t = 0; t < 9; ++t) wq[t * n + u] = (bf16_high(wf[(u * 2) * 9 + t]) >> 16) | bf16_high(wf[(u * 2 + 1) * 9 + t]);
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  std::vector<std::vector<double>> partial(at::get_num_threads());
+  over_images(B, B * H * W * n, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<uint32_t> pad((H + 2) * wp * n, 0u);
+    std::vector<double>& st = partial[t];
+    st.assign(2 * n, 0.0);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r = 0; r < H; ++r)
+        std::memcpy(pad.data() + ((r + 1) * wp + 1) * n, xp + (b * H + r) * W * n, sizeof(uint32_t) * W * n);
+      for (int64_t ub = 0; ub < n; ub += 16) {
+        __m512bh wv[9];
+#pragma GCC unroll 9
+        for (int k = 0; k < 9; ++k) wv[k] = (__m512bh)_mm512_loadu_si512(wq.data() + k * n + ub);
+        for (int64_t r = 0; r < H; ++r) {
+          __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+          in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+            constexpr int P = decltype(pb)::value;
+            __m512 acc[P];
+#pragma GCC unroll 4
+            for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+            for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+              for (int dx = 0; dx < 3; ++dx)
+#pragma GCC unroll 4
+                for (int q = 0; q < P; ++q)
+                  acc[q] = _mm512_dpbf16_ps(
+                      acc[q], (__m512bh)_mm512_loadu_si512(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub),
+                      wv[dy * 3 + dx]);
+#pragma GCC unroll 4
+            for (int q = 0; q < P; ++q) {
+              const __m512 v = round_bf16(acc[q]);
+              store_bf16(yp + ((b * H + r) * W + c0 + q) * n + ub, v);
+              s1 = _mm512_add_ps(s1, v);
+              s2 = _mm512_fmadd_ps(v, v, s2);
+            }
+          });
+          add_channels(s1, st.data() + ub);
+          add_channels(s2, st.data() + n + ub);
+        }
+      }
+    }
+  });
+  sum_threads(partial, 2 * n, stats.data_ptr<double>());
+}
+
+// conv1's input relu(y1 * sc + sh) (or y1 itself without sc), rounded to bf16, for one image into the zero-bordered
+// float scratch pad ((H + 2) x (W + 2) pixels of n values).
+inline void cl_bn_input(const c10::BFloat16* y1, int64_t H, int64_t W, int64_t n, const float* sc, const float* sh,
+                        float* pad) {
+  const int64_t wp = W + 2;
+  for (int64_t r = 0; r < H; ++r)
+    for (int64_t c = 0; c < W; ++c)
+      for (int64_t ub = 0; ub < n; ub += 16) {
+        __m512 v = load_bf16(y1 + (r * W + c) * n + ub);
+        if (sc) v = round_bf16(_mm512_max_ps(_mm512_fmadd_ps(v, _mm512_loadu_ps(sc + ub), _mm512_loadu_ps(sh + ub)),
+                                             _mm512_setzero_ps()));
+        _mm512_storeu_ps(pad + ((r + 1) * wp + c + 1) * n + ub, v);
+      }
+}
+
+// conv2 of n 2-1-2 units: y1 (B, n, H, W) channels_last bf16, taken through relu(y1 * sc + sh) when sc is given ->
+// y2 (B, 2n, H, W) channels_last bf16, with the batch sums of y2 as stored.
+void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc, const float* sh, at::Tensor& y2,
+                      at::Tensor& stats) {
+  const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
+  const float* wf = w.data_ptr<float>();
+  std::vector<float> wr(2 * 9 * n);  // wr[(j * 9 + t) * n + u]: w[2u + j][0][t] rounded to bf16
+  for (int64_t u = 0; u < n; ++u)
+    for (int j = 0; j < 2; ++j)
+      for (int t = 0; t < 9; ++t) {
+        const uint32_t bits = bf16_high(wf[(2 * u + j) * 9 + t]);
+        std::memcpy(&wr[(j * 9 + t) * n + u], &bits, 4);
+      }
+  const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
+  __m512i* y2p = reinterpret_cast<__m512i*>(y2.data_ptr<c10::BFloat16>());
+  std::vector<std::vector<double>> partial(at::get_num_threads());
+  over_images(B, B * H * W * n * 2, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<float> pad((H + 2) * wp * n, 0.f);
+    std::vector<double>& st = partial[t];
+    st.assign(4 * n, 0.0);  // [sum j=0; sum j=1; squares j=0; squares j=1], each n lanes (unit u)
+    for (int64_t b = b0; b < b1; ++b) {
+      cl_bn_input(y1p + b * H * W * n, H, W, n, sc, sh, pad.data());
+      for (int64_t ub = 0; ub < n; ub += 16) {
+        __m512 w0[9], w1[9];
+#pragma GCC unroll 9
+        for (int k = 0; k < 9; ++k) {
+          w0[k] = _mm512_loadu_ps(wr.data() + k * n + ub);
+          w1[k] = _mm512_loadu_ps(wr.data() + (9 + k) * n + ub);
+        }
+        for (int64_t r = 0; r < H; ++r) {
+          __m512 s10 = _mm512_setzero_ps(), s11 = s10, s20 = s10, s21 = s10;
+          in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+            constexpr int P = decltype(pb)::value;
+            __m512 a0[P], a1[P];
+#pragma GCC unroll 4
+            for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+            for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+              for (int dx = 0; dx < 3; ++dx)
+#pragma GCC unroll 4
+                for (int q = 0; q < P; ++q) {
+                  const __m512 v = _mm512_loadu_ps(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub);
+                  a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
+                  a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
+                }
+#pragma GCC unroll 4
+            for (int q = 0; q < P; ++q) {
+              const __m512 v0 = round_bf16(a0[q]), v1 = round_bf16(a1[q]);
+              _mm512_storeu_si512(y2p + ((b * H + r) * W + c0 + q) * (n / 16) + ub / 16, pack_words(v0, v1));
+              s10 = _mm512_add_ps(s10, v0);
+              s11 = _mm512_add_ps(s11, v1);
+              s20 = _mm512_fmadd_ps(v0, v0, s20);
+              s21 = _mm512_fmadd_ps(v1, v1, s21);
+            }
+          });
+          add_channels(s10, st.data() + ub);
+          add_channels(s11, st.data() + n + ub);
+          add_channels(s20, st.data() + 2 * n + ub);
+          add_channels(s21, st.data() + 3 * n + ub);
+        }
+      }
+    }
+  });
+  std::vector<double> sums(4 * n);
+  sum_threads(partial, 4 * n, sums.data());
+  double* out = stats.data_ptr<double>();  // [2, 2n]: channel 2u + j
+  for (int64_t u = 0; u < n; ++u)
+    for (int j = 0; j < 2; ++j) {
+      out[2 * u + j] = sums[j * n + u];
+      out[2 * n + 2 * u + j] = sums[(2 + j) * n + u];
+    }
+}
+
+// relu(y * sc + sh) over y (B, C, H, W) channels_last bf16, C a multiple of 16, into out (channels_last, R); with
+// res, relu(that value as stored + res), as apply_impl computes it.
+template <typename R>
+void cl_apply(const at::Tensor& y, const float* sc, const float* sh, at::Tensor& out, const R* res) {
+  const int64_t C = y.size(1), P = y.size(0) * y.size(2) * y.size(3);
+  const c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  R* op = out.data_ptr<R>();
+  at::parallel_for(0, P, std::max<int64_t>(1, kMinWork / C), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t cb = 0; cb < C; cb += 16) {
+        const int64_t off = p * C + cb;
+        __m512 v = _mm512_max_ps(_mm512_fmadd_ps(load_bf16(yp + off), _mm512_loadu_ps(sc + cb), _mm512_loadu_ps(sh + cb)),
+                                 _mm512_setzero_ps());
+        if (res) {
+          const __m512 rv = std::is_same_v<R, float> ? _mm512_loadu_ps(reinterpret_cast<const float*>(res + off))
+                                                     : load_bf16(reinterpret_cast<const c10::BFloat16*>(res + off));
+          v = _mm512_max_ps(_mm512_add_ps(round_bf16(v), rv), _mm512_setzero_ps());
+        }
+        if constexpr (std::is_same_v<R, float>)
+          _mm512_storeu_ps(op + off, v);
+        else
+          store_bf16(op + off, v);
+      }
+  });
+}
+
+// grad_sums_impl for channels_last bf16 g and y (C a multiple of 16): sums of gz = (y * sc + sh > 0 ? g : 0) and gz * y
+// per channel; with out, g first through the block's ReLU (out <= 0 ? 0 : g), written to gres.
+void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, const float* sh, at::Tensor& sums,
+                  const c10::BFloat16* op, c10::BFloat16* gres) {
+  const int64_t C = y.size(1), B = y.size(0), HW = y.size(2) * y.size(3);
+  const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  std::vector<std::vector<double>> partial(at::get_num_threads());
+  over_images(B, B * HW * C / 8, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<double>& st = partial[t];
+    st.assign(2 * C, 0.0);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t cb = 0; cb < C; cb += 16) {  // one image's sums of 16 channels, in float, then into double
+        const __m512 vs = _mm512_loadu_ps(sc + cb), vh = _mm512_loadu_ps(sh + cb), zero = _mm512_setzero_ps();
+        __m512 s1a = zero, s2a = zero, s1b = zero, s2b = zero;  // two chains: even and odd pixels
+        const auto pixel = [&](int64_t p, __m512& s1, __m512& s2) {
+          const int64_t off = p * C + cb;
+          const __m512 yv = load_bf16(yp + off);
+          __m512 gv = load_bf16(gp + off);
+          if (op) {
+            gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_bf16(op + off), zero, _CMP_NLE_UQ), gv);
+            store_bf16(gres + off, gv);
+          }
+          const __m512 gz = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, vs, vh), zero, _CMP_GT_OQ), gv);
+          s1 = _mm512_add_ps(s1, gz);
+          s2 = _mm512_fmadd_ps(gz, yv, s2);
+        };
+        int64_t p = b * HW;
+        for (; p + 2 <= (b + 1) * HW; p += 2) {
+          pixel(p, s1a, s2a);
+          pixel(p + 1, s1b, s2b);
+        }
+        if (p < (b + 1) * HW) pixel(p, s1a, s2a);
+        add_channels(_mm512_add_ps(s1a, s1b), st.data() + cb);
+        add_channels(_mm512_add_ps(s2a, s2b), st.data() + C + cb);
+      }
+  });
+  sum_threads(partial, 2 * C, sums.data_ptr<double>());
+}
+
+// The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to bf16.
+inline __m512 cl_bn_grad(const c10::BFloat16* y, const c10::BFloat16* g, int64_t c0, const float* sc, const float* sh,
+                         const float* A, const float* B) {
+  const __m512 yv = load_bf16(y), s = _mm512_loadu_ps(sc + c0);
+  const __mmask16 on = _mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, s, _mm512_loadu_ps(sh + c0)), _mm512_setzero_ps(),
+                                          _CMP_GT_OQ);
+  const __m512 gz = _mm512_maskz_mov_ps(on, _mm512_mul_ps(load_bf16(g), s));
+  return round_bf16(_mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A + c0), _mm512_loadu_ps(B + c0))));
+}
+
+// conv2's backward: g (B, 2n, H, W), the gradient of relu(y2 * sc + sh), y2 (B, 2n, H, W), y1 (B, n, H, W) with
+// conv2's input relu(y1 * isc + ish), all channels_last bf16: gh (B, n, H, W) channels_last bf16 and gw (2n, 1, 3, 3).
+void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tensor& g, const at::Tensor& y2,
+                       const float* sc, const float* sh, const float* A, const float* Bc, const float* isc,
+                       const float* ish, at::Tensor* gh, at::Tensor* gw) {
+  const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
+  const float* wf = w.data_ptr<float>();
+  std::vector<uint32_t> wq(9 * n);  // wq[t * n + u]: (w[2u][0][8 - t], w[2u + 1][0][8 - t]), flipped for the input gradient
+  for (int64_t u = 0; u < n; ++u)
+    for (int t = 0; t < 9; ++t)
+      wq[t * n + u] = (bf16_high(wf[(2 * u) * 9 + 8 - t]) >> 16) | bf16_high(wf[(2 * u + 1) * 9 + 8 - t]);
+  const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* y2p = y2.data_ptr<c10::BFloat16>();
+  c10::BFloat16* ghp = gh ? gh->data_ptr<c10::BFloat16>() : nullptr;
+  std::vector<std::vector<float>> partial(at::get_num_threads());
+  over_images(B, B * H * W * n * 4, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<uint32_t> gpad((H + 2) * wp * n, 0u);  // the gradient through BN2 as bf16 channel pairs
+    std::vector<float> xpad(gw ? (H + 2) * wp * n : 0, 0.f);
+    std::vector<float>& acc = partial[t];
+    acc.assign(gw ? 18 * n : 0, 0.f);  // acc[(j * 9 + t) * n + u]
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r = 0; r < H; ++r)
+        for (int64_t c = 0; c < W; ++c) {
+          const int64_t off = ((b * H + r) * W + c) * 2 * n;
+          uint16_t* dst = reinterpret_cast<uint16_t*>(gpad.data() + ((r + 1) * wp + c + 1) * n);
+          for (int64_t c0 = 0; c0 < 2 * n; c0 += 16)
+            store_bits(dst + c0, bf16_high((V<float>::type)cl_bn_grad(y2p + off + c0, gp + off + c0, c0, sc, sh, A, Bc)));
+        }
+      if (gw) cl_bn_input(y1p + b * H * W * n, H, W, n, isc, ish, xpad.data());
+      for (int64_t ub = 0; ub < n; ub += 16) {
+        if (ghp) {
+          __m512bh wv[9];
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) wv[k] = (__m512bh)_mm512_loadu_si512(wq.data() + k * n + ub);
+          for (int64_t r = 0; r < H; ++r)
+            in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+              constexpr int P = decltype(pb)::value;
+              __m512 a[P];
+#pragma GCC unroll 4
+              for (int q = 0; q < P; ++q) a[q] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+              for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+                for (int dx = 0; dx < 3; ++dx)
+#pragma GCC unroll 4
+                  for (int q = 0; q < P; ++q)
+                    a[q] = _mm512_dpbf16_ps(
+                        a[q], (__m512bh)_mm512_loadu_si512(gpad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub),
+                        wv[dy * 3 + dx]);
+#pragma GCC unroll 4
+              for (int q = 0; q < P; ++q) store_bf16(ghp + ((b * H + r) * W + c0 + q) * n + ub, a[q]);
+            });
+        }
+        if (gw) {
+          __m512 a0[9], a1[9];
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) {
+            a0[k] = _mm512_loadu_ps(acc.data() + k * n + ub);
+            a1[k] = _mm512_loadu_ps(acc.data() + (9 + k) * n + ub);
+          }
+          for (int64_t r = 0; r < H; ++r)
+            for (int64_t c = 0; c < W; ++c) {
+              const __m512i gwd = _mm512_loadu_si512(gpad.data() + ((r + 1) * wp + c + 1) * n + ub);
+              const __m512 g0 = words_lo(gwd), g1 = words_hi(gwd);
+#pragma GCC unroll 3
+              for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+                for (int dx = 0; dx < 3; ++dx) {
+                  const __m512 v = _mm512_loadu_ps(xpad.data() + ((r + dy) * wp + c + dx) * n + ub);
+                  a0[dy * 3 + dx] = _mm512_fmadd_ps(g0, v, a0[dy * 3 + dx]);
+                  a1[dy * 3 + dx] = _mm512_fmadd_ps(g1, v, a1[dy * 3 + dx]);
+                }
+            }
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) {
+            _mm512_storeu_ps(acc.data() + k * n + ub, a0[k]);
+            _mm512_storeu_ps(acc.data() + (9 + k) * n + ub, a1[k]);
+          }
+        }
+      }
+    }
+  });
+  if (gw) {
+    float* out = gw->data_ptr<float>();  // (2n, 1, 3, 3)
+    std::fill(out, out + 18 * n, 0.f);
+    for (const auto& p : partial)
+      for (int64_t u = 0; u < n && !p.empty(); ++u)
+        for (int j = 0; j < 2; ++j)
+          for (int k = 0; k < 9; ++k) out[(2 * u + j) * 9 + k] += p[(j * 9 + k) * n + u];
+  }
+}
+
+// conv1's backward: gh (B, n, H, W), the gradient of relu(y1 * sc + sh), y1 and x (B, 2n, H, W), all channels_last
+// bf16: gx (B, 2n, H, W) channels_last bf16 and gw (n, 2, 3, 3).
+void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gh, const at::Tensor& y1,
+                       const float* sc, const float* sh, const float* A, const float* Bc, at::Tensor* gx,
+                       at::Tensor* gw) {
+  const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
+  const float* wf = w.data_ptr<float>();
+  std::vector<float> wr(2 * 9 * n);  // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] rounded to bf16 (flipped)
+  for (int64_t u = 0; u < n; ++u)
+    for (int i = 0; i < 2; ++i)
+      for (int t = 0; t < 9; ++t) {
+        const uint32_t bits = bf16_high(wf[(2 * u + i) * 9 + 8 - t]);
+        std::memcpy(&wr[(i * 9 + t) * n + u], &bits, 4);
+      }
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
+  const c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
+  __m512i* gxp = gx ? reinterpret_cast<__m512i*>(gx->data_ptr<c10::BFloat16>()) : nullptr;
+  std::vector<std::vector<float>> partial(at::get_num_threads());
+  over_images(B, B * H * W * n * 4, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<float> gpad((H + 2) * wp * n, 0.f);  // the gradient through BN1, rounded to bf16
+    std::vector<uint32_t> xpad(gw ? (H + 2) * wp * n : 0, 0u);
+    std::vector<float>& acc = partial[t];
+    acc.assign(gw ? 18 * n : 0, 0.f);  // acc[(i * 9 + t) * n + u]
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r = 0; r < H; ++r)
+        for (int64_t c = 0; c < W; ++c) {
+          const int64_t off = ((b * H + r) * W + c) * n;
+          for (int64_t c0 = 0; c0 < n; c0 += 16)
+            _mm512_storeu_ps(gpad.data() + ((r + 1) * wp + c + 1) * n + c0,
+                             cl_bn_grad(y1p + off + c0, ghp + off + c0, c0, sc, sh, A, Bc));
+        }
+      if (gw)
+        for (int64_t r = 0; r < H; ++r)
+          std::memcpy(xpad.data() + ((r + 1) * wp + 1) * n, xp + (b * H + r) * W * n, sizeof(uint32_t) * W * n);
+      for (int64_t ub = 0; ub < n; ub += 16) {
+        if (gxp) {
+          __m512 w0[9], w1[9];
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) {
+            w0[k] = _mm512_loadu_ps(wr.data() + k * n + ub);
+            w1[k] = _mm512_loadu_ps(wr.data() + (9 + k) * n + ub);
+          }
+          for (int64_t r = 0; r < H; ++r)
+            in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+              constexpr int P = decltype(pb)::value;
+              __m512 a0[P], a1[P];
+#pragma GCC unroll 4
+              for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+              for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+                for (int dx = 0; dx < 3; ++dx)
+#pragma GCC unroll 4
+                  for (int q = 0; q < P; ++q) {
+                    const __m512 v = _mm512_loadu_ps(gpad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub);
+                    a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
+                    a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
+                  }
+#pragma GCC unroll 4
+              for (int q = 0; q < P; ++q)
+                _mm512_storeu_si512(gxp + ((b * H + r) * W + c0 + q) * (n / 16) + ub / 16, pack_words(a0[q], a1[q]));
+            });
+        }
+        if (gw) {
+          __m512 a0[9], a1[9];
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) {
+            a0[k] = _mm512_loadu_ps(acc.data() + k * n + ub);
+            a1[k] = _mm512_loadu_ps(acc.data() + (9 + k) * n + ub);
+          }
+          for (int64_t r = 0; r < H; ++r)
+            for (int64_t c = 0; c < W; ++c) {
+              const __m512 gv = _mm512_loadu_ps(gpad.data() + ((r + 1) * wp + c + 1) * n + ub);
+#pragma GCC unroll 3
+              for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+                for (int dx = 0; dx < 3; ++dx) {
+                  const __m512i xw = _mm512_loadu_si512(xpad.data() + ((r + dy) * wp + c + dx) * n + ub);
+                  a0[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_lo(xw), a0[dy * 3 + dx]);
+                  a1[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_hi(xw), a1[dy * 3 + dx]);
+                }
+            }
+#pragma GCC unroll 9
+          for (int k = 0; k < 9; ++k) {
+            _mm512_storeu_ps(acc.data() + k * n + ub, a0[k]);
+            _mm512_storeu_ps(acc.data() + (9 + k) * n + ub, a1[k]);
+          }
+        }
+      }
+    }
+  });
+  if (gw) {
+    float* out = gw->data_ptr<float>();  // (n, 2, 3, 3)
+    std::fill(out, out + 18 * n, 0.f);
+    for (const auto& p : partial)
+      for (int64_t u = 0; u < n && !p.empty(); ++u)
+        for (int i = 0; i < 2; ++i)
+          for (int k = 0; k < 9; ++k) out[(2 * u + i) * 9 + k] += p[(i * 9 + k) * n + u];
+  }
+}
+#else
+constexpr bool kChannelsLastUnits = false;
+inline int channels_last_units(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool) { return 0; }
+inline bool is_cl(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+#endif
+
+}  // namespace
+
 // y (NCHW contiguous) and its per-channel [sums; sums of squares] in double; with isc/ish the input is read as
 // relu(x * isc + ish).
 std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s,
@@ -1404,8 +1927,21 @@ std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor
   check_channel_vec(ish, x.size(1), x, "ish");
   TORCH_CHECK(isc.has_value() == ish.has_value(), "unit_train: isc and ish come together");
   const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
-  at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options());
   at::Tensor stats = at::empty({2, w.size(0)}, x.options().dtype(at::kDouble));
+  const int kind = channels_last_units(x, w, groups, s, bf16_dot && kBf16Dot);
+  if constexpr (kChannelsLastUnits) {
+    if (kind == 1 && !isc) {  // 2-1-2 units in channels_last: y channels_last too
+      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      cl_conv1_forward(x, w, y, stats);
+      return {y, stats};
+    }
+    if (kind == 2) {
+      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      cl_conv2_forward(x, w, opt_ptr<float>(isc), opt_ptr<float>(ish), y, stats);
+      return {y, stats};
+    }
+  }
+  at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options());
   dispatch_storage(x.scalar_type(), "unit_train_forward_stats", [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
@@ -1419,7 +1955,10 @@ std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor
 // residual's dtype: a residual block's tail, relu(units(x) + shortcut), in the same pass.
 at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh, bool channels_last,
                          const std::optional<at::Tensor>& residual) {
-  TORCH_CHECK(y.dim() == 4 && y.is_contiguous(), "unit_train: y must be NCHW contiguous");
+  const bool cl_y = kChannelsLastUnits && is_cl(y) && y.scalar_type() == at::kBFloat16 && y.size(1) % 16 == 0;
+  TORCH_CHECK(y.dim() == 4 && (y.is_contiguous() || (cl_y && channels_last)),
+              "unit_train: y must be NCHW contiguous (or channels_last bf16 of 16k channels, for a channels_last "
+              "result)");
   check_channel_vec(sc, y.size(1), y, "sc");
   check_channel_vec(sh, y.size(1), y, "sh");
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -1432,6 +1971,18 @@ at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Te
                 "bfloat16 y)");
   }
   at::Tensor out = at::empty_like(with_res ? *residual : y, fmt);
+  if constexpr (kChannelsLastUnits) {
+    if (cl_y && !y.is_contiguous()) {
+      const float *a = sc.data_ptr<float>(), *b = sh.data_ptr<float>();
+      if (!with_res)
+        cl_apply<c10::BFloat16>(y, a, b, out, nullptr);
+      else if (residual->scalar_type() == at::kFloat)
+        cl_apply<float>(y, a, b, out, residual->data_ptr<float>());
+      else
+        cl_apply<c10::BFloat16>(y, a, b, out, residual->data_ptr<c10::BFloat16>());
+      return out;
+    }
+  }
   dispatch_storage(y.scalar_type(), "unit_train_apply", [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
@@ -1447,16 +1998,37 @@ at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Te
 }
 
 // [sum of gz; sum of gz * y] per channel in double, gz = g where y * sc + sh > 0 (g and y NCHW contiguous).
-at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh) {
-  TORCH_CHECK(y.dim() == 4 && y.is_contiguous() && g.is_contiguous() && g.sizes() == y.sizes() &&
+at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh,
+                             const std::optional<at::Tensor>& out = std::nullopt, at::Tensor* gres = nullptr) {
+  const bool cl = kChannelsLastUnits && is_cl(y) && is_cl(g) && y.scalar_type() == at::kBFloat16 &&
+                  y.size(1) % 16 == 0 && (!out || is_cl(*out));
+  TORCH_CHECK(y.dim() == 4 && ((y.is_contiguous() && g.is_contiguous()) || cl) && g.sizes() == y.sizes() &&
                   g.scalar_type() == y.scalar_type(),
-              "unit_train: g and y must be NCHW contiguous of one shape and dtype");
+              "unit_train: g and y must be NCHW contiguous (or both channels_last bf16 of 16k channels) of one shape "
+              "and dtype");
   check_channel_vec(sc, y.size(1), y, "sc");
   check_channel_vec(sh, y.size(1), y, "sh");
   at::Tensor sums = at::empty({2, y.size(1)}, y.options().dtype(at::kDouble));
+  if (out) {
+    TORCH_CHECK((cl || out->is_contiguous()) && out->sizes() == y.sizes() && out->scalar_type() == y.scalar_type(),
+                "unit_train: out must have y's shape, layout and dtype");
+    *gres = at::empty_like(g);
+  }
+  if constexpr (kChannelsLastUnits) {
+    if (cl) {
+      cl_grad_sums(g, y, sc.data_ptr<float>(), sh.data_ptr<float>(), sums,
+                   out ? out->data_ptr<c10::BFloat16>() : nullptr, out ? gres->data_ptr<c10::BFloat16>() : nullptr);
+      return sums;
+    }
+  }
   dispatch_storage(y.scalar_type(), "unit_train_grad_sums", [&](auto t, auto m) {
     using T = decltype(t);
-    grad_sums_impl<T, decltype(m)>(g, y, sc.data_ptr<T>(), sh.data_ptr<T>(), sums);
+    using M = decltype(m);
+    if (out)
+      grad_sums_impl<T, M, true>(g, y, sc.data_ptr<T>(), sh.data_ptr<T>(), sums, out->data_ptr<M>(),
+                                 gres->data_ptr<M>());
+    else
+      grad_sums_impl<T, M>(g, y, sc.data_ptr<T>(), sh.data_ptr<T>(), sums);
   });
   return sums;
 }
@@ -1539,11 +2111,15 @@ std::vector<at::Tensor> bn_coefficients(const at::Tensor& stats, int64_t count, 
 // BN's backward with batch statistics for the output gradient g of relu(y * sc + sh) (g, y NCHW contiguous): with
 // gz = g where y * sc + sh > 0 (else 0), s1 = sum gz and s2 = sum gz * xhat per channel (in double), the gradients
 // of BN's weight (s2) and bias (s1), and A, B of the convolution output's gradient (mask ? sc * g : 0) + y * A + B,
-// all in param's dtype (the dtype the kernel computes in). moments: bn_coefficients' [mean; var; invstd].
+// all in param's dtype (the dtype the kernel computes in). moments: bn_coefficients' [mean; var; invstd]. With
+// out (the output of a residual block, relu(relu(y * sc + sh) + shortcut), of y's layout and dtype), g is first taken
+// through that block's ReLU, and the gradient so taken (the shortcut's, and what conv_backward_bn is then given) is
+// returned fifth, written in the same pass as the sums.
 std::vector<at::Tensor> bn_relu_grad_coefficients(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc,
                                                   const at::Tensor& sh, int64_t count, const at::Tensor& moments,
-                                                  const at::Tensor& param) {
-  const at::Tensor sums = bn_relu_grad_sums(g, y, sc, sh);
+                                                  const at::Tensor& param, const std::optional<at::Tensor>& out) {
+  at::Tensor gres;
+  const at::Tensor sums = bn_relu_grad_sums(g, y, sc, sh, out, &gres);
   const int64_t c = y.size(1);
   TORCH_CHECK(moments.dim() == 2 && moments.size(0) == 3 && moments.size(1) == c &&
                   moments.scalar_type() == at::kDouble && moments.is_contiguous(),
@@ -1560,7 +2136,10 @@ std::vector<at::Tensor> bn_relu_grad_coefficients(const at::Tensor& g, const at:
     A[k] = -scd[k] * invstd[k] * dg[k] / n;
     B[k] = -scd[k] * su[k] / n - A[k] * mean[k];
   }
-  return {from_doubles(dg, param), from_doubles(db, param), from_doubles(A, param), from_doubles(B, param)};
+  std::vector<at::Tensor> result{from_doubles(dg, param), from_doubles(db, param), from_doubles(A, param),
+                                 from_doubles(B, param)};
+  if (out) result.push_back(gres);
+  return result;
 }
 
 // The convolution's input and weight gradients from g, the gradient of relu(y * sc + sh) (y its output, NCHW
@@ -1574,8 +2153,11 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
   check(x, w, groups, s, true);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
               "unit_train: gradient dtype differs from the input's");
-  TORCH_CHECK(y.is_contiguous() && g.sizes() == y.sizes() && y.size(1) == w.size(0),
-              "unit_train: y must be the NCHW contiguous output, of g's shape");
+  const int kind = channels_last_units(x, w, groups, s, bf16_dot && kBf16Dot);
+  const bool cl = kChannelsLastUnits && kind && is_cl(g) && is_cl(y) && (kind == 2) == isc.has_value();
+  TORCH_CHECK((y.is_contiguous() || cl) && g.sizes() == y.sizes() && y.size(1) == w.size(0),
+              "unit_train: y must be the NCHW contiguous output (channels_last for a channels_last row of 2-1-2 "
+              "units), of g's shape");
   for (const at::Tensor* t : {&sc, &sh, &A, &B}) check_channel_vec(*t, w.size(0), x, "a BN coefficient");
   check_channel_vec(isc, x.size(1), x, "isc");
   check_channel_vec(ish, x.size(1), x, "ish");
@@ -1583,6 +2165,18 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
   at::Tensor gx, gw;
   if (need_input) gx = at::empty_like(x, x.suggest_memory_format());
   if (need_weight) gw = at::empty_like(w);
+  if constexpr (kChannelsLastUnits) {
+    if (cl) {
+      const float *a = sc.data_ptr<float>(), *b = sh.data_ptr<float>(), *ca = A.data_ptr<float>(),
+                  *cb = B.data_ptr<float>();
+      if (kind == 2)
+        cl_conv2_backward(x, w, g, y, a, b, ca, cb, isc->data_ptr<float>(), ish->data_ptr<float>(),
+                          need_input ? &gx : nullptr, need_weight ? &gw : nullptr);
+      else
+        cl_conv1_backward(x, w, g, y, a, b, ca, cb, need_input ? &gx : nullptr, need_weight ? &gw : nullptr);
+      return {gx, gw};
+    }
+  }
   dispatch_storage(x.scalar_type(), "unit_train_backward_bn", [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
@@ -1629,12 +2223,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ish") = py::none(), py::arg("bf16_dot") = false);
   m.def("bn_relu_apply", &bn_relu_apply, "relu(y * sc + sh) per channel; with a residual, relu(that + residual)",
         py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("channels_last"), py::arg("residual") = py::none());
-  m.def("bn_relu_grad_sums", &bn_relu_grad_sums, "per-channel sums of the ReLU-masked gradient and of it times y");
+  m.def(
+      "bn_relu_grad_sums",
+      [](const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh) {
+        return bn_relu_grad_sums(g, y, sc, sh);
+      },
+      "per-channel sums of the ReLU-masked gradient and of it times y");
   m.def("bn_coefficients", &bn_coefficients, "BN's batch moments and affine map from the sums; running stats updated",
         py::arg("stats"), py::arg("count"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("factor"), py::arg("like"));
   m.def("bn_relu_grad_coefficients", &bn_relu_grad_coefficients,
-        "BN's weight and bias gradients and the A, B of the convolution output's gradient");
+        "BN's weight and bias gradients and the A, B of the convolution output's gradient (with out: and the gradient "
+        "taken through the residual block's ReLU)",
+        py::arg("g"), py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("count"), py::arg("moments"),
+        py::arg("param"), py::arg("out") = py::none());
   m.def("conv_backward_bn", &conv_backward_bn, "input and weight gradients through BN (batch statistics) and ReLU",
         py::arg("x"), py::arg("w"), py::arg("g"), py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("A"),
         py::arg("B"), py::arg("groups"), py::arg("s"), py::arg("isc"), py::arg("ish"), py::arg("need_input"),
