@@ -172,9 +172,11 @@ def _group_forward(ext: Any, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int
 
 
 def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int, dot: bool, grad: torch.Tensor,
-                    need: tuple) -> tuple:
+                    need: tuple, fold: bool = False) -> tuple:
     """The gradients of :func:`_group_forward`'s inputs from its output's gradient: ``(x, w1, g1, b1, w2, g2, b2,
-    residual)``, None where ``need`` (flags in that order) says no."""
+    residual)``, None where ``need`` (flags in that order) says no. ``fold``: the residual is ``x`` itself (an
+    identity shortcut); its gradient is then added to x's in the kernel's input-gradient pass, as autograd would add
+    the two (values stored, summed, rounded once), and returned as None where it could be."""
     x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out = saved
     fmt = torch.channels_last if is_channels_last(y2) else torch.contiguous_format  # the kernels' layout
     if out is not None and grad.dtype == out.dtype == x.dtype and out.is_contiguous(memory_format=fmt):
@@ -192,9 +194,12 @@ def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int
         dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, w2)
     gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4], bf16_dot=dot)
     dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, count, m1, w1)
+    x_fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format  # the input gradient's layout
+    add = (grad if fold and need[0] and out is not None and grad.dtype == x.dtype and stride == 1
+           and grad.shape == x.shape and grad.is_contiguous(memory_format=x_fmt) else None)
     gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, stride, None, None, need[0], need[1],
-                                   bf16_dot=dot)
-    grads = (gx, gw1, dg1, db1, gw2, dg2, db2, grad if out is not None else None)
+                                   bf16_dot=dot, add=add)
+    grads = (gx, gw1, dg1, db1, gw2, dg2, db2, grad if out is not None and add is None else None)
     return tuple(t if want else None for t, want in zip(grads, need))
 
 
@@ -218,7 +223,9 @@ class UnitGroupFn(torch.autograd.Function):
         ext = _state.get("module") or load_extension()
         channels_last = is_channels_last(x)
         ctx.input_dtype = x.dtype
+        given = x
         x, dot = _storage_and_multiplies(x, w1.dtype)
+        ctx.fold = residual is given and x is given  # an identity shortcut, stored as is: its gradient folded in
         out, saved, ctx.count = _group_forward(ext, x, w1, g1, b1, w2, g2, b2, groups, stride, bns, factors,
                                                residual, channels_last, dot)
         ctx.save_for_backward(*saved)
@@ -231,7 +238,7 @@ class UnitGroupFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         gx, gw1, dg1, db1, gw2, dg2, db2, gres = _group_backward(
             _state["module"], ctx.saved_tensors, ctx.count, ctx.groups, ctx.stride, ctx.dot, grad,
-            need[:7] + (len(need) > 11 and need[11],))  # residual: the twelfth argument, where passed
+            need[:7] + (len(need) > 11 and need[11],), ctx.fold)  # residual: the twelfth argument, where passed
         return (gx.to(ctx.input_dtype) if gx is not None else None, gw1, dg1, db1, gw2, dg2, db2, None, None, None,
                 None, gres)
 

@@ -577,6 +577,35 @@ def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, shortcut, 
     assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
 
 
+@pytest.mark.parametrize("specs,dtype,channels_last", [(["8x2-1-2"], torch.float32, False),
+                                                       (["8x2-1-2"], torch.bfloat16, False),
+                                                       (["8x2-1-2"], torch.bfloat16, True),
+                                                       (["2x8-8-8"], torch.bfloat16, False),
+                                                       (["16x2-1-2"], torch.bfloat16, True)])
+def test_identity_shortcut_gradient_is_added_in_the_kernel_as_autograd_adds_it(specs, dtype, channels_last):
+    """With an identity shortcut (the residual is the input itself, in the stored dtype) the kernel adds the
+    shortcut's gradient to the input gradient in its own pass: the input gradient equals, bit for bit, autograd's sum
+    of the two when the block is computed as ``relu(units(x) + x)`` (float32; bf16 stored, NCHW and channels_last;
+    the 16x2-1-2 row through the channels_last kernels under bf16 dot products)."""
+    base = spread_bn(UnitLayer(specs), 1).train()
+    base.backend = "unit_train"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, base.in_channels, 7, 9, generator=gen).to(dtype).contiguous(memory_format=fmt)
+    grad = torch.randn(3, base.out_channels, 7, 9, generator=gen).to(dtype)
+    got = {}
+    for fused in (True, False):
+        layer = copy.deepcopy(base)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = layer(xi, residual=xi) if fused else layer.add_residual(layer(xi), xi, (1, 0))
+        assert (type(y.grad_fn).__name__ == "UnitGroupFnBackward") == fused
+        y.backward(grad.contiguous(memory_format=torch.channels_last if y.stride(1) == 1 else torch.contiguous_format))
+        got[fused] = [y.detach(), xi.grad, *[p.grad for p in layer.parameters()]]
+    assert torch.equal(got[True][1], got[False][1])
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_relu_taken_with_bn_sums_equals_threshold_backward(dtype):
     """``bn_relu_grad_coefficients`` given a block's output takes the gradient through that ReLU first: the

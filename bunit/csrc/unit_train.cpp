@@ -71,6 +71,15 @@ constexpr bool kMasked = false;
 template <typename T>
 struct IO<T, T> {
   static typename V<T>::type load(const T* p) { return V<T>::load(p); }
+  static typename V<T>::type load_n(const T* p, int64_t n) {  // zeros past n
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    if constexpr (std::is_same_v<T, float>)
+      return (typename V<T>::type)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+#endif
+    typename V<T>::type v{};
+    for (int64_t j = 0; j < n; ++j) v[j] = p[j];
+    return v;
+  }
   static void store(T* p, typename V<T>::type v) { V<T>::store(p, v); }
   static T get(const T* p) { return *p; }
   static void put(T* p, T v) { *p = v; }
@@ -962,7 +971,30 @@ template <typename T, typename M = T>
 struct GradBN {
   const M* y = nullptr;  // the convolution's output, NCHW contiguous; nullptr: no transform
   const T *sc = nullptr, *sh = nullptr, *A = nullptr, *B = nullptr;
+  const M* add = nullptr;  // added to the input gradient as autograd would add it (x's strides); nullptr: none
 };
+
+// dst += src over rows x cols values (row strides rd, rs; column stride cs of both), as the stored values add in
+// PyTorch: widened, summed in T, rounded once. Contiguous rows in vectors.
+template <typename T, typename M>
+inline void add_rows(M* dst, const M* src, int64_t rows, int64_t cols, int64_t rd, int64_t rs, int64_t cs) {
+  using Vt = V<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    M* d = dst + r * rd;
+    const M* q = src + r * rs;
+    int64_t j = 0;
+    if (cs == 1) {
+      for (; j + Vt::W <= cols; j += Vt::W) IO<T, M>::store(d + j, IO<T, M>::load(d + j) + IO<T, M>::load(q + j));
+      if constexpr (kMasked && !std::is_same_v<T, double>) {
+        if (j < cols) {
+          IO<T, M>::store_n(d + j, IO<T, M>::load_n(d + j, cols - j) + IO<T, M>::load_n(q + j, cols - j), cols - j);
+          continue;
+        }
+      }
+    }
+    for (; j < cols; ++j) IO<T, M>::put(d + j * cs, IO<T, M>::get(d + j * cs) + IO<T, M>::get(q + j * cs));
+  }
+}
 
 template <typename T, typename M = T>
 void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy, at::Tensor* gx, at::Tensor* gw,
@@ -1200,6 +1232,11 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
         }
+        if (gx && bn.add)  // the item's input-gradient planes, just written (in cache), plus the addend's
+          for (int64_t ci = 0; ci < g.cin; ++ci) {
+            const int64_t o = ni * gxs[0] + (gi * g.cin + ci) * gxs[1];
+            add_rows<T, M>(gxp + o, bn.add + o, g.h, g.w, gxs[2], gxs[2], gxs[3]);
+          }
       }
       for (int64_t k = 0; k < wsize && dot_gw; ++k) {  // the thread's lanes, summed once
         float sum = 0.f;
@@ -1810,7 +1847,7 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
 // bf16: gx (B, 2n, H, W) channels_last bf16 and gw (n, 2, 3, 3).
 void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gh, const at::Tensor& y1,
                        const float* sc, const float* sh, const float* A, const float* Bc, at::Tensor* gx,
-                       at::Tensor* gw) {
+                       at::Tensor* gw, const c10::BFloat16* add) {
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
   const float* wf = w.data_ptr<float>();
   std::vector<float> wr(2 * 9 * n);  // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] rounded to bf16 (flipped)
@@ -1869,6 +1906,12 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               for (int q = 0; q < P; ++q)
                 _mm512_storeu_si512(gxp + ((b * H + r) * W + c0 + q) * (n / 16) + ub / 16, pack_words(a0[q], a1[q]));
             });
+        }
+        if (gxp && add && ub + 16 >= n) {  // the image's input gradient, just written, plus the addend's
+          c10::BFloat16* d = reinterpret_cast<c10::BFloat16*>(gxp) + b * H * W * 2 * n;
+          const c10::BFloat16* q = add + b * H * W * 2 * n;
+          for (int64_t k = 0; k < H * W * 2 * n; k += 16)
+            store_bf16(d + k, _mm512_add_ps(load_bf16(d + k), load_bf16(q + k)));
         }
         if (gw) {
           __m512 a0[9], a1[9];
@@ -2149,7 +2192,8 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh,
                                          const at::Tensor& A, const at::Tensor& B, int64_t groups, int64_t s,
                                          const std::optional<at::Tensor>& isc, const std::optional<at::Tensor>& ish,
-                                         bool need_input, bool need_weight, bool bf16_dot) {
+                                         bool need_input, bool need_weight, bool bf16_dot,
+                                         const std::optional<at::Tensor>& add) {
   check(x, w, groups, s, true);
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && y.scalar_type() == x.scalar_type(),
               "unit_train: gradient dtype differs from the input's");
@@ -2165,6 +2209,9 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
   at::Tensor gx, gw;
   if (need_input) gx = at::empty_like(x, x.suggest_memory_format());
   if (need_weight) gw = at::empty_like(w);
+  TORCH_CHECK(!add || (need_input && s == 1 && add->sizes() == gx.sizes() && add->strides() == gx.strides() &&
+                       add->scalar_type() == gx.scalar_type()),
+              "unit_train: add must have the input gradient's shape, strides and dtype (stride 1)");
   if constexpr (kChannelsLastUnits) {
     if (cl) {
       const float *a = sc.data_ptr<float>(), *b = sh.data_ptr<float>(), *ca = A.data_ptr<float>(),
@@ -2173,7 +2220,8 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
         cl_conv2_backward(x, w, g, y, a, b, ca, cb, isc->data_ptr<float>(), ish->data_ptr<float>(),
                           need_input ? &gx : nullptr, need_weight ? &gw : nullptr);
       else
-        cl_conv1_backward(x, w, g, y, a, b, ca, cb, need_input ? &gx : nullptr, need_weight ? &gw : nullptr);
+        cl_conv1_backward(x, w, g, y, a, b, ca, cb, need_input ? &gx : nullptr, need_weight ? &gw : nullptr,
+                          add ? add->data_ptr<c10::BFloat16>() : nullptr);
       return {gx, gw};
     }
   }
@@ -2186,6 +2234,7 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
     bn.sh = sh.data_ptr<T>();
     bn.A = A.data_ptr<T>();
     bn.B = B.data_ptr<T>();
+    bn.add = add ? add->data_ptr<M>() : nullptr;
     backward_impl<T, M>(x, w, g, need_input ? &gx : nullptr, need_weight ? &gw : nullptr, groups, s, opt_ptr<T>(isc),
                         opt_ptr<T>(ish), bn, bf16_dot);
   });
@@ -2240,7 +2289,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_backward_bn", &conv_backward_bn, "input and weight gradients through BN (batch statistics) and ReLU",
         py::arg("x"), py::arg("w"), py::arg("g"), py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("A"),
         py::arg("B"), py::arg("groups"), py::arg("s"), py::arg("isc"), py::arg("ish"), py::arg("need_input"),
-        py::arg("need_weight"), py::arg("bf16_dot") = false);
+        py::arg("need_weight"), py::arg("bf16_dot") = false, py::arg("add") = py::none());
   m.def("has_bf16_dot", [] { return kBf16Dot; },
         "whether this build multiplies bf16 storage with AVX512-BF16 dot products when asked (bf16_dot)");
 }
