@@ -364,20 +364,20 @@ def test_channels_last_layer_trains_in_nchw_with_the_same_values(specs, residual
         assert (got[key] is None) == (want[key] is None) and (want[key] is None or torch.equal(got[key], want[key])), key
 
 
-def _group_calls(ext, x, w1, w2, res):
-    """One 2-1-2 group's kernel calls in training order (what ``_group_forward`` and ``_group_backward`` call), with
+def _group_calls(ext, x, w1, w2, res, stride=1):
+    """One 2-1-c group's kernel calls in training order (what ``_group_forward`` and ``_group_backward`` call), with
     fixed BN parameters and output gradient; every result by name."""
-    n = w1.shape[0]
-    count = x.shape[0] * x.shape[2] * x.shape[3]
+    n, c = w1.shape[0], w2.shape[0] // w1.shape[0]
+    count = x.shape[0] * ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
     gen = torch.Generator().manual_seed(5)
     g1, b1 = torch.rand(n, generator=gen) + 0.5, torch.randn(n, generator=gen) * 0.1
-    g2, b2 = torch.rand(2 * n, generator=gen) + 0.5, torch.randn(2 * n, generator=gen) * 0.1
+    g2, b2 = torch.rand(c * n, generator=gen) + 0.5, torch.randn(c * n, generator=gen) * 0.1
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     fmt = torch.channels_last if cl else torch.contiguous_format
-    y1, st1 = ext.conv_forward_stats(x, w1, n, 1, bf16_dot=True)
+    y1, st1 = ext.conv_forward_stats(x, w1, n, stride, bf16_dot=True)
     m1, sc1, sh1 = ext.bn_coefficients(st1, count, g1, b1, 1e-5, torch.zeros(n), torch.ones(n), 0.1, w1)
     y2, st2 = ext.conv_forward_stats(y1, w2, n, 1, sc1, sh1, bf16_dot=True)
-    m2, sc2, sh2 = ext.bn_coefficients(st2, count, g2, b2, 1e-5, torch.zeros(2 * n), torch.ones(2 * n), 0.1, w2)
+    m2, sc2, sh2 = ext.bn_coefficients(st2, count, g2, b2, 1e-5, torch.zeros(c * n), torch.ones(c * n), 0.1, w2)
     out = ext.bn_relu_apply(y2, sc2, sh2, cl, None if res is None else res.contiguous(memory_format=fmt))
     grad = torch.randn(out.shape, generator=gen).bfloat16().contiguous(memory_format=fmt)
     got = ext.bn_relu_grad_coefficients(grad, y2, sc2, sh2, count, m2, w2, *(() if res is None else (out,)))
@@ -385,29 +385,34 @@ def _group_calls(ext, x, w1, w2, res):
     gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, got[2], got[3], n, 1, sc1, sh1, True, True,
                                    bf16_dot=True)
     dg1, db1, a1, c1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, count, m1, w1)
-    gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, c1, n, 1, None, None, True, True, bf16_dot=True)
+    gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, c1, n, stride, None, None, True, True,
+                                   bf16_dot=True)
     return dict(y1=y1, st1=st1, y2=y2, st2=st2, out=out, g=g, dg2=got[0], db2=got[1], gh=gh, gw2=gw2, dg1=dg1,
                 db1=db1, gx=gx, gw1=gw1)
 
 
-@pytest.mark.parametrize("batch,units,size", [(3, 16, 7), (2, 32, 14), (4, 16, 5), (2, 48, 6)])
+@pytest.mark.parametrize("batch,units,size,outs,stride", [(3, 16, 7, 2, 1), (2, 32, 14, 2, 1), (4, 16, 5, 2, 1),
+                                                          (2, 48, 6, 2, 1), (2, 16, 7, 4, 1), (3, 16, 14, 4, 2),
+                                                          (2, 32, 9, 4, 2), (2, 16, 8, 2, 2)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_channels_last_rows_of_2_1_2_units_compute_what_the_nchw_kernels_do(batch, units, size, residual):
-    """A row of 2-1-2 units (16k of them, stride 1, bf16 dot products) given channels_last tensors runs the kernels
-    that hold 16 units per vector, and returns channels_last tensors with the values of the NCHW kernels (the same
-    bf16-rounded operands, float32 sums in another order): activations and input gradients within one bf16
-    rounding, weight gradients within 1e-5, BN's sums and gradients within 1e-6 (relative to the largest); with a
-    block's shortcut, the output pass and the ReLU's gradient too. Plane widths of 5-14 (whole blocks of 4 columns
-    and single ones)."""
+def test_channels_last_rows_of_2_1_c_units_compute_what_the_nchw_kernels_do(batch, units, size, outs, stride,
+                                                                            residual):
+    """A row of 2-1-2 or 2-1-4 units (16k of them, stride 1 or 2, bf16 dot products) given channels_last tensors runs
+    the kernels that hold 16 units per vector, and returns channels_last tensors with the values of the NCHW kernels
+    (the same bf16-rounded operands, float32 sums in another order): activations and input gradients within one bf16
+    rounding, weight gradients and BN's gradients within 1e-5, BN's sums within 1e-6 (relative to the largest); with
+    a block's shortcut, the output pass and the ReLU's gradient too. Plane widths of 5-14 (whole blocks of 4 columns
+    and single ones), odd and even sides at stride 2."""
     ext = unit_train.load_extension()
     if not ext.has_bf16_dot():
         pytest.skip("this CPU has no AVX512-BF16: the extension is built without bf16 dot products")
     gen = torch.Generator().manual_seed(units + size)
     x = torch.randn(batch, 2 * units, size, size, generator=gen).bfloat16()
-    w1, w2 = torch.randn(units, 2, 3, 3, generator=gen), torch.randn(2 * units, 1, 3, 3, generator=gen)
-    res = torch.randn(x.shape, generator=gen).bfloat16() if residual else None
-    want = _group_calls(ext, x, w1, w2, res)
-    got = _group_calls(ext, x.contiguous(memory_format=torch.channels_last), w1, w2, res)
+    w1, w2 = torch.randn(units, 2, 3, 3, generator=gen), torch.randn(outs * units, 1, 3, 3, generator=gen)
+    side = (size - 1) // stride + 1
+    res = torch.randn(batch, outs * units, side, side, generator=gen).bfloat16() if residual else None
+    want = _group_calls(ext, x, w1, w2, res, stride)
+    got = _group_calls(ext, x.contiguous(memory_format=torch.channels_last), w1, w2, res, stride)
     for key in ("y1", "y2", "out", "g", "gh", "gx"):
         assert got[key].is_contiguous(memory_format=torch.channels_last) and not got[key].is_contiguous(), key
         assert _within_bf16_rounding(got[key], want[key]), key
@@ -419,20 +424,23 @@ def test_channels_last_rows_of_2_1_2_units_compute_what_the_nchw_kernels_do(batc
         assert _rel(got[key], want[key]) <= 1e-5, key
 
 
-@pytest.mark.parametrize("shortcut", [None, "identity"])
-def test_channels_last_row_of_2_1_2_units_trains_as_grouped_does(shortcut):
-    """In a layer, a row of 16 2-1-2 units under bf16 autocast runs channels_last (given an NCHW input: one copy in;
-    its input gradient copied back to NCHW), and its output, input and parameter gradients and BN running statistics
-    are no further from float32 than ``grouped`` under the same autocast (relative L2 within 1.25x)."""
+@pytest.mark.parametrize("spec,stride,shortcut", [("16x2-1-2", 1, None), ("16x2-1-2", 1, "identity"),
+                                                  ("16x2-1-4", 2, None)])
+def test_channels_last_row_of_2_1_c_units_trains_as_grouped_does(spec, stride, shortcut):
+    """In a layer, a row of 16 2-1-2 (or 2-1-4 at stride 2) units under bf16 autocast runs channels_last (given an
+    NCHW input: one copy in; its input gradient copied back to NCHW), and its output, input and parameter gradients
+    and BN running statistics are no further from float32 than ``grouped`` under the same autocast (relative L2
+    within 1.25x)."""
     if not unit_train.bf16_dot_products():
         pytest.skip("this CPU has no AVX512-BF16: no channels_last unit kernels")
     torch.manual_seed(0)
-    layer = spread_bn(UnitLayer(["16x2-1-2"]), 1).train()
+    layer = spread_bn(UnitLayer([spec], stride=stride), 1).train()
     ref = copy.deepcopy(layer)
     exact = copy.deepcopy(layer)
     layer.backend = "unit_train"
     x = torch.randn(4, 32, 9, 9)
-    grad = torch.randn(4, 32, 9, 9)
+    side = (9 - 1) // stride + 1
+    grad = torch.randn(4, layer.out_channels, side, side)
 
     def run(mod, autocast):
         xi = x.clone().requires_grad_()

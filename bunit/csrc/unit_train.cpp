@@ -1492,11 +1492,12 @@ inline void add_channels(__m512 v, double* acc) {
 // Which kernel of this section computes conv(x, w, groups, s): 1 conv1 of 2-1-2 units (w: (n, 2, 3, 3)), 2 their
 // conv2 (w: (2n, 1, 3, 3)), 0 none (then the kernels above).
 inline int channels_last_units(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s, bool dot) {
-  if (!dot || s != 1 || x.scalar_type() != at::kBFloat16 || groups % 16 != 0 || x.size(1) == 1 ||
+  if (!dot || x.scalar_type() != at::kBFloat16 || groups % 16 != 0 || x.size(1) == 1 ||
       !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous())
     return 0;
-  if (w.size(0) == groups && w.size(1) == 2 && x.size(1) == 2 * groups) return 1;
-  if (w.size(0) == 2 * groups && w.size(1) == 1 && x.size(1) == groups) return 2;
+  if (w.size(0) == groups && w.size(1) == 2 && x.size(1) == 2 * groups && (s == 1 || s == 2)) return 1;
+  if (s == 1 && (w.size(0) == 2 * groups || w.size(0) == 4 * groups) && w.size(1) == 1 && x.size(1) == groups)
+    return 2;
   return 0;
 }
 
@@ -1532,12 +1533,17 @@ inline void sum_threads(const std::vector<std::vector<double>>& partial, int64_t
 
 // conv1 of n 2-1-2 units: x (B, 2n, H, W) channels_last bf16 -> y (B, n, H, W) channels_last bf16, with the batch
 // [sums; sums of squares] of y as stored.
-void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& stats) {
+void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& stats, int64_t s) {
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
+  const int64_t Ho = y.size(2), Wo = y.size(3);
   const float* wf = w.data_ptr<float>();
   std::vector<uint32_t> wq(9 * n);  // wq[t * n + u]: (w[u][0][t], w[u][1][t]) as bf16 pair
+  std::vector<float> wu(s == 2 ? 18 * n : 0);  // stride 2: wu[(i * 9 + t) * n + u] = w[u][i][t], not rounded
   for (int64_t u = 0; u < n; ++u)
-    for (int t = 0; t < 9; ++t) wq[t * n + u] = (bf16_high(wf[(u * 2) * 9 + t]) >> 16) | bf16_high(wf[(u * 2 + 1) * 9 + t]);
+    for (int t = 0; t < 9; ++t) {
+      wq[t * n + u] = (bf16_high(wf[(u * 2) * 9 + t]) >> 16) | bf16_high(wf[(u * 2 + 1) * 9 + t]);
+      for (int i = 0; i < 2 && s == 2; ++i) wu[(i * 9 + t) * n + u] = wf[(u * 2 + i) * 9 + t];
+    }
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   std::vector<std::vector<double>> partial(at::get_num_threads());
@@ -1552,26 +1558,39 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
         __m512bh wv[9];
 #pragma GCC unroll 9
         for (int k = 0; k < 9; ++k) wv[k] = (__m512bh)_mm512_loadu_si512(wq.data() + k * n + ub);
-        for (int64_t r = 0; r < H; ++r) {
+        for (int64_t r = 0; r < Ho; ++r) {
           __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
-          in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+          in_pixel_blocks(Wo, [&](auto pb, int64_t c0) {
             constexpr int P = decltype(pb)::value;
             __m512 acc[P];
 #pragma GCC unroll 4
             for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
-#pragma GCC unroll 3
-            for (int dy = 0; dy < 3; ++dy)
-#pragma GCC unroll 3
-              for (int dx = 0; dx < 3; ++dx)
+            if (s == 2) {  // a transition's conv1 multiplies in float32, as the NCHW kernels do at stride 2
+              for (int t9 = 0; t9 < 9; ++t9) {
+                const int dy = t9 / 3, dx = t9 % 3;
+                const __m512 w0 = _mm512_loadu_ps(wu.data() + t9 * n + ub);
+                const __m512 w1 = _mm512_loadu_ps(wu.data() + (9 + t9) * n + ub);
 #pragma GCC unroll 4
-                for (int q = 0; q < P; ++q)
-                  acc[q] = _mm512_dpbf16_ps(
-                      acc[q], (__m512bh)_mm512_loadu_si512(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub),
-                      wv[dy * 3 + dx]);
+                for (int q = 0; q < P; ++q) {
+                  const __m512i xw = _mm512_loadu_si512(pad.data() + ((r * 2 + dy) * wp + (c0 + q) * 2 + dx) * n + ub);
+                  acc[q] = _mm512_fmadd_ps(words_lo(xw), w0, _mm512_fmadd_ps(words_hi(xw), w1, acc[q]));
+                }
+              }
+            } else {
+#pragma GCC unroll 3
+              for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+                for (int dx = 0; dx < 3; ++dx)
+#pragma GCC unroll 4
+                  for (int q = 0; q < P; ++q)
+                    acc[q] = _mm512_dpbf16_ps(
+                        acc[q], (__m512bh)_mm512_loadu_si512(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub),
+                        wv[dy * 3 + dx]);
+            }
 #pragma GCC unroll 4
             for (int q = 0; q < P; ++q) {
               const __m512 v = round_bf16(acc[q]);
-              store_bf16(yp + ((b * H + r) * W + c0 + q) * n + ub, v);
+              store_bf16(yp + ((b * Ho + r) * Wo + c0 + q) * n + ub, v);
               s1 = _mm512_add_ps(s1, v);
               s2 = _mm512_fmadd_ps(v, v, s2);
             }
@@ -1600,77 +1619,102 @@ inline void cl_bn_input(const c10::BFloat16* y1, int64_t H, int64_t W, int64_t n
       }
 }
 
-// conv2 of n 2-1-2 units: y1 (B, n, H, W) channels_last bf16, taken through relu(y1 * sc + sh) when sc is given ->
-// y2 (B, 2n, H, W) channels_last bf16, with the batch sums of y2 as stored.
+// Words of two 16-word vectors interleaved, a[0], b[0], a[1], b[1], ...: the first 16 and the last 16.
+inline void interleave_words(__m512i a, __m512i b, __m512i* lo, __m512i* hi) {
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  *lo = _mm512_permutex2var_epi32(a, il, b);
+  *hi = _mm512_permutex2var_epi32(a, ih, b);
+}
+
+// conv2 of n 2-1-c units (c = 2 or 4 outputs per unit): y1 (B, n, H, W) channels_last bf16, taken through
+// relu(y1 * sc + sh) when sc is given -> y2 (B, cn, H, W) channels_last bf16, with the batch sums of y2 as stored.
+// The outputs go in pairs (channels cu + 2q, cu + 2q + 1: one word per unit); with c = 4 the two pairs' words are
+// interleaved per unit once the image's pairs are done.
 void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc, const float* sh, at::Tensor& y2,
                       at::Tensor& stats) {
   const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
+  const int64_t c = w.size(0) / n, pairs = c / 2;
   const float* wf = w.data_ptr<float>();
-  std::vector<float> wr(2 * 9 * n);  // wr[(j * 9 + t) * n + u]: w[2u + j][0][t] rounded to bf16
+  std::vector<float> wr(c * 9 * n);  // wr[(j * 9 + t) * n + u]: w[cu + j][0][t] rounded to bf16
   for (int64_t u = 0; u < n; ++u)
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < c; ++j)
       for (int t = 0; t < 9; ++t) {
-        const uint32_t bits = bf16_high(wf[(2 * u + j) * 9 + t]);
+        const uint32_t bits = bf16_high(wf[(c * u + j) * 9 + t]);
         std::memcpy(&wr[(j * 9 + t) * n + u], &bits, 4);
       }
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
-  __m512i* y2p = reinterpret_cast<__m512i*>(y2.data_ptr<c10::BFloat16>());
+  uint32_t* y2w = reinterpret_cast<uint32_t*>(y2.data_ptr<c10::BFloat16>());  // (c / 2) n words per pixel
   std::vector<std::vector<double>> partial(at::get_num_threads());
-  over_images(B, B * H * W * n * 2, [&](int64_t b0, int64_t b1, int64_t t) {
+  over_images(B, B * H * W * n * c, [&](int64_t b0, int64_t b1, int64_t t) {
     std::vector<float> pad((H + 2) * wp * n, 0.f);
+    std::vector<uint32_t> words(pairs > 1 ? pairs * H * W * n : 0);  // [pair][pixel][unit]
     std::vector<double>& st = partial[t];
-    st.assign(4 * n, 0.0);  // [sum j=0; sum j=1; squares j=0; squares j=1], each n lanes (unit u)
+    st.assign(2 * c * n, 0.0);  // [sum j; squares j], each n lanes (unit u)
     for (int64_t b = b0; b < b1; ++b) {
       cl_bn_input(y1p + b * H * W * n, H, W, n, sc, sh, pad.data());
-      for (int64_t ub = 0; ub < n; ub += 16) {
-        __m512 w0[9], w1[9];
+      for (int64_t pq = 0; pq < pairs; ++pq)
+        for (int64_t ub = 0; ub < n; ub += 16) {
+          __m512 w0[9], w1[9];
 #pragma GCC unroll 9
-        for (int k = 0; k < 9; ++k) {
-          w0[k] = _mm512_loadu_ps(wr.data() + k * n + ub);
-          w1[k] = _mm512_loadu_ps(wr.data() + (9 + k) * n + ub);
-        }
-        for (int64_t r = 0; r < H; ++r) {
-          __m512 s10 = _mm512_setzero_ps(), s11 = s10, s20 = s10, s21 = s10;
-          in_pixel_blocks(W, [&](auto pb, int64_t c0) {
-            constexpr int P = decltype(pb)::value;
-            __m512 a0[P], a1[P];
+          for (int k = 0; k < 9; ++k) {
+            w0[k] = _mm512_loadu_ps(wr.data() + (2 * pq * 9 + k) * n + ub);
+            w1[k] = _mm512_loadu_ps(wr.data() + ((2 * pq + 1) * 9 + k) * n + ub);
+          }
+          for (int64_t r = 0; r < H; ++r) {
+            __m512 s10 = _mm512_setzero_ps(), s11 = s10, s20 = s10, s21 = s10;
+            in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+              constexpr int P = decltype(pb)::value;
+              __m512 a0[P], a1[P];
 #pragma GCC unroll 4
-            for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
+              for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
 #pragma GCC unroll 3
-            for (int dy = 0; dy < 3; ++dy)
+              for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
-              for (int dx = 0; dx < 3; ++dx)
+                for (int dx = 0; dx < 3; ++dx)
 #pragma GCC unroll 4
-                for (int q = 0; q < P; ++q) {
-                  const __m512 v = _mm512_loadu_ps(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub);
-                  a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
-                  a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
-                }
+                  for (int q = 0; q < P; ++q) {
+                    const __m512 v = _mm512_loadu_ps(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub);
+                    a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
+                    a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
+                  }
 #pragma GCC unroll 4
-            for (int q = 0; q < P; ++q) {
-              const __m512 v0 = round_bf16(a0[q]), v1 = round_bf16(a1[q]);
-              _mm512_storeu_si512(y2p + ((b * H + r) * W + c0 + q) * (n / 16) + ub / 16, pack_words(v0, v1));
-              s10 = _mm512_add_ps(s10, v0);
-              s11 = _mm512_add_ps(s11, v1);
-              s20 = _mm512_fmadd_ps(v0, v0, s20);
-              s21 = _mm512_fmadd_ps(v1, v1, s21);
-            }
-          });
-          add_channels(s10, st.data() + ub);
-          add_channels(s11, st.data() + n + ub);
-          add_channels(s20, st.data() + 2 * n + ub);
-          add_channels(s21, st.data() + 3 * n + ub);
+              for (int q = 0; q < P; ++q) {
+                const __m512 v0 = round_bf16(a0[q]), v1 = round_bf16(a1[q]);
+                const int64_t pix = r * W + c0 + q;
+                uint32_t* dst = pairs > 1 ? words.data() + (pq * H * W + pix) * n + ub : y2w + (b * H * W + pix) * n + ub;
+                _mm512_storeu_si512(dst, pack_words(v0, v1));
+                s10 = _mm512_add_ps(s10, v0);
+                s11 = _mm512_add_ps(s11, v1);
+                s20 = _mm512_fmadd_ps(v0, v0, s20);
+                s21 = _mm512_fmadd_ps(v1, v1, s21);
+              }
+            });
+            add_channels(s10, st.data() + 2 * pq * n + ub);
+            add_channels(s11, st.data() + (2 * pq + 1) * n + ub);
+            add_channels(s20, st.data() + (c + 2 * pq) * n + ub);
+            add_channels(s21, st.data() + (c + 2 * pq + 1) * n + ub);
+          }
         }
-      }
+      if (pairs == 2)  // unit u's words: (cu, cu + 1), then (cu + 2, cu + 3)
+        for (int64_t pix = 0; pix < H * W; ++pix)
+          for (int64_t ub = 0; ub < n; ub += 16) {
+            __m512i lo, hi;
+            interleave_words(_mm512_loadu_si512(words.data() + pix * n + ub),
+                             _mm512_loadu_si512(words.data() + (H * W + pix) * n + ub), &lo, &hi);
+            uint32_t* dst = y2w + (b * H * W + pix) * 2 * n + 2 * ub;
+            _mm512_storeu_si512(dst, lo);
+            _mm512_storeu_si512(dst + 16, hi);
+          }
     }
   });
-  std::vector<double> sums(4 * n);
-  sum_threads(partial, 4 * n, sums.data());
-  double* out = stats.data_ptr<double>();  // [2, 2n]: channel 2u + j
+  std::vector<double> sums(2 * c * n);
+  sum_threads(partial, 2 * c * n, sums.data());
+  double* out = stats.data_ptr<double>();  // [2, cn]: channel cu + j
   for (int64_t u = 0; u < n; ++u)
-    for (int j = 0; j < 2; ++j) {
-      out[2 * u + j] = sums[j * n + u];
-      out[2 * n + 2 * u + j] = sums[(2 + j) * n + u];
+    for (int j = 0; j < c; ++j) {
+      out[c * u + j] = sums[j * n + u];
+      out[c * n + c * u + j] = sums[(c + j) * n + u];
     }
 }
 
@@ -1742,104 +1786,122 @@ void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, con
 
 // The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to bf16.
 inline __m512 cl_bn_grad(const c10::BFloat16* y, const c10::BFloat16* g, int64_t c0, const float* sc, const float* sh,
-                         const float* A, const float* B) {
+                         const float* A, const float* B, bool round = true) {
   const __m512 yv = load_bf16(y), s = _mm512_loadu_ps(sc + c0);
   const __mmask16 on = _mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, s, _mm512_loadu_ps(sh + c0)), _mm512_setzero_ps(),
                                           _CMP_GT_OQ);
   const __m512 gz = _mm512_maskz_mov_ps(on, _mm512_mul_ps(load_bf16(g), s));
-  return round_bf16(_mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A + c0), _mm512_loadu_ps(B + c0))));
+  const __m512 v = _mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A + c0), _mm512_loadu_ps(B + c0)));
+  return round ? round_bf16(v) : v;
 }
 
-// conv2's backward: g (B, 2n, H, W), the gradient of relu(y2 * sc + sh), y2 (B, 2n, H, W), y1 (B, n, H, W) with
-// conv2's input relu(y1 * isc + ish), all channels_last bf16: gh (B, n, H, W) channels_last bf16 and gw (2n, 1, 3, 3).
+// conv2's backward: g (B, cn, H, W), the gradient of relu(y2 * sc + sh), y2 (B, cn, H, W), y1 (B, n, H, W) with
+// conv2's input relu(y1 * isc + ish), all channels_last bf16 (c = 2 or 4 outputs per unit): gh (B, n, H, W)
+// channels_last bf16 and gw (cn, 1, 3, 3). The gradient through BN2 is kept as c / 2 planes of channel-pair words
+// (pair q of unit u: channels cu + 2q, cu + 2q + 1), so that gh is 9 dot products per plane.
 void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tensor& g, const at::Tensor& y2,
                        const float* sc, const float* sh, const float* A, const float* Bc, const float* isc,
                        const float* ish, at::Tensor* gh, at::Tensor* gw) {
   const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
+  const int64_t c = w.size(0) / n, pairs = c / 2, plane = (H + 2) * wp * n;
   const float* wf = w.data_ptr<float>();
-  std::vector<uint32_t> wq(9 * n);  // wq[t * n + u]: (w[2u][0][8 - t], w[2u + 1][0][8 - t]), flipped for the input gradient
+  // wq[(pq * 9 + t) * n + u]: (w[cu + 2pq][0][8 - t], w[cu + 2pq + 1][0][8 - t]), flipped for the input gradient
+  std::vector<uint32_t> wq(pairs * 9 * n);
   for (int64_t u = 0; u < n; ++u)
-    for (int t = 0; t < 9; ++t)
-      wq[t * n + u] = (bf16_high(wf[(2 * u) * 9 + 8 - t]) >> 16) | bf16_high(wf[(2 * u + 1) * 9 + 8 - t]);
+    for (int64_t pq = 0; pq < pairs; ++pq)
+      for (int t = 0; t < 9; ++t)
+        wq[(pq * 9 + t) * n + u] = (bf16_high(wf[(c * u + 2 * pq) * 9 + 8 - t]) >> 16) |
+                                   bf16_high(wf[(c * u + 2 * pq + 1) * 9 + 8 - t]);
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y2p = y2.data_ptr<c10::BFloat16>();
   c10::BFloat16* ghp = gh ? gh->data_ptr<c10::BFloat16>() : nullptr;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   std::vector<std::vector<float>> partial(at::get_num_threads());
-  over_images(B, B * H * W * n * 4, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<uint32_t> gpad((H + 2) * wp * n, 0u);  // the gradient through BN2 as bf16 channel pairs
-    std::vector<float> xpad(gw ? (H + 2) * wp * n : 0, 0.f);
+  over_images(B, B * H * W * n * 2 * c, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<uint32_t> gpad(pairs * plane, 0u);  // the gradient through BN2: [pair][padded pixel][unit]
+    std::vector<uint32_t> pix_words(pairs * n);       // one pixel's, in channel order
+    std::vector<float> xpad(gw ? plane : 0, 0.f);
     std::vector<float>& acc = partial[t];
-    acc.assign(gw ? 18 * n : 0, 0.f);  // acc[(j * 9 + t) * n + u]
+    acc.assign(gw ? 9 * c * n : 0, 0.f);  // acc[(j * 9 + t) * n + u]
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r = 0; r < H; ++r)
-        for (int64_t c = 0; c < W; ++c) {
-          const int64_t off = ((b * H + r) * W + c) * 2 * n;
-          uint16_t* dst = reinterpret_cast<uint16_t*>(gpad.data() + ((r + 1) * wp + c + 1) * n);
-          for (int64_t c0 = 0; c0 < 2 * n; c0 += 16)
+        for (int64_t col = 0; col < W; ++col) {
+          const int64_t off = ((b * H + r) * W + col) * c * n, pix = ((r + 1) * wp + col + 1) * n;
+          uint16_t* dst = reinterpret_cast<uint16_t*>(pairs == 1 ? gpad.data() + pix : pix_words.data());
+          for (int64_t c0 = 0; c0 < c * n; c0 += 16)
             store_bits(dst + c0, bf16_high((V<float>::type)cl_bn_grad(y2p + off + c0, gp + off + c0, c0, sc, sh, A, Bc)));
+          for (int64_t ub = 0; ub < n && pairs == 2; ub += 16) {  // unit u's two words to the two planes
+            const __m512i lo = _mm512_loadu_si512(pix_words.data() + 2 * ub);
+            const __m512i hi = _mm512_loadu_si512(pix_words.data() + 2 * ub + 16);
+            _mm512_storeu_si512(gpad.data() + pix + ub, _mm512_permutex2var_epi32(lo, even, hi));
+            _mm512_storeu_si512(gpad.data() + plane + pix + ub, _mm512_permutex2var_epi32(lo, odd, hi));
+          }
         }
       if (gw) cl_bn_input(y1p + b * H * W * n, H, W, n, isc, ish, xpad.data());
       for (int64_t ub = 0; ub < n; ub += 16) {
-        if (ghp) {
-          __m512bh wv[9];
-#pragma GCC unroll 9
-          for (int k = 0; k < 9; ++k) wv[k] = (__m512bh)_mm512_loadu_si512(wq.data() + k * n + ub);
+        if (ghp)
           for (int64_t r = 0; r < H; ++r)
             in_pixel_blocks(W, [&](auto pb, int64_t c0) {
               constexpr int P = decltype(pb)::value;
               __m512 a[P];
 #pragma GCC unroll 4
               for (int q = 0; q < P; ++q) a[q] = _mm512_setzero_ps();
+              for (int64_t pq = 0; pq < pairs; ++pq) {
+                const uint32_t* gq = gpad.data() + pq * plane;
 #pragma GCC unroll 3
-              for (int dy = 0; dy < 3; ++dy)
+                for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
-                for (int dx = 0; dx < 3; ++dx)
+                  for (int dx = 0; dx < 3; ++dx) {
+                    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wq.data() + (pq * 9 + dy * 3 + dx) * n + ub);
 #pragma GCC unroll 4
-                  for (int q = 0; q < P; ++q)
-                    a[q] = _mm512_dpbf16_ps(
-                        a[q], (__m512bh)_mm512_loadu_si512(gpad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub),
-                        wv[dy * 3 + dx]);
+                    for (int q = 0; q < P; ++q)
+                      a[q] = _mm512_dpbf16_ps(
+                          a[q], (__m512bh)_mm512_loadu_si512(gq + ((r + dy) * wp + c0 + q + dx) * n + ub), wv);
+                  }
+              }
 #pragma GCC unroll 4
               for (int q = 0; q < P; ++q) store_bf16(ghp + ((b * H + r) * W + c0 + q) * n + ub, a[q]);
             });
-        }
-        if (gw) {
+        for (int64_t pq = 0; pq < pairs && gw; ++pq) {
+          const uint32_t* gq = gpad.data() + pq * plane;
+          float* accq = acc.data() + 2 * pq * 9 * n;
           __m512 a0[9], a1[9];
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            a0[k] = _mm512_loadu_ps(acc.data() + k * n + ub);
-            a1[k] = _mm512_loadu_ps(acc.data() + (9 + k) * n + ub);
+            a0[k] = _mm512_loadu_ps(accq + k * n + ub);
+            a1[k] = _mm512_loadu_ps(accq + (9 + k) * n + ub);
           }
           for (int64_t r = 0; r < H; ++r)
-            for (int64_t c = 0; c < W; ++c) {
-              const __m512i gwd = _mm512_loadu_si512(gpad.data() + ((r + 1) * wp + c + 1) * n + ub);
+            for (int64_t col = 0; col < W; ++col) {
+              const __m512i gwd = _mm512_loadu_si512(gq + ((r + 1) * wp + col + 1) * n + ub);
               const __m512 g0 = words_lo(gwd), g1 = words_hi(gwd);
 #pragma GCC unroll 3
               for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
                 for (int dx = 0; dx < 3; ++dx) {
-                  const __m512 v = _mm512_loadu_ps(xpad.data() + ((r + dy) * wp + c + dx) * n + ub);
+                  const __m512 v = _mm512_loadu_ps(xpad.data() + ((r + dy) * wp + col + dx) * n + ub);
                   a0[dy * 3 + dx] = _mm512_fmadd_ps(g0, v, a0[dy * 3 + dx]);
                   a1[dy * 3 + dx] = _mm512_fmadd_ps(g1, v, a1[dy * 3 + dx]);
                 }
             }
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            _mm512_storeu_ps(acc.data() + k * n + ub, a0[k]);
-            _mm512_storeu_ps(acc.data() + (9 + k) * n + ub, a1[k]);
+            _mm512_storeu_ps(accq + k * n + ub, a0[k]);
+            _mm512_storeu_ps(accq + (9 + k) * n + ub, a1[k]);
           }
         }
       }
     }
   });
   if (gw) {
-    float* out = gw->data_ptr<float>();  // (2n, 1, 3, 3)
-    std::fill(out, out + 18 * n, 0.f);
+    float* out = gw->data_ptr<float>();  // (cn, 1, 3, 3)
+    std::fill(out, out + 9 * c * n, 0.f);
     for (const auto& p : partial)
       for (int64_t u = 0; u < n && !p.empty(); ++u)
-        for (int j = 0; j < 2; ++j)
-          for (int k = 0; k < 9; ++k) out[(2 * u + j) * 9 + k] += p[(j * 9 + k) * n + u];
+        for (int j = 0; j < c; ++j)
+          for (int k = 0; k < 9; ++k) out[(c * u + j) * 9 + k] += p[(j * 9 + k) * n + u];
   }
 }
 
@@ -1847,15 +1909,23 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
 // bf16: gx (B, 2n, H, W) channels_last bf16 and gw (n, 2, 3, 3).
 void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gh, const at::Tensor& y1,
                        const float* sc, const float* sh, const float* A, const float* Bc, at::Tensor* gx,
-                       at::Tensor* gw, const c10::BFloat16* add) {
+                       at::Tensor* gw, const c10::BFloat16* add, int64_t s) {
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
+  const int64_t Ho = gh.size(2), Wo = gh.size(3), wpg = Wo + 2;  // the gradient's plane (stride s)
   const float* wf = w.data_ptr<float>();
-  std::vector<float> wr(2 * 9 * n);  // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] rounded to bf16 (flipped)
+  // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16 at stride 1; at stride 2 the input gradient
+  // multiplies the unrounded weights and gradient in float32, as the NCHW kernels do (the weight gradient still
+  // takes the gradient rounded to bf16)
+  std::vector<float> wr(2 * 9 * n);
   for (int64_t u = 0; u < n; ++u)
     for (int i = 0; i < 2; ++i)
       for (int t = 0; t < 9; ++t) {
-        const uint32_t bits = bf16_high(wf[(2 * u + i) * 9 + 8 - t]);
-        std::memcpy(&wr[(i * 9 + t) * n + u], &bits, 4);
+        const float v = wf[(2 * u + i) * 9 + 8 - t];
+        const uint32_t bits = bf16_high(v);
+        if (s == 1)
+          std::memcpy(&wr[(i * 9 + t) * n + u], &bits, 4);
+        else
+          wr[(i * 9 + t) * n + u] = v;
       }
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
@@ -1863,23 +1933,39 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   __m512i* gxp = gx ? reinterpret_cast<__m512i*>(gx->data_ptr<c10::BFloat16>()) : nullptr;
   std::vector<std::vector<float>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * 4, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<float> gpad((H + 2) * wp * n, 0.f);  // the gradient through BN1, rounded to bf16
+    std::vector<float> gpad((Ho + 2) * wpg * n, 0.f);  // the gradient through BN1, rounded to bf16
     std::vector<uint32_t> xpad(gw ? (H + 2) * wp * n : 0, 0u);
     std::vector<float>& acc = partial[t];
     acc.assign(gw ? 18 * n : 0, 0.f);  // acc[(i * 9 + t) * n + u]
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t r = 0; r < H; ++r)
-        for (int64_t c = 0; c < W; ++c) {
-          const int64_t off = ((b * H + r) * W + c) * n;
+      for (int64_t r = 0; r < Ho; ++r)
+        for (int64_t c = 0; c < Wo; ++c) {
+          const int64_t off = ((b * Ho + r) * Wo + c) * n;
           for (int64_t c0 = 0; c0 < n; c0 += 16)
-            _mm512_storeu_ps(gpad.data() + ((r + 1) * wp + c + 1) * n + c0,
-                             cl_bn_grad(y1p + off + c0, ghp + off + c0, c0, sc, sh, A, Bc));
+            _mm512_storeu_ps(gpad.data() + ((r + 1) * wpg + c + 1) * n + c0,
+                             cl_bn_grad(y1p + off + c0, ghp + off + c0, c0, sc, sh, A, Bc, s == 1));
         }
       if (gw)
         for (int64_t r = 0; r < H; ++r)
           std::memcpy(xpad.data() + ((r + 1) * wp + 1) * n, xp + (b * H + r) * W * n, sizeof(uint32_t) * W * n);
       for (int64_t ub = 0; ub < n; ub += 16) {
-        if (gxp) {
+        if (gxp && s == 2) {
+          // stride 2: input pixel (R, C) gathers the taps (dy, dx) with R + 1 - dy and C + 1 - dx even, from
+          // gradient pixel ((R + 1 - dy) / 2, (C + 1 - dx) / 2) (the zero border where that is outside)
+          for (int64_t R = 0; R < H; ++R)
+            for (int64_t C = 0; C < W; ++C) {
+              __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+              for (int dy = (R + 1) % 2; dy < 3; dy += 2)
+                for (int dx = (C + 1) % 2; dx < 3; dx += 2) {
+                  const __m512 v =
+                      _mm512_loadu_ps(gpad.data() + (((R + 1 - dy) / 2 + 1) * wpg + (C + 1 - dx) / 2 + 1) * n + ub);
+                  const int t = 8 - (dy * 3 + dx);  // wr is flipped
+                  a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(wr.data() + t * n + ub), a0);
+                  a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(wr.data() + (9 + t) * n + ub), a1);
+                }
+              _mm512_storeu_si512(gxp + ((b * H + R) * W + C) * (n / 16) + ub / 16, pack_words(a0, a1));
+            }
+        } else if (gxp) {
           __m512 w0[9], w1[9];
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
@@ -1898,7 +1984,7 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                 for (int dx = 0; dx < 3; ++dx)
 #pragma GCC unroll 4
                   for (int q = 0; q < P; ++q) {
-                    const __m512 v = _mm512_loadu_ps(gpad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub);
+                    const __m512 v = _mm512_loadu_ps(gpad.data() + ((r + dy) * wpg + c0 + q + dx) * n + ub);
                     a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
                     a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
                   }
@@ -1920,14 +2006,15 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
             a0[k] = _mm512_loadu_ps(acc.data() + k * n + ub);
             a1[k] = _mm512_loadu_ps(acc.data() + (9 + k) * n + ub);
           }
-          for (int64_t r = 0; r < H; ++r)
-            for (int64_t c = 0; c < W; ++c) {
-              const __m512 gv = _mm512_loadu_ps(gpad.data() + ((r + 1) * wp + c + 1) * n + ub);
+          for (int64_t r = 0; r < Ho; ++r)
+            for (int64_t c = 0; c < Wo; ++c) {
+              __m512 gv = _mm512_loadu_ps(gpad.data() + ((r + 1) * wpg + c + 1) * n + ub);
+              if (s == 2) gv = round_bf16(gv);
 #pragma GCC unroll 3
               for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
                 for (int dx = 0; dx < 3; ++dx) {
-                  const __m512i xw = _mm512_loadu_si512(xpad.data() + ((r + dy) * wp + c + dx) * n + ub);
+                  const __m512i xw = _mm512_loadu_si512(xpad.data() + ((r * s + dy) * wp + c * s + dx) * n + ub);
                   a0[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_lo(xw), a0[dy * 3 + dx]);
                   a1[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_hi(xw), a1[dy * 3 + dx]);
                 }
@@ -1975,7 +2062,7 @@ std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor
   if constexpr (kChannelsLastUnits) {
     if (kind == 1 && !isc) {  // 2-1-2 units in channels_last: y channels_last too
       at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-      cl_conv1_forward(x, w, y, stats);
+      cl_conv1_forward(x, w, y, stats, s);
       return {y, stats};
     }
     if (kind == 2) {
@@ -2221,7 +2308,7 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
                           need_input ? &gx : nullptr, need_weight ? &gw : nullptr);
       else
         cl_conv1_backward(x, w, g, y, a, b, ca, cb, need_input ? &gx : nullptr, need_weight ? &gw : nullptr,
-                          add ? add->data_ptr<c10::BFloat16>() : nullptr);
+                          add ? add->data_ptr<c10::BFloat16>() : nullptr, s);
       return {gx, gw};
     }
   }
