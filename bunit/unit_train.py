@@ -13,7 +13,9 @@ input's memory format; the backward takes the output gradient through ReLU and B
 a per-channel affine map applied while the convolution's backward pads it) and rebuilds conv2's input the same way,
 so neither the normalised nor the hidden activations are ever stored. Given a residual block's shortcut (a one-group
 layer, ``UnitTrain.run_with_residual``), the output pass also adds it and applies the block's ReLU, bit for bit what
-``relu(units(x) + shortcut)`` computes from the stored output (tested, float32 and bf16). BN's sums, and the
+``relu(units(x) + shortcut)`` computes from the stored output (tested, float32 and bf16); the backward takes that
+ReLU in the pass of BN2's gradient sums, and adds an identity shortcut's gradient (the input itself) to the input
+gradient in the kernel's own pass, as autograd would add the two (bit for bit, tested). BN's sums, and the
 per-channel maths on them (moments, the affine map, the backward's coefficients), are in double in the kernel, one
 call each; running statistics, ``num_batches_tracked`` and the momentum (or cumulative average) follow
 ``nn.BatchNorm2d``. A layer of several groups (a hybrid row, :func:`layer_forward`) runs them in one autograd node,

@@ -20,8 +20,9 @@
 //      gradient with the flipped weights, at stride 2 it is scattered into a padded, phase-split buffer (every
 //      (o, dy, dx) adds w * gy to the input positions it read), then copied out without padding.
 // float and double (double for gradcheck); bf16 storage with float32 arithmetic, or with bf16 dot products where the
-// CPU has AVX512-BF16 (see "bf16 dot products" below). The accumulation order differs from oneDNN's: float results
-// agree to rounding (about 1e-6 relative).
+// CPU has AVX512-BF16 (see "bf16 dot products" below). Rows of 2-1-2 and 2-1-4 units given channels_last tensors run
+// in kernels of their own, 16 units per vector (see "rows of 2-1-2 and 2-1-4 units in channels_last"). The
+// accumulation order differs from oneDNN's: float results agree to rounding (about 1e-6 relative).
 // Light headers, not <torch/extension.h> (the whole C++ frontend): the build takes about a third of the time.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -1452,15 +1453,16 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
 
 namespace {
 
-// --- rows of 2-1-2 units in channels_last: one vector holds 16 units -------------------------------------------
+// --- rows of 2-1-2 and 2-1-4 units in channels_last: one vector holds 16 units --------------------------------
 //
-// A row of n 2-1-2 units (conv1 two input channels to one, conv2 one to two, stride 1) spends its time in the
-// per-(image, unit) work of the kernels above: each work item is a few planes of 7-14 px. In channels_last the
-// units lie side by side instead: at one pixel, a 512-bit load of the input holds 16 units' channel pairs, exactly
-// the word pairs vdpbf16ps multiplies, and conv1 of 16 units is 9 dot products per pixel; conv2 and the gradients
-// are 16-lane multiply-adds with one unit per lane. These kernels take that layout (bf16 storage, AVX512-BF16, n a
-// multiple of 16) and compute what the dot-product path computes: the same operands rounded to bf16 (weights,
-// conv2's input relu(y1 * sc + sh), the gradients taken through BN), products exact in float32, float32 sums in
+// A row of n 2-1-c units (conv1 two input channels to one at stride 1 or 2, conv2 one to c = 2 or 4) spends its
+// time in the per-(image, unit) work of the kernels above: each work item is a few planes of 7-14 px. In
+// channels_last the units lie side by side instead: at one pixel, a 512-bit load of the input holds 16 units'
+// channel pairs, exactly the word pairs vdpbf16ps multiplies, and conv1 of 16 units is 9 dot products per pixel;
+// conv2 and the gradients are 16-lane multiply-adds with one unit per lane. These kernels take that layout (bf16
+// storage, AVX512-BF16, n a multiple of 16) and compute what the NCHW kernels compute: at stride 1 the same operands
+// rounded to bf16 (weights, conv2's input relu(y1 * sc + sh), the gradients taken through BN), products exact in
+// float32; a stride-2 conv1 and its input gradient in float32 multiplies of the unrounded operands; float32 sums in
 // another order, BN's sums in double. Each image's planes go through a zero-bordered scratch copy, so no tap is
 // tested at the borders.
 #if defined(__AVX512BF16__)
@@ -1484,9 +1486,9 @@ inline void store_bf16(c10::BFloat16* p, __m512 v) {
 }
 // 16 floats added to 16 double lanes (one per channel).
 inline void add_channels(__m512 v, double* acc) {
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
   _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(_mm512_castps512_ps256(v))));
-  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(_mm256_castpd_ps(
-                                                                       _mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))));
+  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(hi)));
 }
 
 // Which kernel of this section computes conv(x, w, groups, s): 1 conv1 of 2-1-2 units (w: (n, 2, 3, 3)), 2 their
@@ -1682,7 +1684,8 @@ void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc
               for (int q = 0; q < P; ++q) {
                 const __m512 v0 = round_bf16(a0[q]), v1 = round_bf16(a1[q]);
                 const int64_t pix = r * W + c0 + q;
-                uint32_t* dst = pairs > 1 ? words.data() + (pq * H * W + pix) * n + ub : y2w + (b * H * W + pix) * n + ub;
+                uint32_t* dst =
+                    pairs > 1 ? words.data() + (pq * H * W + pix) * n + ub : y2w + (b * H * W + pix) * n + ub;
                 _mm512_storeu_si512(dst, pack_words(v0, v1));
                 s10 = _mm512_add_ps(s10, v0);
                 s11 = _mm512_add_ps(s11, v1);
@@ -1729,8 +1732,8 @@ void cl_apply(const at::Tensor& y, const float* sc, const float* sh, at::Tensor&
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t cb = 0; cb < C; cb += 16) {
         const int64_t off = p * C + cb;
-        __m512 v = _mm512_max_ps(_mm512_fmadd_ps(load_bf16(yp + off), _mm512_loadu_ps(sc + cb), _mm512_loadu_ps(sh + cb)),
-                                 _mm512_setzero_ps());
+        const __m512 a = _mm512_fmadd_ps(load_bf16(yp + off), _mm512_loadu_ps(sc + cb), _mm512_loadu_ps(sh + cb));
+        __m512 v = _mm512_max_ps(a, _mm512_setzero_ps());
         if (res) {
           const __m512 rv = std::is_same_v<R, float> ? _mm512_loadu_ps(reinterpret_cast<const float*>(res + off))
                                                      : load_bf16(reinterpret_cast<const c10::BFloat16*>(res + off));
@@ -1784,7 +1787,8 @@ void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, con
   sum_threads(partial, 2 * C, sums.data_ptr<double>());
 }
 
-// The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to bf16.
+// The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to
+// bf16 (unless round is false).
 inline __m512 cl_bn_grad(const c10::BFloat16* y, const c10::BFloat16* g, int64_t c0, const float* sc, const float* sh,
                          const float* A, const float* B, bool round = true) {
   const __m512 yv = load_bf16(y), s = _mm512_loadu_ps(sc + c0);
@@ -1831,7 +1835,8 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
           const int64_t off = ((b * H + r) * W + col) * c * n, pix = ((r + 1) * wp + col + 1) * n;
           uint16_t* dst = reinterpret_cast<uint16_t*>(pairs == 1 ? gpad.data() + pix : pix_words.data());
           for (int64_t c0 = 0; c0 < c * n; c0 += 16)
-            store_bits(dst + c0, bf16_high((V<float>::type)cl_bn_grad(y2p + off + c0, gp + off + c0, c0, sc, sh, A, Bc)));
+            store_bits(dst + c0,
+                       bf16_high((V<float>::type)cl_bn_grad(y2p + off + c0, gp + off + c0, c0, sc, sh, A, Bc)));
           for (int64_t ub = 0; ub < n && pairs == 2; ub += 16) {  // unit u's two words to the two planes
             const __m512i lo = _mm512_loadu_si512(pix_words.data() + 2 * ub);
             const __m512i hi = _mm512_loadu_si512(pix_words.data() + 2 * ub + 16);
@@ -2059,14 +2064,15 @@ std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor
   const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
   at::Tensor stats = at::empty({2, w.size(0)}, x.options().dtype(at::kDouble));
   const int kind = channels_last_units(x, w, groups, s, bf16_dot && kBf16Dot);
+  [[maybe_unused]] const auto cl_format = at::MemoryFormat::ChannelsLast;
   if constexpr (kChannelsLastUnits) {
     if (kind == 1 && !isc) {  // 2-1-2 units in channels_last: y channels_last too
-      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(cl_format));
       cl_conv1_forward(x, w, y, stats, s);
       return {y, stats};
     }
     if (kind == 2) {
-      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(cl_format));
       cl_conv2_forward(x, w, opt_ptr<float>(isc), opt_ptr<float>(ish), y, stats);
       return {y, stats};
     }
