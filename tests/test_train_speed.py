@@ -190,7 +190,7 @@ def test_under_bf16_autocast_every_unit_backend_is_as_exact_as_grouped():
     heavily). The stated tolerance for a unit backend under autocast is therefore relative to ``grouped`` under the
     same autocast: its output and its unit-conv gradients are no further from float32 than ``grouped``'s are
     (relative L2 distance; a single largest entry moves by rounding luck), with 25% slack for the different rounding
-    order (measured over six inputs: blockdiag equal to grouped, unit_train 0.87-1.13 of grouped's distance)."""
+    order (measured over six inputs: blockdiag equal to grouped, unit_train 0.91-1.13 of grouped's distance)."""
     x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def run(backend: str, bf16: bool, channels_last: bool):
