@@ -45,6 +45,11 @@ def test_mnist_from_idx_files(tmp_path, name, folder):
     assert d.num_classes == 10
     # normalised with the train split's own statistics
     assert abs(d.x_train.mean().item()) < 1e-5
+    # NCHW strides, not the (HW, 1, W, 1) of a one-channel NHWC permute, which passes torch's contiguity test too:
+    # a convolution of a batch then returns NCHW, as an NCHW setting asks (it returned channels_last)
+    assert d.x_train.stride() == (784, 784, 28, 1) and d.x_test.stride() == (784, 784, 28, 1)
+    out = torch.nn.Conv2d(1, 4, 3, padding=1)(d.x_train[:5].contiguous())
+    assert out.stride() == (4 * 784, 784, 28, 1)
 
 
 def test_imagefolder_tree(tmp_path):

@@ -224,9 +224,17 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("BUNITBENCH_DATA", Path.home() / ".cache" / "bunitbench" / "data"))
 
 
+def _nchw_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, H, W) with NCHW strides, copied where its strides differ. ``Tensor.contiguous`` is not enough for
+    one channel: permuted from NHWC, such a tensor passes torch's contiguity test with strides (HW, 1, W, 1), and
+    convolutions then read it as channels_last and return channels_last, whatever memory format a setting asked."""
+    n, c, h, w = t.shape
+    return t if t.stride() == (c * h * w, h * w, w, 1) else t.clone(memory_format=torch.contiguous_format)
+
+
 def _finish(name: str, x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, num_classes: int, *,
             size: int | None, hflip: bool) -> Splits:
-    """Float [0,1] NCHW tensors -> resized, normalised with the train split's statistics."""
+    """Float [0,1] NCHW tensors -> resized, normalised with the train split's statistics, in NCHW strides."""
     if size is not None and x_train.shape[-1] != size:
         x_train = F.interpolate(x_train, size=(size, size), mode="bilinear", align_corners=False)
         x_test = F.interpolate(x_test, size=(size, size), mode="bilinear", align_corners=False)
@@ -234,7 +242,7 @@ def _finish(name: str, x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_t
     std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.long)
     y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.long)
-    return Splits(name, ((x_train - mean) / std).contiguous(), y_train, ((x_test - mean) / std).contiguous(),
+    return Splits(name, _nchw_strides((x_train - mean) / std), y_train, _nchw_strides((x_test - mean) / std),
                   y_test, num_classes, hflip)
 
 
