@@ -743,13 +743,14 @@ inline void add_lanes(__m512 v, double* acc) {
 constexpr int kSumLanes = 1;
 #endif
 
-// Sums over threads and lanes: out[k] = sum of partial[t][k * kSumLanes + l] (n values).
-inline void sum_lanes(const std::vector<std::vector<double>>& partial, int64_t n, double* out) {
+// Sums over threads and lanes: out[k] = sum of partial[t][k * lanes + l] (n values; threads without sums empty).
+inline void sum_lanes(const std::vector<std::vector<double>>& partial, int64_t n, double* out,
+                      int lanes = kSumLanes) {
   std::fill(out, out + n, 0.0);
   for (const auto& p : partial)
     if (!p.empty())
       for (int64_t k = 0; k < n; ++k)
-        for (int l = 0; l < kSumLanes; ++l) out[k] += p[k * kSumLanes + l];
+        for (int l = 0; l < lanes; ++l) out[k] += p[k * lanes + l];
 }
 
 // Sum and sum of squares of n contiguous values, added to the kSumLanes lanes at sum and at sq.
@@ -1465,6 +1466,11 @@ namespace {
 // float32; a stride-2 conv1 and its input gradient in float32 multiplies of the unrounded operands; float32 sums in
 // another order, BN's sums in double. Each image's planes go through a zero-bordered scratch copy, so no tap is
 // tested at the borders.
+// channels_last and not also NCHW-contiguous (as bunit.functional.is_channels_last says), 4-D.
+inline bool is_cl(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
 #if defined(__AVX512BF16__)
 constexpr bool kChannelsLastUnits = true;
 
@@ -1491,21 +1497,16 @@ inline void add_channels(__m512 v, double* acc) {
   _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(hi)));
 }
 
-// Which kernel of this section computes conv(x, w, groups, s): 1 conv1 of 2-1-2 units (w: (n, 2, 3, 3)), 2 their
-// conv2 (w: (2n, 1, 3, 3)), 0 none (then the kernels above).
+// Which kernel of this section computes conv(x, w, groups, s): 1 conv1 of 2-1-c units (w: (n, 2, 3, 3), stride 1
+// or 2), 2 their conv2 (w: (cn, 1, 3, 3), c = 2 or 4), 0 none (then the kernels above).
 inline int channels_last_units(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s, bool dot) {
-  if (!dot || x.scalar_type() != at::kBFloat16 || groups % 16 != 0 || x.size(1) == 1 ||
-      !x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.is_contiguous())
-    return 0;
+  if (!dot || x.scalar_type() != at::kBFloat16 || groups % 16 != 0 || !is_cl(x)) return 0;
   if (w.size(0) == groups && w.size(1) == 2 && x.size(1) == 2 * groups && (s == 1 || s == 2)) return 1;
   if (s == 1 && (w.size(0) == 2 * groups || w.size(0) == 4 * groups) && w.size(1) == 1 && x.size(1) == groups)
     return 2;
   return 0;
 }
 
-inline bool is_cl(const at::Tensor& t) {
-  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
 
 // Columns 0 .. w of a row in blocks of 4, then one at a time: f(integral_constant<P>, first column). P independent
 // accumulators per step: one pixel's 9 taps are a chain of dependent multiply-adds, which alone leaves the FMA
@@ -1526,11 +1527,54 @@ void over_images(int64_t images, int64_t work, F&& f) {
   });
 }
 
-// Per-thread double sums, summed over threads into out (n values).
-inline void sum_threads(const std::vector<std::vector<double>>& partial, int64_t n, double* out) {
-  std::fill(out, out + n, 0.0);
-  for (const auto& p : partial)
-    for (int64_t k = 0; k < n && !p.empty(); ++k) out[k] += p[k];
+// Unit u's weights of a group, one 16-lane vector per (output j of the unit, tap t):
+// out[(j * 9 + t) * n + u] = w[per_unit * u + j][t'] (per_unit outputs per unit, w's 9 taps of one input channel
+// per output), t' = 8 - t when flipped (the input gradient), rounded to bf16 when asked.
+inline std::vector<float> unit_weight_lanes(const float* w, int64_t n, int64_t per_unit, bool flip, bool round) {
+  std::vector<float> out(per_unit * 9 * n);
+  for (int64_t u = 0; u < n; ++u)
+    for (int64_t j = 0; j < per_unit; ++j)
+      for (int t = 0; t < 9; ++t) {
+        float v = w[(per_unit * u + j) * 9 + (flip ? 8 - t : t)];
+        if (round) {
+          const uint32_t bits = bf16_high(v);
+          std::memcpy(&v, &bits, 4);
+        }
+        out[(j * 9 + t) * n + u] = v;
+      }
+  return out;
+}
+
+// The same weights as bf16 pairs for vdpbf16ps, outputs 2q and 2q + 1 of the unit in one word:
+// out[(q * 9 + t) * n + u] = (w[per_unit * u + 2q][t'], w[per_unit * u + 2q + 1][t']).
+inline std::vector<uint32_t> unit_weight_pairs(const float* w, int64_t n, int64_t per_unit, bool flip) {
+  std::vector<uint32_t> out(per_unit / 2 * 9 * n);
+  for (int64_t u = 0; u < n; ++u)
+    for (int64_t q = 0; q < per_unit / 2; ++q)
+      for (int t = 0; t < 9; ++t) {
+        const int64_t k = (per_unit * u + 2 * q) * 9 + (flip ? 8 - t : t);
+        out[(q * 9 + t) * n + u] = (bf16_high(w[k]) >> 16) | bf16_high(w[k + 9]);
+      }
+  return out;
+}
+
+// 16 units' 3x3 stencil of a zero-bordered float plane (rows of wp pixels of n values, unit block ub) with two weight
+// sets w0, w1 (9 taps each), for P pixels of output row r from column c0: a0[q], a1[q].
+template <int P>
+inline void stencil_two(const float* pad, int64_t wp, int64_t n, int64_t ub, int64_t r, int64_t c0, const __m512* w0,
+                        const __m512* w1, __m512 (&a0)[P], __m512 (&a1)[P]) {
+#pragma GCC unroll 4
+  for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+  for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+    for (int dx = 0; dx < 3; ++dx)
+#pragma GCC unroll 4
+      for (int q = 0; q < P; ++q) {
+        const __m512 v = _mm512_loadu_ps(pad + ((r + dy) * wp + c0 + q + dx) * n + ub);
+        a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
+        a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
+      }
 }
 
 // conv1 of n 2-1-2 units: x (B, 2n, H, W) channels_last bf16 -> y (B, n, H, W) channels_last bf16, with the batch
@@ -1539,13 +1583,9 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
   const int64_t Ho = y.size(2), Wo = y.size(3);
   const float* wf = w.data_ptr<float>();
-  std::vector<uint32_t> wq(9 * n);  // wq[t * n + u]: (w[u][0][t], w[u][1][t]) as bf16 pair
-  std::vector<float> wu(s == 2 ? 18 * n : 0);  // stride 2: wu[(i * 9 + t) * n + u] = w[u][i][t], not rounded
-  for (int64_t u = 0; u < n; ++u)
-    for (int t = 0; t < 9; ++t) {
-      wq[t * n + u] = (bf16_high(wf[(u * 2) * 9 + t]) >> 16) | bf16_high(wf[(u * 2 + 1) * 9 + t]);
-      for (int i = 0; i < 2 && s == 2; ++i) wu[(i * 9 + t) * n + u] = wf[(u * 2 + i) * 9 + t];
-    }
+  const std::vector<uint32_t> wq = unit_weight_pairs(wf, n, 2, false);  // wq[t * n + u]: (w[u][0][t], w[u][1][t])
+  // stride 2: wu[(i * 9 + t) * n + u] = w[u][i][t], not rounded
+  const std::vector<float> wu = s == 2 ? unit_weight_lanes(wf, n, 2, false, false) : std::vector<float>();
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   std::vector<std::vector<double>> partial(at::get_num_threads());
@@ -1603,7 +1643,7 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
       }
     }
   });
-  sum_threads(partial, 2 * n, stats.data_ptr<double>());
+  sum_lanes(partial, 2 * n, stats.data_ptr<double>(), 1);
 }
 
 // conv1's input relu(y1 * sc + sh) (or y1 itself without sc), rounded to bf16, for one image into the zero-bordered
@@ -1638,13 +1678,7 @@ void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc
   const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
   const int64_t c = w.size(0) / n, pairs = c / 2;
   const float* wf = w.data_ptr<float>();
-  std::vector<float> wr(c * 9 * n);  // wr[(j * 9 + t) * n + u]: w[cu + j][0][t] rounded to bf16
-  for (int64_t u = 0; u < n; ++u)
-    for (int j = 0; j < c; ++j)
-      for (int t = 0; t < 9; ++t) {
-        const uint32_t bits = bf16_high(wf[(c * u + j) * 9 + t]);
-        std::memcpy(&wr[(j * 9 + t) * n + u], &bits, 4);
-      }
+  const std::vector<float> wr = unit_weight_lanes(wf, n, c, false, true);  // w[cu + j][0][t], bf16-rounded
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   uint32_t* y2w = reinterpret_cast<uint32_t*>(y2.data_ptr<c10::BFloat16>());  // (c / 2) n words per pixel
   std::vector<std::vector<double>> partial(at::get_num_threads());
@@ -1668,18 +1702,7 @@ void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc
             in_pixel_blocks(W, [&](auto pb, int64_t c0) {
               constexpr int P = decltype(pb)::value;
               __m512 a0[P], a1[P];
-#pragma GCC unroll 4
-              for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
-#pragma GCC unroll 3
-              for (int dy = 0; dy < 3; ++dy)
-#pragma GCC unroll 3
-                for (int dx = 0; dx < 3; ++dx)
-#pragma GCC unroll 4
-                  for (int q = 0; q < P; ++q) {
-                    const __m512 v = _mm512_loadu_ps(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub);
-                    a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
-                    a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
-                  }
+              stencil_two<P>(pad.data(), wp, n, ub, r, c0, w0, w1, a0, a1);
 #pragma GCC unroll 4
               for (int q = 0; q < P; ++q) {
                 const __m512 v0 = round_bf16(a0[q]), v1 = round_bf16(a1[q]);
@@ -1712,7 +1735,7 @@ void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc
     }
   });
   std::vector<double> sums(2 * c * n);
-  sum_threads(partial, 2 * c * n, sums.data());
+  sum_lanes(partial, 2 * c * n, sums.data(), 1);
   double* out = stats.data_ptr<double>();  // [2, cn]: channel cu + j
   for (int64_t u = 0; u < n; ++u)
     for (int j = 0; j < c; ++j) {
@@ -1784,7 +1807,7 @@ void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, con
         add_channels(_mm512_add_ps(s2a, s2b), st.data() + C + cb);
       }
   });
-  sum_threads(partial, 2 * C, sums.data_ptr<double>());
+  sum_lanes(partial, 2 * C, sums.data_ptr<double>(), 1);
 }
 
 // The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to
@@ -1810,12 +1833,7 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
   const int64_t c = w.size(0) / n, pairs = c / 2, plane = (H + 2) * wp * n;
   const float* wf = w.data_ptr<float>();
   // wq[(pq * 9 + t) * n + u]: (w[cu + 2pq][0][8 - t], w[cu + 2pq + 1][0][8 - t]), flipped for the input gradient
-  std::vector<uint32_t> wq(pairs * 9 * n);
-  for (int64_t u = 0; u < n; ++u)
-    for (int64_t pq = 0; pq < pairs; ++pq)
-      for (int t = 0; t < 9; ++t)
-        wq[(pq * 9 + t) * n + u] = (bf16_high(wf[(c * u + 2 * pq) * 9 + 8 - t]) >> 16) |
-                                   bf16_high(wf[(c * u + 2 * pq + 1) * 9 + 8 - t]);
+  const std::vector<uint32_t> wq = unit_weight_pairs(wf, n, c, true);
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y2p = y2.data_ptr<c10::BFloat16>();
@@ -1921,17 +1939,7 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16 at stride 1; at stride 2 the input gradient
   // multiplies the unrounded weights and gradient in float32, as the NCHW kernels do (the weight gradient still
   // takes the gradient rounded to bf16)
-  std::vector<float> wr(2 * 9 * n);
-  for (int64_t u = 0; u < n; ++u)
-    for (int i = 0; i < 2; ++i)
-      for (int t = 0; t < 9; ++t) {
-        const float v = wf[(2 * u + i) * 9 + 8 - t];
-        const uint32_t bits = bf16_high(v);
-        if (s == 1)
-          std::memcpy(&wr[(i * 9 + t) * n + u], &bits, 4);
-        else
-          wr[(i * 9 + t) * n + u] = v;
-      }
+  const std::vector<float> wr = unit_weight_lanes(wf, n, 2, true, s == 1);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
@@ -1981,18 +1989,7 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
             in_pixel_blocks(W, [&](auto pb, int64_t c0) {
               constexpr int P = decltype(pb)::value;
               __m512 a0[P], a1[P];
-#pragma GCC unroll 4
-              for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
-#pragma GCC unroll 3
-              for (int dy = 0; dy < 3; ++dy)
-#pragma GCC unroll 3
-                for (int dx = 0; dx < 3; ++dx)
-#pragma GCC unroll 4
-                  for (int q = 0; q < P; ++q) {
-                    const __m512 v = _mm512_loadu_ps(gpad.data() + ((r + dy) * wpg + c0 + q + dx) * n + ub);
-                    a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
-                    a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
-                  }
+              stencil_two<P>(gpad.data(), wpg, n, ub, r, c0, w0, w1, a0, a1);
 #pragma GCC unroll 4
               for (int q = 0; q < P; ++q)
                 _mm512_storeu_si512(gxp + ((b * H + r) * W + c0 + q) * (n / 16) + ub / 16, pack_words(a0[q], a1[q]));
@@ -2045,9 +2042,6 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 #else
 constexpr bool kChannelsLastUnits = false;
 inline int channels_last_units(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool) { return 0; }
-inline bool is_cl(const at::Tensor& t) {
-  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
 #endif
 
 }  // namespace
