@@ -645,3 +645,149 @@ def test_gradcheck_fused_group_with_residual_float64():
     r = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
     assert type(layer(x, residual=r).grad_fn).__name__ == "UnitGroupFnBackward"
     assert torch.autograd.gradcheck(lambda a, b: layer(a, residual=b), (x, r), eps=1e-6, atol=1e-5)
+
+
+# --- hybrid rows in channels_last, one lane per channel (UnitRowFn) ------------------------------------------------
+
+ROW_CASES = [  # (specs, stride, size): catalogue hybrids of 32 and 64 channels (hidden lanes past 64: two blocks of
+    # gathered words), a row with 4-channel units (full pairs of inputs) and 1-1-1 units, at 7-14 px
+    ([str(s) for s in hybrid_mix(32, 32, seed=0)], 1, 14),
+    ([str(s) for s in hybrid_mix(32, 32, seed=0)], 2, 14),
+    ([str(s) for s in hybrid_mix(64, 64, seed=1)], 1, 7),
+    ([str(s) for s in hybrid_mix(64, 64, seed=1)], 2, 9),
+    (["2x4-4-4", "4x1-1-1", "2x2-1-2"], 1, 8),
+]
+
+
+def _needs_rows():
+    if not (unit_train.bf16_dot_products() and unit_train.load_extension().has_unit_rows()):
+        pytest.skip("this CPU has no AVX512-BF16: no lane-by-lane hybrid rows")
+
+
+def _train_values(mod, x, grad, autocast, residual=False):
+    """A layer's training step on a copy of x: output, input gradient, parameter gradients, floating buffers (running
+    statistics) and counters."""
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = mod(xi)
+    out.float().backward(grad)
+    return out, [out.float(), xi.grad.float(), *[p.grad for p in mod.parameters()],
+                 *[b.float() for b in mod.buffers()]]
+
+
+def _dist(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("specs,stride,size", ROW_CASES, ids=lambda v: str(len(v)) if isinstance(v, list) else str(v))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_hybrid_row_runs_lane_by_lane_and_trains_as_grouped_does(specs, stride, size, layout):
+    """Under bf16 autocast a hybrid row runs whole in one :class:`UnitRowFn` (given NCHW input: one copy in, its
+    input gradient copied back), returns channels_last, and its output, input and parameter gradients, BN running
+    statistics and counters are no further from float32 than ``grouped`` under the same autocast (relative L2 within
+    1.25x, each tensor)."""
+    _needs_rows()
+    torch.manual_seed(0)
+    layer = spread_bn(UnitLayer(specs, stride=stride), 1).train()
+    assert len(layer.groups) > 1
+    ref, exact = copy.deepcopy(layer), copy.deepcopy(layer)
+    layer.backend = "unit_train"
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(4, layer.in_channels, size, size).contiguous(memory_format=fmt)
+    side = (size - 1) // stride + 1
+    grad = torch.randn(4, layer.out_channels, side, side)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert unit_train.runs_row(layer, x)
+    calls = []
+    real = unit_train.UnitRowFn.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(unit_train.UnitRowFn, "apply", lambda *a: calls.append(1) or real(*a))
+        out, got = _train_values(layer, x, grad, True)
+    assert calls == [1] and out.is_contiguous(memory_format=torch.channels_last)
+    _, want = _train_values(ref, x, grad, True)
+    _, exact_vals = _train_values(exact, x, grad, False)
+    for k, (a, b, e) in enumerate(zip(got, want, exact_vals)):
+        if a.is_floating_point():
+            assert _dist(a, e) <= 1.25 * _dist(b, e) + 1e-6, k
+        else:
+            assert torch.equal(a, e), k  # num_batches_tracked
+
+
+@pytest.mark.parametrize("specs,stride,size", [c for c in ROW_CASES if c[1] == 1],
+                         ids=lambda v: str(len(v)) if isinstance(v, list) else str(v))
+def test_hybrid_row_computes_what_the_group_kernels_compute(specs, stride, size):
+    """At stride 1 a hybrid row lane by lane multiplies the operands the per-group kernels multiply (the same bf16
+    roundings), only summed in another order: outputs, gradients and running statistics within 2e-4 relative L2 of
+    the per-group path (:class:`UnitLayerFn`, the kernels' NCHW path) under the same autocast."""
+    _needs_rows()
+    torch.manual_seed(1)
+    layer = spread_bn(UnitLayer(specs, stride=stride), 2).train()
+    layer.backend = "unit_train"
+    groups = copy.deepcopy(layer)
+    x = torch.randn(5, layer.in_channels, size, size)
+    grad = torch.randn(5, layer.out_channels, size, size)
+    _, got = _train_values(layer, x, grad, True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(unit_train, "runs_row", lambda *a: False)
+        out, want = _train_values(groups, x, grad, True)
+    assert not out.is_contiguous(memory_format=torch.channels_last)  # the other path did run
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert _dist(a, b) <= 2e-4, k
+
+
+@pytest.mark.parametrize("stride,conv2", [(1, False), (2, False), (1, True)])
+def test_hybrid_row_convolution_sums_bf16_rounded_operands_in_float32(stride, conv2):
+    """``row_conv_forward`` of a hybrid row: each output within one bf16 rounding of the float64 grouped convolutions
+    of the groups (conv1: each group's input channels; conv2: its hidden lanes through relu(y * sc + sh) rounded to
+    bf16) with the weights rounded to bf16, at strides 1 and 2, in the lanes the plan gives (padding lanes zero); the
+    batch sums are those of the stored outputs."""
+    _needs_rows()
+    torch.manual_seed(2)
+    layer = UnitLayer([str(s) for s in hybrid_mix(32, 32, seed=3)], stride=stride)
+    plan = unit_train.RowPlan(layer)
+    ext = unit_train.load_extension()
+
+    def rounded(w):
+        return w.detach().bfloat16().double()
+
+    if conv2:
+        y1 = torch.randn(3, plan.hidden, 9, 9).bfloat16().contiguous(memory_format=torch.channels_last)
+        sc, sh = torch.rand(plan.hidden) + 0.5, torch.randn(plan.hidden) * 0.3
+        flat = torch.cat([g.conv2.weight.detach().reshape(-1) for g in layer.groups] + [torch.zeros(1)])
+        y, st = ext.row_conv_forward(y1, plan.idx2, flat[plan.widx2], 1, sc, sh)
+        z = torch.relu(y1.double() * sc.double()[:, None, None] + sh.double()[:, None, None]).bfloat16().double()
+        outs, first = [], 0
+        for g in layer.groups:  # group g's hidden channels: the next lanes in group order
+            n = g.conv2.in_channels
+            outs.append(F.conv2d(z[:, first:first + n], rounded(g.conv2.weight), None, 1, 1, groups=g.conv2.groups))
+            first += n
+        want = torch.zeros(3, layer.out_channels, 9, 9, dtype=torch.double)
+        want[:, plan.out_lanes] = torch.cat(outs, 1)  # the groups' outputs, concatenated, to layer order
+    else:
+        x = torch.randn(3, 32, 9, 9).bfloat16().contiguous(memory_format=torch.channels_last)
+        flat = torch.cat([g.conv1.weight.detach().reshape(-1) for g in layer.groups] + [torch.zeros(1)])
+        y, st = ext.row_conv_forward(x, plan.idx1, flat[plan.widx1], stride)
+        outs = [F.conv2d(layer._group_input(x.double(), k), rounded(g.conv1.weight), None, stride, 1,
+                         groups=g.conv1.groups) for k, g in enumerate(layer.groups)]
+        hidden = torch.cat(outs, 1)
+        want = torch.zeros(3, plan.hidden, *hidden.shape[2:], dtype=torch.double)
+        want[:, :plan.hidden_channels] = hidden
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.bfloat16
+    assert _within_bf16_rounding(y, want)
+    stored = y.double()
+    assert torch.allclose(st, torch.stack([stored.sum((0, 2, 3)), (stored ** 2).sum((0, 2, 3))]), rtol=1e-5,
+                          atol=1e-6)
+
+
+def test_hybrid_row_path_is_taken_only_where_it_applies():
+    """``runs_row``: a hybrid row under bf16 autocast; not one group, not float32, not units past 4 channels, not
+    a width off 16k."""
+    _needs_rows()
+    x32 = torch.randn(2, 32, 8, 8)
+    hybrid = UnitLayer([str(s) for s in hybrid_mix(32, 32, seed=0)]).train()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert unit_train.runs_row(hybrid, x32)
+        assert not unit_train.runs_row(UnitLayer(["16x2-1-2"]), x32)  # one group: UnitGroupFn
+        assert not unit_train.runs_row(UnitLayer(["2x8-8-8", "8x2-1-2"]), x32)  # 8-channel units
+        assert not unit_train.runs_row(UnitLayer(["2x4-4-4", "2x2-1-2"]), torch.randn(2, 12, 8, 8))  # 12 channels
+    assert not unit_train.runs_row(hybrid, x32)  # float32: the per-group kernels

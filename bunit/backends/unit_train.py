@@ -64,14 +64,19 @@ def _fused_layout(layer, x: torch.Tensor) -> torch.Tensor:
 
 @register_backend("unit_train")
 class UnitTrain(Backend):
-    """Training mode: each group through :func:`bunit.unit_train.group_forward`; else the groups' convolutions
-    through :func:`bunit.unit_train.conv`, BN and ReLU PyTorch's."""
+    """Training mode: each group through :func:`bunit.unit_train.group_forward` (a hybrid row that
+    :func:`bunit.unit_train.runs_row` takes: the whole row through :func:`bunit.unit_train.row_forward`); else the
+    groups' convolutions through :func:`bunit.unit_train.conv`, BN and ReLU PyTorch's."""
+
+    caches = (unit_train.ROW_PLAN_CACHE,)
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return layer.run_groups(x, unit_triton.conv)  # (B, out, H/s, W/s)
         if not all(unit_train.fuses_group(grp, x) for grp in layer.groups):
             return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
+        if unit_train.runs_row(layer, x):  # a hybrid row, lane by lane in channels_last
+            return unit_train.row_forward(layer, _to_layout(x, torch.channels_last))  # (B, out, H/s, W/s)
         x = _fused_layout(layer, x)
         if len(layer.groups) == 1 and layer.out_perm is None:
             return unit_train.group_forward(layer.groups[0], layer._group_input(x, 0))  # (B, out, H/s, W/s)

@@ -2039,8 +2039,259 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
           for (int k = 0; k < 9; ++k) out[(2 * u + i) * 9 + k] += p[(i * 9 + k) * n + u];
   }
 }
+
+// --- hybrid rows in channels_last: every channel a lane, each lane's inputs gathered ------------------------------
+//
+// A hybrid row (units of several specs side by side, 1-4 channels each, on planes of 7-14 px) spends its time in
+// the NCHW kernels' per-(group, image) work and in one call per group and pass. In channels_last every channel is a
+// lane instead: conv1's hidden channels, conv2's outputs, and for the input gradients the input (or hidden) channels.
+// Each lane's inputs (its unit's a or b channels, or for a gradient its unit's outputs) are gathered, pixel by pixel,
+// by AVX-512 word permutes of the pixel's bf16 channels, into P = ceil(K / 2) planes of 32-bit words per lane
+// (inputs 2p and 2p + 1 of the lane, K the most inputs a lane of the 16 has, zeros past a lane's own): exactly the
+// pairs vdpbf16ps multiplies, so a convolution is P x 9 dot products per 16 lanes per pixel, the same code for
+// every spec. The gathers come as tables from Python (bunit.unit_train.RowPlan): idx[k][lane] the channel the lane's
+// k-th input is read from (-1: none), and the weights as wt[k][tap][lane] in the same order (taps flipped for an
+// input gradient). The weight gradient is, per lane, the sum over pixels of the output gradient times the gathered
+// input (each word pair widened to two float32 values, float32 multiply-adds).
+// Operands are those of autocast's convolutions: bf16 storage, the weights and the BN-normalised inputs and
+// gradients rounded to bf16 (at stride 2 too, where the NCHW kernels multiply unrounded float32); products exact in
+// float32, sums in float32 in another order, BN's in double. The hidden tensor carries lanes up to a multiple of 16
+// (zero weights and BN coefficients: zeros).
+constexpr bool kUnitRows = true;
+
+// One gather table: plane p of lane l holds the pair (src[idx[2p][l]], src[idx[2p + 1][l]]) (0 for -1), for planes
+// p < pv[v] of each 16-lane vector v; the source is a pixel's channels as bf16 words, padded to 64k.
+struct RowGather {
+  int64_t K = 0, P = 0, L = 0, S = 0;  // inputs per lane, planes, lanes (16k), source words (padded to 64k)
+  std::vector<int> kv, pv;             // per vector: 1 + its last k with a source, and its planes (kv + 1) / 2
+  struct Part {
+    int block;          // source words 64 * block .. + 64
+    uint16_t idx[32];   // word 2l + h of the result: the source word (0-63) of lane l's input 2p + h
+    __mmask32 mask;     // the result words read from this block
+  };
+  std::vector<Part> parts;   // every (v, p)'s parts, in that order
+  std::vector<int> first;    // (v, p)'s parts: first[v * P + p] .. first[v * P + p + 1]
+};
+
+RowGather make_row_gather(const at::Tensor& idx, int64_t sources) {
+  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.size(1) % 16 == 0,
+              "unit_train: a row gather table must be contiguous int32 [K, 16k]");
+  RowGather g;
+  g.K = idx.size(0);
+  g.P = (g.K + 1) / 2;
+  g.L = idx.size(1);
+  g.S = (sources + 63) / 64 * 64;
+  const int64_t nv = g.L / 16;
+  const int32_t* p = idx.data_ptr<int32_t>();
+  g.kv.assign(nv, 0);
+  for (int64_t v = 0; v < nv; ++v) {
+    for (int64_t k = 0; k < g.K; ++k)
+      for (int l = 0; l < 16; ++l) {
+        const int32_t src = p[k * g.L + v * 16 + l];
+        TORCH_CHECK(src >= -1 && src < sources, "unit_train: a row gather reads channel ", src, " of ", sources);
+        if (src >= 0) g.kv[v] = std::max<int>(g.kv[v], static_cast<int>(k) + 1);
+      }
+    g.pv.push_back((g.kv[v] + 1) / 2);
+  }
+  for (int64_t v = 0; v < nv; ++v)
+    for (int64_t q = 0; q < g.P; ++q) {
+      g.first.push_back(static_cast<int>(g.parts.size()));
+      const size_t mine = g.parts.size();
+      for (int w = 0; w < 32; ++w) {
+        const int64_t k = 2 * q + w % 2;
+        const int32_t src = k < g.K ? p[k * g.L + v * 16 + w / 2] : -1;
+        if (src < 0) continue;
+        auto it = std::find_if(g.parts.begin() + mine, g.parts.end(),
+                               [&](const RowGather::Part& r) { return r.block == src / 64; });
+        if (it == g.parts.end()) {
+          g.parts.push_back(RowGather::Part{static_cast<int>(src / 64), {}, 0});
+          it = g.parts.end() - 1;
+        }
+        it->idx[w] = static_cast<uint16_t>(src % 64);
+        it->mask |= 1u << w;
+      }
+    }
+  g.first.push_back(static_cast<int>(g.parts.size()));
+  return g;
+}
+
+// One pixel: src (g.S bf16 words) gathered to dst (g.P * g.L words; planes p >= pv[v] of a vector left as they are).
+inline void row_gather_pixel(const RowGather& g, const uint16_t* src, uint32_t* dst) {
+  const int64_t nv = g.L / 16;
+  for (int64_t v = 0; v < nv; ++v)
+    for (int q = 0; q < g.pv[v]; ++q) {
+      const RowGather::Part* part = g.parts.data() + g.first[v * g.P + q];
+      const RowGather::Part* end = g.parts.data() + g.first[v * g.P + q + 1];
+      __m512i r = _mm512_setzero_si512();
+      for (; part < end; ++part) {
+        const uint16_t* b = src + 64 * part->block;
+        r = _mm512_mask_mov_epi16(r, part->mask,
+                                  _mm512_permutex2var_epi16(_mm512_loadu_si512(b), _mm512_loadu_si512(part->idx),
+                                                            _mm512_loadu_si512(b + 32)));
+      }
+      _mm512_storeu_si512(dst + q * g.L + 16 * v, r);
+    }
+}
+
+// The weights wt [K, 9, L] (float32) as bf16 pairs: out[(p * 9 + t) * L + l] = (wt[2p][t][l], wt[2p + 1][t][l]).
+std::vector<uint32_t> row_weights(const at::Tensor& wt, const RowGather& g) {
+  TORCH_CHECK(wt.dim() == 3 && wt.size(0) == g.K && wt.size(1) == 9 && wt.size(2) == g.L &&
+                  wt.scalar_type() == at::kFloat && wt.is_contiguous(),
+              "unit_train: row weights must be contiguous float32 [K, 9, L] matching the gather table");
+  const float* w = wt.data_ptr<float>();
+  std::vector<uint32_t> out(g.P * 9 * g.L);
+  for (int64_t q = 0; q < g.P; ++q)
+    for (int64_t i = 0; i < 9 * g.L; ++i)
+      out[q * 9 * g.L + i] =
+          (bf16_high(w[2 * q * 9 * g.L + i]) >> 16) | (2 * q + 1 < g.K ? bf16_high(w[(2 * q + 1) * 9 * g.L + i]) : 0u);
+  return out;
+}
+
+// Output pixels (r, c0 .. c0 + P) of lane vector v: sum over planes q < pv, taps (dy, dx) of the weight pairs times
+// the gathered plane e (rows of wp pixels of P * L words) at (r * s + dy, c * s + dx).
+template <int N>
+inline void row_stencil(const uint32_t* e, int64_t wp, const RowGather& g, const uint32_t* wt, int64_t v, int64_t r,
+                        int64_t c0, int64_t s, __m512 (&acc)[N]) {
+  const int64_t PL = g.P * g.L, l0 = 16 * v;
+#pragma GCC unroll 4
+  for (int q = 0; q < N; ++q) acc[q] = _mm512_setzero_ps();
+  for (int p = 0; p < g.pv[v]; ++p)
+#pragma GCC unroll 3
+    for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+      for (int dx = 0; dx < 3; ++dx) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(wt + (p * 9 + dy * 3 + dx) * g.L + l0);
+        const uint32_t* row = e + ((r * s + dy) * wp + dx) * PL + p * g.L + l0;
+#pragma GCC unroll 4
+        for (int q = 0; q < N; ++q)
+          acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_loadu_si512(row + (c0 + q) * s * PL), w);
+      }
+}
+
+// acc[(k * 9 + t) * L + lane] += sum over output pixels q of gout[q][lane] * input k of the lane at q * s + t (the
+// gathered plane e, rows of wp pixels): a weight gradient over one image (gout Ho x Wo pixels of L floats).
+inline void row_weight_grad(const float* gout, int64_t Ho, int64_t Wo, const uint32_t* e, int64_t wp,
+                            const RowGather& g, int64_t s, float* acc) {
+  const int64_t PL = g.P * g.L;
+  for (int64_t v = 0; v < g.L / 16; ++v)
+    for (int p = 0; p < g.pv[v]; ++p) {
+      const bool two = 2 * p + 1 < g.kv[v];
+      __m512 a0[9], a1[9];
+      float* ak = acc + 2 * p * 9 * g.L + 16 * v;
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        a0[t] = _mm512_loadu_ps(ak + t * g.L);
+        a1[t] = two ? _mm512_loadu_ps(ak + (9 + t) * g.L) : _mm512_setzero_ps();
+      }
+      for (int64_t r = 0; r < Ho; ++r)
+        for (int64_t c = 0; c < Wo; ++c) {
+          const __m512 gv = _mm512_loadu_ps(gout + (r * Wo + c) * g.L + 16 * v);
+          const uint32_t* base = e + ((r * s) * wp + c * s) * PL + p * g.L + 16 * v;
+#pragma GCC unroll 3
+          for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+            for (int dx = 0; dx < 3; ++dx) {
+              const __m512i wv = _mm512_loadu_si512(base + (dy * wp + dx) * PL);
+              a0[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_lo(wv), a0[dy * 3 + dx]);
+              if (two) a1[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_hi(wv), a1[dy * 3 + dx]);
+            }
+        }
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        _mm512_storeu_ps(ak + t * g.L, a0[t]);
+        if (two) _mm512_storeu_ps(ak + (9 + t) * g.L, a1[t]);
+      }
+    }
+}
+
+// Per-thread weight-gradient sums into gw [K, 9, L] (float32).
+at::Tensor row_sum_threads(const std::vector<std::vector<float>>& partial, int64_t K, int64_t L,
+                           const at::TensorOptions& opt) {
+  at::Tensor gw = at::empty({K, 9, L}, opt.dtype(at::kFloat));
+  float* out = gw.data_ptr<float>();
+  std::fill(out, out + K * 9 * L, 0.f);
+  for (const auto& p : partial)
+    if (!p.empty())
+      for (int64_t i = 0; i < K * 9 * L; ++i) out[i] += p[i];
+  return gw;
+}
+
+// A pixel's C channels of a channels_last bf16 tensor as bf16 words (dst, zeros from C to S): as stored, or through
+// relu(v * sc + sh) (sc given), or through BN's and ReLU's gradient with y (cl_bn_grad, gy given), rounded to bf16;
+// the float values also to f when f is given.
+struct RowSource {
+  const c10::BFloat16* x = nullptr;  // the tensor (channels_last, C channels)
+  int64_t C = 0;
+  const float *sc = nullptr, *sh = nullptr;  // relu(x * sc + sh)
+  const c10::BFloat16* gy = nullptr;         // gradient mode: x is y, gy the gradient
+  const float *A = nullptr, *B = nullptr;
+  void pixel(int64_t pix, uint16_t* dst, int64_t S, float* f = nullptr) const {
+    const int64_t off = pix * C;
+    if (!sc && !gy) {
+      std::memcpy(dst, x + off, sizeof(uint16_t) * C);
+    } else {
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const __m512 v = gy ? cl_bn_grad(x + off + c0, gy + off + c0, c0, sc, sh, A, B)
+                            : round_bf16(_mm512_max_ps(_mm512_fmadd_ps(load_bf16(x + off + c0),
+                                                                       _mm512_loadu_ps(sc + c0),
+                                                                       _mm512_loadu_ps(sh + c0)),
+                                                       _mm512_setzero_ps()));
+        store_bits(dst + c0, (u32v)v);
+        if (f) _mm512_storeu_ps(f + c0, v);
+      }
+    }
+    std::fill(dst + C, dst + S, uint16_t{0});
+  }
+};
+
+// One image's source pixels (Hs x Ws from first_pix) gathered into the zero-bordered plane e (rows of wp pixels of
+// P * L words): source pixel (r, c) at (r * s + 1, c * s + 1) (s = 2: an input gradient's dilated gradient, every
+// other position zero); with f, the pixels' float values there too (Hs * Ws pixels of C floats).
+inline void row_fill(const RowSource& src, int64_t first_pix, int64_t Hs, int64_t Ws, int64_t s, const RowGather& g,
+                     int64_t wp, uint16_t* row, uint32_t* e, float* f = nullptr) {
+  for (int64_t r = 0; r < Hs; ++r)
+    for (int64_t c = 0; c < Ws; ++c) {
+      src.pixel(first_pix + r * Ws + c, row, g.S, f ? f + (r * Ws + c) * src.C : nullptr);
+      row_gather_pixel(g, row, e + ((r * s + 1) * wp + c * s + 1) * g.P * g.L);
+    }
+}
+
+// A convolution of a gathered plane (rows of wp pixels) into Ho x Wo pixels of L lanes, each value rounded to bf16
+// and stored at out (channels_last); then f(v, pixel, value).
+template <typename F>
+inline void row_conv_image(const uint32_t* e, int64_t wp, const RowGather& g, const uint32_t* wt, int64_t s,
+                           int64_t Ho, int64_t Wo, c10::BFloat16* out, F&& f) {
+  for (int64_t v = 0; v < g.L / 16; ++v)
+    for (int64_t r = 0; r < Ho; ++r)
+      in_pixel_blocks(Wo, [&](auto pb, int64_t c0) {
+        constexpr int N = decltype(pb)::value;
+        __m512 acc[N];
+        row_stencil<N>(e, wp, g, wt, v, r, c0, s, acc);
+#pragma GCC unroll 4
+        for (int q = 0; q < N; ++q) {
+          const __m512 val = round_bf16(acc[q]);
+          const int64_t pix = r * Wo + c0 + q;
+          store_bf16(out + pix * g.L + 16 * v, val);
+          f(v, pix, val);
+        }
+      });
+}
+
+void check_row_tensor(const at::Tensor& t, int64_t c, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kBFloat16 && t.size(1) == c && t.size(1) % 16 == 0 &&
+                  t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "unit_train: ", what, " must be a channels_last bf16 tensor of ", c, " channels (a multiple of 16)");
+}
+
+const float* row_vec(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
+  if (!t) return nullptr;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat && t->is_contiguous(),
+              "unit_train: ", what, " must be contiguous float32 of ", n, " values");
+  return t->data_ptr<float>();
+}
 #else
 constexpr bool kChannelsLastUnits = false;
+constexpr bool kUnitRows = false;
 inline int channels_last_units(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool) { return 0; }
 #endif
 
@@ -2199,6 +2450,30 @@ void update_running(const at::Tensor& running, const double* value, int64_t n, d
   });
 }
 
+// BN with batch statistics for one channel from its sum and sum of squares over count values: mean, biased variance,
+// 1/sqrt(var + eps), the affine map relu(y * sc + sh) applies (weight g, bias b) and the unbiased variance.
+inline void bn_moments(double sum, double sq, int64_t count, double eps, double g, double b, double* mean,
+                       double* var, double* invstd, double* sc, double* sh, double* unbiased) {
+  const double n = static_cast<double>(count), bessel = n / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  *mean = sum / n;
+  *var = std::max(sq / n - *mean * *mean, 0.0);
+  *invstd = 1.0 / std::sqrt(*var + eps);
+  *sc = g * *invstd;
+  *sh = b - *mean * *sc;
+  *unbiased = *var * bessel;
+}
+
+// BN's backward for one channel from s1 = sum gz and s2 = sum gz * y (gz the ReLU-masked output gradient): the
+// weight and bias gradients, and A, B of the convolution output's gradient (mask ? sc * g : 0) + y * A + B.
+inline void bn_grad(double s1, double s2, double mean, double invstd, double sc, int64_t count, double* dg,
+                    double* db, double* A, double* B) {
+  const double n = static_cast<double>(count);
+  *db = s1;
+  *dg = invstd * (s2 - mean * s1);
+  *A = -sc * invstd * *dg / n;
+  *B = -sc * s1 / n - *A * mean;
+}
+
 }  // namespace
 
 // BN with batch statistics, from a convolution's per-channel [sums; sums of squares] (double [2, C]) over `count`
@@ -2222,15 +2497,8 @@ std::vector<at::Tensor> bn_coefficients(const at::Tensor& stats, int64_t count, 
   double* var = mean + c;
   double* invstd = var + c;
   std::vector<double> sc(c), sh(c), unbiased(c);
-  const double n = static_cast<double>(count), bessel = n / static_cast<double>(std::max<int64_t>(count - 1, 1));
-  for (int64_t k = 0; k < c; ++k) {
-    mean[k] = st[k] / n;
-    var[k] = std::max(st[c + k] / n - mean[k] * mean[k], 0.0);
-    invstd[k] = 1.0 / std::sqrt(var[k] + eps);
-    sc[k] = g[k] * invstd[k];
-    sh[k] = b[k] - mean[k] * sc[k];
-    unbiased[k] = var[k] * bessel;
-  }
+  for (int64_t k = 0; k < c; ++k)
+    bn_moments(st[k], st[c + k], count, eps, g[k], b[k], mean + k, var + k, invstd + k, &sc[k], &sh[k], &unbiased[k]);
   if (running_mean.has_value()) {
     update_running(*running_mean, mean, c, factor);
     update_running(*running_var, unbiased.data(), c, factor);
@@ -2259,13 +2527,8 @@ std::vector<at::Tensor> bn_relu_grad_coefficients(const at::Tensor& g, const at:
   const double* invstd = mean + 2 * c;
   const std::vector<double> scd = as_doubles(sc, c, "sc");  // the scale as applied, rounded to y's dtype
   std::vector<double> dg(c), db(c), A(c), B(c);
-  const double n = static_cast<double>(count);
-  for (int64_t k = 0; k < c; ++k) {
-    db[k] = su[k];
-    dg[k] = invstd[k] * (su[c + k] - mean[k] * su[k]);
-    A[k] = -scd[k] * invstd[k] * dg[k] / n;
-    B[k] = -scd[k] * su[k] / n - A[k] * mean[k];
-  }
+  for (int64_t k = 0; k < c; ++k)
+    bn_grad(su[k], su[c + k], mean[k], invstd[k], scd[k], count, &dg[k], &db[k], &A[k], &B[k]);
   std::vector<at::Tensor> result{from_doubles(dg, param), from_doubles(db, param), from_doubles(A, param),
                                  from_doubles(B, param)};
   if (out) result.push_back(gres);
@@ -2328,6 +2591,248 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
   return {gx, gw};
 }
 
+// --- hybrid rows in channels_last (see the section of that name): the convolutions and their BN ---------------------
+
+// conv1 or conv2 of a hybrid row: x (B, S, H, W) channels_last bf16, read through relu(x * isc + ish) when isc is
+// given (conv2's input); idx [K, L] the gather table, wt [K, 9, L] the weights in its order; stride s. Returns y
+// (B, L, Ho, Wo) channels_last bf16 and its per-lane [sums; sums of squares] as stored (double [2, L]).
+std::vector<at::Tensor> row_conv_forward(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& wt, int64_t s,
+                                         const std::optional<at::Tensor>& isc, const std::optional<at::Tensor>& ish) {
+  TORCH_CHECK(kUnitRows, "unit_train: hybrid rows need a build with AVX512-BF16");
+  TORCH_CHECK(s == 1 || s == 2, "unit_train: stride must be 1 or 2");
+  TORCH_CHECK(isc.has_value() == ish.has_value(), "unit_train: isc and ish come together");
+#if defined(__AVX512BF16__)
+  check_row_tensor(x, x.size(1), "x");
+  const RowGather g = make_row_gather(idx, x.size(1));
+  const std::vector<uint32_t> w = row_weights(wt, g);
+  const RowSource src{x.data_ptr<c10::BFloat16>(), x.size(1), row_vec(isc, x.size(1), "isc"),
+                      row_vec(ish, x.size(1), "ish")};
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3), Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, wp = W + 2;
+  const int64_t L = g.L;
+  at::Tensor y = at::empty({B, L, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor stats = at::empty({2, L}, x.options().dtype(at::kDouble));
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  std::vector<std::vector<double>> partial(at::get_num_threads());
+  over_images(B, B * Ho * Wo * L * g.P * 2, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<uint32_t> e((H + 2) * wp * g.P * L, 0u);
+    std::vector<uint16_t> row(g.S);
+    std::vector<double>& st = partial[t];
+    st.assign(2 * L, 0.0);
+    std::vector<float> s12(2 * L);  // one image's [sums; squares] in float, then into double
+    for (int64_t b = b0; b < b1; ++b) {
+      row_fill(src, b * H * W, H, W, 1, g, wp, row.data(), e.data());
+      std::fill(s12.begin(), s12.end(), 0.f);
+      row_conv_image(e.data(), wp, g, w.data(), s, Ho, Wo, yp + b * Ho * Wo * L, [&](int64_t v, int64_t, __m512 val) {
+        float* a = s12.data() + 16 * v;
+        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), val));
+        _mm512_storeu_ps(a + L, _mm512_fmadd_ps(val, val, _mm512_loadu_ps(a + L)));
+      });
+      for (int64_t l = 0; l < 2 * L; l += 16) add_channels(_mm512_loadu_ps(s12.data() + l), st.data() + l);
+    }
+  });
+  sum_lanes(partial, 2 * L, stats.data_ptr<double>(), 1);
+  return {y, stats};
+#else
+  return {};
+#endif
+}
+
+// conv2's backward in a hybrid row: g and y2 (B, C, H, W) (the gradient of relu(y2 * sc + sh), and y2), BN2's A and
+// B; y1 (B, L, H, W) with conv2's input relu(y1 * isc + ish). gidx [Kc, L] and gwt [Kc, 9, L]: each hidden lane's
+// gather of output channels and their flipped weights; fidx [K2, C]: conv2's forward gather (for the weight
+// gradient). Returns gh (B, L, H, W) channels_last bf16, the hidden lanes' [sum gz; sum gz * y1] in double (gz = gh
+// as stored where y1 * isc + ish > 0: BN1's gradient sums, taken in the same pass), and gw [K2, 9, C] in fidx's order
+// (undefined unless need_weight).
+std::vector<at::Tensor> row_conv2_backward(const at::Tensor& g, const at::Tensor& y2, const at::Tensor& sc,
+                                           const at::Tensor& sh, const at::Tensor& A, const at::Tensor& Bc,
+                                           const at::Tensor& y1, const at::Tensor& isc, const at::Tensor& ish,
+                                           const at::Tensor& gidx, const at::Tensor& gwt, const at::Tensor& fidx,
+                                           bool need_weight) {
+  TORCH_CHECK(kUnitRows, "unit_train: hybrid rows need a build with AVX512-BF16");
+#if defined(__AVX512BF16__)
+  const int64_t C = y2.size(1), L = y1.size(1);
+  check_row_tensor(y2, C, "y2");
+  check_row_tensor(g, C, "g");
+  check_row_tensor(y1, L, "y1");
+  TORCH_CHECK(g.sizes() == y2.sizes() && y1.size(0) == y2.size(0) && y1.size(2) == y2.size(2) &&
+                  y1.size(3) == y2.size(3), "unit_train: g, y2 and y1 must be of one batch and plane");
+  const RowGather gg = make_row_gather(gidx, C), fg = make_row_gather(fidx, L);
+  TORCH_CHECK(gg.L == L && fg.L == C, "unit_train: the gather tables must give y1's and y2's lanes");
+  const std::vector<uint32_t> w = row_weights(gwt, gg);
+  const float* isp = row_vec(isc, L, "isc");
+  const float* ihp = row_vec(ish, L, "ish");
+  const RowSource gsrc{y2.data_ptr<c10::BFloat16>(), C, row_vec(sc, C, "sc"), row_vec(sh, C, "sh"),
+                       g.data_ptr<c10::BFloat16>(), row_vec(A, C, "A"), row_vec(Bc, C, "B")};
+  const RowSource hsrc{y1.data_ptr<c10::BFloat16>(), L, isp, ihp};
+  const int64_t B = y1.size(0), H = y1.size(2), W = y1.size(3), wp = W + 2, HW = H * W;
+  at::Tensor gh = at::empty_like(y1, at::MemoryFormat::ChannelsLast);
+  at::Tensor sums = at::empty({2, L}, y1.options().dtype(at::kDouble));
+  c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
+  std::vector<std::vector<double>> partial(at::get_num_threads());
+  std::vector<std::vector<float>> wpart(at::get_num_threads());
+  over_images(B, B * HW * (L * gg.P + C * fg.K) * 2, [&](int64_t b0, int64_t b1, int64_t t) {
+    std::vector<uint32_t> e((H + 2) * wp * gg.P * L, 0u), ex(need_weight ? (H + 2) * wp * fg.P * C : 0, 0u);
+    std::vector<uint16_t> row(std::max(gg.S, fg.S));
+    std::vector<float> gout(need_weight ? HW * C : 0);
+    std::vector<double>& st = partial[t];
+    st.assign(2 * L, 0.0);
+    std::vector<float>& acc = wpart[t];
+    acc.assign(need_weight ? fg.K * 9 * C : 0, 0.f);
+    std::vector<float> s12(2 * L);  // one image's BN1 gradient sums in float, then into double
+    for (int64_t b = b0; b < b1; ++b) {
+      // the gradient through BN2 and ReLU, gathered for the hidden lanes (and kept as floats for the weight gradient)
+      row_fill(gsrc, b * HW, H, W, 1, gg, wp, row.data(), e.data(), need_weight ? gout.data() : nullptr);
+      std::fill(s12.begin(), s12.end(), 0.f);
+      const c10::BFloat16* yb = y1p + b * HW * L;
+      row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, ghp + b * HW * L, [&](int64_t v, int64_t pix, __m512 val) {
+        const __m512 yv = load_bf16(yb + pix * L + 16 * v);
+        const __mmask16 on = _mm512_cmp_ps_mask(
+            _mm512_fmadd_ps(yv, _mm512_loadu_ps(isp + 16 * v), _mm512_loadu_ps(ihp + 16 * v)), _mm512_setzero_ps(),
+            _CMP_GT_OQ);
+        const __m512 gz = _mm512_maskz_mov_ps(on, val);
+        float* a = s12.data() + 16 * v;
+        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), gz));
+        _mm512_storeu_ps(a + L, _mm512_fmadd_ps(gz, yv, _mm512_loadu_ps(a + L)));
+      });
+      for (int64_t l = 0; l < 2 * L; l += 16) add_channels(_mm512_loadu_ps(s12.data() + l), st.data() + l);
+      if (need_weight) {  // conv2's input relu(y1 * isc + ish), gathered as the forward gathers it
+        row_fill(hsrc, b * HW, H, W, 1, fg, wp, row.data(), ex.data());
+        row_weight_grad(gout.data(), H, W, ex.data(), wp, fg, 1, acc.data());
+      }
+    }
+  });
+  sum_lanes(partial, 2 * L, sums.data_ptr<double>(), 1);
+  at::Tensor gw;
+  if (need_weight) gw = row_sum_threads(wpart, fg.K, C, y1.options());
+  return {gh, sums, gw};
+#else
+  return {};
+#endif
+}
+
+// conv1's backward in a hybrid row: gh (B, L, Ho, Wo) the gradient of relu(y1 * sc + sh), y1, BN1's A and B;
+// x (B, C, H, W), stride s. gidx [Kb, C] and gwt [Kb, 9, C]: each input lane's gather of hidden channels and their
+// flipped weights; fidx [K1, L]: conv1's forward gather (for the weight gradient). Returns gx (B, C, H, W)
+// channels_last bf16 and gw [K1, 9, L] in fidx's order (each undefined unless asked).
+std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tensor& y1, const at::Tensor& sc,
+                                           const at::Tensor& sh, const at::Tensor& A, const at::Tensor& Bc,
+                                           const at::Tensor& x, const at::Tensor& gidx, const at::Tensor& gwt,
+                                           const at::Tensor& fidx, int64_t s, bool need_input, bool need_weight) {
+  TORCH_CHECK(kUnitRows, "unit_train: hybrid rows need a build with AVX512-BF16");
+  TORCH_CHECK(s == 1 || s == 2, "unit_train: stride must be 1 or 2");
+#if defined(__AVX512BF16__)
+  const int64_t L = y1.size(1), C = x.size(1);
+  check_row_tensor(y1, L, "y1");
+  check_row_tensor(gh, L, "gh");
+  check_row_tensor(x, C, "x");
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3), Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, wp = W + 2;
+  TORCH_CHECK(gh.sizes() == y1.sizes() && y1.size(0) == B && y1.size(2) == Ho && y1.size(3) == Wo,
+              "unit_train: gh and y1 must be conv1's output for x");
+  const RowGather gg = make_row_gather(gidx, L), fg = make_row_gather(fidx, C);
+  TORCH_CHECK(gg.L == C && fg.L == L, "unit_train: the gather tables must give x's and y1's lanes");
+  const std::vector<uint32_t> w = need_input ? row_weights(gwt, gg) : std::vector<uint32_t>();
+  const RowSource gsrc{y1.data_ptr<c10::BFloat16>(), L, row_vec(sc, L, "sc"), row_vec(sh, L, "sh"),
+                       gh.data_ptr<c10::BFloat16>(), row_vec(A, L, "A"), row_vec(Bc, L, "B")};
+  const RowSource xsrc{x.data_ptr<c10::BFloat16>(), C};
+  at::Tensor gx, gw;
+  if (need_input) gx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  c10::BFloat16* gxp = need_input ? gx.data_ptr<c10::BFloat16>() : nullptr;
+  std::vector<std::vector<float>> wpart(at::get_num_threads());
+  over_images(B, B * (H * W * C * gg.P + Ho * Wo * L * fg.K) * 2, [&](int64_t b0, int64_t b1, int64_t t) {
+    // the gradient through BN1 and ReLU, gathered for the input lanes at (r * s + 1, c * s + 1) of a zero-bordered
+    // full-size plane (at stride 2 the other positions stay zero), and kept as floats for the weight gradient
+    std::vector<uint32_t> e((H + 2) * wp * gg.P * C, 0u), ex(need_weight ? (H + 2) * wp * fg.P * L : 0, 0u);
+    std::vector<uint16_t> row(std::max(gg.S, fg.S));
+    std::vector<float> gout(Ho * Wo * L);
+    std::vector<float>& acc = wpart[t];
+    acc.assign(need_weight ? fg.K * 9 * L : 0, 0.f);
+    for (int64_t b = b0; b < b1; ++b) {
+      row_fill(gsrc, b * Ho * Wo, Ho, Wo, s, gg, wp, row.data(), e.data(), gout.data());
+      if (need_input)  // the flipped taps over the (dilated, at stride 2) gradient
+        row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, gxp + b * H * W * C, [](int64_t, int64_t, __m512) {});
+      if (need_weight) {
+        row_fill(xsrc, b * H * W, H, W, 1, fg, wp, row.data(), ex.data());
+        row_weight_grad(gout.data(), Ho, Wo, ex.data(), wp, fg, s, acc.data());
+      }
+    }
+  });
+  if (need_weight) gw = row_sum_threads(wpart, fg.K, L, x.options());
+  return {gx, gw};
+#else
+  return {};
+#endif
+}
+
+// BN of a hybrid row's lanes (see "hybrid rows"): stats [2, L] per lane; the BN modules' weights, biases and running
+// statistics given per group (running lists empty: none tracked), the channels of all groups in order mapped to
+// lanes by `lanes`; factors per group. Returns moments [3, L] and sc, sh [L] in like's dtype, as bn_coefficients
+// computes them channel by channel (lanes no channel maps to: zero mean and variance, sc = sh = 0).
+std::vector<at::Tensor> row_bn_coefficients(const at::Tensor& stats, int64_t count, const std::vector<at::Tensor>& weights,
+                                            const std::vector<at::Tensor>& biases, double eps,
+                                            const std::vector<at::Tensor>& running_means,
+                                            const std::vector<at::Tensor>& running_vars,
+                                            const std::vector<double>& factors, const at::Tensor& lanes,
+                                            const at::Tensor& like) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.scalar_type() == at::kDouble && stats.is_contiguous(),
+              "unit_train: stats must be contiguous double [2, L]");
+  TORCH_CHECK(count > 0, "unit_train: count must be positive");
+  TORCH_CHECK(weights.size() == biases.size() && weights.size() == factors.size() &&
+                  running_means.size() == running_vars.size() &&
+                  (running_means.empty() || running_means.size() == weights.size()),
+              "unit_train: one weight, bias, factor (and running mean and variance) per group");
+  TORCH_CHECK(lanes.dim() == 1 && lanes.scalar_type() == at::kLong && lanes.is_contiguous(),
+              "unit_train: lanes must be contiguous int64");
+  const int64_t L = stats.size(1);
+  const double* st = stats.data_ptr<double>();
+  const int64_t* lane = lanes.data_ptr<int64_t>();
+  at::Tensor moments = at::empty({3, L}, stats.options());
+  double* mean = moments.data_ptr<double>();
+  double* var = mean + L;
+  double* invstd = var + L;
+  std::fill(mean, var + L, 0.0);
+  std::fill(invstd, invstd + L, 1.0);
+  std::vector<double> sc(L, 0.0), sh(L, 0.0);
+  int64_t first = 0;
+  for (size_t gi = 0; gi < weights.size(); ++gi) {
+    const int64_t c = weights[gi].numel();
+    TORCH_CHECK(first + c <= lanes.size(0), "unit_train: lanes must map every group's channels");
+    const std::vector<double> g = as_doubles(weights[gi], c, "a BN weight"), b = as_doubles(biases[gi], c, "a BN bias");
+    std::vector<double> m(c), u(c);
+    for (int64_t k = 0; k < c; ++k) {
+      const int64_t l = lane[first + k];
+      TORCH_CHECK(l >= 0 && l < L, "unit_train: a lane out of range");
+      bn_moments(st[l], st[L + l], count, eps, g[k], b[k], mean + l, var + l, invstd + l, &sc[l], &sh[l], &u[k]);
+      m[k] = mean[l];
+    }
+    if (!running_means.empty()) {
+      update_running(running_means[gi], m.data(), c, factors[gi]);
+      update_running(running_vars[gi], u.data(), c, factors[gi]);
+    }
+    first += c;
+  }
+  TORCH_CHECK(first == lanes.size(0), "unit_train: lanes must map exactly the groups' channels");
+  return {moments, from_doubles(sc, like), from_doubles(sh, like)};
+}
+
+// BN's backward for a hybrid row's lanes from their sums [sum gz; sum gz * y] (double [2, L]): the gradients of
+// the lanes' BN weights and biases, and A, B, in param's dtype, as bn_relu_grad_coefficients computes them.
+std::vector<at::Tensor> row_grad_coefficients(const at::Tensor& sums, const at::Tensor& sc, const at::Tensor& moments,
+                                              int64_t count, const at::Tensor& param) {
+  const int64_t L = sums.size(1);
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == 2 && sums.scalar_type() == at::kDouble && sums.is_contiguous() &&
+                  moments.dim() == 2 && moments.size(0) == 3 && moments.size(1) == L &&
+                  moments.scalar_type() == at::kDouble && moments.is_contiguous(),
+              "unit_train: sums (double [2, L]) and moments (double [3, L]) must be contiguous");
+  const double* su = sums.data_ptr<double>();
+  const double* mean = moments.data_ptr<double>();
+  const double* invstd = mean + 2 * L;
+  const std::vector<double> scd = as_doubles(sc, L, "sc");
+  std::vector<double> dg(L), db(L), A(L), B(L);
+  for (int64_t k = 0; k < L; ++k) bn_grad(su[k], su[L + k], mean[k], invstd[k], scd[k], count, &dg[k], &db[k], &A[k], &B[k]);
+  return {from_doubles(dg, param), from_doubles(db, param), from_doubles(A, param), from_doubles(B, param)};
+}
+
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s) {
   check(x, w, groups, s);
   const int64_t ho = (x.size(2) - 1) / s + 1, wo = (x.size(3) - 1) / s + 1;
@@ -2377,6 +2882,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("g"), py::arg("y"), py::arg("sc"), py::arg("sh"), py::arg("A"),
         py::arg("B"), py::arg("groups"), py::arg("s"), py::arg("isc"), py::arg("ish"), py::arg("need_input"),
         py::arg("need_weight"), py::arg("bf16_dot") = false, py::arg("add") = py::none());
+  m.def("row_conv_forward", &row_conv_forward, "a hybrid row's convolution in channels_last, lanes gathered",
+        py::arg("x"), py::arg("idx"), py::arg("wt"), py::arg("s"), py::arg("isc") = py::none(),
+        py::arg("ish") = py::none());
+  m.def("row_conv2_backward", &row_conv2_backward, "a hybrid row's conv2 backward with BN1's gradient sums");
+  m.def("row_conv1_backward", &row_conv1_backward, "a hybrid row's conv1 backward");
+  m.def("row_bn_coefficients", &row_bn_coefficients, "BN of a hybrid row's lanes; running stats updated per group");
+  m.def("row_grad_coefficients", &row_grad_coefficients, "BN's backward coefficients of a hybrid row's lanes");
+  m.def("has_unit_rows", [] { return kUnitRows; }, "whether this build runs hybrid rows in channels_last");
   m.def("has_bf16_dot", [] { return kBf16Dot; },
         "whether this build multiplies bf16 storage with AVX512-BF16 dot products when asked (bf16_dot)");
 }
