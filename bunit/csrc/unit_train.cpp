@@ -2147,14 +2147,16 @@ std::vector<uint32_t> row_weights(const at::Tensor& wt, const RowGather& g) {
   return out;
 }
 
-// Output pixels (r, c0 .. c0 + P) of lane vector v: sum over planes q < pv, taps (dy, dx) of the weight pairs times
-// the gathered plane e (rows of wp pixels of P * L words) at (r * s + dy, c * s + dx).
+// Output pixels (r, c0 .. c0 + N) of lane vector v: sum over planes p < pv, taps (dy, dx) of the weight pairs times
+// the gathered plane e (rows of wp pixels of P * L words) at (r * s + dy, c * s + dx). Fewer than four pixels take
+// two accumulators each (taps of the middle row in the second), for more independent chains of dot products.
 template <int N>
 inline void row_stencil(const uint32_t* e, int64_t wp, const RowGather& g, const uint32_t* wt, int64_t v, int64_t r,
                         int64_t c0, int64_t s, __m512 (&acc)[N]) {
   const int64_t PL = g.P * g.L, l0 = 16 * v;
+  __m512 odd[N];
 #pragma GCC unroll 4
-  for (int q = 0; q < N; ++q) acc[q] = _mm512_setzero_ps();
+  for (int q = 0; q < N; ++q) acc[q] = odd[q] = _mm512_setzero_ps();
   for (int p = 0; p < g.pv[v]; ++p)
 #pragma GCC unroll 3
     for (int dy = 0; dy < 3; ++dy)
@@ -2163,9 +2165,23 @@ inline void row_stencil(const uint32_t* e, int64_t wp, const RowGather& g, const
         const __m512bh w = (__m512bh)_mm512_loadu_si512(wt + (p * 9 + dy * 3 + dx) * g.L + l0);
         const uint32_t* row = e + ((r * s + dy) * wp + dx) * PL + p * g.L + l0;
 #pragma GCC unroll 4
-        for (int q = 0; q < N; ++q)
-          acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)_mm512_loadu_si512(row + (c0 + q) * s * PL), w);
+        for (int q = 0; q < N; ++q) {
+          __m512& a = N < 4 && dy == 1 ? odd[q] : acc[q];
+          a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(row + (c0 + q) * s * PL), w);
+        }
       }
+#pragma GCC unroll 4
+  for (int q = 0; q < N && N < 4; ++q) acc[q] = _mm512_add_ps(acc[q], odd[q]);
+}
+
+// Columns 0 .. w in blocks of 4, then the rest as one block of 1-3: f(integral_constant<N>, first column).
+template <typename F>
+inline void in_row_blocks_of_4(int64_t w, F&& f) {
+  int64_t c = 0;
+  for (; c + 4 <= w; c += 4) f(std::integral_constant<int, 4>{}, c);
+  if (w - c == 3) f(std::integral_constant<int, 3>{}, c);
+  if (w - c == 2) f(std::integral_constant<int, 2>{}, c);
+  if (w - c == 1) f(std::integral_constant<int, 1>{}, c);
 }
 
 // acc[(k * 9 + t) * L + lane] += sum over output pixels q of gout[q][lane] * input k of the lane at q * s + t (the
@@ -2216,65 +2232,102 @@ at::Tensor row_sum_threads(const std::vector<std::vector<float>>& partial, int64
   return gw;
 }
 
-// A pixel's C channels of a channels_last bf16 tensor as bf16 words (dst, zeros from C to S): as stored, or through
-// relu(v * sc + sh) (sc given), or through BN's and ReLU's gradient with y (cl_bn_grad, gy given), rounded to bf16;
-// the float values also to f when f is given.
+// A pixel's C channels of a channels_last bf16 tensor as bf16 words for the gather (S words, of which the gather
+// reads only the first C): as stored (the tensor itself where S words from the pixel lie inside it, else a copy
+// padded with zeros), or through relu(v * sc + sh) (sc given), or through BN's and ReLU's gradient with y (cl_bn_grad,
+// gy given), rounded to bf16 into dst; the float values also to f when f is given.
 struct RowSource {
   const c10::BFloat16* x = nullptr;  // the tensor (channels_last, C channels)
   int64_t C = 0;
   const float *sc = nullptr, *sh = nullptr;  // relu(x * sc + sh)
   const c10::BFloat16* gy = nullptr;         // gradient mode: x is y, gy the gradient
   const float *A = nullptr, *B = nullptr;
-  void pixel(int64_t pix, uint16_t* dst, int64_t S, float* f = nullptr) const {
+  int64_t pixels = 0;                        // the tensor's pixels (B * H * W)
+  const uint16_t* pixel(int64_t pix, uint16_t* dst, int64_t S, float* f = nullptr) const {
     const int64_t off = pix * C;
     if (!sc && !gy) {
+      if (off + S <= pixels * C) return reinterpret_cast<const uint16_t*>(x + off);
       std::memcpy(dst, x + off, sizeof(uint16_t) * C);
-    } else {
-      for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        const __m512 v = gy ? cl_bn_grad(x + off + c0, gy + off + c0, c0, sc, sh, A, B)
-                            : round_bf16(_mm512_max_ps(_mm512_fmadd_ps(load_bf16(x + off + c0),
-                                                                       _mm512_loadu_ps(sc + c0),
-                                                                       _mm512_loadu_ps(sh + c0)),
-                                                       _mm512_setzero_ps()));
-        store_bits(dst + c0, (u32v)v);
-        if (f) _mm512_storeu_ps(f + c0, v);
-      }
+      std::fill(dst + C, dst + S, uint16_t{0});
+      return dst;
     }
-    std::fill(dst + C, dst + S, uint16_t{0});
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __m512 v = gy ? cl_bn_grad(x + off + c0, gy + off + c0, c0, sc, sh, A, B)
+                          : _mm512_max_ps(_mm512_fmadd_ps(load_bf16(x + off + c0), _mm512_loadu_ps(sc + c0),
+                                                          _mm512_loadu_ps(sh + c0)),
+                                          _mm512_setzero_ps());
+      const __m256bh h = _mm512_cvtneps_pbh(v);  // rounded to nearest even (v: finite, or the gradient's NaN)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c0), (__m256i)h);
+      if (f) _mm512_storeu_ps(f + c0, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16)));
+    }
+    return dst;
   }
 };
 
 // One image's source pixels (Hs x Ws from first_pix) gathered into the zero-bordered plane e (rows of wp pixels of
 // P * L words): source pixel (r, c) at (r * s + 1, c * s + 1) (s = 2: an input gradient's dilated gradient, every
-// other position zero); with f, the pixels' float values there too (Hs * Ws pixels of C floats).
+// other position zero); with f, the pixels' float values there too (Hs * Ws pixels of C floats). row: S words whose
+// tail past the source's channels is zero (the gather reads no further than its channels).
 inline void row_fill(const RowSource& src, int64_t first_pix, int64_t Hs, int64_t Ws, int64_t s, const RowGather& g,
                      int64_t wp, uint16_t* row, uint32_t* e, float* f = nullptr) {
   for (int64_t r = 0; r < Hs; ++r)
-    for (int64_t c = 0; c < Ws; ++c) {
-      src.pixel(first_pix + r * Ws + c, row, g.S, f ? f + (r * Ws + c) * src.C : nullptr);
-      row_gather_pixel(g, row, e + ((r * s + 1) * wp + c * s + 1) * g.P * g.L);
-    }
+    for (int64_t c = 0; c < Ws; ++c)
+      row_gather_pixel(g, src.pixel(first_pix + r * Ws + c, row, g.S, f ? f + (r * Ws + c) * src.C : nullptr),
+                       e + ((r * s + 1) * wp + c * s + 1) * g.P * g.L);
 }
 
+// What a row convolution sums of the values it stores, per lane: nothing, the values and their squares (a
+// forward's BN sums), or the values where y * sc + sh > 0 and those times y (BN1's gradient sums, y the hidden
+// tensor of the image).
+struct RowNoSums {
+  void add(int64_t, int64_t, __m512, __m512&, __m512&) const {}
+};
+struct RowValueSums {
+  void add(int64_t, int64_t, __m512 v, __m512& s1, __m512& s2) const {
+    s1 = _mm512_add_ps(s1, v);
+    s2 = _mm512_fmadd_ps(v, v, s2);
+  }
+};
+struct RowMaskedSums {
+  const c10::BFloat16* y;
+  const float *sc, *sh;
+  int64_t L;
+  void add(int64_t l0, int64_t pix, __m512 v, __m512& s1, __m512& s2) const {
+    const __m512 yv = load_bf16(y + pix * L + l0);
+    const __mmask16 on = _mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, _mm512_loadu_ps(sc + l0), _mm512_loadu_ps(sh + l0)),
+                                            _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __m512 gz = _mm512_maskz_mov_ps(on, v);
+    s1 = _mm512_add_ps(s1, gz);
+    s2 = _mm512_fmadd_ps(gz, yv, s2);
+  }
+};
+
 // A convolution of a gathered plane (rows of wp pixels) into Ho x Wo pixels of L lanes, each value rounded to bf16
-// and stored at out (channels_last); then f(v, pixel, value).
-template <typename F>
+// and stored at out (channels_last); sums.add of the stored values, per row in registers, then into st (2L doubles:
+// [first sums; second sums]) when st is given.
+template <typename Sums>
 inline void row_conv_image(const uint32_t* e, int64_t wp, const RowGather& g, const uint32_t* wt, int64_t s,
-                           int64_t Ho, int64_t Wo, c10::BFloat16* out, F&& f) {
-  for (int64_t v = 0; v < g.L / 16; ++v)
-    for (int64_t r = 0; r < Ho; ++r)
-      in_pixel_blocks(Wo, [&](auto pb, int64_t c0) {
+                           int64_t Ho, int64_t Wo, c10::BFloat16* out, const Sums& sums, double* st) {
+  for (int64_t r = 0; r < Ho; ++r)  // rows outside, so that the three input rows stay in L1 for every vector
+    for (int64_t v = 0; v < g.L / 16; ++v) {
+      __m512 s1 = _mm512_setzero_ps(), s2 = s1;
+      in_row_blocks_of_4(Wo, [&](auto pb, int64_t c0) {
         constexpr int N = decltype(pb)::value;
         __m512 acc[N];
         row_stencil<N>(e, wp, g, wt, v, r, c0, s, acc);
 #pragma GCC unroll 4
         for (int q = 0; q < N; ++q) {
-          const __m512 val = round_bf16(acc[q]);
           const int64_t pix = r * Wo + c0 + q;
-          store_bf16(out + pix * g.L + 16 * v, val);
-          f(v, pix, val);
+          const __m256bh h = _mm512_cvtneps_pbh(acc[q]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + pix * g.L + 16 * v), (__m256i)h);
+          sums.add(16 * v, pix, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16)), s1, s2);
         }
       });
+      if (st) {
+        add_channels(s1, st + 16 * v);
+        add_channels(s2, st + g.L + 16 * v);
+      }
+    }
 }
 
 void check_row_tensor(const at::Tensor& t, int64_t c, const char* what) {
@@ -2606,7 +2659,7 @@ std::vector<at::Tensor> row_conv_forward(const at::Tensor& x, const at::Tensor& 
   const RowGather g = make_row_gather(idx, x.size(1));
   const std::vector<uint32_t> w = row_weights(wt, g);
   const RowSource src{x.data_ptr<c10::BFloat16>(), x.size(1), row_vec(isc, x.size(1), "isc"),
-                      row_vec(ish, x.size(1), "ish")};
+                      row_vec(ish, x.size(1), "ish"), nullptr, nullptr, nullptr, x.size(0) * x.size(2) * x.size(3)};
   const int64_t B = x.size(0), H = x.size(2), W = x.size(3), Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, wp = W + 2;
   const int64_t L = g.L;
   at::Tensor y = at::empty({B, L, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -2618,16 +2671,9 @@ std::vector<at::Tensor> row_conv_forward(const at::Tensor& x, const at::Tensor& 
     std::vector<uint16_t> row(g.S);
     std::vector<double>& st = partial[t];
     st.assign(2 * L, 0.0);
-    std::vector<float> s12(2 * L);  // one image's [sums; squares] in float, then into double
     for (int64_t b = b0; b < b1; ++b) {
       row_fill(src, b * H * W, H, W, 1, g, wp, row.data(), e.data());
-      std::fill(s12.begin(), s12.end(), 0.f);
-      row_conv_image(e.data(), wp, g, w.data(), s, Ho, Wo, yp + b * Ho * Wo * L, [&](int64_t v, int64_t, __m512 val) {
-        float* a = s12.data() + 16 * v;
-        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), val));
-        _mm512_storeu_ps(a + L, _mm512_fmadd_ps(val, val, _mm512_loadu_ps(a + L)));
-      });
-      for (int64_t l = 0; l < 2 * L; l += 16) add_channels(_mm512_loadu_ps(s12.data() + l), st.data() + l);
+      row_conv_image(e.data(), wp, g, w.data(), s, Ho, Wo, yp + b * Ho * Wo * L, RowValueSums{}, st.data());
     }
   });
   sum_lanes(partial, 2 * L, stats.data_ptr<double>(), 1);
@@ -2663,7 +2709,7 @@ std::vector<at::Tensor> row_conv2_backward(const at::Tensor& g, const at::Tensor
   const float* ihp = row_vec(ish, L, "ish");
   const RowSource gsrc{y2.data_ptr<c10::BFloat16>(), C, row_vec(sc, C, "sc"), row_vec(sh, C, "sh"),
                        g.data_ptr<c10::BFloat16>(), row_vec(A, C, "A"), row_vec(Bc, C, "B")};
-  const RowSource hsrc{y1.data_ptr<c10::BFloat16>(), L, isp, ihp};
+  const RowSource hsrc{y1.data_ptr<c10::BFloat16>(), L, isp, ihp, nullptr, nullptr, nullptr, y1.numel() / L};
   const int64_t B = y1.size(0), H = y1.size(2), W = y1.size(3), wp = W + 2, HW = H * W;
   at::Tensor gh = at::empty_like(y1, at::MemoryFormat::ChannelsLast);
   at::Tensor sums = at::empty({2, L}, y1.options().dtype(at::kDouble));
@@ -2679,23 +2725,11 @@ std::vector<at::Tensor> row_conv2_backward(const at::Tensor& g, const at::Tensor
     st.assign(2 * L, 0.0);
     std::vector<float>& acc = wpart[t];
     acc.assign(need_weight ? fg.K * 9 * C : 0, 0.f);
-    std::vector<float> s12(2 * L);  // one image's BN1 gradient sums in float, then into double
     for (int64_t b = b0; b < b1; ++b) {
       // the gradient through BN2 and ReLU, gathered for the hidden lanes (and kept as floats for the weight gradient)
       row_fill(gsrc, b * HW, H, W, 1, gg, wp, row.data(), e.data(), need_weight ? gout.data() : nullptr);
-      std::fill(s12.begin(), s12.end(), 0.f);
-      const c10::BFloat16* yb = y1p + b * HW * L;
-      row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, ghp + b * HW * L, [&](int64_t v, int64_t pix, __m512 val) {
-        const __m512 yv = load_bf16(yb + pix * L + 16 * v);
-        const __mmask16 on = _mm512_cmp_ps_mask(
-            _mm512_fmadd_ps(yv, _mm512_loadu_ps(isp + 16 * v), _mm512_loadu_ps(ihp + 16 * v)), _mm512_setzero_ps(),
-            _CMP_GT_OQ);
-        const __m512 gz = _mm512_maskz_mov_ps(on, val);
-        float* a = s12.data() + 16 * v;
-        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), gz));
-        _mm512_storeu_ps(a + L, _mm512_fmadd_ps(gz, yv, _mm512_loadu_ps(a + L)));
-      });
-      for (int64_t l = 0; l < 2 * L; l += 16) add_channels(_mm512_loadu_ps(s12.data() + l), st.data() + l);
+      row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, ghp + b * HW * L, RowMaskedSums{y1p + b * HW * L, isp, ihp, L},
+                     st.data());
       if (need_weight) {  // conv2's input relu(y1 * isc + ish), gathered as the forward gathers it
         row_fill(hsrc, b * HW, H, W, 1, fg, wp, row.data(), ex.data());
         row_weight_grad(gout.data(), H, W, ex.data(), wp, fg, 1, acc.data());
@@ -2734,7 +2768,7 @@ std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tenso
   const std::vector<uint32_t> w = need_input ? row_weights(gwt, gg) : std::vector<uint32_t>();
   const RowSource gsrc{y1.data_ptr<c10::BFloat16>(), L, row_vec(sc, L, "sc"), row_vec(sh, L, "sh"),
                        gh.data_ptr<c10::BFloat16>(), row_vec(A, L, "A"), row_vec(Bc, L, "B")};
-  const RowSource xsrc{x.data_ptr<c10::BFloat16>(), C};
+  const RowSource xsrc{x.data_ptr<c10::BFloat16>(), C, nullptr, nullptr, nullptr, nullptr, nullptr, B * H * W};
   at::Tensor gx, gw;
   if (need_input) gx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   c10::BFloat16* gxp = need_input ? gx.data_ptr<c10::BFloat16>() : nullptr;
@@ -2750,7 +2784,7 @@ std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tenso
     for (int64_t b = b0; b < b1; ++b) {
       row_fill(gsrc, b * Ho * Wo, Ho, Wo, s, gg, wp, row.data(), e.data(), gout.data());
       if (need_input)  // the flipped taps over the (dilated, at stride 2) gradient
-        row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, gxp + b * H * W * C, [](int64_t, int64_t, __m512) {});
+        row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, gxp + b * H * W * C, RowNoSums{}, nullptr);
       if (need_weight) {
         row_fill(xsrc, b * H * W, H, W, 1, fg, wp, row.data(), ex.data());
         row_weight_grad(gout.data(), Ho, Wo, ex.data(), wp, fg, s, acc.data());
