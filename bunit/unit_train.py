@@ -21,7 +21,12 @@ call each; running statistics, ``num_batches_tracked`` and the momentum (or cumu
 ``nn.BatchNorm2d``. A layer of several groups (a hybrid row, :func:`layer_forward`) runs them in one autograd node,
 :class:`UnitLayerFn`: each group's input channels gathered, the outputs concatenated in layer order, and the input
 gradient assembled by one concatenation and one inverse gather (not a scatter-add per group into a zeroed tensor and
-a sum over the groups). Outside training mode each convolution runs alone (:func:`conv`) and BN and ReLU are
+a sum over the groups). Under CPU bf16 autocast with AVX512-BF16, a hybrid row of units of at most 4 channels
+(16k input and output channels, :func:`runs_row`) runs instead as :class:`UnitRowFn`, lane by lane in channels_last:
+every channel is a lane, each lane's inputs are gathered per pixel into bf16 pairs by tables built once per layer
+(:class:`RowPlan`), and each pass over the row is one kernel call whatever its specs (no per-group gathers,
+concatenation or inverse gather; BN1's gradient sums in conv2's backward pass); its operands are autocast's, rounded
+to bf16 at strides 1 and 2. Outside training mode each convolution runs alone (:func:`conv`) and BN and ReLU are
 PyTorch's.
 The results equal the ``grouped`` backend's to float32 rounding (another order of accumulation), checked by the tests
 (gradcheck in float64, float32 within 1e-4 relative on every catalogue and planner shape, running statistics after
@@ -70,7 +75,7 @@ from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
            "UnitGroupFn", "UnitLayerFn", "layer_forward", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward",
-           "takes_residual", "runs_channels_last"]
+           "takes_residual", "runs_channels_last", "RowPlan", "row_plan", "runs_row", "UnitRowFn", "row_forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"

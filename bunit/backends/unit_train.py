@@ -2,7 +2,9 @@
 the training path of unit layers. On CPU, the C++ kernel of :mod:`bunit.unit_train`: in training mode (BN with batch
 statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
 (:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there; a row of 2-1-2
-units, 16k of them at stride 1 under bf16 autocast, runs channels_last, in NCHW every other); otherwise each conv
+or 2-1-4 units, 16k of them under bf16 autocast, runs channels_last, in NCHW every other), and a hybrid row of small
+units under bf16 autocast runs whole, lane by lane in channels_last (:class:`bunit.unit_train.UnitRowFn`); otherwise
+each conv
 runs in the kernel and BN and ReLU are PyTorch's. On CUDA, the Triton kernels of :mod:`bunit.unit_triton` for each
 conv, BN and ReLU PyTorch's (never run on a GPU so far: tested by Triton's interpreter on CPU). Where no kernel runs
 (other devices, dtypes, kernel sizes, no compiler, no ``triton``) each conv runs as in ``grouped``."""

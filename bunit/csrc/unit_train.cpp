@@ -21,7 +21,8 @@
 //      (o, dy, dx) adds w * gy to the input positions it read), then copied out without padding.
 // float and double (double for gradcheck); bf16 storage with float32 arithmetic, or with bf16 dot products where the
 // CPU has AVX512-BF16 (see "bf16 dot products" below). Rows of 2-1-2 and 2-1-4 units given channels_last tensors run
-// in kernels of their own, 16 units per vector (see "rows of 2-1-2 and 2-1-4 units in channels_last"). The
+// in kernels of their own, 16 units per vector (see "rows of 2-1-2 and 2-1-4 units in channels_last"), and so do
+// hybrid rows, one lane per channel (see "hybrid rows in channels_last"). The
 // accumulation order differs from oneDNN's: float results agree to rounding (about 1e-6 relative).
 // Light headers, not <torch/extension.h> (the whole C++ frontend): the build takes about a third of the time.
 #include <ATen/core/Tensor.h>
