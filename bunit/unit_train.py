@@ -405,8 +405,9 @@ class RowPlan:
     zero lanes to a multiple of 16 (``hidden``); conv2's outputs in layer order. A table ``idx`` ``[K, lanes]`` (int32)
     names, for each lane, the channel its k-th input is read from (-1: none), and ``widx`` ``[K, 9, lanes]`` (int64)
     the position of the matching weight in the concatenation of the groups' flattened weights (its last position,
-    ``zero``, a zero): ``*1``/``*2`` conv1's and conv2's forward (the weight gradient's order too), ``*1b``/``*2b``
-    their input gradients (each input channel's lanes read the gradients of its unit's outputs, taps flipped).
+    ``zero1``/``zero2``, a zero): ``*1``/``*2`` conv1's and conv2's forward (the weight gradient's order too),
+    ``*1b``/``*2b`` their input gradients (a lane of the convolution's input reads the gradients of its unit's outputs
+    of that convolution, taps flipped).
     ``inv1``/``inv2`` put a weight gradient in table order back in the groups' order; ``hid_lanes``/``out_lanes``
     give the lane of each channel of the groups' ``bn1``/``bn2`` in order."""
 
