@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bunit import unit_train
+from bunit import unit_rows, unit_train
 from bunit.layers import UnitLayer
 from bunit.spec import CATALOGUE, hybrid_mix
 from conftest import spread_bn, torch_threads
@@ -697,11 +697,11 @@ def test_hybrid_row_runs_lane_by_lane_and_trains_as_grouped_does(specs, stride, 
     side = (size - 1) // stride + 1
     grad = torch.randn(4, layer.out_channels, side, side)
     with torch.autocast("cpu", torch.bfloat16):
-        assert unit_train.runs_row(layer, x)
+        assert unit_rows.runs_row(layer, x)
     calls = []
-    real = unit_train.UnitRowFn.apply
+    real = unit_rows.UnitRowFn.apply
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(unit_train.UnitRowFn, "apply", lambda *a: calls.append(1) or real(*a))
+        mp.setattr(unit_rows.UnitRowFn, "apply", lambda *a: calls.append(1) or real(*a))
         out, got = _train_values(layer, x, grad, True)
     assert calls == [1] and out.is_contiguous(memory_format=torch.channels_last)
     _, want = _train_values(ref, x, grad, True)
@@ -728,7 +728,7 @@ def test_hybrid_row_computes_what_the_group_kernels_compute(specs, stride, size)
     grad = torch.randn(5, layer.out_channels, size, size)
     _, got = _train_values(layer, x, grad, True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(unit_train, "runs_row", lambda *a: False)
+        mp.setattr(unit_rows, "runs_row", lambda *a: False)
         out, want = _train_values(groups, x, grad, True)
     assert not out.is_contiguous(memory_format=torch.channels_last)  # the other path did run
     for k, (a, b) in enumerate(zip(got, want)):
@@ -744,7 +744,7 @@ def test_hybrid_row_convolution_sums_bf16_rounded_operands_in_float32(stride, co
     _needs_rows()
     torch.manual_seed(2)
     layer = UnitLayer([str(s) for s in hybrid_mix(32, 32, seed=3)], stride=stride)
-    plan = unit_train.RowPlan(layer)
+    plan = unit_rows.RowPlan(layer)
     ext = unit_train.load_extension()
 
     def rounded(w):
@@ -786,8 +786,8 @@ def test_hybrid_row_path_is_taken_only_where_it_applies():
     x32 = torch.randn(2, 32, 8, 8)
     hybrid = UnitLayer([str(s) for s in hybrid_mix(32, 32, seed=0)]).train()
     with torch.autocast("cpu", torch.bfloat16):
-        assert unit_train.runs_row(hybrid, x32)
-        assert not unit_train.runs_row(UnitLayer(["16x2-1-2"]), x32)  # one group: UnitGroupFn
-        assert not unit_train.runs_row(UnitLayer(["2x8-8-8", "8x2-1-2"]), x32)  # 8-channel units
-        assert not unit_train.runs_row(UnitLayer(["2x4-4-4", "2x2-1-2"]), torch.randn(2, 12, 8, 8))  # 12 channels
-    assert not unit_train.runs_row(hybrid, x32)  # float32: the per-group kernels
+        assert unit_rows.runs_row(hybrid, x32)
+        assert not unit_rows.runs_row(UnitLayer(["16x2-1-2"]), x32)  # one group: UnitGroupFn
+        assert not unit_rows.runs_row(UnitLayer(["2x8-8-8", "8x2-1-2"]), x32)  # 8-channel units
+        assert not unit_rows.runs_row(UnitLayer(["2x4-4-4", "2x2-1-2"]), torch.randn(2, 12, 8, 8))  # 12 channels
+    assert not unit_rows.runs_row(hybrid, x32)  # float32: the per-group kernels

@@ -3,7 +3,7 @@ the training path of unit layers. On CPU, the C++ kernel of :mod:`bunit.unit_tra
 statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
 (:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there; a row of 2-1-2
 or 2-1-4 units, 16k of them under bf16 autocast, runs channels_last, in NCHW every other), and a hybrid row of small
-units under bf16 autocast runs whole, lane by lane in channels_last (:class:`bunit.unit_train.UnitRowFn`); otherwise
+units under bf16 autocast runs whole, lane by lane in channels_last (:class:`bunit.unit_rows.UnitRowFn`); otherwise
 each conv
 runs in the kernel and BN and ReLU are PyTorch's. On CUDA, the Triton kernels of :mod:`bunit.unit_triton` for each
 conv, BN and ReLU PyTorch's (never run on a GPU so far: tested by Triton's interpreter on CPU). Where no kernel runs
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bunit import unit_train, unit_triton
+from bunit import unit_rows, unit_train, unit_triton
 from bunit.backends.base import Backend, register_backend
 from bunit.functional import is_channels_last
 
@@ -67,18 +67,18 @@ def _fused_layout(layer, x: torch.Tensor) -> torch.Tensor:
 @register_backend("unit_train")
 class UnitTrain(Backend):
     """Training mode: each group through :func:`bunit.unit_train.group_forward` (a hybrid row that
-    :func:`bunit.unit_train.runs_row` takes: the whole row through :func:`bunit.unit_train.row_forward`); else the
+    :func:`bunit.unit_rows.runs_row` takes: the whole row through :func:`bunit.unit_rows.row_forward`); else the
     groups' convolutions through :func:`bunit.unit_train.conv`, BN and ReLU PyTorch's."""
 
-    caches = (unit_train.ROW_PLAN_CACHE,)
+    caches = (unit_rows.ROW_PLAN_CACHE,)
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return layer.run_groups(x, unit_triton.conv)  # (B, out, H/s, W/s)
         if not all(unit_train.fuses_group(grp, x) for grp in layer.groups):
             return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
-        if unit_train.runs_row(layer, x):  # a hybrid row, lane by lane in channels_last
-            return unit_train.row_forward(layer, _to_layout(x, torch.channels_last))  # (B, out, H/s, W/s)
+        if unit_rows.runs_row(layer, x):  # a hybrid row, lane by lane in channels_last
+            return unit_rows.row_forward(layer, _to_layout(x, torch.channels_last))  # (B, out, H/s, W/s)
         x = _fused_layout(layer, x)
         if len(layer.groups) == 1 and layer.out_perm is None:
             return unit_train.group_forward(layer.groups[0], layer._group_input(x, 0))  # (B, out, H/s, W/s)
