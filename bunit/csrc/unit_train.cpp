@@ -2267,14 +2267,15 @@ struct RowSource {
 
 // One image's source pixels (Hs x Ws from first_pix) gathered into the zero-bordered plane e (rows of wp pixels of
 // P * L words): source pixel (r, c) at (r * s + 1, c * s + 1) (s = 2: an input gradient's dilated gradient, every
-// other position zero); with f, the pixels' float values there too (Hs * Ws pixels of C floats). row: S words whose
-// tail past the source's channels is zero (the gather reads no further than its channels).
+// other position zero); with f, the pixels' float values there too (Hs * Ws pixels of C floats; e null: those
+// alone). row: S words whose tail past the source's channels is zero (the gather reads no further than its channels).
 inline void row_fill(const RowSource& src, int64_t first_pix, int64_t Hs, int64_t Ws, int64_t s, const RowGather& g,
                      int64_t wp, uint16_t* row, uint32_t* e, float* f = nullptr) {
   for (int64_t r = 0; r < Hs; ++r)
-    for (int64_t c = 0; c < Ws; ++c)
-      row_gather_pixel(g, src.pixel(first_pix + r * Ws + c, row, g.S, f ? f + (r * Ws + c) * src.C : nullptr),
-                       e + ((r * s + 1) * wp + c * s + 1) * g.P * g.L);
+    for (int64_t c = 0; c < Ws; ++c) {
+      const uint16_t* words = src.pixel(first_pix + r * Ws + c, row, g.S, f ? f + (r * Ws + c) * src.C : nullptr);
+      if (e) row_gather_pixel(g, words, e + ((r * s + 1) * wp + c * s + 1) * g.P * g.L);
+    }
 }
 
 // What a row convolution sums of the values it stores, per lane: nothing, the values and their squares (a
@@ -2342,6 +2343,24 @@ const float* row_vec(const std::optional<at::Tensor>& t, int64_t n, const char* 
   TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat && t->is_contiguous(),
               "unit_train: ", what, " must be contiguous float32 of ", n, " values");
   return t->data_ptr<float>();
+}
+
+// x (channels_last bf16, 16k channels) as a row source: as stored, or through relu(x * sc + sh) where sc is given.
+RowSource row_source(const at::Tensor& x, const float* sc = nullptr, const float* sh = nullptr) {
+  check_row_tensor(x, x.size(1), "a row's input");
+  return RowSource{x.data_ptr<c10::BFloat16>(), x.size(1), sc, sh, nullptr, nullptr, nullptr, x.numel() / x.size(1)};
+}
+
+// The gradient g of relu(y * sc + sh) taken through that ReLU and BN (A, B: BN's backward coefficients) as a row
+// source of y's channels; g and y channels_last bf16 of one shape.
+RowSource row_grad_source(const at::Tensor& y, const at::Tensor& g, const at::Tensor& sc, const at::Tensor& sh,
+                          const at::Tensor& A, const at::Tensor& B) {
+  const int64_t c = y.size(1);
+  check_row_tensor(y, c, "y");
+  check_row_tensor(g, c, "the gradient");
+  TORCH_CHECK(g.sizes() == y.sizes(), "unit_train: a gradient must have its tensor's shape");
+  return RowSource{y.data_ptr<c10::BFloat16>(), c, row_vec(sc, c, "sc"), row_vec(sh, c, "sh"),
+                   g.data_ptr<c10::BFloat16>(), row_vec(A, c, "A"), row_vec(B, c, "B")};
 }
 #else
 constexpr bool kChannelsLastUnits = false;
@@ -2656,11 +2675,9 @@ std::vector<at::Tensor> row_conv_forward(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(s == 1 || s == 2, "unit_train: stride must be 1 or 2");
   TORCH_CHECK(isc.has_value() == ish.has_value(), "unit_train: isc and ish come together");
 #if defined(__AVX512BF16__)
-  check_row_tensor(x, x.size(1), "x");
+  const RowSource src = row_source(x, row_vec(isc, x.size(1), "isc"), row_vec(ish, x.size(1), "ish"));
   const RowGather g = make_row_gather(idx, x.size(1));
   const std::vector<uint32_t> w = row_weights(wt, g);
-  const RowSource src{x.data_ptr<c10::BFloat16>(), x.size(1), row_vec(isc, x.size(1), "isc"),
-                      row_vec(ish, x.size(1), "ish"), nullptr, nullptr, nullptr, x.size(0) * x.size(2) * x.size(3)};
   const int64_t B = x.size(0), H = x.size(2), W = x.size(3), Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, wp = W + 2;
   const int64_t L = g.L;
   at::Tensor y = at::empty({B, L, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -2698,19 +2715,15 @@ std::vector<at::Tensor> row_conv2_backward(const at::Tensor& g, const at::Tensor
   TORCH_CHECK(kUnitRows, "unit_train: hybrid rows need a build with AVX512-BF16");
 #if defined(__AVX512BF16__)
   const int64_t C = y2.size(1), L = y1.size(1);
-  check_row_tensor(y2, C, "y2");
-  check_row_tensor(g, C, "g");
-  check_row_tensor(y1, L, "y1");
-  TORCH_CHECK(g.sizes() == y2.sizes() && y1.size(0) == y2.size(0) && y1.size(2) == y2.size(2) &&
-                  y1.size(3) == y2.size(3), "unit_train: g, y2 and y1 must be of one batch and plane");
+  const RowSource gsrc = row_grad_source(y2, g, sc, sh, A, Bc);
+  const float* isp = row_vec(isc, L, "isc");
+  const float* ihp = row_vec(ish, L, "ish");
+  const RowSource hsrc = row_source(y1, isp, ihp);
+  TORCH_CHECK(y1.size(0) == y2.size(0) && y1.size(2) == y2.size(2) && y1.size(3) == y2.size(3),
+              "unit_train: g, y2 and y1 must be of one batch and plane");
   const RowGather gg = make_row_gather(gidx, C), fg = make_row_gather(fidx, L);
   TORCH_CHECK(gg.L == L && fg.L == C, "unit_train: the gather tables must give y1's and y2's lanes");
   const std::vector<uint32_t> w = row_weights(gwt, gg);
-  const float* isp = row_vec(isc, L, "isc");
-  const float* ihp = row_vec(ish, L, "ish");
-  const RowSource gsrc{y2.data_ptr<c10::BFloat16>(), C, row_vec(sc, C, "sc"), row_vec(sh, C, "sh"),
-                       g.data_ptr<c10::BFloat16>(), row_vec(A, C, "A"), row_vec(Bc, C, "B")};
-  const RowSource hsrc{y1.data_ptr<c10::BFloat16>(), L, isp, ihp, nullptr, nullptr, nullptr, y1.numel() / L};
   const int64_t B = y1.size(0), H = y1.size(2), W = y1.size(3), wp = W + 2, HW = H * W;
   at::Tensor gh = at::empty_like(y1, at::MemoryFormat::ChannelsLast);
   at::Tensor sums = at::empty({2, L}, y1.options().dtype(at::kDouble));
@@ -2758,18 +2771,14 @@ std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tenso
   TORCH_CHECK(s == 1 || s == 2, "unit_train: stride must be 1 or 2");
 #if defined(__AVX512BF16__)
   const int64_t L = y1.size(1), C = x.size(1);
-  check_row_tensor(y1, L, "y1");
-  check_row_tensor(gh, L, "gh");
-  check_row_tensor(x, C, "x");
+  const RowSource gsrc = row_grad_source(y1, gh, sc, sh, A, Bc);
+  const RowSource xsrc = row_source(x);
   const int64_t B = x.size(0), H = x.size(2), W = x.size(3), Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, wp = W + 2;
-  TORCH_CHECK(gh.sizes() == y1.sizes() && y1.size(0) == B && y1.size(2) == Ho && y1.size(3) == Wo,
+  TORCH_CHECK(y1.size(0) == B && y1.size(2) == Ho && y1.size(3) == Wo,
               "unit_train: gh and y1 must be conv1's output for x");
   const RowGather gg = make_row_gather(gidx, L), fg = make_row_gather(fidx, C);
   TORCH_CHECK(gg.L == C && fg.L == L, "unit_train: the gather tables must give x's and y1's lanes");
   const std::vector<uint32_t> w = need_input ? row_weights(gwt, gg) : std::vector<uint32_t>();
-  const RowSource gsrc{y1.data_ptr<c10::BFloat16>(), L, row_vec(sc, L, "sc"), row_vec(sh, L, "sh"),
-                       gh.data_ptr<c10::BFloat16>(), row_vec(A, L, "A"), row_vec(Bc, L, "B")};
-  const RowSource xsrc{x.data_ptr<c10::BFloat16>(), C, nullptr, nullptr, nullptr, nullptr, nullptr, B * H * W};
   at::Tensor gx, gw;
   if (need_input) gx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   c10::BFloat16* gxp = need_input ? gx.data_ptr<c10::BFloat16>() : nullptr;
@@ -2777,13 +2786,15 @@ std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tenso
   over_images(B, B * (H * W * C * gg.P + Ho * Wo * L * fg.K) * 2, [&](int64_t b0, int64_t b1, int64_t t) {
     // the gradient through BN1 and ReLU, gathered for the input lanes at (r * s + 1, c * s + 1) of a zero-bordered
     // full-size plane (at stride 2 the other positions stay zero), and kept as floats for the weight gradient
-    std::vector<uint32_t> e((H + 2) * wp * gg.P * C, 0u), ex(need_weight ? (H + 2) * wp * fg.P * L : 0, 0u);
+    std::vector<uint32_t> e(need_input ? (H + 2) * wp * gg.P * C : 0, 0u);
+    std::vector<uint32_t> ex(need_weight ? (H + 2) * wp * fg.P * L : 0, 0u);
     std::vector<uint16_t> row(std::max(gg.S, fg.S));
-    std::vector<float> gout(Ho * Wo * L);
+    std::vector<float> gout(need_weight ? Ho * Wo * L : 0);
     std::vector<float>& acc = wpart[t];
     acc.assign(need_weight ? fg.K * 9 * L : 0, 0.f);
     for (int64_t b = b0; b < b1; ++b) {
-      row_fill(gsrc, b * Ho * Wo, Ho, Wo, s, gg, wp, row.data(), e.data(), gout.data());
+      row_fill(gsrc, b * Ho * Wo, Ho, Wo, s, gg, wp, row.data(), need_input ? e.data() : nullptr,
+               need_weight ? gout.data() : nullptr);
       if (need_input)  // the flipped taps over the (dilated, at stride 2) gradient
         row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, gxp + b * H * W * C, RowNoSums{}, nullptr);
       if (need_weight) {
