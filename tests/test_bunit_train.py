@@ -230,7 +230,11 @@ def _within_bf16_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
                                    # rows of up to 8 at stride 1: 8-lane dot products (forward and backward)
                                    (2, 16, 16, 2, 1, 7, 7), (3, 4, 4, 2, 1, 5, 8), (2, 8, 16, 8, 1, 7, 6),
                                    # odd counts past one pair: the last channel paired with zeros
-                                   (2, 6, 9, 3, 1, 7, 7), (2, 9, 6, 3, 1, 14, 14)])
+                                   (2, 6, 9, 3, 1, 7, 7), (2, 9, 6, 3, 1, 14, 14),
+                                   # stride 2: 8-lane rows (a 4x8-8-16/s2 conv1 at 14 px), odd sides, 16-lane rows
+                                   # with a second vector of input columns (w > 16), odd output-channel counts
+                                   (3, 32, 32, 4, 2, 14, 14), (2, 8, 8, 1, 2, 9, 15), (2, 4, 6, 2, 2, 28, 28),
+                                   (2, 6, 9, 3, 2, 13, 35)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bf16_dot_products_sum_bf16_rounded_operands_in_float32(shape, channels_last):
     """With bf16_dot the kernel multiplies bf16 operands: the weights, conv2's input relu(y1 * sc) and the output
@@ -238,9 +242,10 @@ def test_bf16_dot_products_sum_bf16_rounded_operands_in_float32(shape, channels_
     gradient (stored bf16) are within one bf16 rounding of float64 convolutions of the rounded operands; the weight
     gradient (float32, not rounded on output) within 1e-5, while the float32-multiply path, which does not round the
     gradient, is about 1e-3 away from it. An odd count per group (the forward's input channels, the input gradient's
-    output channels) pairs its last channel with zeros, so it is rounded the same way; a forward or input gradient at
-    stride 2 multiplies the unrounded operands in float32. Strides 1 and 2, odd output heights (a row pair with one
-    row)."""
+    output channels) pairs its last channel with zeros, so it is rounded the same way. Strides 1 and 2 (the input
+    gradient at stride 2 by its own kernel: each input row and column phase from its own taps), odd output heights (a
+    row pair with one row), odd input sides at stride 2 (a row phase with one row fewer), rows of up to 8 and of more
+    than 16 phase columns."""
     n, cin, cout, groups, s, h, w = shape
     ext = unit_train.load_extension()
     if not ext.has_bf16_dot():
@@ -254,9 +259,7 @@ def test_bf16_dot_products_sum_bf16_rounded_operands_in_float32(shape, channels_
     for bn_in in (False, True):
         y, st = ext.conv_forward_stats(x, wt, groups, s, *((isc, torch.zeros(cin)) if bn_in else ()), bf16_dot=True)
         xin = torch.relu(x.float() * isc.view(1, -1, 1, 1)) if bn_in else x
-        paired = s == 1
-        want = F.conv2d((xin.bfloat16() if paired else xin).double(), wr if paired else wt.double(), None, s, 1,
-                        groups=groups)
+        want = F.conv2d(xin.bfloat16().double(), wr, None, s, 1, groups=groups)
         assert _within_bf16_rounding(y, want)
         stored = torch.stack([y.double().sum((0, 2, 3)), y.double().square().sum((0, 2, 3))])
         torch.testing.assert_close(st, stored, rtol=1e-6, atol=1e-6)
@@ -270,10 +273,7 @@ def test_bf16_dot_products_sum_bf16_rounded_operands_in_float32(shape, channels_
     wd = wr.clone().requires_grad_()
     F.conv2d(xd, wd, None, s, 1, groups=groups).backward(gt.bfloat16().double())
     assert gw.dtype == torch.float32 and _rel(gw.double(), wd.grad) <= 1e-5
-    if s == 1:
-        want = xd.grad
-    else:
-        want = torch.nn.grad.conv2d_input(x.shape, wt.double(), gt.double(), s, 1, groups=groups)
+    want = xd.grad
     assert gx.dtype == torch.bfloat16 and gx.is_contiguous(memory_format=fmt)
     assert _within_bf16_rounding(gx, want)
     _, gw32 = ext.conv_backward_bn(x, wt, g, y, sc, zeros, zeros, zeros, groups, s, None, None, False, True)

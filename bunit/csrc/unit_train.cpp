@@ -158,10 +158,10 @@ struct IO<float, c10::BFloat16> {
 // instruction where a float32 FMA does 16. The operands are rounded to bf16 (nearest even) where they are not bf16
 // already: the weights, the input of conv2 (BN1 + ReLU of the stored y1) and the output gradient taken through BN
 // and ReLU. Sums stay float32 (BN's in double). Pairs run over two channels for the forward (input channels) and
-// the input gradient (output channels), at stride 1, and over two output rows for the weight gradient (strides 1 and
-// 2). An odd count per group pairs its last channel with zeros (and a zero weight): a 2-1-2 unit's conv2 (one input
-// channel) multiplies in bf16 too. A forward or input gradient at stride 2 (a transition's conv1) multiplies the
-// unrounded operands in float32.
+// the input gradient (output channels), and over two output rows for the weight gradient, at strides 1 and 2 (a
+// forward at stride 2 reads column-phase-split pairs; the input gradient at stride 2 has its own kernel,
+// gx_s2_rows_dot). An odd count per group pairs its last channel with zeros (and a zero weight): a 2-1-2 unit's conv2
+// (one input channel) multiplies in bf16 too.
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
 #else
@@ -513,12 +513,13 @@ struct DotV<8> {
   static void add_to(float* p, F a) { _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), a)); }
 };
 
-// A 3x3 convolution at stride 1 with bf16 dot products, rows r0 .. r0 + RB of output channels o0 .. o0 + OB of one
-// item: np padded planes of 32-bit words (plane stride ps, rows of wq words, value (i, j) at row i + 1, column j + 1),
-// each word a pair of input channels, and weights paired the same way (w[(o * np + k) * 9 + tap]). The output has
-// `width` columns; channel o0 + o goes to out[ni * os[0] + (ch0 + o) * os[1] + ...]. It serves the forward (pairs of
-// input channels, the group's weights) and the input gradient (pairs of output channels of the padded gradient, the
-// flipped weights).
+// A 3x3 convolution at stride S (1 or 2) with bf16 dot products, rows r0 .. r0 + RB of output channels o0 .. o0 + OB
+// of one item: np padded planes of 32-bit words (plane stride ps, rows of wq words, value (i, j) at row i + 1, column
+// j + 1; at stride 2 split by column phase as pad_plane splits them, the odd phase hp rows after the even), each word
+// a pair of input channels, and weights paired the same way (w[(o * np + k) * 9 + tap]). The output has `width`
+// columns, computed VW at a time; channel o0 + o goes to out[ni * os[0] + (ch0 + o) * os[1] + ...]. It serves the
+// forward (pairs of input channels, the group's weights) and the input gradient at stride 1 (pairs of output channels
+// of the padded gradient, the flipped weights).
 struct DotConv {
   const uint32_t* planes;
   int64_t np, ps;
@@ -526,11 +527,11 @@ struct DotConv {
   int64_t rows, width, ch0;  // output rows and columns; the group's first output channel in out
 };
 
-template <typename M, int OB, int RB, int VW>
+template <typename M, int OB, int RB, int VW, int S = 1>
 inline void conv_rows_dot(const DotConv& c, const Geo& g, int64_t o0, M* out, const int64_t* os, int64_t ni,
                           int64_t r0) {
   using D = DotV<VW>;
-  for (int64_t x0 = 0; x0 < g.wr; x0 += VW) {
+  for (int64_t x0 = 0; x0 < c.width; x0 += VW) {
     typename D::F acc[RB][OB];
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r)
@@ -547,7 +548,7 @@ inline void conv_rows_dot(const DotConv& c, const Geo& g, int64_t o0, M* out, co
           for (int o = 0; o < OB; ++o) wv[o] = D::splat(wp[o * c.np * 9]);
 #pragma GCC unroll 8
           for (int r = 0; r < RB; ++r) {
-            const typename D::B v = D::load(plane + (r0 + r + dy) * g.wq + x0 + dx);
+            const typename D::B v = D::load(plane + (S * (r0 + r) + dy) * g.wq + (dx % S) * g.hp * g.wq + x0 + dx / S);
 #pragma GCC unroll 8
             for (int o = 0; o < OB; ++o) acc[r][o] = D::dot(acc[r][o], v, wv[o]);
           }
@@ -565,17 +566,90 @@ inline void conv_rows_dot(const DotConv& c, const Geo& g, int64_t o0, M* out, co
   }
 }
 
-// Every output channel (cout of them) and row of one item.
-template <typename M>
+// Every output channel (cout of them) and row of one item, at stride S; rows of up to 8 in 8-lane vectors.
+template <typename M, int S = 1>
 void conv_all_dot(const DotConv& c, const Geo& g, int64_t cout, M* out, const int64_t* os, int64_t ni) {
   in_channel_blocks(cout, [&](auto ob, int64_t o0) {
     constexpr int OB = decltype(ob)::value;
     in_row_blocks<OB>(c.rows, [&](auto rb, int64_t r) {
-      if (g.vw == 8)
-        conv_rows_dot<M, OB, decltype(rb)::value, 8>(c, g, o0, out, os, ni, r);
+      if (c.width <= 8)
+        conv_rows_dot<M, OB, decltype(rb)::value, 8, S>(c, g, o0, out, os, ni, r);
       else
-        conv_rows_dot<M, OB, decltype(rb)::value, 16>(c, g, o0, out, os, ni, r);
+        conv_rows_dot<M, OB, decltype(rb)::value, 16, S>(c, g, o0, out, os, ni, r);
     });
+  });
+}
+
+// Input gradient at stride 2 with bf16 dot products, input channels c0 .. c0 + OB of one item: gp holds np padded
+// planes of output-gradient channel pairs (rows of wq words, value (i, j) at row i + 1, column j + 1, zeros around
+// and past the row end) and w the weights paired over output channels, flipped as pair_weights stores them
+// (w[(c * np + m) * 9 + 8 - t] for tap t = 3 * dy + dx). Input row r = 2k + dy - 1 is read by output row k' with
+// r = 2k' + dy - 1: an even row 2k by tap row 1 of gradient row k, an odd row 2k + 1 by tap row 0 of row k + 1 and
+// tap row 2 of row k; columns the same. So each pair of input rows (2k, 2k + 1) takes its four column-and-row phases
+// from padded rows k + 1 and k + 2 at columns l + 1 and l + 2 (nine taps in all), and the even and odd columns are
+// interleaved on the store.
+template <typename M, int OB, int VW>
+inline void gx_s2_rows_dot(const uint32_t* gp, int64_t np, int64_t ps, const uint32_t* w, const Geo& g, int64_t c0,
+                           int64_t ch0, M* gx, const int64_t* gs, int64_t ni, int64_t k) {
+  using D = DotV<VW>;
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t x0 = 0; x0 < g.wo; x0 += VW) {
+    typename D::F ee[OB], eo[OB], oe[OB], oo[OB];  // (row phase, column phase) of each channel
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; ++o) ee[o] = eo[o] = oe[o] = oo[o] = D::zero();
+    for (int64_t m = 0; m < np; ++m) {
+      const uint32_t* r1 = gp + m * ps + (k + 1) * g.wq + x0;  // gradient row k, padded
+      const uint32_t* r2 = r1 + g.wq;                          // gradient row k + 1
+      const typename D::B a1 = D::load(r1 + 1), a2 = D::load(r1 + 2), b1 = D::load(r2 + 1), b2 = D::load(r2 + 2);
+#pragma GCC unroll 8
+      for (int o = 0; o < OB; ++o) {
+        const uint32_t* wt = w + ((c0 + o) * np + m) * 9 + 8;  // wt[-t]: tap t
+        ee[o] = D::dot(ee[o], a1, D::splat(wt[-4]));
+        eo[o] = D::dot(eo[o], a2, D::splat(wt[-3]));
+        eo[o] = D::dot(eo[o], a1, D::splat(wt[-5]));
+        oe[o] = D::dot(oe[o], b1, D::splat(wt[-1]));
+        oe[o] = D::dot(oe[o], a1, D::splat(wt[-7]));
+        oo[o] = D::dot(oo[o], b2, D::splat(wt[0]));
+        oo[o] = D::dot(oo[o], b1, D::splat(wt[-2]));
+        oo[o] = D::dot(oo[o], a2, D::splat(wt[-6]));
+        oo[o] = D::dot(oo[o], a1, D::splat(wt[-8]));
+      }
+    }
+    const int64_t valid = g.w - 2 * x0;  // input columns from 2 * x0
+#pragma GCC unroll 8
+    for (int o = 0; o < OB; ++o)
+      for (int ph = 0; ph < 2 && 2 * k + ph < g.h; ++ph) {
+        __m512 e, d;  // the even and the odd columns of input row 2k + ph
+        if constexpr (VW == 8) {
+          e = _mm512_castps256_ps512(ph ? oe[o] : ee[o]);
+          d = _mm512_castps256_ps512(ph ? oo[o] : eo[o]);
+        } else {
+          e = ph ? oe[o] : ee[o];
+          d = ph ? oo[o] : eo[o];
+        }
+        M* dst = gx + ni * gs[0] + (ch0 + c0 + o) * gs[1] + (2 * k + ph) * gs[2] + 2 * x0 * gs[3];
+        store_row<float, M>((V<float>::type)_mm512_permutex2var_ps(e, lo, d), dst, gs[3], std::min<int64_t>(16, valid));
+        if (VW == 16 && valid > 16)
+          store_row<float, M>((V<float>::type)_mm512_permutex2var_ps(e, hi, d), dst + 16 * gs[3], gs[3],
+                              std::min<int64_t>(16, valid - 16));
+      }
+  }
+}
+
+// The stride-2 input gradient of every input channel (cin of them) of one item (see gx_s2_rows_dot).
+template <typename M>
+void gx_s2_all_dot(const uint32_t* gp, int64_t np, int64_t ps, const uint32_t* w, const Geo& g, int64_t ch0, M* gx,
+                   const int64_t* gs, int64_t ni) {
+  in_channel_blocks(g.cin, [&](auto ob, int64_t c0) {
+    constexpr int OB = decltype(ob)::value > 4 ? 4 : decltype(ob)::value;  // 4 x 4 accumulators at most
+    for (int64_t cb = c0; cb < c0 + decltype(ob)::value; cb += OB)
+      for (int64_t k = 0; 2 * k < g.h; ++k) {
+        if (g.wo <= 8)
+          gx_s2_rows_dot<M, OB, 8>(gp, np, ps, w, g, cb, ch0, gx, gs, ni, k);
+        else
+          gx_s2_rows_dot<M, OB, 16>(gp, np, ps, w, g, cb, ch0, gx, gs, ni, k);
+      }
   });
 }
 
@@ -809,9 +883,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
   const T* wp = w.data_ptr<T>();
   [[maybe_unused]] PairedWeights pw;
   if constexpr (std::is_same_v<M, c10::BFloat16>) {
-    dot = dot && kBf16Dot && g.s == 1;  // stride 2 (a transition's conv1): float32 multiplies
+    dot = dot && kBf16Dot;
     if (dot) pw = pair_weights(wp, g, true, false);
-    if (dot && g.wo <= 8) g = geometry(x, w, groups, s, 8);  // rows of up to 8: 8-lane dot products (DotV)
+    // rows of up to 8 at stride 1: 8-lane dot products (DotV) and buffer rows sized for them (at stride 2 the rows
+    // keep room for split_row_s2's whole vectors; conv_all_dot picks 8 lanes for them all the same)
+    if (dot && g.s == 1 && g.wo <= 8) g = geometry(x, w, groups, s, 8);
   } else {
     dot = false;
   }
@@ -825,8 +901,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
-      // direct: the channel pairs built straight from x (NCHW rows), in a buffer zeroed once (its borders stay zero)
+      // direct: the channel pairs built straight from x (NCHW rows), in a buffer zeroed once (its borders stay
+      // zero); at stride 2 each row's words are split by column phase as pad_plane splits values (split_row_s2 moves
+      // 32-bit lanes, so it splits words as it splits floats)
       const bool direct = dot && xs[3] == 1;
+      std::vector<uint32_t> row_words(direct && g.s == 2 ? (g.w + 31) / 32 * 32 : 0);
       std::vector<T> buf(direct ? 0 : g.cin * g.plane()), tmp(isc && !direct ? g.h * g.w : 0);
       const int64_t np = (g.cin + 1) / 2;  // channel pairs (an odd count's last with zeros)
       std::vector<uint32_t> pairs(dot ? np * g.plane() : 0);
@@ -847,10 +926,15 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
               const int64_t lo = gi * g.cin + 2 * k, hi = lo + 1;
               const bool has_hi = 2 * k + 1 < g.cin;
               const M* src = xp + ni * xs[0] + lo * xs[1];
-              for (int64_t r = 0; r < g.h; ++r)
+              for (int64_t r = 0; r < g.h; ++r) {
+                uint32_t* dr = pairs.data() + k * g.plane() + (r + 1) * g.wq;
                 pair_rows(src + r * xs[2], has_hi ? src + xs[1] + r * xs[2] : nullptr, g.w, isc != nullptr,
                           isc ? isc[lo] : 0.f, isc ? ish[lo] : 0.f, isc && has_hi ? isc[hi] : 0.f,
-                          isc && has_hi ? ish[hi] : 0.f, pairs.data() + k * g.plane() + (r + 1) * g.wq + 1);
+                          isc && has_hi ? ish[hi] : 0.f, g.s == 1 ? dr + 1 : row_words.data());
+                if (g.s == 2)
+                  split_row_s2(reinterpret_cast<const float*>(row_words.data()), g.w, reinterpret_cast<float*>(dr + 1),
+                               reinterpret_cast<float*>(dr + g.hp * g.wq));
+              }
             }
           } else if (dot) {
             for (int64_t k = 0; k < np; ++k)
@@ -861,7 +945,10 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
           if (dot) {
             const DotConv c{pairs.data(), np, g.plane(), pw.fwd.data() + gi * g.cout * np * 9, g.ho, g.wo,
                             gi * g.cout};
-            conv_all_dot(c, g, g.cout, yp, ys, ni);
+            if (g.s == 1)
+              conv_all_dot<M, 1>(c, g, g.cout, yp, ys, ni);
+            else
+              conv_all_dot<M, 2>(c, g, g.cout, yp, ys, ni);
           }
         }
 #endif
@@ -1006,16 +1093,17 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   using Vt = V<T>;
   constexpr int VW = Vt::W;
   Geo g = geometry(x, w, groups, s, VW);
-  // bf16 dot products (bf16 storage, AVX512-BF16 in the build): the weight gradient always, the input gradient at
-  // stride 1 with an even cout
+  // bf16 dot products (bf16 storage, AVX512-BF16 in the build): the weight gradient and the input gradient
   bool dot_gx = false;
   [[maybe_unused]] PairedWeights pw;
   if constexpr (std::is_same_v<M, c10::BFloat16>) {
     dot = dot && kBf16Dot;
-    dot_gx = dot && gx && s == 1;
+    dot_gx = dot && gx;
     if (dot_gx) pw = pair_weights(w.data_ptr<float>(), g, false, true);
-    // rows of up to 8 where every product asked for is a dot product: 8-lane dot products (DotV)
-    if (dot && s == 1 && g.wo <= 8 && (!gx || dot_gx)) g = geometry(x, w, groups, s, 8);
+    // rows of up to 8: 8-lane dot products (DotV), strides 1 and 2 (at stride 2 split_row_s2's whole vectors run
+    // past a buffer row of 8 into the next one, writing the zeros past the input row: the padding it holds, or
+    // values the next row's copy writes after them)
+    if (dot && g.wo <= 8) g = geometry(x, w, groups, s, 8);
   } else {
     dot = false;
   }
@@ -1047,7 +1135,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
       std::vector<T> buf(gw && !direct_x ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
       std::vector<uint16_t> gb16(direct_g ? g.cout * gplane : 0), xb16(direct_x ? g.cin * g.plane() : 0);
       std::vector<uint16_t> zero16(direct_x ? g.wq : 0);
-      std::vector<T> gxb(gx && s != 1 ? g.cin * g.plane() : 0);
+      std::vector<T> gxb(gx && s != 1 && !dot_gx ? g.cin * g.plane() : 0);
       // one output-gradient plane through BN and ReLU, one input plane through the previous BN and ReLU
       std::vector<T> plane(bn.y && !direct_g ? g.ho * g.wo : 0), tmp(isc && !direct_x ? g.h * g.w : 0);
       // the bf16 dot products' operands: input rows paired (r, r + s), output-gradient rows paired (2p, 2p + 1),
@@ -1158,6 +1246,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
                 for (; o0 + 2 <= g.cout; o0 += 2) gw_block_dot<2, 1>(x2.data(), g2.data(), g, o0, ci, gwg);
                 for (; o0 < g.cout; ++o0) gw_block_dot<1, 1>(x2.data(), g2.data(), g, o0, ci, gwg);
               } else {
+                if (g.vw == 8) {
+                  for (; o0 + 2 <= g.cout; o0 += 2) gw_block_dot<2, 2, 8>(x2.data(), g2.data(), g, o0, ci, gwg);
+                  for (; o0 < g.cout; ++o0) gw_block_dot<1, 2, 8>(x2.data(), g2.data(), g, o0, ci, gwg);
+                }
                 for (; o0 + 2 <= g.cout; o0 += 2) gw_block_dot<2, 2>(x2.data(), g2.data(), g, o0, ci, gwg);
                 for (; o0 < g.cout; ++o0) gw_block_dot<1, 2>(x2.data(), g2.data(), g, o0, ci, gwg);
               }
@@ -1168,9 +1260,14 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
               pack_pairs(gbuf.data() + 2 * m * gplane,
                          2 * m + 1 < g.cout ? gbuf.data() + (2 * m + 1) * gplane : zero_g.data(), gplane,
                          gpp.data() + m * gplane);
-            const DotConv c{gpp.data(), npg, gplane, pw.gx.data() + gi * g.cin * npg * 9, g.h, g.w,
-                            gi * g.cin};
-            conv_all_dot(c, g, g.cin, gxp, gxs, ni);
+            if (s == 1) {
+              const DotConv c{gpp.data(), npg, gplane, pw.gx.data() + gi * g.cin * npg * 9, g.h, g.w,
+                              gi * g.cin};
+              conv_all_dot(c, g, g.cin, gxp, gxs, ni);
+            } else {
+              gx_s2_all_dot(gpp.data(), npg, gplane, pw.gx.data() + gi * g.cin * npg * 9, g, gi * g.cin, gxp, gxs,
+                            ni);
+            }
           }
         }
 #endif
@@ -1198,7 +1295,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
               gx_rows<T, M, OB, decltype(rb)::value>(gbuf.data(), wg, g, c0, gxp, gxs, ni, gi, y);
             });
           });
-        } else if (gx && s != 1) {
+        } else if (gx && s != 1 && !dot_gx) {
           // stride 2: scatter every (o, dy, dx)'s w * gy into the padded, phase-split input positions it read
           std::fill(gxb.begin(), gxb.end(), T(0));
           const T* wg = wp + gi * g.cout * g.cin * 9;
@@ -1462,10 +1559,9 @@ namespace {
 // channels_last the units lie side by side instead: at one pixel, a 512-bit load of the input holds 16 units'
 // channel pairs, exactly the word pairs vdpbf16ps multiplies, and conv1 of 16 units is 9 dot products per pixel;
 // conv2 and the gradients are 16-lane multiply-adds with one unit per lane. These kernels take that layout (bf16
-// storage, AVX512-BF16, n a multiple of 16) and compute what the NCHW kernels compute: at stride 1 the same operands
-// rounded to bf16 (weights, conv2's input relu(y1 * sc + sh), the gradients taken through BN), products exact in
-// float32; a stride-2 conv1 and its input gradient in float32 multiplies of the unrounded operands; float32 sums in
-// another order, BN's sums in double. Each image's planes go through a zero-bordered scratch copy, so no tap is
+// storage, AVX512-BF16, n a multiple of 16) and compute what the NCHW kernels compute: the same operands rounded to
+// bf16 (weights, conv2's input relu(y1 * sc + sh), the gradients taken through BN), products exact in float32,
+// float32 sums in another order, BN's sums in double. Each image's planes go through a zero-bordered scratch copy, so no tap is
 // tested at the borders.
 // channels_last and not also NCHW-contiguous (as bunit.functional.is_channels_last says), 4-D.
 inline bool is_cl(const at::Tensor& t) {
@@ -1585,8 +1681,6 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
   const int64_t Ho = y.size(2), Wo = y.size(3);
   const float* wf = w.data_ptr<float>();
   const std::vector<uint32_t> wq = unit_weight_pairs(wf, n, 2, false);  // wq[t * n + u]: (w[u][0][t], w[u][1][t])
-  // stride 2: wu[(i * 9 + t) * n + u] = w[u][i][t], not rounded
-  const std::vector<float> wu = s == 2 ? unit_weight_lanes(wf, n, 2, false, false) : std::vector<float>();
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   std::vector<std::vector<double>> partial(at::get_num_threads());
@@ -1608,28 +1702,16 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
             __m512 acc[P];
 #pragma GCC unroll 4
             for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
-            if (s == 2) {  // a transition's conv1 multiplies in float32, as the NCHW kernels do at stride 2
-              for (int t9 = 0; t9 < 9; ++t9) {
-                const int dy = t9 / 3, dx = t9 % 3;
-                const __m512 w0 = _mm512_loadu_ps(wu.data() + t9 * n + ub);
-                const __m512 w1 = _mm512_loadu_ps(wu.data() + (9 + t9) * n + ub);
-#pragma GCC unroll 4
-                for (int q = 0; q < P; ++q) {
-                  const __m512i xw = _mm512_loadu_si512(pad.data() + ((r * 2 + dy) * wp + (c0 + q) * 2 + dx) * n + ub);
-                  acc[q] = _mm512_fmadd_ps(words_lo(xw), w0, _mm512_fmadd_ps(words_hi(xw), w1, acc[q]));
-                }
-              }
-            } else {
 #pragma GCC unroll 3
-              for (int dy = 0; dy < 3; ++dy)
+            for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
-                for (int dx = 0; dx < 3; ++dx)
+              for (int dx = 0; dx < 3; ++dx)
 #pragma GCC unroll 4
-                  for (int q = 0; q < P; ++q)
-                    acc[q] = _mm512_dpbf16_ps(
-                        acc[q], (__m512bh)_mm512_loadu_si512(pad.data() + ((r + dy) * wp + c0 + q + dx) * n + ub),
-                        wv[dy * 3 + dx]);
-            }
+                for (int q = 0; q < P; ++q)
+                  acc[q] = _mm512_dpbf16_ps(
+                      acc[q],
+                      (__m512bh)_mm512_loadu_si512(pad.data() + ((r * s + dy) * wp + (c0 + q) * s + dx) * n + ub),
+                      wv[dy * 3 + dx]);
 #pragma GCC unroll 4
             for (int q = 0; q < P; ++q) {
               const __m512 v = round_bf16(acc[q]);
@@ -1812,15 +1894,15 @@ void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, con
 }
 
 // The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to
-// bf16 (unless round is false).
+// bf16.
 inline __m512 cl_bn_grad(const c10::BFloat16* y, const c10::BFloat16* g, int64_t c0, const float* sc, const float* sh,
-                         const float* A, const float* B, bool round = true) {
+                         const float* A, const float* B) {
   const __m512 yv = load_bf16(y), s = _mm512_loadu_ps(sc + c0);
   const __mmask16 on = _mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, s, _mm512_loadu_ps(sh + c0)), _mm512_setzero_ps(),
                                           _CMP_GT_OQ);
   const __m512 gz = _mm512_maskz_mov_ps(on, _mm512_mul_ps(load_bf16(g), s));
   const __m512 v = _mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A + c0), _mm512_loadu_ps(B + c0)));
-  return round ? round_bf16(v) : v;
+  return round_bf16(v);
 }
 
 // conv2's backward: g (B, cn, H, W), the gradient of relu(y2 * sc + sh), y2 (B, cn, H, W), y1 (B, n, H, W) with
@@ -1937,10 +2019,9 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
   const int64_t Ho = gh.size(2), Wo = gh.size(3), wpg = Wo + 2;  // the gradient's plane (stride s)
   const float* wf = w.data_ptr<float>();
-  // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16 at stride 1; at stride 2 the input gradient
-  // multiplies the unrounded weights and gradient in float32, as the NCHW kernels do (the weight gradient still
-  // takes the gradient rounded to bf16)
-  const std::vector<float> wr = unit_weight_lanes(wf, n, 2, true, s == 1);
+  // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16; the gradient through BN1 rounded to bf16 too,
+  // so that every product is of bf16 operands (exact in float32), as in the NCHW kernels' dot products
+  const std::vector<float> wr = unit_weight_lanes(wf, n, 2, true, true);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
@@ -1957,7 +2038,7 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
           const int64_t off = ((b * Ho + r) * Wo + c) * n;
           for (int64_t c0 = 0; c0 < n; c0 += 16)
             _mm512_storeu_ps(gpad.data() + ((r + 1) * wpg + c + 1) * n + c0,
-                             cl_bn_grad(y1p + off + c0, ghp + off + c0, c0, sc, sh, A, Bc, s == 1));
+                             cl_bn_grad(y1p + off + c0, ghp + off + c0, c0, sc, sh, A, Bc));
         }
       if (gw)
         for (int64_t r = 0; r < H; ++r)
@@ -2011,8 +2092,7 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
           }
           for (int64_t r = 0; r < Ho; ++r)
             for (int64_t c = 0; c < Wo; ++c) {
-              __m512 gv = _mm512_loadu_ps(gpad.data() + ((r + 1) * wpg + c + 1) * n + ub);
-              if (s == 2) gv = round_bf16(gv);
+              const __m512 gv = _mm512_loadu_ps(gpad.data() + ((r + 1) * wpg + c + 1) * n + ub);
 #pragma GCC unroll 3
               for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
