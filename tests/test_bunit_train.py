@@ -561,11 +561,14 @@ def test_fused_group_refuses_one_value_per_channel_as_batchnorm_does():
 @pytest.mark.parametrize("bf16,shortcut", [(False, torch.float32), (True, torch.float32),
                                             (True, torch.bfloat16)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, shortcut, channels_last):
+@pytest.mark.parametrize("shortcut_layout", ["same", "other"])
+def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, shortcut, channels_last, shortcut_layout):
     """A one-group layer given a block's shortcut adds it and applies the block's ReLU in the group's output pass;
     output, input, shortcut and parameter gradients and BN statistics equal, bit for bit, the unit output followed
     by ``relu(y + shortcut)`` (float32, and under bf16 autocast with a float32 or a bf16 shortcut: with a shortcut
-    of the stored dtype, the backward takes the block's ReLU in the pass of BN's sums)."""
+    of the stored dtype, the backward takes the block's ReLU in the pass of BN's sums). A shortcut in the other
+    memory format than the input (a projection's output can be channels_last beside an NCHW unit layer) is copied to
+    the kernel's layout and still added in the pass, its gradient handed back in its own layout."""
     base = spread_bn(UnitLayer(["8x2-1-2"]), 1).train()
     base.backend = "unit_train"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -575,11 +578,13 @@ def test_residual_added_in_the_output_pass_equals_add_then_relu(bf16, shortcut, 
     for fused in (True, False):
         layer = copy.deepcopy(base)
         xi = x.contiguous(memory_format=fmt).requires_grad_()
-        ri = r.contiguous(memory_format=fmt).requires_grad_()
+        rfmt = fmt if shortcut_layout == "same" else (torch.contiguous_format if channels_last else torch.channels_last)
+        ri = r.contiguous(memory_format=rfmt).requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = layer(xi, residual=ri) if fused else layer.add_residual(layer(xi), ri, (1, 0))
         assert (type(y.grad_fn).__name__ == "UnitGroupFnBackward") == fused  # the fused pass did run
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        assert ri.grad.is_contiguous(memory_format=rfmt)
         got[fused] = [y.detach(), xi.grad, ri.grad, *[p.grad for p in layer.parameters()], *layer.buffers()]
     assert got[True][0].dtype == shortcut  # the block's output in the shortcut's dtype
     assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
