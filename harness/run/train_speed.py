@@ -202,16 +202,27 @@ def choose_setting(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, bf16
 def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSetting, xb: torch.Tensor, *,
                         rounds: int = 5) -> dict[str, dict[str, float]]:
     """Seconds of forward + backward of each fused unit layer alone, per backend, in ``setting``'s precision and
-    memory format, on the input it gets from ``xb`` in training mode under ``setting`` (its unit backends too: in a
-    channels_last setting ``unit_train`` hands the next layer NCHW, and that is the input the layer is timed on); all
-    (layer, backend) pairs take turns.
+    memory format, as the model calls it in training under ``setting``: on the input it gets from ``xb`` (its unit
+    backends too: in a channels_last setting ``unit_train`` hands the next layer NCHW, and that is the input the layer
+    is timed on), with the block's shortcut it is given (the input itself for an identity shortcut, whose gradient
+    ``unit_train`` adds in its kernel; a projection's output in the layout it comes in), and a gradient of the output's
+    shape and layout (an expanded one, as ``out.sum().backward()`` gives, sends some backends down slower copies);
+    all (layer, backend) pairs take turns.
 
     Works on copies: the model, its BN statistics and its backends are untouched.
     """
     probe = copy.deepcopy(model).train()
     apply_setting(probe, setting)
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
+    calls: dict[str, tuple] = {}  # name: (input, shortcut or None, shortcut is the input, residual_map)
+
+    def keep(mod, args, kwargs, out, name):
+        x = args[0]
+        res = args[1] if len(args) > 1 else kwargs.get("residual")
+        rmap = args[2] if len(args) > 2 else kwargs.get("residual_map", (1, 0))
+        calls[name] = (x.detach(), None if res is None else res.detach(), res is x, rmap)
+
+    hooks = [layer.register_forward_hook(lambda mod, args, kwargs, out, name=name: keep(mod, args, kwargs, out, name),
+                                         with_kwargs=True)
              for name, layer in _named_unit_layers(probe)]
     try:
         with torch.no_grad(), torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
@@ -221,15 +232,20 @@ def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSet
             hook.remove()
     fns = {}
     for name, layer in _named_unit_layers(probe):
+        x0, r0, identity, rmap = calls[name]
         for backend in backends:
             copy_ = copy.deepcopy(layer)
             copy_.backend = backend
-            x = inputs[name].clone().requires_grad_(True)
+            x = x0.clone().requires_grad_(True)
+            r = x if identity else (None if r0 is None else r0.clone().requires_grad_(True))
+            with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                                                 enabled=setting.bf16):  # a gradient like the one it gets back
+                grad = torch.randn_like(copy.deepcopy(copy_)(x0, residual=x0 if identity else r0, residual_map=rmap))
 
-            def fwd_bwd(layer=copy_, x=x) -> None:
+            def fwd_bwd(layer=copy_, x=x, r=r, grad=grad, rmap=rmap) -> None:
                 with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
-                    out = layer(x)
-                out.float().sum().backward()
+                    out = layer(x, residual=r, residual_map=rmap)
+                out.backward(grad.to(out.dtype))
             fns[f"{name}|{backend}"] = fwd_bwd
     times = interleaved_times(fns, rounds=rounds, warmup=1, settle=0, device=xb.device)
     out: dict[str, dict[str, float]] = {}
