@@ -5,8 +5,9 @@ A candidate is (precision, memory format, unit backend):
 - precision: ``bf16`` autocast only where the recipe asks for it (``bf16``, and ``bf16_cpu`` on CPU); float32 is
   always a candidate, since it is at least as exact. So the picked precision never rounds more than the recipe says.
 - memory format: NCHW or channels_last (the same arithmetic in another layout). On CPU, ``unit_train``'s unit
-  layers compute in NCHW: in a channels_last setting the first one copies its input to NCHW and every layer
-  after it runs NCHW, so channels_last serves the dense layers before it (the dense stages of a partial plan).
+  groups compute in NCHW, except rows of 16k 2-1-2 or 2-1-4 units and hybrid rows, which run channels_last; a
+  layer given the other layout copies its input (and its block's shortcut) and hands the gradient back in the
+  given layout, so channels_last serves the dense layers (the dense stages of a partial plan, the shortcuts).
 - unit backend (models with fused unit layers): ``grouped`` (oneDNN's grouped convolution), ``blockdiag`` (each
   conv as one dense convolution whose weight is zero off the unit blocks, :mod:`bunit.blockdiag`: more arithmetic
   than the units need, on the runtime's fastest convolution path; gradients reach only the unit weights) and
