@@ -83,6 +83,40 @@ def test_real_measurement_keeps_the_model():
     assert all(layer.backend == "grouped" for layer in model.modules() if hasattr(layer, "group_units"))
 
 
+def test_layer_timing_calls_each_layer_as_its_block_does():
+    """``time_layer_backends`` runs each unit layer with the shortcut its block hands it (the input tensor itself
+    for an identity shortcut, the projection's output otherwise) and backpropagates a gradient of the output's shape
+    and layout (no stride-0 expanded one), on every backend."""
+    from bunit.layers import UnitLayer
+
+    model = _bunit_model()
+    xb = torch.randn(8, 1, 8, 8)
+    seen = []
+    forward = UnitLayer.forward
+
+    def spy(self, x, residual=None, residual_map=(1, 0)):
+        out = forward(self, x, residual, residual_map)
+        if torch.is_grad_enabled():  # the timed calls (the probe and the gradient's shape run without grad)
+            seen.append((self.backend, self.stride, residual is x, None if residual is None else residual.shape))
+            out.register_hook(lambda g: seen.append(("grad", min(g.stride()), g.shape == out.shape)))
+        return out
+
+    UnitLayer.forward = spy
+    try:
+        train_speed.time_layer_backends(model, ["grouped", "unit_train"], TrainSetting(False, False, "grouped"), xb,
+                                        rounds=1)
+    finally:
+        UnitLayer.forward = forward
+    calls = [c for c in seen if c[0] != "grad"]
+    grads = [c for c in seen if c[0] == "grad"]
+    assert {c[0] for c in calls} == {"grouped", "unit_train"} and len(grads) == len(calls)
+    # resnet8-B: layer1.0 (stride 1) has an identity shortcut, layer2.0 and layer3.0 (stride 2) a projection
+    assert all(identity for _, stride, identity, _ in calls if stride == 1)
+    assert all(not identity and shape is not None for _, stride, identity, shape in calls if stride == 2)
+    assert {stride for _, stride, _, _ in calls} == {1, 2}
+    assert all(stride > 0 and same for _, stride, same in grads)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_training_step_equal_across_unit_backends(channels_last):
     """One SGD step through ``train_model`` (batch 1024 of the digits: one step per epoch), same seed and memory
