@@ -35,8 +35,8 @@ nearest even as it stores. Half the bytes: the unit layers keep every activation
 Where the CPU has AVX512-BF16 (:func:`bf16_dot_products`), the convolutions also multiply in bfloat16, as autocast's
 convolutions do: the weights, conv2's input and the gradient taken through BN are rounded to bf16 and multiplied in
 pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the products summed in float32; an
-odd channel count per group pairs its last channel with zeros. A forward or input gradient at stride 2 multiplies
-in float32. The
+odd channel count per group pairs its last channel with zeros. At stride 2 too: the forward reads channel pairs
+split by column phase, the input gradient takes each input row and column phase from its own taps. The
 paired operands are built straight from the stored bf16 tensors (each value rounded once, no float32 work buffer),
 and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products. A row of 2-1-2 or 2-1-4
 units (a multiple of 16, stride 1 or 2; :func:`runs_channels_last`) runs in channels_last instead, in kernels that hold
