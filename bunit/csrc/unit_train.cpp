@@ -296,15 +296,21 @@ inline void split_row_s2(const M* src, int64_t w, float* even, float* odd) {
   }
 }
 
+// Lanes 0-7 of a and b interleaved (a0, b0, a1, b1, ...), and lanes 8-15 the same.
+inline __m512 interleave_lo(__m512 a, __m512 b) {
+  return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), b);
+}
+inline __m512 interleave_hi(__m512 a, __m512 b) {
+  return _mm512_permutex2var_ps(a, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), b);
+}
+
 // The inverse: dst[2k] = odd[k], dst[2k + 1] = even[k] for the w values of a contiguous row of M.
 template <typename M>
 inline void merge_row_s2(const float* even, const float* odd, int64_t w, M* dst) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t j = 0; j < w; j += 32) {
     const __m512 a = _mm512_loadu_ps(odd + j / 2), b = _mm512_loadu_ps(even + j / 2);
-    const V<float>::type v0 = (V<float>::type)_mm512_permutex2var_ps(a, lo, b);
-    const V<float>::type v1 = (V<float>::type)_mm512_permutex2var_ps(a, hi, b);
+    const V<float>::type v0 = (V<float>::type)interleave_lo(a, b);
+    const V<float>::type v1 = (V<float>::type)interleave_hi(a, b);
     if (w - j >= 32) {
       IO<float, M>::store(dst + j, v0);
       IO<float, M>::store(dst + j + 16, v1);
@@ -592,8 +598,6 @@ template <typename M, int OB, int VW>
 inline void gx_s2_rows_dot(const uint32_t* gp, int64_t np, int64_t ps, const uint32_t* w, const Geo& g, int64_t c0,
                            int64_t ch0, M* gx, const int64_t* gs, int64_t ni, int64_t k) {
   using D = DotV<VW>;
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int64_t x0 = 0; x0 < g.wo; x0 += VW) {
     typename D::F ee[OB], eo[OB], oe[OB], oo[OB];  // (row phase, column phase) of each channel
 #pragma GCC unroll 8
@@ -629,9 +633,9 @@ inline void gx_s2_rows_dot(const uint32_t* gp, int64_t np, int64_t ps, const uin
           d = ph ? oo[o] : eo[o];
         }
         M* dst = gx + ni * gs[0] + (ch0 + c0 + o) * gs[1] + (2 * k + ph) * gs[2] + 2 * x0 * gs[3];
-        store_row<float, M>((V<float>::type)_mm512_permutex2var_ps(e, lo, d), dst, gs[3], std::min<int64_t>(16, valid));
+        store_row<float, M>((V<float>::type)interleave_lo(e, d), dst, gs[3], std::min<int64_t>(16, valid));
         if (VW == 16 && valid > 16)
-          store_row<float, M>((V<float>::type)_mm512_permutex2var_ps(e, hi, d), dst + 16 * gs[3], gs[3],
+          store_row<float, M>((V<float>::type)interleave_hi(e, d), dst + 16 * gs[3], gs[3],
                               std::min<int64_t>(16, valid - 16));
       }
   }
@@ -1626,18 +1630,15 @@ void over_images(int64_t images, int64_t work, F&& f) {
 
 // Unit u's weights of a group, one 16-lane vector per (output j of the unit, tap t):
 // out[(j * 9 + t) * n + u] = w[per_unit * u + j][t'] (per_unit outputs per unit, w's 9 taps of one input channel
-// per output), t' = 8 - t when flipped (the input gradient), rounded to bf16 when asked.
-inline std::vector<float> unit_weight_lanes(const float* w, int64_t n, int64_t per_unit, bool flip, bool round) {
+// per output), t' = 8 - t when flipped (the input gradient), rounded to bf16 (every product of these kernels is of
+// bf16 operands).
+inline std::vector<float> unit_weight_lanes(const float* w, int64_t n, int64_t per_unit, bool flip) {
   std::vector<float> out(per_unit * 9 * n);
   for (int64_t u = 0; u < n; ++u)
     for (int64_t j = 0; j < per_unit; ++j)
       for (int t = 0; t < 9; ++t) {
-        float v = w[(per_unit * u + j) * 9 + (flip ? 8 - t : t)];
-        if (round) {
-          const uint32_t bits = bf16_high(v);
-          std::memcpy(&v, &bits, 4);
-        }
-        out[(j * 9 + t) * n + u] = v;
+        const uint32_t bits = bf16_high(w[(per_unit * u + j) * 9 + (flip ? 8 - t : t)]);
+        std::memcpy(&out[(j * 9 + t) * n + u], &bits, 4);
       }
   return out;
 }
@@ -1761,7 +1762,7 @@ void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc
   const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
   const int64_t c = w.size(0) / n, pairs = c / 2;
   const float* wf = w.data_ptr<float>();
-  const std::vector<float> wr = unit_weight_lanes(wf, n, c, false, true);  // w[cu + j][0][t], bf16-rounded
+  const std::vector<float> wr = unit_weight_lanes(wf, n, c, false);  // w[cu + j][0][t], bf16-rounded
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   uint32_t* y2w = reinterpret_cast<uint32_t*>(y2.data_ptr<c10::BFloat16>());  // (c / 2) n words per pixel
   std::vector<std::vector<double>> partial(at::get_num_threads());
@@ -2021,7 +2022,7 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* wf = w.data_ptr<float>();
   // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16; the gradient through BN1 rounded to bf16 too,
   // so that every product is of bf16 operands (exact in float32), as in the NCHW kernels' dot products
-  const std::vector<float> wr = unit_weight_lanes(wf, n, 2, true, true);
+  const std::vector<float> wr = unit_weight_lanes(wf, n, 2, true);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();

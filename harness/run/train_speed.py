@@ -34,6 +34,7 @@ for it (fewer than :data:`MIN_STEPS_TO_MEASURE` steps) keeps the recipe's config
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -222,8 +223,7 @@ def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSet
         rmap = args[2] if len(args) > 2 else kwargs.get("residual_map", (1, 0))
         calls[name] = (x.detach(), None if res is None else res.detach(), res is x, rmap)
 
-    hooks = [layer.register_forward_hook(lambda mod, args, kwargs, out, name=name: keep(mod, args, kwargs, out, name),
-                                         with_kwargs=True)
+    hooks = [layer.register_forward_hook(functools.partial(keep, name=name), with_kwargs=True)
              for name, layer in _named_unit_layers(probe)]
     try:
         with torch.no_grad(), torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
@@ -241,12 +241,12 @@ def time_layer_backends(model: nn.Module, backends: list[str], setting: TrainSet
             r = x if identity else (None if r0 is None else r0.clone().requires_grad_(True))
             with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
                                                  enabled=setting.bf16):  # a gradient like the one it gets back
-                grad = torch.randn_like(copy.deepcopy(copy_)(x0, residual=x0 if identity else r0, residual_map=rmap))
+                grad = torch.randn_like(copy_(x0, residual=x0 if identity else r0, residual_map=rmap))
 
             def fwd_bwd(layer=copy_, x=x, r=r, grad=grad, rmap=rmap) -> None:
                 with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=setting.bf16):
                     out = layer(x, residual=r, residual_map=rmap)
-                out.backward(grad.to(out.dtype))
+                out.backward(grad)
             fns[f"{name}|{backend}"] = fwd_bwd
     times = interleaved_times(fns, rounds=rounds, warmup=1, settle=0, device=xb.device)
     out: dict[str, dict[str, float]] = {}
