@@ -1,7 +1,7 @@
 """bunit-bench harness: config, data, backbones, training, measurement, store, metrics, plots, report."""
-from harness.compat import ensure_torchvision
+from harness.compat import install_import_hook
 
-ensure_torchvision()  # before anything imports ptflops or torchvision
+install_import_hook()  # torchvision's first import, from anywhere (ptflops too), applies the shim if it must
 
 _LAZY = {"load_model": "harness.core.artefacts", "list_models": "harness.core.artefacts",
          "load_results": "harness.core.store", "load_timings": "harness.measure.timing_pass"}
