@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--latency-view", default="best",
                      help="what the verdict's latency axis reads: best (each model at its fastest runtime and format "
                           "the timing pass timed, the default) or eager (eager PyTorch alone)")
+    rep.add_argument("--no-plots", action="store_true", help="tables and text only: draw no figures (about 10 s "
+                     "less per report)")
     return parser
 
 
@@ -228,7 +230,7 @@ def _cmd_report(args) -> int:
 
     if args.latency_view not in VIEWS:
         return _err(f"--latency-view: {args.latency_view!r} not allowed; allowed: {', '.join(VIEWS)}")
-    for path in write_report(args.results_dir, latency_view=args.latency_view):
+    for path in write_report(args.results_dir, plots=not args.no_plots, latency_view=args.latency_view):
         print(path)
     return 0
 

@@ -38,6 +38,15 @@ def summary(store) -> pd.DataFrame:
     return summarize(add_relative_metrics(load_results(store)))
 
 
+@pytest.fixture(scope="module")
+def written(store) -> tuple[tuple[Path, Path], str, str]:
+    """The fixture store's report with its figures, written once (10 s of plotting) for the tests that read it:
+    ``((report.md, report.html), its Markdown, its HTML)``, the texts read at once (later tests here write the
+    store's report again, without figures)."""
+    paths = write_report(store)
+    return paths, paths[0].read_text(encoding="utf-8"), paths[1].read_text(encoding="utf-8")
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     head = path.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
@@ -185,10 +194,9 @@ def _close(shown: float, decimals: int, expected: float) -> bool:
     return abs(shown - expected) <= 0.5 * 10 ** -decimals + 1e-9
 
 
-def test_report_numbers_match_metric_functions(store, summary):
-    md_path, html_path = write_report(store)
-    assert (md_path, html_path) == (store / "report.md", store / "report.html")
-    md = md_path.read_text(encoding="utf-8")
+def test_report_numbers_match_metric_functions(store, summary, written):
+    paths, md, _ = written
+    assert paths == (store / "report.md", store / "report.html")
     sections = _tables(md)
     assert set(sections) >= {"cifar10 \u00b7 resnet56 (shortcut A) \u00b7 32 px", "cifar10 \u00b7 vgg16 \u00b7 32 px"}
     checked = 0
@@ -220,9 +228,8 @@ def test_report_numbers_match_metric_functions(store, summary):
     assert checked == 2 * 9 * (9 + 6)
 
 
-def test_report_content(store):
-    md_path, html_path = write_report(store)
-    md, page = md_path.read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")
+def test_report_content(store, written):
+    _, md, page = written
     backbone, method, target, seed = FIXTURE_FAILED
     reason = "ValueError: slimming: target 0.6 removes every channel of features.37"
     assert reason in md and f"cifar10/{backbone}/{method}/{target}/oneshot/{seed}-" in md

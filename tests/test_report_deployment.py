@@ -123,9 +123,10 @@ def test_report_command_takes_the_view(store, capsys):
     assert main(["report", str(store), "--latency-view", "fastest"]) == 2
     assert capsys.readouterr().err.strip() == ("bunitbench: error: --latency-view: 'fastest' not allowed; "
                                                "allowed: best, eager")
-    assert main(["report", str(store), "--latency-view", "eager"]) == 0
+    assert main(["report", str(store), "--latency-view", "eager", "--no-plots"]) == 0
     md = (store / "report.md").read_text(encoding="utf-8")
     assert "runtime eager" in md and "runtime best" not in md
+    assert "](plots/" not in md  # --no-plots: no figure linked
 
 
 def test_no_timings_no_deployment_table(tmp_path):

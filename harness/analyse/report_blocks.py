@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from markdown_it import MarkdownIt
@@ -104,8 +104,11 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(blocks: list[Block], out_dir: Path, *, embed_images: bool = False) -> str:
-    """Markdown text of the blocks; images are linked relative to ``out_dir`` (or embedded as data URIs)."""
+def _png_data_uri(path: Path) -> str:
+    return f"data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode('ascii')}"
+
+
+def _markdown_lines(blocks: list[Block], link: Callable[[Path], str]) -> str:
     lines: list[str] = []
     for b in blocks:
         if b.kind in ("h1", "h2", "h3", "h4"):
@@ -120,10 +123,15 @@ def render_markdown(blocks: list[Block], out_dir: Path, *, embed_images: bool = 
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
             lines.append("")
         elif b.kind == "img" and b.path is not None:
-            rel = (f"data:image/png;base64,{base64.b64encode(Path(b.path).read_bytes()).decode('ascii')}"
-                   if embed_images else os.path.relpath(b.path, out_dir).replace(os.sep, "/"))
-            lines += [f"![{b.text}]({rel})", "", f"*{b.text}*", ""]
+            lines += [f"![{b.text}]({link(b.path)})", "", f"*{b.text}*", ""]
     return "\n".join(lines)
+
+
+def render_markdown(blocks: list[Block], out_dir: Path, *, embed_images: bool = False) -> str:
+    """Markdown text of the blocks; images are linked relative to ``out_dir`` (or embedded as data URIs)."""
+    if embed_images:
+        return _markdown_lines(blocks, _png_data_uri)
+    return _markdown_lines(blocks, lambda path: os.path.relpath(path, out_dir).replace(os.sep, "/"))
 
 
 _CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
@@ -141,8 +149,21 @@ def _markdown_parser() -> MarkdownIt:
 
 def render_html(blocks: list[Block]) -> str:
     """Self-contained HTML of the blocks: their Markdown rendered by a CommonMark parser (markdown-it-py), inline
-    CSS, PNG figures embedded as base64 data URIs."""
-    body = _markdown_parser().render(render_markdown(blocks, Path("."), embed_images=True))
+    CSS, PNG figures embedded as base64 data URIs.
+
+    The parser sees each figure under a short placeholder link, swapped for its data URI in the rendered ``src``
+    attribute: markdown-it normalises a link character by character in Python (rendering a report of nine
+    embedded figures took 0.53 s that way, 0.03 s this way; same page)."""
+    figures: dict[str, Path] = {}
+
+    def placeholder(path: Path) -> str:
+        key = f"bunitbench-embedded-figure-{len(figures)}.png"
+        figures[key] = path
+        return key
+
+    body = _markdown_parser().render(_markdown_lines(blocks, placeholder))
+    for key, path in figures.items():
+        body = body.replace(f'src="{key}"', f'src="{_png_data_uri(path)}"', 1)
     return "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
                       "<title>bunit-bench report</title>", f"<style>{_CSS}</style></head><body>", body,
                       "</body></html>"])
