@@ -15,29 +15,38 @@ statistics then stay exact); other devices and dtypes raise ``ValueError``, and 
 compiler raises ``RuntimeError`` naming the build error, so the autotuner records the backend as failed
 and never picks it.
 
-The extension is built on first use with ``torch.utils.cpp_extension.load`` (``-O3 -march=native``, OpenMP)
-into ``<cache dir>/ext/<name>-torch<version>-cpu<hash of the CPU model and flags>`` (cache dir:
-``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the cached build. The build time
-and outcome are printed once per process and kept in :func:`build_info`.
+The kernel itself (``csrc/unit_kernel.h``) is built on first use into a shared library of its own,
+:func:`kernel_library` (``g++ -O3 -march=native``, ``<cache dir>/ext/bunit_unit_kernel-cpu<CPU hash>-src<source
+hash>/``), which this extension and the OpenVINO unit operation (:mod:`harness.measure.openvino_ext`) both link:
+its fixed-shape templates are most of the compile time, and they now compile once. The extension is built with
+``torch.utils.cpp_extension.load`` (``-O3 -march=native``, OpenMP) into ``<cache dir>/ext/<name>-torch<version>-
+cpu<hash of the CPU model and flags>`` (cache dir: ``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later
+processes load the cached builds. The build time and outcome are printed once per process and kept in
+:func:`build_info`.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["FOLD_CACHE", "cache_dir", "cpu_tag", "load_cpu_extension", "source_tag", "build_info", "is_available",
-           "load_extension", "has_variant", "folded_weights", "forward"]
+__all__ = ["FOLD_CACHE", "cache_dir", "cpu_tag", "kernel_library", "kernel_tag", "load_cpu_extension", "source_tag",
+           "build_info", "is_available", "load_extension", "has_variant", "folded_weights", "forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_fused.cpp"
 _KERNEL = _SOURCE.parent / "unit_kernel.h"  # the kernel itself, shared with the OpenVINO custom operation
+_KERNEL_API = _SOURCE.parent / "unit_kernel_api.h"  # what the extension and the OpenVINO operation include
+_KERNEL_LIB = _SOURCE.parent / "unit_kernel.cpp"  # the kernel's library: its C entry points
 _NAME = "bunit_unit_fused"
 _state: dict[str, Any] = {}
 FOLD_CACHE = "fused_cpu.folded_weights"
@@ -53,12 +62,56 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def source_tag() -> str:
-    """A short hash of the kernel's C++ source (``unit_fused.cpp`` and ``unit_kernel.h``): what a timing was made with.
+    """A short hash of the backend's C++ sources (``unit_fused.cpp`` and the kernel library's, :func:`kernel_tag`):
+    what a timing was made with.
 
     The autotuner keys its cached choices on it, so a changed kernel is timed afresh rather than judged by the
     timings of its predecessor.
     """
-    return hashlib.sha1(_SOURCE.read_bytes() + _KERNEL.read_bytes()).hexdigest()[:10]
+    return hashlib.sha1(_SOURCE.read_bytes() + kernel_tag().encode()).hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_tag() -> str:
+    """A short hash of the kernel library's sources (``unit_kernel.cpp``, ``unit_kernel.h``, ``unit_kernel_api.h``)."""
+    return hashlib.sha1(_KERNEL_LIB.read_bytes() + _KERNEL.read_bytes() + _KERNEL_API.read_bytes()).hexdigest()[:10]
+
+
+def kernel_library() -> Path:
+    """The unit kernel's shared library (``libbunit_unit_kernel.so``), built on the first call of any process that
+    finds none for this CPU and kernel source; the resolved path (the extensions link it with this run path).
+
+    Built with ``$CXX`` (else ``g++``, else ``c++``) ``-std=c++17 -O3 -march=native -ffp-contract=fast``
+    (``-fvisibility=hidden``: it exports its two C entry points only), one build
+    at a time under a lock in its folder (test workers and parallel passes wait for it rather than build it twice).
+
+    Raises:
+        RuntimeError: one line naming why it cannot be built here (no compiler, a compile error).
+    """
+    build_dir = (cache_dir() / "ext" / f"bunit_unit_kernel-cpu{cpu_tag()}-src{kernel_tag()}").resolve()
+    target = build_dir / "libbunit_unit_kernel.so"
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        if not compiler or not shutil.which(compiler):
+            raise RuntimeError("unit kernel: no C++ compiler found (g++, c++ or $CXX)")
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        cmd = [compiler, "-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared",
+               "-fvisibility=hidden", "-Wl,-soname,libbunit_unit_kernel.so", str(_KERNEL_LIB), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or ["?"]
+            raise RuntimeError(f"unit kernel: the build failed: {lines[0].strip()}")
+        os.replace(tmp, target)
+    return target
+
+
+def _link_kernel() -> list[str]:
+    lib = kernel_library()
+    return [str(lib), f"-Wl,-rpath,{lib.parent}"]
 
 
 def cpu_tag() -> str:
@@ -72,18 +125,18 @@ def cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _build(build_dir: Path, name: str, source: Path, opt: str) -> Any:
+def _build(build_dir: Path, name: str, source: Path, opt: str, link: Sequence[str] = ()) -> Any:
     """Compile (or load the cached build of) one extension into ``build_dir``; raises on any failure."""
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name=name, sources=[str(source)], build_directory=str(build_dir),
                               extra_cflags=[opt, "-march=native", "-fopenmp", "-ffp-contract=fast"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+                              extra_ldflags=["-fopenmp", *link], verbose=False)
 
 
 def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quiet: bool = False,
-                       opt: str = "-O3") -> Any:
+                       opt: str = "-O3", link: Callable[[], Sequence[str]] | None = None) -> Any:
     """Build (or load the cached build of) a C++ extension of bunit on first call, remembering the outcome in
     ``state`` (``module`` or ``error``, ``build_s``, ``build_dir``); the one loader of ``fused_cpu`` and
     ``unit_train``. The build goes to ``$BUNITBENCH_CACHE_DIR/ext/<name>-torch<version>-cpu<cpu_tag>``, compiled
@@ -96,6 +149,8 @@ def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quie
         label: how messages name it (``fused_cpu``, ``unit_train``).
         quiet: do not print the one-line build report.
         opt: the optimisation level (``-O3``; ``unit_train`` builds with ``-O2``).
+        link: gives extra linker arguments, called inside the build's error handling (``fused_cpu``: the kernel
+            library, built first).
 
     Raises:
         RuntimeError: when the extension cannot be built or loaded here (the message carries the reason).
@@ -107,7 +162,7 @@ def load_cpu_extension(name: str, source: Path, state: dict, label: str, *, quie
     build_dir = cache_dir() / "ext" / f"{name}-torch{torch.__version__.replace('+', '_')}-cpu{cpu_tag()}"
     t0 = time.perf_counter()
     try:
-        module = _build(build_dir, name, source, opt)
+        module = _build(build_dir, name, source, opt, link() if link else ())
     except Exception as err:  # no compiler, no ninja, a compile error: the path is unavailable
         state.update(error=f"{type(err).__name__}: {str(err).strip()[-1500:]}", build_s=time.perf_counter() - t0,
                      build_dir=str(build_dir))
@@ -134,7 +189,7 @@ def load_extension(*, quiet: bool = False) -> Any:
     Raises:
         RuntimeError: when the extension cannot be built or loaded here (the message carries the reason).
     """
-    return load_cpu_extension(_NAME, _SOURCE, _state, "fused_cpu", quiet=quiet)
+    return load_cpu_extension(_NAME, _SOURCE, _state, "fused_cpu", quiet=quiet, link=_link_kernel)
 
 
 def is_available() -> bool:

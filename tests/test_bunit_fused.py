@@ -237,3 +237,17 @@ def test_layer_made_in_inference_mode():
             y1 = layer(x)
             layer.groups[0].bn2.running_var.div_(4.0)
             assert _rel_err(y0, ref) < RTOL and (y1 - y0).abs().max() > 1e-3, backend
+
+
+def test_no_compiler_for_the_kernel_library_leaves_the_backend_unavailable_with_one_line(tmp_path, monkeypatch):
+    """The kernel library is built before the extension that links it; without a compiler that build says so in
+    one line, and the backend records it as its error (nothing else is tried)."""
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    monkeypatch.setenv("BUNITBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(RuntimeError, match=r"^unit kernel: no C\+\+ compiler found \(g\+\+, c\+\+ or \$CXX\)$"):
+        fused_cpu.kernel_library()
+    assert not fused_cpu.is_available()
+    info = fused_cpu.build_info()
+    assert info["available"] is False and info["error"].endswith("unit kernel: no C++ compiler found (g++, c++ or $CXX)")
+    assert not list(tmp_path.rglob("*.so"))  # neither the library nor the extension was built

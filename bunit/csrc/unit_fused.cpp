@@ -1,7 +1,8 @@
 // Fused BUnit unit kernel for CPU inference, as a torch extension (the fused_cpu backend, bunit/fused_cpu.py).
 //
-// The kernel itself is unit_kernel.h (shared with the OpenVINO custom operation, unit_openvino.cpp), which says
-// how it works; this file checks the tensors, hands the kernel at::parallel_for and binds it to Python.
+// The kernel itself is unit_kernel.h, which says how it works, compiled into its own library (unit_kernel.cpp,
+// shared with the OpenVINO custom operation) and reached through unit_kernel_api.h; this file checks the tensors,
+// hands the kernel at::parallel_for and binds it to Python.
 // Light headers, not <torch/extension.h> (the whole C++ frontend): the build takes about a third of the time.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -12,7 +13,7 @@
 
 #include <cstdint>
 
-#include "unit_kernel.h"
+#include "unit_kernel_api.h"
 
 using namespace bunit_unit;
 
@@ -43,8 +44,8 @@ bool unit_group_forward(const at::Tensor& x, at::Tensor& y, const std::optional<
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "weights: contiguous float32 required");
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3), cout = y.size(1);
   const Strides xs{x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-  const Geometry g = make_geometry(a, b, c, k, s, h, w);
-  TORCH_CHECK(y.size(0) == n && y.size(2) == g.ho && y.size(3) == g.wo, "y: wrong shape for this input and stride");
+  const int64_t ho = (h + 2 * (k / 2) - k) / s + 1, wo = (w + 2 * (k / 2) - k) / s + 1;
+  TORCH_CHECK(y.size(0) == n && y.size(2) == ho && y.size(3) == wo, "y: wrong shape for this input and stride");
   const float* rp = nullptr;
   TORCH_CHECK(res_step >= 1, "res_step: 1 or more required");
   const bool mapped = res_step != 1 || res_offset != 0;
@@ -58,7 +59,7 @@ bool unit_group_forward(const at::Tensor& x, at::Tensor& y, const std::optional<
     TORCH_CHECK(mapped || r.sizes() == y.sizes(), "residual: the output's shape is required with res_step 1, "
                 "res_offset 0");
     rc = r.size(1), rs = Strides{r.stride(0), r.stride(1), r.stride(2), r.stride(3)};
-    TORCH_CHECK(r.size(0) == n && (g.ho - 1) * res_step < r.size(2) && (g.wo - 1) * res_step < r.size(3),
+    TORCH_CHECK(r.size(0) == n && (ho - 1) * res_step < r.size(2) && (wo - 1) * res_step < r.size(3),
                 "residual: batch or plane too small for the output at res_step");
     gather = mapped || !r.is_contiguous();
     rp = r.data_ptr<float>();
@@ -77,7 +78,7 @@ bool unit_group_forward(const at::Tensor& x, at::Tensor& y, const std::optional<
 }
 
 bool has_variant(int64_t a, int64_t b, int64_t c, int64_t k, int64_t s) {
-  return find_variant(a, b, c, k, s) != nullptr;
+  return bunit_unit_has_variant(a, b, c, k, s) != 0;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,5 +1,6 @@
-// The unit kernel without its framework: the one source of BUnit's fused unit computation, shared by the torch
-// extension (unit_fused.cpp, the fused_cpu backend) and the OpenVINO custom operation (unit_openvino.cpp).
+// The unit kernel without its framework: the one source of BUnit's fused unit computation, compiled into its own
+// library (unit_kernel.cpp) that the torch extension (unit_fused.cpp, the fused_cpu backend) and the OpenVINO custom
+// operation (unit_openvino.cpp) link; they include only its interface, unit_kernel_api.h.
 //
 // Fused BUnit unit kernel for CPU inference: conv -> (folded BN) -> ReLU -> conv -> (folded BN) -> ReLU per unit.
 //
@@ -17,15 +18,17 @@
 // with the channel counts at run time but the same row reuse, 4, 2 or 1 output channels per pass (k3_item); any
 // other kernel size runs the generic path (all sizes at run time, one channel and one row per pass).
 //
-// run_group() is one group call on raw pointers; the caller checks the tensors and hands it its parallel-for
-// (at::parallel_for in torch, tbb::parallel_for in OpenVINO): parallel_for(n, f) must call f(begin, end) over
-// contiguous ranges covering [0, n).
+// run_group_items() is one group call on raw pointers; the caller checks the tensors and hands it its parallel-for
+// (at::parallel_for in torch, tbb::parallel_for in OpenVINO, through unit_kernel_api.h's ParallelFor):
+// parallel_for(n, f) must call f(begin, end) over contiguous ranges covering [0, n).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "unit_kernel_api.h"
 
 namespace bunit_unit {
 
@@ -168,11 +171,6 @@ inline void conv_range(const float* src, int64_t cs, int64_t ps, int64_t rs, int
                                       width_r, valid);
   }
 }
-
-// Element strides of a 4-D tensor (N, C, H, W): the kernel reads its input and residual in any memory format.
-struct Strides {
-  int64_t n, c, h, w;
-};
 
 // Columns [c, c + 2*VW) of a unit-stride row split into their even and odd ones (for stride 2): column j goes to
 // phase (j + p) % 2, column (j + p) / 2 of the padded buffer row d (phases `phase_stride` floats apart).
@@ -351,26 +349,9 @@ bool gather_residual(const float* r, int64_t rc, const Strides& st, int64_t step
 }
 
 
-// One group call on raw pointers (unit_group_forward in unit_fused.cpp documents the arguments).
-struct GroupCall {
-  const float* x;      // input (n, cin, h, w), element strides xs
-  Strides xs;
-  int64_t n, cin, h, w;
-  float* y;            // output (n, cout, ho, wo), NCHW contiguous
-  int64_t cout;
-  const float* res;    // residual or nullptr; rc channels, strides rs
-  int64_t rc;
-  Strides rs;
-  bool gather;         // the residual is gathered per item (mapped, or not laid out like y)
-  int64_t res_step, res_offset;
-  const float *w1, *b1, *w2, *b2;  // BN folded in
-  const int64_t *in_start, *out_start;
-  int64_t units, a, b, c, k, s;
-};
-
 // Runs every (image, unit) item of the call; returns whether a fixed-shape kernel ran.
 template <class ParallelFor>
-bool run_group(const GroupCall& call, ParallelFor&& parallel_for) {
+bool run_group_items(const GroupCall& call, ParallelFor&& parallel_for) {
   const int64_t a = call.a, b = call.b, c = call.c, k = call.k, s = call.s, units = call.units, cout = call.cout;
   const int64_t res_step = call.res_step, res_offset = call.res_offset, rc = call.rc;
   const bool gather = call.gather;

@@ -1,6 +1,7 @@
 // BUnit's unit kernel as an OpenVINO custom operation: bunit.UnitGroup, one node per group of same-spec units.
 //
-// The computation is unit_kernel.h, the source of the fused_cpu torch extension: per unit conv -> (folded BN) ->
+// The computation is unit_kernel.h, the kernel of the fused_cpu torch extension too, compiled into its own library
+// (unit_kernel.cpp, bunit/fused_cpu.py: kernel_library) that this one links: per unit conv -> (folded BN) ->
 // ReLU -> conv -> (folded BN) -> ReLU, optionally relu(. + residual) with an option-A shortcut read in place.
 // harness/measure/openvino_ext.py exports unit layers to ONNX as nodes of type UnitGroup in domain "bunit" and
 // builds this file into a shared library that OpenVINO loads with Core.add_extension; the ONNX frontend maps the
@@ -36,7 +37,7 @@
 #include <utility>
 #include <vector>
 
-#include "unit_kernel.h"
+#include "unit_kernel_api.h"
 
 namespace bunit_ov {
 
@@ -54,7 +55,8 @@ inline std::array<int64_t, 4> nchw_sizes(const ov::Shape& d, bool nhwc) {
 
 // One step of a 16x16 transpose held in 16 vectors: rows i and i + M (bit M of i clear) swap their off-diagonal
 // MxM blocks; the steps M = 8, 4, 2, 1 transpose the whole tile.
-using V16 = bunit_unit::Vec<16>::type;
+typedef float V16 __attribute__((vector_size(64)));
+typedef float V16u __attribute__((vector_size(64), aligned(4), may_alias));
 template <int M, size_t... J>
 inline void swap_blocks(V16& a, V16& b, std::index_sequence<J...>) {
   const V16 lo = __builtin_shufflevector(a, b, ((J & M) ? 16 + J - M : J)...);
@@ -71,7 +73,6 @@ inline void transpose_step(V16 (&r)[16]) {
 // (H*W, C) matrix transposed to (C, H*W): in 16x16 tiles in vector registers where 16 divides both, else row by
 // row in scalars.
 inline const float* nhwc_to_nchw(const ov::Tensor& t, std::vector<float>& dst) {
-  using V = bunit_unit::Vec<16>;
   const auto [n, c, h, w] = nchw_sizes(t.get_shape(), true);
   const int64_t hw = h * w;
   const float* src = t.data<const float>();
@@ -87,10 +88,12 @@ inline const float* nhwc_to_nchw(const ov::Tensor& t, std::vector<float>& dst) {
             const int64_t p0 = rest / channel_tiles * 16, c0 = rest % channel_tiles * 16;
             const float* s = src + (img * hw + p0) * c + c0;
             V16 r[16];
-            for (int i = 0; i < 16; ++i) r[i] = V::load(s + i * c);  // pixel p0 + i, channels c0 ..
+            for (int i = 0; i < 16; ++i)  // pixel p0 + i, channels c0 ..
+              r[i] = *reinterpret_cast<const V16u*>(s + i * c);
             transpose_step<8>(r), transpose_step<4>(r), transpose_step<2>(r), transpose_step<1>(r);
             float* d = out + (img * c + c0) * hw + p0;
-            for (int j = 0; j < 16; ++j) V::store(d + j * hw, r[j]);  // channel c0 + j, pixels p0 ..
+            for (int j = 0; j < 16; ++j)  // channel c0 + j, pixels p0 ..
+              *reinterpret_cast<V16u*>(d + j * hw) = r[j];
           }
         },
         tbb::static_partitioner());

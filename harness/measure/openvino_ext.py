@@ -5,9 +5,10 @@ OpenVINO's CPU plugin runs no better than PyTorch does; its dense layers it runs
 for the dense layers and gives the unit layers BUnit's own kernel:
 
 - :func:`extension_path` builds ``bunit/csrc/unit_openvino.cpp`` (the OpenVINO operation ``bunit.UnitGroup``,
-  whose computation is ``bunit/csrc/unit_kernel.h``, the source of the ``fused_cpu`` torch backend) into a shared
-  library against the headers and libraries that the ``openvino`` wheel ships (``openvino/include``,
-  ``openvino/libs``): ``g++`` (or ``$CXX``) ``-O3 -march=native``, on first use, cached in
+  whose computation is ``bunit/csrc/unit_kernel.h``, the kernel of the ``fused_cpu`` torch backend, linked as the
+  one kernel library both use, :func:`bunit.fused_cpu.kernel_library`) into a shared library against the headers
+  and libraries that the ``openvino`` wheel ships (``openvino/include``, ``openvino/libs``): ``g++`` (or ``$CXX``)
+  ``-O3 -march=native``, on first use, cached in
   ``<cache dir>/ext/bunit_unit_openvino-ov<version>-cpu<CPU hash>-src<source hash>/`` (cache dir:
   ``$BUNITBENCH_CACHE_DIR``, else ``~/.cache/bunitbench``); later processes load the cached build. Without a
   compiler it raises ``RuntimeError`` with one line saying so.
@@ -49,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bunit import fused_cpu
-from bunit.fused_cpu import cache_dir, cpu_tag
+from bunit.fused_cpu import cache_dir, cpu_tag, kernel_library, kernel_tag
 from bunit.functional import shift_residual
 from bunit.layers import unit_layers
 from harness.measure.runtimes.base import onnx_bytes
@@ -59,7 +60,7 @@ __all__ = ["SOURCE", "extension_path", "build_info", "export_with_units", "compi
 
 _CSRC = Path(__file__).resolve().parents[2] / "bunit" / "csrc"
 SOURCE = _CSRC / "unit_openvino.cpp"
-_KERNEL = _CSRC / "unit_kernel.h"
+_KERNEL_API = _CSRC / "unit_kernel_api.h"
 _LIB = "libbunit_unit_openvino.so"
 _DOMAIN_OP = "bunit::UnitGroup"
 _state: dict[str, Any] = {}
@@ -75,7 +76,7 @@ def _openvino_dir() -> Path:
 
 
 def _source_tag() -> str:
-    return hashlib.sha1(SOURCE.read_bytes() + _KERNEL.read_bytes()).hexdigest()[:10]
+    return hashlib.sha1(SOURCE.read_bytes() + _KERNEL_API.read_bytes() + kernel_tag().encode()).hexdigest()[:10]
 
 
 def _one(libs: Path, stem: str) -> Path:
@@ -93,11 +94,12 @@ def _compile(target: Path) -> None:
                            "built here")
     ov = _openvino_dir()
     libs = ov / "libs"
+    kernel = kernel_library()
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     cmd = [compiler, "-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared",
            "-D_GLIBCXX_USE_CXX11_ABI=1", str(SOURCE), f"-I{ov / 'include'}", "-o", str(tmp),
            str(_one(libs, "libopenvino")), str(_one(libs, "libopenvino_onnx_frontend")), str(_one(libs, "libtbb")),
-           f"-Wl,-rpath,{libs}"]
+           str(kernel), f"-Wl,-rpath,{libs}", f"-Wl,-rpath,{kernel.parent}"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or ["?"]
