@@ -149,11 +149,14 @@ class UnitRowFn(torch.autograd.Function):
     concatenation. The backward takes BN2's gradient sums, conv2's input gradient with BN1's gradient sums in the
     same pass, conv2's weight gradient, then conv1's input gradient (in layer order) and weight gradient. Running
     statistics and counters change as ``nn.BatchNorm2d`` changes them. ``params``: per group ``(w1, g1, b1, w2, g2,
-    b2)``, flattened; ``bns``: per group ``(bn1, bn2)``; ``factors``: per group the two averaging factors."""
+    b2)``, flattened; ``bns``: per group ``(bn1, bn2)``; ``factors``: per group the two averaging factors. With a
+    ``residual`` (a block's shortcut, see :func:`takes_row_residual`), BN2's output pass also adds it and applies the
+    block's ReLU, and the backward takes that ReLU in the pass of BN2's gradient sums (as :class:`UnitGroupFn`
+    does)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, plan: RowPlan, bns: tuple, factors: tuple, *params):
+    def forward(ctx, x, residual, plan: RowPlan, bns: tuple, factors: tuple, *params):
         ext = load_extension()
         ctx.input_dtype = x.dtype
         x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -177,8 +180,10 @@ class UnitRowFn(torch.autograd.Function):
         m1, sc1, sh1 = coefficients(st1, bn1s, g1s, b1s, plan.hid_lanes, [f[0] for f in factors])
         y2, st2 = ext.row_conv_forward(y1, plan.idx2, flat2[plan.widx2], 1, sc1, sh1)  # (B, out, H/s, W/s)
         m2, sc2, sh2 = coefficients(st2, bn2s, g2s, b2s, plan.out_lanes, [f[1] for f in factors])
-        out = ext.bn_relu_apply(y2, sc2, sh2, True, None)
-        ctx.save_for_backward(x, y1, y2, sc1, sh1, sc2, sh2, m1, m2, flat1, flat2)
+        # with a residual: relu(that + residual) in the residual's dtype, the block's tail in the same pass
+        out = ext.bn_relu_apply(y2, sc2, sh2, True, residual)
+        ctx.save_for_backward(x, y1, y2, sc1, sh1, sc2, sh2, m1, m2, flat1, flat2,
+                              out if residual is not None else None)
         ctx.plan, ctx.count = plan, count
         return out
 
@@ -186,12 +191,20 @@ class UnitRowFn(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad: torch.Tensor):
         ext = load_extension()
-        x, y1, y2, sc1, sh1, sc2, sh2, m1, m2, flat1, flat2 = ctx.saved_tensors
+        x, y1, y2, sc1, sh1, sc2, sh2, m1, m2, flat1, flat2, out = ctx.saved_tensors
         plan, count = ctx.plan, ctx.count
         need = ctx.needs_input_grad
-        need_x, need_w1, need_w2 = need[0], any(need[4::6]), any(need[7::6])
-        g = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, flat1)
+        need_x, need_res, need_w1, need_w2 = need[0], need[1], any(need[5::6]), any(need[8::6])
+        if out is not None and grad.dtype == out.dtype == torch.bfloat16:
+            # the block's ReLU in the pass of BN2's sums: its gradient is the residual's and the units' output's
+            grad = grad.contiguous(memory_format=torch.channels_last)
+            dg2, db2, a2, b2, grad = ext.bn_relu_grad_coefficients(grad, y2, sc2, sh2, count, m2, flat1, out)
+            g = grad
+        else:
+            if out is not None:  # through the block's ReLU (a float32 shortcut): the residual's gradient
+                grad = torch.ops.aten.threshold_backward(grad, out, 0)
+            g = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, flat1)
         gh, sums1, gw2 = ext.row_conv2_backward(g, y2, sc2, sh2, a2, b2, y1, sc1, sh1, plan.idx2b,
                                                 flat2[plan.widx2b], plan.idx2, need_w2)
         dg1, db1, a1, b1 = ext.row_grad_coefficients(sums1, sc1, m1, count, flat1)
@@ -203,16 +216,26 @@ class UnitRowFn(torch.autograd.Function):
         g1g, b1g = (_split(t[plan.hid_lanes], plan.hid_sizes) for t in (dg1, db1))
         g2g, b2g = (_split(t[plan.out_lanes], plan.out_sizes) for t in (dg2, db2))
         grads = [t for k in range(n) for t in (w1g[k], g1g[k], b1g[k], w2g[k], g2g[k], b2g[k])]
-        grads = [t if want else None for t, want in zip(grads, need[4:])]
-        return (gx.to(ctx.input_dtype) if need_x else None, None, None, None, *grads)
+        grads = [t if want else None for t, want in zip(grads, need[5:])]
+        return (gx.to(ctx.input_dtype) if need_x else None, grad if out is not None and need_res else None, None,
+                None, None, *grads)
 
 
-def row_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def takes_row_residual(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether :func:`row_forward` adds ``residual`` in its output pass for its (channels_last) input ``x``: a CPU
+    tensor of the output's shape, channels_last, bf16 (the row's storage) or float32."""
+    return (residual.is_cpu and residual.dim() == 4 and residual.is_contiguous(memory_format=torch.channels_last)
+            and residual.dtype in (torch.bfloat16, torch.float32))
+
+
+def row_forward(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The output of ``layer`` (see :func:`runs_row`) in training mode through :class:`UnitRowFn`, channels_last;
-    counters and running statistics change as the layer's own forward changes them."""
+    counters and running statistics change as the layer's own forward changes them. With ``residual`` (see
+    :func:`takes_row_residual`, of the output's shape), ``relu(layer(x) + residual)``, the add and ReLU in the row's
+    output pass."""
     bns, factors, params = [], [], []
     for grp in layer.groups:
         bns.append((grp.bn1, grp.bn2))
         factors.append((bn_mode(grp.bn1)[1], bn_mode(grp.bn2)[1]))  # bumps num_batches_tracked as BatchNorm2d does
         params += [grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight, grp.bn2.bias]
-    return UnitRowFn.apply(x, row_plan(layer), tuple(bns), tuple(factors), *params)
+    return UnitRowFn.apply(x, residual, row_plan(layer), tuple(bns), tuple(factors), *params)

@@ -718,6 +718,39 @@ def test_hybrid_row_runs_lane_by_lane_and_trains_as_grouped_does(specs, stride, 
             assert torch.equal(a, e), k  # num_batches_tracked
 
 
+@pytest.mark.parametrize("shortcut,shortcut_layout", [("identity", "same"), (torch.float32, "same"),
+                                                      (torch.float32, "other"), (torch.bfloat16, "same"),
+                                                      (torch.bfloat16, "other")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hybrid_row_adds_the_residual_in_its_output_pass_as_add_then_relu(shortcut, shortcut_layout, channels_last):
+    """A hybrid row given a block's shortcut under bf16 autocast adds it and applies the block's ReLU in the row's
+    output pass (a bf16 shortcut: the backward takes that ReLU in the pass of BN2's sums); output, input, shortcut
+    and parameter gradients, running statistics and counters equal, bit for bit, the row's output followed by
+    ``relu(y + shortcut)``. The shortcut is the input itself (identity, float32), or a tensor of either dtype in the
+    input's layout or the other one (copied to channels_last, its gradient handed back in its own layout)."""
+    _needs_rows()
+    base = spread_bn(UnitLayer([str(s) for s in hybrid_mix(32, 32, seed=0)]), 1).train()
+    base.backend = "unit_train"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    rfmt = fmt if shortcut_layout == "same" else (torch.contiguous_format if channels_last else torch.channels_last)
+    gen = torch.Generator().manual_seed(3)
+    x, r = torch.randn(4, 32, 9, 10, generator=gen), torch.randn(4, 32, 9, 10, generator=gen)
+    grad = torch.randn(4, 32, 9, 10, generator=gen)
+    got = {}
+    for fused in (True, False):
+        layer = copy.deepcopy(base)
+        xi = x.contiguous(memory_format=fmt).requires_grad_()
+        ri = xi if shortcut == "identity" else r.to(shortcut).contiguous(memory_format=rfmt).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi, residual=ri) if fused else layer.add_residual(layer(xi), ri, (1, 0))
+        assert (type(y.grad_fn).__name__ == "UnitRowFnBackward") == fused  # the fused pass did run
+        y.backward(grad.to(y.dtype))
+        assert ri.grad.is_contiguous(memory_format=rfmt if shortcut != "identity" else fmt)
+        got[fused] = [y.detach(), xi.grad, ri.grad, *[p.grad for p in layer.parameters()], *layer.buffers()]
+    assert got[True][0].dtype == (torch.float32 if shortcut == "identity" else shortcut)
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+
+
 @pytest.mark.parametrize("specs,stride,size", [c for c in ROW_CASES if c[1] == 1],
                          ids=lambda v: str(len(v)) if isinstance(v, list) else str(v))
 def test_hybrid_row_computes_what_the_group_kernels_compute(specs, stride, size):

@@ -3,7 +3,8 @@ the training path of unit layers. On CPU, the C++ kernel of :mod:`bunit.unit_tra
 statistics) each unit group runs whole in the kernel, BN and ReLU fused around its two convolutions
 (:class:`bunit.unit_train.UnitGroupFn`; a one-group layer also adds its block's shortcut there; a row of 2-1-2
 or 2-1-4 units, 16k of them under bf16 autocast, runs channels_last, in NCHW every other), and a hybrid row of small
-units under bf16 autocast runs whole, lane by lane in channels_last (:class:`bunit.unit_rows.UnitRowFn`); otherwise
+units under bf16 autocast runs whole, lane by lane in channels_last (:class:`bunit.unit_rows.UnitRowFn`, which adds
+the block's shortcut in its output pass too); otherwise
 each conv
 runs in the kernel and BN and ReLU are PyTorch's. On CUDA, the Triton kernels of :mod:`bunit.unit_triton` for each
 conv, BN and ReLU PyTorch's (never run on a GPU so far: tested by Triton's interpreter on CPU). Where no kernel runs
@@ -87,7 +88,18 @@ class UnitTrain(Backend):
     def run_with_residual(self, layer, x: torch.Tensor, residual: torch.Tensor | None,
                           residual_map: tuple[int, int]) -> torch.Tensor:
         """A one-group layer in training mode adds the shortcut and applies the block's ReLU in the group's output
-        pass (:func:`bunit.unit_train.group_forward` with ``residual``); otherwise as every backend does."""
+        pass (:func:`bunit.unit_train.group_forward` with ``residual``), a hybrid row in the row's output pass
+        (:func:`bunit.unit_rows.row_forward` with ``residual``); otherwise as every backend does."""
+        if (residual is not None and tuple(residual_map) == (1, 0) and not x.is_cuda
+                and all(unit_train.fuses_group(grp, x) for grp in layer.groups) and unit_rows.runs_row(layer, x)):
+            xc = _to_layout(x, torch.channels_last)
+            # an identity shortcut the same copy; another one copied where its layout differs, its gradient handed
+            # back in its own layout (as for a group, below)
+            residual = xc if residual is x else _to_layout(residual, torch.channels_last)
+            ho, wo = (x.shape[2] - 1) // layer.stride + 1, (x.shape[3] - 1) // layer.stride + 1
+            if (tuple(residual.shape) == (x.shape[0], layer.out_channels, ho, wo)
+                    and unit_rows.takes_row_residual(xc, residual)):
+                return unit_rows.row_forward(layer, xc, residual)  # relu(units(x) + residual), channels_last
         if (residual is not None and tuple(residual_map) == (1, 0) and not x.is_cuda and len(layer.groups) == 1
                 and layer.out_perm is None):
             grp = layer.groups[0]
