@@ -1,5 +1,6 @@
 """Best deployment: each model at its fastest runtime and format, over dense at its own fastest (injected rows)."""
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -183,6 +184,26 @@ def test_unit_op_equals_the_fused_cpu_kernel_on_a_residual_block(unit_op):
     run, _ = make_runner("openvino+units", model, x, threads=1, device=torch.device("cpu"))
     got = torch.from_numpy(run()[0])
     assert float((got - by_torch_kernel).abs().max() / by_torch_kernel.abs().max()) <= 1e-5
+
+
+def test_a_cached_operation_makes_sure_of_the_kernel_library_it_links(unit_op, monkeypatch):
+    """The operation's library finds the kernel library by run path: a process that loads a cached build of the
+    operation still makes sure the kernel library is there (and builds it again where its folder was cleared);
+    without a compiler for it that is one line."""
+    from harness.measure import openvino_ext
+
+    monkeypatch.setattr(openvino_ext, "_state", {})
+    calls = []
+    monkeypatch.setattr(openvino_ext, "kernel_library", lambda: calls.append(1) or Path("/nowhere"))
+    assert openvino_ext.extension_path(quiet=True).resolve() == unit_op.resolve() and calls == [1]
+
+    def no_compiler():
+        raise RuntimeError("unit kernel: no C++ compiler found (g++, c++ or $CXX)")
+
+    monkeypatch.setattr(openvino_ext, "_state", {})
+    monkeypatch.setattr(openvino_ext, "kernel_library", no_compiler)
+    with pytest.raises(RuntimeError, match=r"^unit kernel: no C\+\+ compiler found"):
+        openvino_ext.extension_path(quiet=True)
 
 
 def test_no_compiler_is_refused_with_one_line(monkeypatch, tmp_path):

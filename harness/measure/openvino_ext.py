@@ -128,7 +128,9 @@ def extension_path(*, quiet: bool = False) -> Path:
         with open(build_dir / ".lock", "w") as lock:  # one build at a time (test workers, parallel passes)
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
-                _compile(target)
+                _compile(target)  # builds the kernel library first where it is missing
+            else:
+                kernel_library()  # the library it links by run path, built again if its folder was cleared
     except (RuntimeError, OSError) as err:
         _state["error"] = str(err) if isinstance(err, RuntimeError) else f"openvino+units: {err}"
         raise RuntimeError(_state["error"]) from err
