@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from bunit.functional import bn_mode
-from bunit.unit_train import bf16_dot_products, load_extension, storage_dtype
+from bunit.unit_train import bf16_dot_products, bn2_gradient, load_extension, storage_dtype
 
 __all__ = ["ROW_PLAN_CACHE", "ROW_MAX_CHANNELS", "RowPlan", "row_plan", "runs_row", "UnitRowFn", "row_forward"]
 
@@ -195,16 +195,7 @@ class UnitRowFn(torch.autograd.Function):
         plan, count = ctx.plan, ctx.count
         need = ctx.needs_input_grad
         need_x, need_res, need_w1, need_w2 = need[0], need[1], any(need[5::6]), any(need[8::6])
-        if out is not None and grad.dtype == out.dtype == torch.bfloat16:
-            # the block's ReLU in the pass of BN2's sums: its gradient is the residual's and the units' output's
-            grad = grad.contiguous(memory_format=torch.channels_last)
-            dg2, db2, a2, b2, grad = ext.bn_relu_grad_coefficients(grad, y2, sc2, sh2, count, m2, flat1, out)
-            g = grad
-        else:
-            if out is not None:  # through the block's ReLU (a float32 shortcut): the residual's gradient
-                grad = torch.ops.aten.threshold_backward(grad, out, 0)
-            g = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-            dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, flat1)
+        dg2, db2, a2, b2, g, gres = bn2_gradient(ext, grad, y2, sc2, sh2, count, m2, flat1, out, torch.bfloat16)
         gh, sums1, gw2 = ext.row_conv2_backward(g, y2, sc2, sh2, a2, b2, y1, sc1, sh1, plan.idx2b,
                                                 flat2[plan.widx2b], plan.idx2, need_w2)
         dg1, db1, a1, b1 = ext.row_grad_coefficients(sums1, sc1, m1, count, flat1)
@@ -217,8 +208,7 @@ class UnitRowFn(torch.autograd.Function):
         g2g, b2g = (_split(t[plan.out_lanes], plan.out_sizes) for t in (dg2, db2))
         grads = [t for k in range(n) for t in (w1g[k], g1g[k], b1g[k], w2g[k], g2g[k], b2g[k])]
         grads = [t if want else None for t, want in zip(grads, need[5:])]
-        return (gx.to(ctx.input_dtype) if need_x else None, grad if out is not None and need_res else None, None,
-                None, None, *grads)
+        return gx.to(ctx.input_dtype) if need_x else None, gres if need_res else None, None, None, None, *grads
 
 
 def takes_row_residual(x: torch.Tensor, residual: torch.Tensor) -> bool:

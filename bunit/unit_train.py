@@ -71,7 +71,7 @@ from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
            "UnitGroupFn", "UnitLayerFn", "layer_forward", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward",
-           "takes_residual", "runs_channels_last"]
+           "takes_residual", "runs_channels_last", "bn2_gradient"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"
@@ -175,6 +175,26 @@ def _group_forward(ext: Any, x, w1, g1, b1, w2, g2, b2, groups: int, stride: int
     return out, saved, n1
 
 
+def bn2_gradient(ext: Any, grad: torch.Tensor, y2: torch.Tensor, sc2: torch.Tensor, sh2: torch.Tensor, count: int,
+                 m2: torch.Tensor, param: torch.Tensor, out: torch.Tensor | None, store: torch.dtype) -> tuple:
+    """The gradient of a unit output ``relu(y2 * sc2 + sh2)`` (with ``out``, of a block's tail ``out = relu(that +
+    shortcut)``) through BN2: ``(dg2, db2, A, B, g, gres)``, BN2's weight and bias gradients, A and B of conv2's
+    output gradient ``(mask ? sc * g : 0) + y * A + B``, ``g`` the units' output gradient in the storage dtype and
+    y2's layout, and ``gres`` the gradient through the block's ReLU (the shortcut's; None without ``out``). Given
+    ``grad`` and ``out`` in the storage dtype, the block's ReLU is taken in the same pass as BN's sums (a gradient of
+    the other layout, from a pooling layer, copied to y2's first); else by ``threshold_backward`` before."""
+    fmt = torch.channels_last if is_channels_last(y2) else torch.contiguous_format  # the kernels' layout
+    if out is not None and grad.dtype == out.dtype == store and out.is_contiguous(memory_format=fmt):
+        grad = grad.contiguous(memory_format=fmt)
+        dg2, db2, a2, b2, grad = ext.bn_relu_grad_coefficients(grad, y2, sc2, sh2, count, m2, param, out)
+        return dg2, db2, a2, b2, grad, grad
+    if out is not None:  # through the block's ReLU: the shortcut's gradient, and the units' output gradient
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+    g = grad.to(store).contiguous(memory_format=fmt)
+    dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, param)
+    return dg2, db2, a2, b2, g, (grad if out is not None else None)
+
+
 def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int, dot: bool, grad: torch.Tensor,
                     need: tuple, fold: bool = False) -> tuple:
     """The gradients of :func:`_group_forward`'s inputs from its output's gradient: ``(x, w1, g1, b1, w2, g2, b2,
@@ -182,20 +202,7 @@ def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int
     identity shortcut); its gradient is then added to x's in the kernel's input-gradient pass, as autograd would add
     the two (values stored, summed, rounded once), and returned as None where it could be."""
     x, w1, w2, y1, y2, sc1, sh1, sc2, sh2, m1, m2, out = saved
-    fmt = torch.channels_last if is_channels_last(y2) else torch.contiguous_format  # the kernels' layout
-    if out is not None and grad.dtype == out.dtype == x.dtype and out.is_contiguous(memory_format=fmt):
-        # the block's ReLU taken in the same pass as BN's sums: the residual's gradient, and the units' output
-        # gradient (threshold_backward's values), then as below; a gradient of the other layout (from a pooling
-        # layer) copied to the output's first
-        grad = grad.contiguous(memory_format=fmt)
-        dg2, db2, a2, b2, grad = ext.bn_relu_grad_coefficients(grad, y2, sc2, sh2, count, m2, w2, out)
-        g = grad
-    else:
-        if out is not None:  # through the block's ReLU: the residual's gradient, and the units' output gradient
-            grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        g = grad.to(x.dtype).contiguous(memory_format=fmt)
-        # BN's weight and bias gradients, and A, B of conv2's output gradient (mask ? sc * g : 0) + y * A + B
-        dg2, db2, a2, b2 = ext.bn_relu_grad_coefficients(g, y2, sc2, sh2, count, m2, w2)
+    dg2, db2, a2, b2, g, grad = bn2_gradient(ext, grad, y2, sc2, sh2, count, m2, w2, out, x.dtype)
     gh, gw2 = ext.conv_backward_bn(y1, w2, g, y2, sc2, sh2, a2, b2, groups, 1, sc1, sh1, True, need[4], bf16_dot=dot)
     dg1, db1, a1, b1 = ext.bn_relu_grad_coefficients(gh, y1, sc1, sh1, count, m1, w1)
     x_fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format  # the input gradient's layout
@@ -203,7 +210,7 @@ def _group_backward(ext: Any, saved: tuple, count: int, groups: int, stride: int
            and grad.shape == x.shape and grad.is_contiguous(memory_format=x_fmt) else None)
     gx, gw1 = ext.conv_backward_bn(x, w1, gh, y1, sc1, sh1, a1, b1, groups, stride, None, None, need[0], need[1],
                                    bf16_dot=dot, add=add)
-    grads = (gx, gw1, dg1, db1, gw2, dg2, db2, grad if out is not None and add is None else None)
+    grads = (gx, gw1, dg1, db1, gw2, dg2, db2, grad if add is None else None)
     return tuple(t if want else None for t, want in zip(grads, need))
 
 
