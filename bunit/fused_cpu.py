@@ -40,8 +40,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["FOLD_CACHE", "cache_dir", "cpu_tag", "kernel_library", "kernel_tag", "load_cpu_extension", "source_tag",
-           "build_info", "is_available", "load_extension", "has_variant", "folded_weights", "forward"]
+__all__ = ["FOLD_CACHE", "cache_dir", "cpu_tag", "cxx_compiler", "compile_shared", "kernel_library", "kernel_tag",
+           "load_cpu_extension", "source_tag", "build_info", "is_available", "load_extension", "has_variant",
+           "folded_weights", "forward"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_fused.cpp"
 _KERNEL = _SOURCE.parent / "unit_kernel.h"  # the kernel itself, shared with the OpenVINO custom operation
@@ -90,23 +91,38 @@ def kernel_library() -> Path:
     """
     build_dir = (cache_dir() / "ext" / f"bunit_unit_kernel-cpu{cpu_tag()}-src{kernel_tag()}").resolve()
     target = build_dir / "libbunit_unit_kernel.so"
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return target
-        if not compiler or not shutil.which(compiler):
+        compiler = cxx_compiler()
+        if compiler is None:
             raise RuntimeError("unit kernel: no C++ compiler found (g++, c++ or $CXX)")
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        cmd = [compiler, "-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared",
-               "-fvisibility=hidden", "-Wl,-soname,libbunit_unit_kernel.so", str(_KERNEL_LIB), "-o", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or ["?"]
-            raise RuntimeError(f"unit kernel: the build failed: {lines[0].strip()}")
-        os.replace(tmp, target)
+        failed = compile_shared(compiler, ["-std=c++17", "-O3", "-march=native", "-ffp-contract=fast",
+                                           "-fvisibility=hidden", "-Wl,-soname,libbunit_unit_kernel.so",
+                                           str(_KERNEL_LIB)], target)
+        if failed:
+            raise RuntimeError(f"unit kernel: the build failed: {failed}")
     return target
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler the hand-built libraries use: ``$CXX``, else ``g++``, else ``c++``; None where none runs."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    return compiler if compiler and shutil.which(compiler) else None
+
+
+def compile_shared(compiler: str, args: list[str], target: Path) -> str | None:
+    """``compiler -fPIC -shared args`` into a file beside ``target``, moved onto it when the build succeeds (a reader
+    never sees half a library); on failure the first line of the compiler's errors, else None."""
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    done = subprocess.run([compiler, "-fPIC", "-shared", *args, "-o", str(tmp)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or ["?"]
+        return lines[0].strip()
+    os.replace(tmp, target)
+    return None
 
 
 def _link_kernel() -> list[str]:

@@ -36,9 +36,6 @@ import contextlib
 import fcntl
 import hashlib
 import math
-import os
-import shutil
-import subprocess
 import sys
 import time
 import types
@@ -50,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bunit import fused_cpu
-from bunit.fused_cpu import cache_dir, cpu_tag, kernel_library, kernel_tag
+from bunit.fused_cpu import cache_dir, compile_shared, cpu_tag, cxx_compiler, kernel_library, kernel_tag
 from bunit.functional import shift_residual
 from bunit.layers import unit_layers
 from harness.measure.runtimes.base import onnx_bytes
@@ -88,23 +85,19 @@ def _one(libs: Path, stem: str) -> Path:
 
 
 def _compile(target: Path) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not compiler or not shutil.which(compiler):
+    compiler = cxx_compiler()
+    if compiler is None:
         raise RuntimeError("openvino+units: no C++ compiler found (g++, c++ or $CXX); the unit operation cannot be "
                            "built here")
     ov = _openvino_dir()
     libs = ov / "libs"
     kernel = kernel_library()
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    cmd = [compiler, "-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared",
-           "-D_GLIBCXX_USE_CXX11_ABI=1", str(SOURCE), f"-I{ov / 'include'}", "-o", str(tmp),
-           str(_one(libs, "libopenvino")), str(_one(libs, "libopenvino_onnx_frontend")), str(_one(libs, "libtbb")),
-           str(kernel), f"-Wl,-rpath,{libs}", f"-Wl,-rpath,{kernel.parent}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines() or ["?"]
-        raise RuntimeError(f"openvino+units: building the unit operation failed: {lines[0].strip()}")
-    os.replace(tmp, target)
+    failed = compile_shared(compiler, [
+        "-std=c++17", "-O3", "-march=native", "-ffp-contract=fast", "-D_GLIBCXX_USE_CXX11_ABI=1", str(SOURCE),
+        f"-I{ov / 'include'}", str(_one(libs, "libopenvino")), str(_one(libs, "libopenvino_onnx_frontend")),
+        str(_one(libs, "libtbb")), str(kernel), f"-Wl,-rpath,{libs}", f"-Wl,-rpath,{kernel.parent}"], target)
+    if failed:
+        raise RuntimeError(f"openvino+units: building the unit operation failed: {failed}")
 
 
 def extension_path(*, quiet: bool = False) -> Path:
