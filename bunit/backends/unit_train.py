@@ -65,6 +65,15 @@ def _fused_layout(layer, x: torch.Tensor) -> torch.Tensor:
     return _nchw(x)
 
 
+def _with_shortcut(xk: torch.Tensor, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``xk`` (``x`` in the kernel's layout) and the block's shortcut in that layout: an identity shortcut (``x``
+    itself) is ``xk``; another one is copied where its layout differs (a projection's output can come in the other
+    one), through :class:`_Relayout`, so that its gradient goes back in its own layout and the shortcut's BN gets
+    the layout it saved (PyTorch's BN backward runs about 5x slower on a gradient of the other one)."""
+    fmt = torch.channels_last if is_channels_last(xk) else torch.contiguous_format
+    return xk, (xk if residual is x else _to_layout(residual, fmt))
+
+
 @register_backend("unit_train")
 class UnitTrain(Backend):
     """Training mode: each group through :func:`bunit.unit_train.group_forward` (a hybrid row that
@@ -90,30 +99,19 @@ class UnitTrain(Backend):
         """A one-group layer in training mode adds the shortcut and applies the block's ReLU in the group's output
         pass (:func:`bunit.unit_train.group_forward` with ``residual``), a hybrid row in the row's output pass
         (:func:`bunit.unit_rows.row_forward` with ``residual``); otherwise as every backend does."""
-        if (residual is not None and tuple(residual_map) == (1, 0) and not x.is_cuda
-                and all(unit_train.fuses_group(grp, x) for grp in layer.groups) and unit_rows.runs_row(layer, x)):
-            xc = _to_layout(x, torch.channels_last)
-            # an identity shortcut the same copy; another one copied where its layout differs, its gradient handed
-            # back in its own layout (as for a group, below)
-            residual = xc if residual is x else _to_layout(residual, torch.channels_last)
-            ho, wo = (x.shape[2] - 1) // layer.stride + 1, (x.shape[3] - 1) // layer.stride + 1
-            if (tuple(residual.shape) == (x.shape[0], layer.out_channels, ho, wo)
-                    and unit_rows.takes_row_residual(xc, residual)):
+        if residual is None or tuple(residual_map) != (1, 0) or x.is_cuda:
+            return super().run_with_residual(layer, x, residual, residual_map)
+        out_shape = (x.shape[0], layer.out_channels, (x.shape[2] - 1) // layer.stride + 1,
+                     (x.shape[3] - 1) // layer.stride + 1)
+        if all(unit_train.fuses_group(grp, x) for grp in layer.groups) and unit_rows.runs_row(layer, x):
+            xc, residual = _with_shortcut(_to_layout(x, torch.channels_last), x, residual)
+            if tuple(residual.shape) == out_shape and unit_rows.takes_row_residual(xc, residual):
                 return unit_rows.row_forward(layer, xc, residual)  # relu(units(x) + residual), channels_last
-        if (residual is not None and tuple(residual_map) == (1, 0) and not x.is_cuda and len(layer.groups) == 1
-                and layer.out_perm is None):
+        elif len(layer.groups) == 1 and layer.out_perm is None:
             grp = layer.groups[0]
             if unit_train.fuses_group(grp, x):
-                # the group's input and the shortcut in the kernel's layout: an identity shortcut the same copy,
-                # another one copied where its layout differs (a projection's output can come in the other one);
-                # the copy hands its gradient back in the shortcut's own layout, so that the shortcut's BN gets
-                # the layout it saved (PyTorch's BN backward runs about 5x slower on a gradient of the other one)
-                xn = _fused_layout(layer, x)
-                fmt = torch.channels_last if is_channels_last(xn) else torch.contiguous_format
-                x, residual = xn, (xn if residual is x else _to_layout(residual, fmt))
+                x, residual = _with_shortcut(_fused_layout(layer, x), x, residual)
             xg = layer._group_input(x, 0)
-            ho, wo = (x.shape[2] - 1) // layer.stride + 1, (x.shape[3] - 1) // layer.stride + 1
-            out_shape = (x.shape[0], layer.out_channels, ho, wo)
             if unit_train.fuses_group(grp, xg) and unit_train.takes_residual(xg, residual, out_shape,
                                                                              grp.conv1.weight.dtype):
                 return unit_train.group_forward(grp, xg, residual)  # relu(units(x) + residual), (B, out, H/s, W/s)
