@@ -44,10 +44,6 @@ def _declare_schemas() -> None:
         _library.define(schema)
 
 
-def _missing_schema(err: BaseException) -> bool:
-    return isinstance(err, RuntimeError) and "torchvision::nms" in str(err)
-
-
 class _ShimmingLoader(importlib.abc.Loader):
     """Runs torchvision's own loader; when that fails for the missing op schema, drops the partly imported
     submodules, declares the schemas and runs it again on the same module object."""
@@ -63,7 +59,7 @@ class _ShimmingLoader(importlib.abc.Loader):
         try:
             self._loader.exec_module(module)
         except RuntimeError as err:
-            if not _missing_schema(err):
+            if "torchvision::nms" not in str(err):  # only the missing op schema is ours to mend
                 raise
             for name in [m for m in sys.modules if m.startswith("torchvision.")]:
                 del sys.modules[name]
