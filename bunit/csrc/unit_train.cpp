@@ -2346,10 +2346,11 @@ struct RowSource {
   }
 };
 
-// A pixel's words for the gather (row_fill's `row`), zeros, at a 64-byte boundary: the gather's 64-byte loads then
-// never straddle a page. A std::vector's 16-byte-aligned storage could straddle one, and a load across a page boundary
-// of values just written (a pixel taken through BN or its gradient) stalled here each time: row_conv1_backward of
-// a 48-lane row took 5-25 ms instead of 1 ms in some processes, by where the heap had put the buffer.
+// A pixel's words for the gather (row_fill's `row`), zeros, at a 64-byte boundary, so that none of the gather's
+// 64-byte loads spans two cache lines (or pages). In a std::vector's storage (16-byte aligned) those loads of words
+// just written there (a pixel taken through BN or its gradient) stalled in some processes, by where the heap had put
+// the buffer: row_conv1_backward of a 48-lane row took 1.1 + k x 4.6 ms (k = 0-5) instead of 1.1 ms, the same call
+// the same time again and again (measured; the mechanism not pinned down).
 struct RowWords {
   std::vector<uint16_t> store;
   uint16_t* p;
