@@ -40,11 +40,34 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+// Scratch buffers and weight tables at 64-byte boundaries (whole cache lines), whatever the heap hands out: the
+// kernels' 64-byte loads and stores of them never span two lines (or pages). In a std::vector's storage (16-byte
+// aligned) they could, by where the heap had put the buffer, and the cost followed the process: a hybrid row's gather
+// of a pixel's words just written to such a buffer stalled in some processes (row_conv1_backward of a 48-lane row
+// 1.1 + k x 4.6 ms, k = 0-5, instead of 1.1 ms; the same call the same time again and again; measured, the
+// mechanism not pinned down), so every buffer the kernels read in vectors is one of these.
+template <typename T>
+struct Align64 {
+  using value_type = T;
+  Align64() = default;
+  template <typename U>
+  Align64(const Align64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Align64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Align64<U>&) const { return false; }
+};
+template <typename T>
+using Scratch = std::vector<T, Align64<T>>;
 
 template <typename T>
 struct V {
@@ -777,7 +800,7 @@ inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, u
 // over group gi's output channels (t = 3 * dy + dx). An odd count's last pair has a zero second weight (its
 // operands pair the last channel with zeros).
 struct PairedWeights {
-  std::vector<uint32_t> fwd, gx;
+  Scratch<uint32_t> fwd, gx;
 };
 
 inline PairedWeights pair_weights(const float* w, const Geo& g, bool fwd, bool gx) {
@@ -909,11 +932,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
       // zero); at stride 2 each row's words are split by column phase as pad_plane splits values (split_row_s2 moves
       // 32-bit lanes, so it splits words as it splits floats)
       const bool direct = dot && xs[3] == 1;
-      std::vector<uint32_t> row_words(direct && g.s == 2 ? (g.w + 31) / 32 * 32 : 0);
-      std::vector<T> buf(direct ? 0 : g.cin * g.plane()), tmp(isc && !direct ? g.h * g.w : 0);
+      Scratch<uint32_t> row_words(direct && g.s == 2 ? (g.w + 31) / 32 * 32 : 0);
+      Scratch<T> buf(direct ? 0 : g.cin * g.plane()), tmp(isc && !direct ? g.h * g.w : 0);
       const int64_t np = (g.cin + 1) / 2;  // channel pairs (an odd count's last with zeros)
-      std::vector<uint32_t> pairs(dot ? np * g.plane() : 0);
-      std::vector<T> zero_plane(dot && !direct && g.cin % 2 ? g.plane() : 0, T(0));
+      Scratch<uint32_t> pairs(dot ? np * g.plane() : 0);
+      Scratch<T> zero_plane(dot && !direct && g.cin % 2 ? g.plane() : 0, T(0));
       double* st = nullptr;
       if (stats) {
         partial[t].assign(nst * kSumLanes, 0.0);
@@ -1126,7 +1149,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   const int64_t items = g.n * g.groups;
   const int64_t work = items * g.ho * g.wr * g.cout * g.cin;  // multiply-adds / 9 of one gradient
   const int nthreads = threads_for(work, items);
-  std::vector<std::vector<T>> partial(gw ? nthreads : 0);
+  std::vector<Scratch<T>> partial(gw ? nthreads : 0);
   const bool plane_contiguous = gys[3] == 1 && gys[2] == g.wo;
   // The dot products' operands built straight from the tensors (see "built straight from the stored tensors"):
   // the output gradient's when no float32 multiply reads it, the input's row pairs at stride 1 from NCHW rows.
@@ -1136,21 +1159,21 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
-      std::vector<T> buf(gw && !direct_x ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
-      std::vector<uint16_t> gb16(direct_g ? g.cout * gplane : 0), xb16(direct_x ? g.cin * g.plane() : 0);
-      std::vector<uint16_t> zero16(direct_x ? g.wq : 0);
-      std::vector<T> gxb(gx && s != 1 && !dot_gx ? g.cin * g.plane() : 0);
+      Scratch<T> buf(gw && !direct_x ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
+      Scratch<uint16_t> gb16(direct_g ? g.cout * gplane : 0), xb16(direct_x ? g.cin * g.plane() : 0);
+      Scratch<uint16_t> zero16(direct_x ? g.wq : 0);
+      Scratch<T> gxb(gx && s != 1 && !dot_gx ? g.cin * g.plane() : 0);
       // one output-gradient plane through BN and ReLU, one input plane through the previous BN and ReLU
-      std::vector<T> plane(bn.y && !direct_g ? g.ho * g.wo : 0), tmp(isc && !direct_x ? g.h * g.w : 0);
+      Scratch<T> plane(bn.y && !direct_g ? g.ho * g.wo : 0), tmp(isc && !direct_x ? g.h * g.w : 0);
       // the bf16 dot products' operands: input rows paired (r, r + s), output-gradient rows paired (2p, 2p + 1),
       // output-gradient channels paired (2m, 2m + 1); a zero row for the pairs past the last row
-      std::vector<uint32_t> x2(dot_gw ? g.cin * g.plane() : 0), g2(dot_gw ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
+      Scratch<uint32_t> x2(dot_gw ? g.cin * g.plane() : 0), g2(dot_gw ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
       const int64_t npg = (g.cout + 1) / 2;  // output-gradient channel pairs (an odd count's last with zeros)
-      std::vector<uint32_t> gpp(dot_gx ? npg * gplane : 0);
-      std::vector<uint16_t> zero_g16(dot_gx && direct_g && g.cout % 2 ? gplane : 0);
-      std::vector<T> zero_g(dot_gx && !direct_g && g.cout % 2 ? gplane : 0, T(0));
-      std::vector<T> zero_row(dot_gw ? g.wq : 0, T(0));
-      std::vector<float> gw_lanes(dot_gw ? wsize * g.vw : 0, 0.f);  // gw_block_dot's, summed into gwt at the end
+      Scratch<uint32_t> gpp(dot_gx ? npg * gplane : 0);
+      Scratch<uint16_t> zero_g16(dot_gx && direct_g && g.cout % 2 ? gplane : 0);
+      Scratch<T> zero_g(dot_gx && !direct_g && g.cout % 2 ? gplane : 0, T(0));
+      Scratch<T> zero_row(dot_gw ? g.wq : 0, T(0));
+      Scratch<float> gw_lanes(dot_gw ? wsize * g.vw : 0, 0.f);  // gw_block_dot's, summed into gwt at the end
       T* gwt = nullptr;
       if (gw) {
         partial[t].assign(wsize, T(0));
@@ -1632,8 +1655,8 @@ void over_images(int64_t images, int64_t work, F&& f) {
 // out[(j * 9 + t) * n + u] = w[per_unit * u + j][t'] (per_unit outputs per unit, w's 9 taps of one input channel
 // per output), t' = 8 - t when flipped (the input gradient), rounded to bf16 (every product of these kernels is of
 // bf16 operands).
-inline std::vector<float> unit_weight_lanes(const float* w, int64_t n, int64_t per_unit, bool flip) {
-  std::vector<float> out(per_unit * 9 * n);
+inline Scratch<float> unit_weight_lanes(const float* w, int64_t n, int64_t per_unit, bool flip) {
+  Scratch<float> out(per_unit * 9 * n);
   for (int64_t u = 0; u < n; ++u)
     for (int64_t j = 0; j < per_unit; ++j)
       for (int t = 0; t < 9; ++t) {
@@ -1645,8 +1668,8 @@ inline std::vector<float> unit_weight_lanes(const float* w, int64_t n, int64_t p
 
 // The same weights as bf16 pairs for vdpbf16ps, outputs 2q and 2q + 1 of the unit in one word:
 // out[(q * 9 + t) * n + u] = (w[per_unit * u + 2q][t'], w[per_unit * u + 2q + 1][t']).
-inline std::vector<uint32_t> unit_weight_pairs(const float* w, int64_t n, int64_t per_unit, bool flip) {
-  std::vector<uint32_t> out(per_unit / 2 * 9 * n);
+inline Scratch<uint32_t> unit_weight_pairs(const float* w, int64_t n, int64_t per_unit, bool flip) {
+  Scratch<uint32_t> out(per_unit / 2 * 9 * n);
   for (int64_t u = 0; u < n; ++u)
     for (int64_t q = 0; q < per_unit / 2; ++q)
       for (int t = 0; t < 9; ++t) {
@@ -1681,12 +1704,12 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
   const int64_t Ho = y.size(2), Wo = y.size(3);
   const float* wf = w.data_ptr<float>();
-  const std::vector<uint32_t> wq = unit_weight_pairs(wf, n, 2, false);  // wq[t * n + u]: (w[u][0][t], w[u][1][t])
+  const Scratch<uint32_t> wq = unit_weight_pairs(wf, n, 2, false);  // wq[t * n + u]: (w[u][0][t], w[u][1][t])
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   std::vector<std::vector<double>> partial(at::get_num_threads());
   over_images(B, B * H * W * n, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<uint32_t> pad((H + 2) * wp * n, 0u);
+    Scratch<uint32_t> pad((H + 2) * wp * n, 0u);
     std::vector<double>& st = partial[t];
     st.assign(2 * n, 0.0);
     for (int64_t b = b0; b < b1; ++b) {
@@ -1762,13 +1785,13 @@ void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc
   const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
   const int64_t c = w.size(0) / n, pairs = c / 2;
   const float* wf = w.data_ptr<float>();
-  const std::vector<float> wr = unit_weight_lanes(wf, n, c, false);  // w[cu + j][0][t], bf16-rounded
+  const Scratch<float> wr = unit_weight_lanes(wf, n, c, false);  // w[cu + j][0][t], bf16-rounded
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   uint32_t* y2w = reinterpret_cast<uint32_t*>(y2.data_ptr<c10::BFloat16>());  // (c / 2) n words per pixel
   std::vector<std::vector<double>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * c, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<float> pad((H + 2) * wp * n, 0.f);
-    std::vector<uint32_t> words(pairs > 1 ? pairs * H * W * n : 0);  // [pair][pixel][unit]
+    Scratch<float> pad((H + 2) * wp * n, 0.f);
+    Scratch<uint32_t> words(pairs > 1 ? pairs * H * W * n : 0);  // [pair][pixel][unit]
     std::vector<double>& st = partial[t];
     st.assign(2 * c * n, 0.0);  // [sum j; squares j], each n lanes (unit u)
     for (int64_t b = b0; b < b1; ++b) {
@@ -1917,19 +1940,19 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
   const int64_t c = w.size(0) / n, pairs = c / 2, plane = (H + 2) * wp * n;
   const float* wf = w.data_ptr<float>();
   // wq[(pq * 9 + t) * n + u]: (w[cu + 2pq][0][8 - t], w[cu + 2pq + 1][0][8 - t]), flipped for the input gradient
-  const std::vector<uint32_t> wq = unit_weight_pairs(wf, n, c, true);
+  const Scratch<uint32_t> wq = unit_weight_pairs(wf, n, c, true);
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y2p = y2.data_ptr<c10::BFloat16>();
   c10::BFloat16* ghp = gh ? gh->data_ptr<c10::BFloat16>() : nullptr;
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  std::vector<std::vector<float>> partial(at::get_num_threads());
+  std::vector<Scratch<float>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * 2 * c, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<uint32_t> gpad(pairs * plane, 0u);  // the gradient through BN2: [pair][padded pixel][unit]
-    std::vector<uint32_t> pix_words(pairs * n);       // one pixel's, in channel order
-    std::vector<float> xpad(gw ? plane : 0, 0.f);
-    std::vector<float>& acc = partial[t];
+    Scratch<uint32_t> gpad(pairs * plane, 0u);  // the gradient through BN2: [pair][padded pixel][unit]
+    Scratch<uint32_t> pix_words(pairs * n);       // one pixel's, in channel order
+    Scratch<float> xpad(gw ? plane : 0, 0.f);
+    Scratch<float>& acc = partial[t];
     acc.assign(gw ? 9 * c * n : 0, 0.f);  // acc[(j * 9 + t) * n + u]
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r = 0; r < H; ++r)
@@ -2022,16 +2045,16 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* wf = w.data_ptr<float>();
   // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16; the gradient through BN1 rounded to bf16 too,
   // so that every product is of bf16 operands (exact in float32), as in the NCHW kernels' dot products
-  const std::vector<float> wr = unit_weight_lanes(wf, n, 2, true);
+  const Scratch<float> wr = unit_weight_lanes(wf, n, 2, true);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   __m512i* gxp = gx ? reinterpret_cast<__m512i*>(gx->data_ptr<c10::BFloat16>()) : nullptr;
-  std::vector<std::vector<float>> partial(at::get_num_threads());
+  std::vector<Scratch<float>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * 4, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<float> gpad((Ho + 2) * wpg * n, 0.f);  // the gradient through BN1, rounded to bf16
-    std::vector<uint32_t> xpad(gw ? (H + 2) * wp * n : 0, 0u);
-    std::vector<float>& acc = partial[t];
+    Scratch<float> gpad((Ho + 2) * wpg * n, 0.f);  // the gradient through BN1, rounded to bf16
+    Scratch<uint32_t> xpad(gw ? (H + 2) * wp * n : 0, 0u);
+    Scratch<float>& acc = partial[t];
     acc.assign(gw ? 18 * n : 0, 0.f);  // acc[(i * 9 + t) * n + u]
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r = 0; r < Ho; ++r)
@@ -2216,12 +2239,12 @@ inline void row_gather_pixel(const RowGather& g, const uint16_t* src, uint32_t* 
 }
 
 // The weights wt [K, 9, L] (float32) as bf16 pairs: out[(p * 9 + t) * L + l] = (wt[2p][t][l], wt[2p + 1][t][l]).
-std::vector<uint32_t> row_weights(const at::Tensor& wt, const RowGather& g) {
+Scratch<uint32_t> row_weights(const at::Tensor& wt, const RowGather& g) {
   TORCH_CHECK(wt.dim() == 3 && wt.size(0) == g.K && wt.size(1) == 9 && wt.size(2) == g.L &&
                   wt.scalar_type() == at::kFloat && wt.is_contiguous(),
               "unit_train: row weights must be contiguous float32 [K, 9, L] matching the gather table");
   const float* w = wt.data_ptr<float>();
-  std::vector<uint32_t> out(g.P * 9 * g.L);
+  Scratch<uint32_t> out(g.P * 9 * g.L);
   for (int64_t q = 0; q < g.P; ++q)
     for (int64_t i = 0; i < 9 * g.L; ++i)
       out[q * 9 * g.L + i] =
@@ -2303,7 +2326,7 @@ inline void row_weight_grad(const float* gout, int64_t Ho, int64_t Wo, const uin
 }
 
 // Per-thread weight-gradient sums into gw [K, 9, L] (float32).
-at::Tensor row_sum_threads(const std::vector<std::vector<float>>& partial, int64_t K, int64_t L,
+at::Tensor row_sum_threads(const std::vector<Scratch<float>>& partial, int64_t K, int64_t L,
                            const at::TensorOptions& opt) {
   at::Tensor gw = at::empty({K, 9, L}, opt.dtype(at::kFloat));
   float* out = gw.data_ptr<float>();
@@ -2344,21 +2367,6 @@ struct RowSource {
     }
     return dst;
   }
-};
-
-// A pixel's words for the gather (row_fill's `row`), zeros, at a 64-byte boundary, so that none of the gather's
-// 64-byte loads spans two cache lines (or pages). In a std::vector's storage (16-byte aligned) those loads of words
-// just written there (a pixel taken through BN or its gradient) stalled in some processes, by where the heap had put
-// the buffer: row_conv1_backward of a 48-lane row took 1.1 + k x 4.6 ms (k = 0-5) instead of 1.1 ms, the same call
-// the same time again and again (measured; the mechanism not pinned down).
-struct RowWords {
-  std::vector<uint16_t> store;
-  uint16_t* p;
-  explicit RowWords(int64_t n) : store(n + 32, uint16_t{0}) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(store.data());
-    p = store.data() + ((64 - a % 64) % 64) / sizeof(uint16_t);
-  }
-  uint16_t* data() { return p; }
 };
 
 // One image's source pixels (Hs x Ws from first_pix) gathered into the zero-bordered plane e (rows of wp pixels of
@@ -2773,7 +2781,7 @@ std::vector<at::Tensor> row_conv_forward(const at::Tensor& x, const at::Tensor& 
 #if defined(__AVX512BF16__)
   const RowSource src = row_source(x, row_vec(isc, x.size(1), "isc"), row_vec(ish, x.size(1), "ish"));
   const RowGather g = make_row_gather(idx, x.size(1));
-  const std::vector<uint32_t> w = row_weights(wt, g);
+  const Scratch<uint32_t> w = row_weights(wt, g);
   const int64_t B = x.size(0), H = x.size(2), W = x.size(3), Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, wp = W + 2;
   const int64_t L = g.L;
   at::Tensor y = at::empty({B, L, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -2781,8 +2789,8 @@ std::vector<at::Tensor> row_conv_forward(const at::Tensor& x, const at::Tensor& 
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   std::vector<std::vector<double>> partial(at::get_num_threads());
   over_images(B, B * Ho * Wo * L * g.P * 2, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<uint32_t> e((H + 2) * wp * g.P * L, 0u);
-    RowWords row(g.S);
+    Scratch<uint32_t> e((H + 2) * wp * g.P * L, 0u);
+    Scratch<uint16_t> row(g.S, 0);
     std::vector<double>& st = partial[t];
     st.assign(2 * L, 0.0);
     for (int64_t b = b0; b < b1; ++b) {
@@ -2819,21 +2827,21 @@ std::vector<at::Tensor> row_conv2_backward(const at::Tensor& g, const at::Tensor
               "unit_train: g, y2 and y1 must be of one batch and plane");
   const RowGather gg = make_row_gather(gidx, C), fg = make_row_gather(fidx, L);
   TORCH_CHECK(gg.L == L && fg.L == C, "unit_train: the gather tables must give y1's and y2's lanes");
-  const std::vector<uint32_t> w = row_weights(gwt, gg);
+  const Scratch<uint32_t> w = row_weights(gwt, gg);
   const int64_t B = y1.size(0), H = y1.size(2), W = y1.size(3), wp = W + 2, HW = H * W;
   at::Tensor gh = at::empty_like(y1, at::MemoryFormat::ChannelsLast);
   at::Tensor sums = at::empty({2, L}, y1.options().dtype(at::kDouble));
   c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   std::vector<std::vector<double>> partial(at::get_num_threads());
-  std::vector<std::vector<float>> wpart(at::get_num_threads());
+  std::vector<Scratch<float>> wpart(at::get_num_threads());
   over_images(B, B * HW * (L * gg.P + C * fg.K) * 2, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<uint32_t> e((H + 2) * wp * gg.P * L, 0u), ex(need_weight ? (H + 2) * wp * fg.P * C : 0, 0u);
-    RowWords row(std::max(gg.S, fg.S));
-    std::vector<float> gout(need_weight ? HW * C : 0);
+    Scratch<uint32_t> e((H + 2) * wp * gg.P * L, 0u), ex(need_weight ? (H + 2) * wp * fg.P * C : 0, 0u);
+    Scratch<uint16_t> row(std::max(gg.S, fg.S), 0);
+    Scratch<float> gout(need_weight ? HW * C : 0);
     std::vector<double>& st = partial[t];
     st.assign(2 * L, 0.0);
-    std::vector<float>& acc = wpart[t];
+    Scratch<float>& acc = wpart[t];
     acc.assign(need_weight ? fg.K * 9 * C : 0, 0.f);
     for (int64_t b = b0; b < b1; ++b) {
       // the gradient through BN2 and ReLU, gathered for the hidden lanes (and kept as floats for the weight gradient)
@@ -2874,19 +2882,19 @@ std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tenso
               "unit_train: gh and y1 must be conv1's output for x");
   const RowGather gg = make_row_gather(gidx, L), fg = make_row_gather(fidx, C);
   TORCH_CHECK(gg.L == C && fg.L == L, "unit_train: the gather tables must give x's and y1's lanes");
-  const std::vector<uint32_t> w = need_input ? row_weights(gwt, gg) : std::vector<uint32_t>();
+  const Scratch<uint32_t> w = need_input ? row_weights(gwt, gg) : Scratch<uint32_t>();
   at::Tensor gx, gw;
   if (need_input) gx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   c10::BFloat16* gxp = need_input ? gx.data_ptr<c10::BFloat16>() : nullptr;
-  std::vector<std::vector<float>> wpart(at::get_num_threads());
+  std::vector<Scratch<float>> wpart(at::get_num_threads());
   over_images(B, B * (H * W * C * gg.P + Ho * Wo * L * fg.K) * 2, [&](int64_t b0, int64_t b1, int64_t t) {
     // the gradient through BN1 and ReLU, gathered for the input lanes at (r * s + 1, c * s + 1) of a zero-bordered
     // full-size plane (at stride 2 the other positions stay zero), and kept as floats for the weight gradient
-    std::vector<uint32_t> e(need_input ? (H + 2) * wp * gg.P * C : 0, 0u);
-    std::vector<uint32_t> ex(need_weight ? (H + 2) * wp * fg.P * L : 0, 0u);
-    RowWords row(std::max(gg.S, fg.S));
-    std::vector<float> gout(need_weight ? Ho * Wo * L : 0);
-    std::vector<float>& acc = wpart[t];
+    Scratch<uint32_t> e(need_input ? (H + 2) * wp * gg.P * C : 0, 0u);
+    Scratch<uint32_t> ex(need_weight ? (H + 2) * wp * fg.P * L : 0, 0u);
+    Scratch<uint16_t> row(std::max(gg.S, fg.S), 0);
+    Scratch<float> gout(need_weight ? Ho * Wo * L : 0);
+    Scratch<float>& acc = wpart[t];
     acc.assign(need_weight ? fg.K * 9 * L : 0, 0.f);
     for (int64_t b = b0; b < b1; ++b) {
       row_fill(gsrc, b * Ho * Wo, Ho, Wo, s, gg, wp, row.data(), need_input ? e.data() : nullptr,
