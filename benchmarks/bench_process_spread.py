@@ -9,9 +9,10 @@ dense's and the model's median step and their ratio; then per kernel call (name 
 over the calls of that shape in a step) the median over all processes and the slowest process's median, so that a
 call that is slow in some processes only stands out (``spread`` = slowest / median).
 
-Measured with it: before the hybrid-row kernels' gather buffer was 64-byte aligned (``RowWords`` in
-``bunit/csrc/unit_train.cpp``), ``row_conv1_backward`` of ``bunit:macs:0.5``'s 48-lane rows read 1.1 ms in some
-processes and 5.7-24 ms in others (see ``benchmarks/README.md``).
+Measured with it: before the hybrid-row kernels' gather buffer was 64-byte aligned (0c10265; since d472755 every
+scratch buffer of the kernels is, ``Scratch`` in ``bunit/csrc/unit_train.cpp``), ``row_conv1_backward`` of
+``bunit:macs:0.5``'s 48-lane rows read 2-3 ms per step in some processes and up to 16 ms in others, and the model
+0.77-1.20x dense's step by process (see ``benchmarks/README.md``).
 
 Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_process_spread.py [--processes 6] [--rounds 8]
 [--model bunit:macs:0.5]``. Nothing else may run meanwhile (two torch processes on 2 cores thrash).
