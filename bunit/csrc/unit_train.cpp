@@ -52,7 +52,8 @@ namespace {
 // aligned) they could, by where the heap had put the buffer, and the cost followed the process: a hybrid row's gather
 // of a pixel's words just written to such a buffer stalled in some processes (row_conv1_backward of a 48-lane row
 // 1.1 + k x 4.6 ms, k = 0-5, instead of 1.1 ms; the same call the same time again and again; measured, the
-// mechanism not pinned down), so every buffer the kernels read in vectors is one of these.
+// mechanism not pinned down), so the kernels' scratch buffers and weight tables are all of these (the per-thread
+// double sums of BN, read once per plane or row, stay std::vector).
 template <typename T>
 struct Align64 {
   using value_type = T;
