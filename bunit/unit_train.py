@@ -39,9 +39,9 @@ odd channel count per group pairs its last channel with zeros. At stride 2 too: 
 split by column phase, the input gradient takes each input row and column phase from its own taps. The
 paired operands are built straight from the stored bf16 tensors (each value rounded once, no float32 work buffer),
 and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products. A row of 2-1-2 or 2-1-4
-units (a multiple of 16, stride 1 or 2; :func:`runs_channels_last`) runs in channels_last instead, in kernels that hold
-16 units in
-one vector (a pixel's 32 input channels are the 16 channel pairs of one dot product), where the NCHW kernels spend
+units (a multiple of 16 or 8 of them, stride 1 or 2; :func:`runs_channels_last`) runs in channels_last instead, in
+kernels that hold 16 units in one vector (a pixel's 32 input channels are the 16 channel pairs of one dot product;
+8 units of two neighbouring pixels for a row of 8), where the NCHW kernels spend
 their time on per-(image, unit) work over planes of 7-14 px: the same rounded operands, sums in another order
 (tested against the NCHW kernels and, in a layer, against ``grouped`` under autocast).
 The tolerance is autocast's: outputs and input gradients within one bf16 rounding of float32 sums of the rounded
@@ -342,12 +342,13 @@ def storage_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 def runs_channels_last(grp: nn.Module, x: torch.Tensor) -> bool:
     """Whether the kernel runs ``grp`` (a :class:`bunit.units.UnitGroup`) on inputs like ``x`` in its channels_last
-    path, one vector holding 16 units: a row of 2-1-2 or 2-1-4 units, a multiple of 16 of them, at stride 1 or 2,
-    stored in bf16 and multiplied in bf16 dot products (CPU bf16 autocast, AVX512-BF16). Such a group is then given
-    its input channels_last, and returns its output so."""
+    path, one vector holding 16 units (or 8 units of two neighbouring pixels): a row of 2-1-2 or 2-1-4 units, a
+    multiple of 16 of them or 8, at stride 1 or 2, stored in bf16 and multiplied in bf16 dot products (CPU bf16
+    autocast, AVX512-BF16). Such a group is then given its input channels_last, and returns its output so."""
     c1, c2 = grp.conv1, grp.conv2
     n = c1.groups
-    return (n % 16 == 0 and c1.in_channels == 2 * n and c1.out_channels == n and c2.out_channels in (2 * n, 4 * n)
+    return ((n % 16 == 0 or n == 8) and c1.in_channels == 2 * n and c1.out_channels == n
+            and c2.out_channels in (2 * n, 4 * n)
             and c1.stride in ((1, 1), (2, 2)) and x.is_cpu and storage_dtype(c1.weight.dtype) == torch.bfloat16
             and bf16_dot_products())
 

@@ -21,7 +21,8 @@
 //      (o, dy, dx) adds w * gy to the input positions it read), then copied out without padding.
 // float and double (double for gradcheck); bf16 storage with float32 arithmetic, or with bf16 dot products where the
 // CPU has AVX512-BF16 (see "bf16 dot products" below). Rows of 2-1-2 and 2-1-4 units given channels_last tensors run
-// in kernels of their own, 16 units per vector (see "rows of 2-1-2 and 2-1-4 units in channels_last"), and so do
+// in kernels of their own, 16 units per vector (or 8 units of two pixels; see "rows of 2-1-2 and 2-1-4 units in
+// channels_last"), and so do
 // hybrid rows, one lane per channel (see "hybrid rows in channels_last"). The
 // accumulation order differs from oneDNN's: float results agree to rounding (about 1e-6 relative).
 // Light headers, not <torch/extension.h> (the whole C++ frontend): the build takes about a third of the time.
@@ -1587,7 +1588,8 @@ namespace {
 // channels_last the units lie side by side instead: at one pixel, a 512-bit load of the input holds 16 units'
 // channel pairs, exactly the word pairs vdpbf16ps multiplies, and conv1 of 16 units is 9 dot products per pixel;
 // conv2 and the gradients are 16-lane multiply-adds with one unit per lane. These kernels take that layout (bf16
-// storage, AVX512-BF16, n a multiple of 16) and compute what the NCHW kernels compute: the same operands rounded to
+// storage, AVX512-BF16, n a multiple of 16, or 8 with two pixels per vector: unit_lanes) and compute what the NCHW
+// kernels compute: the same operands rounded to
 // bf16 (weights, conv2's input relu(y1 * sc + sh), the gradients taken through BN), products exact in float32,
 // float32 sums in another order, BN's sums in double. Each image's planes go through a zero-bordered scratch copy, so no tap is
 // tested at the borders.
@@ -1623,15 +1625,62 @@ inline void add_channels(__m512 v, double* acc) {
 }
 
 // Which kernel of this section computes conv(x, w, groups, s): 1 conv1 of 2-1-c units (w: (n, 2, 3, 3), stride 1
-// or 2), 2 their conv2 (w: (cn, 1, 3, 3), c = 2 or 4), 0 none (then the kernels above).
+// or 2), 2 their conv2 (w: (cn, 1, 3, 3), c = 2 or 4), 0 none (then the kernels above). n is a multiple of 16 or 8.
 inline int channels_last_units(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s, bool dot) {
-  if (!dot || x.scalar_type() != at::kBFloat16 || groups % 16 != 0 || !is_cl(x)) return 0;
+  if (!dot || x.scalar_type() != at::kBFloat16 || (groups % 16 != 0 && groups != 8) || !is_cl(x)) return 0;
   if (w.size(0) == groups && w.size(1) == 2 && x.size(1) == 2 * groups && (s == 1 || s == 2)) return 1;
   if (s == 1 && (w.size(0) == 2 * groups || w.size(0) == 4 * groups) && w.size(1) == 1 && x.size(1) == groups)
     return 2;
   return 0;
 }
 
+
+// Lanes of a row of n units in these kernels: n (a multiple of 16: 16 units of one pixel per vector), or 16 for n = 8,
+// whose vectors hold two neighbouring pixels of a row (lanes 8-15 the second pixel's; at a row's end with an odd width,
+// lanes 8-15 are read past it and masked where stored or summed). Per-unit weights and BN coefficients are repeated in
+// both halves (lane l: unit l % n), and per-lane sums folded back to units (sum_unit_lanes).
+inline int64_t unit_lanes(int64_t n) { return n == 8 ? 16 : n; }
+inline int64_t pixels_per_vector(int64_t n) { return n == 8 ? 2 : 1; }
+
+// The lanes of the vector holding the pixel at column col of a row of w pixels (n units, ub its unit block): all 16,
+// or for n = 8 at an odd row's last column the first pixel's 8.
+inline __mmask16 pixel_lanes(int64_t n, int64_t col, int64_t w) {
+  return n == 8 && col + 1 == w ? static_cast<__mmask16>(0x00ff) : static_cast<__mmask16>(0xffff);
+}
+
+// 16 words of a row's vector: 16 units of the pixel at p (n a multiple of 16), or for n = 8 the 8 units of the pixels
+// at p and p + step (words; step 8: one load).
+inline __m512i load_units(const uint32_t* p, int64_t n, int64_t step) {
+  if (n != 8 || step == 8) return _mm512_loadu_si512(p);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + step)), 1);
+}
+
+// The 16 bf16 values at p widened to float, those outside m read as 0 (not loaded).
+inline __m512 load_bf16_lanes(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+inline void store_bf16_lanes(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16((__m512i)(bf16_high((V<float>::type)v) >> 16)));
+}
+
+// A per-unit vector of n floats laid out in unit_lanes(n) lanes (lane l: v[l % n]).
+inline Scratch<float> unit_lane_values(const float* v, int64_t n) {
+  Scratch<float> out(unit_lanes(n));
+  for (int64_t l = 0; l < unit_lanes(n); ++l) out[l] = v[l % n];
+  return out;
+}
+
+// The per-thread sums of `rows` rows of unit_lanes(n) lanes, folded to rows of n values: out[k * n + u].
+inline void sum_unit_lanes(const std::vector<std::vector<double>>& partial, int64_t rows, int64_t n, double* out) {
+  const int64_t L = unit_lanes(n);
+  std::vector<double> all(rows * L);
+  sum_lanes(partial, rows * L, all.data(), 1);
+  std::fill(out, out + rows * n, 0.0);
+  for (int64_t k = 0; k < rows; ++k)
+    for (int64_t l = 0; l < L; ++l) out[k * n + l % n] += all[k * L + l];
+}
 
 // Columns 0 .. w of a row in blocks of 4, then one at a time: f(integral_constant<P>, first column). P independent
 // accumulators per step: one pixel's 9 taps are a chain of dependent multiply-adds, which alone leaves the FMA
@@ -1652,39 +1701,42 @@ void over_images(int64_t images, int64_t work, F&& f) {
   });
 }
 
-// Unit u's weights of a group, one 16-lane vector per (output j of the unit, tap t):
-// out[(j * 9 + t) * n + u] = w[per_unit * u + j][t'] (per_unit outputs per unit, w's 9 taps of one input channel
+// Unit u's weights of a group, one 16-lane vector per (output j of the unit, tap t), L = unit_lanes(n):
+// out[(j * 9 + t) * L + l] = w[per_unit * u + j][t'] with u = l % n (per_unit outputs per unit, w's 9 taps of one input channel
 // per output), t' = 8 - t when flipped (the input gradient), rounded to bf16 (every product of these kernels is of
 // bf16 operands).
 inline Scratch<float> unit_weight_lanes(const float* w, int64_t n, int64_t per_unit, bool flip) {
-  Scratch<float> out(per_unit * 9 * n);
-  for (int64_t u = 0; u < n; ++u)
+  const int64_t L = unit_lanes(n);  // lane l: unit l % n
+  Scratch<float> out(per_unit * 9 * L);
+  for (int64_t l = 0; l < L; ++l)
     for (int64_t j = 0; j < per_unit; ++j)
       for (int t = 0; t < 9; ++t) {
-        const uint32_t bits = bf16_high(w[(per_unit * u + j) * 9 + (flip ? 8 - t : t)]);
-        std::memcpy(&out[(j * 9 + t) * n + u], &bits, 4);
+        const uint32_t bits = bf16_high(w[(per_unit * (l % n) + j) * 9 + (flip ? 8 - t : t)]);
+        std::memcpy(&out[(j * 9 + t) * L + l], &bits, 4);
       }
   return out;
 }
 
 // The same weights as bf16 pairs for vdpbf16ps, outputs 2q and 2q + 1 of the unit in one word:
-// out[(q * 9 + t) * n + u] = (w[per_unit * u + 2q][t'], w[per_unit * u + 2q + 1][t']).
+// out[(q * 9 + t) * L + l] = (w[per_unit * u + 2q][t'], w[per_unit * u + 2q + 1][t']) (u = l % n).
 inline Scratch<uint32_t> unit_weight_pairs(const float* w, int64_t n, int64_t per_unit, bool flip) {
-  Scratch<uint32_t> out(per_unit / 2 * 9 * n);
-  for (int64_t u = 0; u < n; ++u)
+  const int64_t L = unit_lanes(n);  // lane l: unit l % n
+  Scratch<uint32_t> out(per_unit / 2 * 9 * L);
+  for (int64_t l = 0; l < L; ++l)
     for (int64_t q = 0; q < per_unit / 2; ++q)
       for (int t = 0; t < 9; ++t) {
-        const int64_t k = (per_unit * u + 2 * q) * 9 + (flip ? 8 - t : t);
-        out[(q * 9 + t) * n + u] = (bf16_high(w[k]) >> 16) | bf16_high(w[k + 9]);
+        const int64_t k = (per_unit * (l % n) + 2 * q) * 9 + (flip ? 8 - t : t);
+        out[(q * 9 + t) * L + l] = (bf16_high(w[k]) >> 16) | bf16_high(w[k + 9]);
       }
   return out;
 }
 
-// 16 units' 3x3 stencil of a zero-bordered float plane (rows of wp pixels of n values, unit block ub) with two weight
-// sets w0, w1 (9 taps each), for P pixels of output row r from column c0: a0[q], a1[q].
+// 16 lanes' 3x3 stencil of a zero-bordered float plane (rows of wp pixels of n values, unit block ub) with two weight
+// sets w0, w1 (9 taps each), for P vectors of output row r from column c0, pv pixels apart (pixels_per_vector):
+// a0[q], a1[q].
 template <int P>
-inline void stencil_two(const float* pad, int64_t wp, int64_t n, int64_t ub, int64_t r, int64_t c0, const __m512* w0,
-                        const __m512* w1, __m512 (&a0)[P], __m512 (&a1)[P]) {
+inline void stencil_two(const float* pad, int64_t wp, int64_t n, int64_t ub, int64_t r, int64_t c0, int64_t pv,
+                        const __m512* w0, const __m512* w1, __m512 (&a0)[P], __m512 (&a1)[P]) {
 #pragma GCC unroll 4
   for (int q = 0; q < P; ++q) a0[q] = a1[q] = _mm512_setzero_ps();
 #pragma GCC unroll 3
@@ -1693,7 +1745,7 @@ inline void stencil_two(const float* pad, int64_t wp, int64_t n, int64_t ub, int
     for (int dx = 0; dx < 3; ++dx)
 #pragma GCC unroll 4
       for (int q = 0; q < P; ++q) {
-        const __m512 v = _mm512_loadu_ps(pad + ((r + dy) * wp + c0 + q + dx) * n + ub);
+        const __m512 v = _mm512_loadu_ps(pad + ((r + dy) * wp + c0 + q * pv + dx) * n + ub);
         a0[q] = _mm512_fmadd_ps(v, w0[dy * 3 + dx], a0[q]);
         a1[q] = _mm512_fmadd_ps(v, w1[dy * 3 + dx], a1[q]);
       }
@@ -1703,26 +1755,26 @@ inline void stencil_two(const float* pad, int64_t wp, int64_t n, int64_t ub, int
 // [sums; sums of squares] of y as stored.
 void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, at::Tensor& stats, int64_t s) {
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
-  const int64_t Ho = y.size(2), Wo = y.size(3);
+  const int64_t Ho = y.size(2), Wo = y.size(3), L = unit_lanes(n), pv = pixels_per_vector(n), nv = (Wo + pv - 1) / pv;
   const float* wf = w.data_ptr<float>();
-  const Scratch<uint32_t> wq = unit_weight_pairs(wf, n, 2, false);  // wq[t * n + u]: (w[u][0][t], w[u][1][t])
+  const Scratch<uint32_t> wq = unit_weight_pairs(wf, n, 2, false);  // wq[t * L + l]: (w[u][0][t], w[u][1][t])
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   std::vector<std::vector<double>> partial(at::get_num_threads());
   over_images(B, B * H * W * n, [&](int64_t b0, int64_t b1, int64_t t) {
-    Scratch<uint32_t> pad((H + 2) * wp * n, 0u);
+    Scratch<uint32_t> pad(((H + 2) * wp + 4) * n, 0u);  // 4 pixels past the plane: read (not used) at odd ends
     std::vector<double>& st = partial[t];
-    st.assign(2 * n, 0.0);
+    st.assign(2 * L, 0.0);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r = 0; r < H; ++r)
         std::memcpy(pad.data() + ((r + 1) * wp + 1) * n, xp + (b * H + r) * W * n, sizeof(uint32_t) * W * n);
       for (int64_t ub = 0; ub < n; ub += 16) {
         __m512bh wv[9];
 #pragma GCC unroll 9
-        for (int k = 0; k < 9; ++k) wv[k] = (__m512bh)_mm512_loadu_si512(wq.data() + k * n + ub);
+        for (int k = 0; k < 9; ++k) wv[k] = (__m512bh)_mm512_loadu_si512(wq.data() + k * L + ub);
         for (int64_t r = 0; r < Ho; ++r) {
           __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
-          in_pixel_blocks(Wo, [&](auto pb, int64_t c0) {
+          in_pixel_blocks(nv, [&](auto pb, int64_t v0) {
             constexpr int P = decltype(pb)::value;
             __m512 acc[P];
 #pragma GCC unroll 4
@@ -1735,38 +1787,45 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
                 for (int q = 0; q < P; ++q)
                   acc[q] = _mm512_dpbf16_ps(
                       acc[q],
-                      (__m512bh)_mm512_loadu_si512(pad.data() + ((r * s + dy) * wp + (c0 + q) * s + dx) * n + ub),
+                      (__m512bh)load_units(pad.data() + ((r * s + dy) * wp + (v0 + q) * pv * s + dx) * n + ub, n,
+                                           s * n),
                       wv[dy * 3 + dx]);
 #pragma GCC unroll 4
             for (int q = 0; q < P; ++q) {
-              const __m512 v = round_bf16(acc[q]);
-              store_bf16(yp + ((b * Ho + r) * Wo + c0 + q) * n + ub, v);
+              const int64_t col = (v0 + q) * pv;
+              const __mmask16 m = pixel_lanes(n, col, Wo);
+              const __m512 v = _mm512_maskz_mov_ps(m, round_bf16(acc[q]));
+              store_bf16_lanes(yp + ((b * Ho + r) * Wo + col) * n + ub, v, m);
               s1 = _mm512_add_ps(s1, v);
               s2 = _mm512_fmadd_ps(v, v, s2);
             }
           });
           add_channels(s1, st.data() + ub);
-          add_channels(s2, st.data() + n + ub);
+          add_channels(s2, st.data() + L + ub);
         }
       }
     }
   });
-  sum_lanes(partial, 2 * n, stats.data_ptr<double>(), 1);
+  sum_unit_lanes(partial, 2, n, stats.data_ptr<double>());
 }
 
-// conv1's input relu(y1 * sc + sh) (or y1 itself without sc), rounded to bf16, for one image into the zero-bordered
-// float scratch pad ((H + 2) x (W + 2) pixels of n values).
+// conv2's input relu(y1 * sc + sh) (or y1 itself without sc), rounded to bf16, for one image into the zero-bordered
+// float scratch pad ((H + 2) x (W + 2) pixels of n values); sc and sh in unit_lanes(n) lanes (unit_lane_values).
+// A row's W n values are contiguous in both, taken 16 at a time (the last ones masked: n = 8 and W odd).
 inline void cl_bn_input(const c10::BFloat16* y1, int64_t H, int64_t W, int64_t n, const float* sc, const float* sh,
                         float* pad) {
-  const int64_t wp = W + 2;
+  const int64_t wp = W + 2, row = W * n;
   for (int64_t r = 0; r < H; ++r)
-    for (int64_t c = 0; c < W; ++c)
-      for (int64_t ub = 0; ub < n; ub += 16) {
-        __m512 v = load_bf16(y1 + (r * W + c) * n + ub);
-        if (sc) v = round_bf16(_mm512_max_ps(_mm512_fmadd_ps(v, _mm512_loadu_ps(sc + ub), _mm512_loadu_ps(sh + ub)),
-                                             _mm512_setzero_ps()));
-        _mm512_storeu_ps(pad + ((r + 1) * wp + c + 1) * n + ub, v);
+    for (int64_t k = 0; k < row; k += 16) {
+      const __mmask16 m = k + 16 <= row ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0x00ff);
+      __m512 v = load_bf16_lanes(y1 + r * row + k, m);
+      if (sc) {
+        const int64_t l = k % n;  // the unit block (0 for n = 8, whose lanes repeat every 8)
+        v = round_bf16(_mm512_max_ps(_mm512_fmadd_ps(v, _mm512_loadu_ps(sc + l), _mm512_loadu_ps(sh + l)),
+                                     _mm512_setzero_ps()));
       }
+      _mm512_mask_storeu_ps(pad + ((r + 1) * wp + 1) * n + k, m, v);
+    }
 }
 
 // Words of two 16-word vectors interleaved, a[0], b[0], a[1], b[1], ...: the first 16 and the last 16.
@@ -1784,66 +1843,70 @@ inline void interleave_words(__m512i a, __m512i b, __m512i* lo, __m512i* hi) {
 void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc, const float* sh, at::Tensor& y2,
                       at::Tensor& stats) {
   const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
-  const int64_t c = w.size(0) / n, pairs = c / 2;
+  const int64_t c = w.size(0) / n, pairs = c / 2, L = unit_lanes(n), pv = pixels_per_vector(n), nv = (W + pv - 1) / pv;
   const float* wf = w.data_ptr<float>();
   const Scratch<float> wr = unit_weight_lanes(wf, n, c, false);  // w[cu + j][0][t], bf16-rounded
+  const Scratch<float> scl = sc ? unit_lane_values(sc, n) : Scratch<float>();
+  const Scratch<float> shl = sh ? unit_lane_values(sh, n) : Scratch<float>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   uint32_t* y2w = reinterpret_cast<uint32_t*>(y2.data_ptr<c10::BFloat16>());  // (c / 2) n words per pixel
   std::vector<std::vector<double>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * c, [&](int64_t b0, int64_t b1, int64_t t) {
-    Scratch<float> pad((H + 2) * wp * n, 0.f);
-    Scratch<uint32_t> words(pairs > 1 ? pairs * H * W * n : 0);  // [pair][pixel][unit]
+    Scratch<float> pad(((H + 2) * wp + 4) * n, 0.f);  // 4 pixels past the plane: read (not used) at odd ends
+    Scratch<uint32_t> words(pairs > 1 ? (pairs * H * W + 1) * n : 0);  // [pair][pixel][unit], a pixel past the last
     std::vector<double>& st = partial[t];
-    st.assign(2 * c * n, 0.0);  // [sum j; squares j], each n lanes (unit u)
+    st.assign(2 * c * L, 0.0);  // [sum j; squares j], each L lanes (unit l % n)
     for (int64_t b = b0; b < b1; ++b) {
-      cl_bn_input(y1p + b * H * W * n, H, W, n, sc, sh, pad.data());
+      cl_bn_input(y1p + b * H * W * n, H, W, n, sc ? scl.data() : nullptr, sh ? shl.data() : nullptr, pad.data());
       for (int64_t pq = 0; pq < pairs; ++pq)
         for (int64_t ub = 0; ub < n; ub += 16) {
           __m512 w0[9], w1[9];
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            w0[k] = _mm512_loadu_ps(wr.data() + (2 * pq * 9 + k) * n + ub);
-            w1[k] = _mm512_loadu_ps(wr.data() + ((2 * pq + 1) * 9 + k) * n + ub);
+            w0[k] = _mm512_loadu_ps(wr.data() + (2 * pq * 9 + k) * L + ub);
+            w1[k] = _mm512_loadu_ps(wr.data() + ((2 * pq + 1) * 9 + k) * L + ub);
           }
           for (int64_t r = 0; r < H; ++r) {
             __m512 s10 = _mm512_setzero_ps(), s11 = s10, s20 = s10, s21 = s10;
-            in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+            in_pixel_blocks(nv, [&](auto pb, int64_t vb) {
               constexpr int P = decltype(pb)::value;
               __m512 a0[P], a1[P];
-              stencil_two<P>(pad.data(), wp, n, ub, r, c0, w0, w1, a0, a1);
+              stencil_two<P>(pad.data(), wp, n, ub, r, vb * pv, pv, w0, w1, a0, a1);
 #pragma GCC unroll 4
               for (int q = 0; q < P; ++q) {
-                const __m512 v0 = round_bf16(a0[q]), v1 = round_bf16(a1[q]);
-                const int64_t pix = r * W + c0 + q;
+                const int64_t col = (vb + q) * pv, pix = r * W + col;
+                const __mmask16 m = pixel_lanes(n, col, W);
+                const __m512 v0 = _mm512_maskz_mov_ps(m, round_bf16(a0[q]));
+                const __m512 v1 = _mm512_maskz_mov_ps(m, round_bf16(a1[q]));
                 uint32_t* dst =
                     pairs > 1 ? words.data() + (pq * H * W + pix) * n + ub : y2w + (b * H * W + pix) * n + ub;
-                _mm512_storeu_si512(dst, pack_words(v0, v1));
+                _mm512_mask_storeu_epi32(dst, m, pack_words(v0, v1));
                 s10 = _mm512_add_ps(s10, v0);
                 s11 = _mm512_add_ps(s11, v1);
                 s20 = _mm512_fmadd_ps(v0, v0, s20);
                 s21 = _mm512_fmadd_ps(v1, v1, s21);
               }
             });
-            add_channels(s10, st.data() + 2 * pq * n + ub);
-            add_channels(s11, st.data() + (2 * pq + 1) * n + ub);
-            add_channels(s20, st.data() + (c + 2 * pq) * n + ub);
-            add_channels(s21, st.data() + (c + 2 * pq + 1) * n + ub);
+            add_channels(s10, st.data() + 2 * pq * L + ub);
+            add_channels(s11, st.data() + (2 * pq + 1) * L + ub);
+            add_channels(s20, st.data() + (c + 2 * pq) * L + ub);
+            add_channels(s21, st.data() + (c + 2 * pq + 1) * L + ub);
           }
         }
-      if (pairs == 2)  // unit u's words: (cu, cu + 1), then (cu + 2, cu + 3)
-        for (int64_t pix = 0; pix < H * W; ++pix)
+      if (pairs == 2)  // unit u's words: (cu, cu + 1), then (cu + 2, cu + 3); n = 8: two pixels per pair of vectors
+        for (int64_t pix = 0; pix < H * W; pix += pv)
           for (int64_t ub = 0; ub < n; ub += 16) {
             __m512i lo, hi;
             interleave_words(_mm512_loadu_si512(words.data() + pix * n + ub),
                              _mm512_loadu_si512(words.data() + (H * W + pix) * n + ub), &lo, &hi);
             uint32_t* dst = y2w + (b * H * W + pix) * 2 * n + 2 * ub;
             _mm512_storeu_si512(dst, lo);
-            _mm512_storeu_si512(dst + 16, hi);
+            if (pix + pv <= H * W) _mm512_storeu_si512(dst + 16, hi);
           }
     }
   });
   std::vector<double> sums(2 * c * n);
-  sum_lanes(partial, 2 * c * n, sums.data(), 1);
+  sum_unit_lanes(partial, 2 * c, n, sums.data());
   double* out = stats.data_ptr<double>();  // [2, cn]: channel cu + j
   for (int64_t u = 0; u < n; ++u)
     for (int j = 0; j < c; ++j) {
@@ -1878,44 +1941,50 @@ void cl_apply(const at::Tensor& y, const float* sc, const float* sh, at::Tensor&
   });
 }
 
-// grad_sums_impl for channels_last bf16 g and y (C a multiple of 16): sums of gz = (y * sc + sh > 0 ? g : 0) and gz * y
-// per channel; with out, g first through the block's ReLU (out <= 0 ? 0 : g), written to gres.
+// grad_sums_impl for channels_last bf16 g and y (C a multiple of 16, or 8): sums of gz = (y * sc + sh > 0 ? g : 0) and
+// gz * y per channel; with out, g first through the block's ReLU (out <= 0 ? 0 : g), written to gres. Vectors of 16
+// channels of a pixel (C = 8: of two pixels, an odd image's last vector masked).
 void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, const float* sh, at::Tensor& sums,
                   const c10::BFloat16* op, c10::BFloat16* gres) {
-  const int64_t C = y.size(1), B = y.size(0), HW = y.size(2) * y.size(3);
+  const int64_t C = y.size(1), B = y.size(0), HW = y.size(2) * y.size(3), L = unit_lanes(C);
+  const int64_t pv = pixels_per_vector(C), nv = (HW + pv - 1) / pv;
   const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
   const c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const Scratch<float> scl = unit_lane_values(sc, C), shl = unit_lane_values(sh, C);
   std::vector<std::vector<double>> partial(at::get_num_threads());
   over_images(B, B * HW * C / 8, [&](int64_t b0, int64_t b1, int64_t t) {
     std::vector<double>& st = partial[t];
-    st.assign(2 * C, 0.0);
+    st.assign(2 * L, 0.0);
     for (int64_t b = b0; b < b1; ++b)
-      for (int64_t cb = 0; cb < C; cb += 16) {  // one image's sums of 16 channels, in float, then into double
-        const __m512 vs = _mm512_loadu_ps(sc + cb), vh = _mm512_loadu_ps(sh + cb), zero = _mm512_setzero_ps();
-        __m512 s1a = zero, s2a = zero, s1b = zero, s2b = zero;  // two chains: even and odd pixels
-        const auto pixel = [&](int64_t p, __m512& s1, __m512& s2) {
-          const int64_t off = p * C + cb;
-          const __m512 yv = load_bf16(yp + off);
-          __m512 gv = load_bf16(gp + off);
+      for (int64_t cb = 0; cb < C; cb += 16) {  // one image's sums of 16 lanes, in float, then into double
+        const __m512 vs = _mm512_loadu_ps(scl.data() + cb), vh = _mm512_loadu_ps(shl.data() + cb);
+        const __m512 zero = _mm512_setzero_ps();
+        __m512 s1a = zero, s2a = zero, s1b = zero, s2b = zero;  // two chains: even and odd vectors
+        const auto pixel = [&](int64_t v, __m512& s1, __m512& s2) {
+          const int64_t off = (b * HW + v * pv) * C + cb;
+          const __mmask16 m = pixel_lanes(C, v * pv, HW);
+          const auto load = [m](const c10::BFloat16* p) { return load_bf16_lanes(p, m); };
+          const __m512 yv = load(yp + off);
+          __m512 gv = load(gp + off);
           if (op) {
-            gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_bf16(op + off), zero, _CMP_NLE_UQ), gv);
-            store_bf16(gres + off, gv);
+            gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load(op + off), zero, _CMP_NLE_UQ), gv);
+            store_bf16_lanes(gres + off, gv, m);
           }
           const __m512 gz = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, vs, vh), zero, _CMP_GT_OQ), gv);
           s1 = _mm512_add_ps(s1, gz);
           s2 = _mm512_fmadd_ps(gz, yv, s2);
         };
-        int64_t p = b * HW;
-        for (; p + 2 <= (b + 1) * HW; p += 2) {
-          pixel(p, s1a, s2a);
-          pixel(p + 1, s1b, s2b);
+        int64_t v = 0;
+        for (; v + 2 <= nv; v += 2) {
+          pixel(v, s1a, s2a);
+          pixel(v + 1, s1b, s2b);
         }
-        if (p < (b + 1) * HW) pixel(p, s1a, s2a);
+        if (v < nv) pixel(v, s1a, s2a);
         add_channels(_mm512_add_ps(s1a, s1b), st.data() + cb);
-        add_channels(_mm512_add_ps(s2a, s2b), st.data() + C + cb);
+        add_channels(_mm512_add_ps(s2a, s2b), st.data() + L + cb);
       }
   });
-  sum_lanes(partial, 2 * C, sums.data_ptr<double>(), 1);
+  sum_unit_lanes(partial, 2, C, sums.data_ptr<double>());
 }
 
 // The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to
@@ -1930,6 +1999,18 @@ inline __m512 cl_bn_grad(const c10::BFloat16* y, const c10::BFloat16* g, int64_t
   return round_bf16(v);
 }
 
+// The same for the 16 values at y and g (lanes in m; the rest 0) with the coefficients' 16 lanes at sc, sh, A, B.
+inline __m512 cl_bn_grad_lanes(const c10::BFloat16* y, const c10::BFloat16* g, __mmask16 m, const float* sc,
+                               const float* sh, const float* A, const float* B) {
+  const auto load = [m](const c10::BFloat16* p) { return load_bf16_lanes(p, m); };
+  const __m512 yv = load(y), s = _mm512_loadu_ps(sc);
+  const __mmask16 on =
+      _mm512_mask_cmp_ps_mask(m, _mm512_fmadd_ps(yv, s, _mm512_loadu_ps(sh)), _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 gz = _mm512_maskz_mov_ps(on, _mm512_mul_ps(load(g), s));
+  const __m512 v = _mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A), _mm512_loadu_ps(B)));
+  return _mm512_maskz_mov_ps(m, round_bf16(v));
+}
+
 // conv2's backward: g (B, cn, H, W), the gradient of relu(y2 * sc + sh), y2 (B, cn, H, W), y1 (B, n, H, W) with
 // conv2's input relu(y1 * isc + ish), all channels_last bf16 (c = 2 or 4 outputs per unit): gh (B, n, H, W)
 // channels_last bf16 and gw (cn, 1, 3, 3). The gradient through BN2 is kept as c / 2 planes of channel-pair words
@@ -1938,23 +2019,26 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
                        const float* sc, const float* sh, const float* A, const float* Bc, const float* isc,
                        const float* ish, at::Tensor* gh, at::Tensor* gw) {
   const int64_t B = y1.size(0), n = y1.size(1), H = y1.size(2), W = y1.size(3), wp = W + 2;
-  const int64_t c = w.size(0) / n, pairs = c / 2, plane = (H + 2) * wp * n;
+  const int64_t c = w.size(0) / n, pairs = c / 2, plane = ((H + 2) * wp + 4) * n;  // 4 pixels read past a plane
+  const int64_t L = unit_lanes(n), pv = pixels_per_vector(n), nv = (W + pv - 1) / pv;
   const float* wf = w.data_ptr<float>();
-  // wq[(pq * 9 + t) * n + u]: (w[cu + 2pq][0][8 - t], w[cu + 2pq + 1][0][8 - t]), flipped for the input gradient
+  // wq[(pq * 9 + t) * L + l]: (w[cu + 2pq][0][8 - t], w[cu + 2pq + 1][0][8 - t]), flipped for the input gradient
   const Scratch<uint32_t> wq = unit_weight_pairs(wf, n, c, true);
+  const Scratch<float> iscl = unit_lane_values(isc, n), ishl = unit_lane_values(ish, n);
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y2p = y2.data_ptr<c10::BFloat16>();
   c10::BFloat16* ghp = gh ? gh->data_ptr<c10::BFloat16>() : nullptr;
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i halves = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);  // n = 8
   std::vector<Scratch<float>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * 2 * c, [&](int64_t b0, int64_t b1, int64_t t) {
     Scratch<uint32_t> gpad(pairs * plane, 0u);  // the gradient through BN2: [pair][padded pixel][unit]
     Scratch<uint32_t> pix_words(pairs * n);       // one pixel's, in channel order
     Scratch<float> xpad(gw ? plane : 0, 0.f);
     Scratch<float>& acc = partial[t];
-    acc.assign(gw ? 9 * c * n : 0, 0.f);  // acc[(j * 9 + t) * n + u]
+    acc.assign(gw ? 9 * c * L : 0, 0.f);  // acc[(j * 9 + t) * L + l] (unit l % n)
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r = 0; r < H; ++r)
         for (int64_t col = 0; col < W; ++col) {
@@ -1963,19 +2047,25 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
           for (int64_t c0 = 0; c0 < c * n; c0 += 16)
             store_bits(dst + c0,
                        bf16_high((V<float>::type)cl_bn_grad(y2p + off + c0, gp + off + c0, c0, sc, sh, A, Bc)));
-          for (int64_t ub = 0; ub < n && pairs == 2; ub += 16) {  // unit u's two words to the two planes
+          if (pairs == 2 && n == 8) {  // the 8 units' two words: evens to plane 0, odds to plane 1
+            const __m512i v = _mm512_permutexvar_epi32(halves, _mm512_loadu_si512(pix_words.data()));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(gpad.data() + pix), _mm512_castsi512_si256(v));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(gpad.data() + plane + pix), _mm512_extracti64x4_epi64(v, 1));
+          }
+          for (int64_t ub = 0; ub < n && pairs == 2 && n != 8; ub += 16) {  // unit u's two words to the two planes
             const __m512i lo = _mm512_loadu_si512(pix_words.data() + 2 * ub);
             const __m512i hi = _mm512_loadu_si512(pix_words.data() + 2 * ub + 16);
             _mm512_storeu_si512(gpad.data() + pix + ub, _mm512_permutex2var_epi32(lo, even, hi));
             _mm512_storeu_si512(gpad.data() + plane + pix + ub, _mm512_permutex2var_epi32(lo, odd, hi));
           }
         }
-      if (gw) cl_bn_input(y1p + b * H * W * n, H, W, n, isc, ish, xpad.data());
+      if (gw) cl_bn_input(y1p + b * H * W * n, H, W, n, iscl.data(), ishl.data(), xpad.data());
       for (int64_t ub = 0; ub < n; ub += 16) {
         if (ghp)
           for (int64_t r = 0; r < H; ++r)
-            in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+            in_pixel_blocks(nv, [&](auto pb, int64_t vb) {
               constexpr int P = decltype(pb)::value;
+              const int64_t c0 = vb * pv;
               __m512 a[P];
 #pragma GCC unroll 4
               for (int q = 0; q < P; ++q) a[q] = _mm512_setzero_ps();
@@ -1985,27 +2075,29 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
                 for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
                   for (int dx = 0; dx < 3; ++dx) {
-                    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wq.data() + (pq * 9 + dy * 3 + dx) * n + ub);
+                    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wq.data() + (pq * 9 + dy * 3 + dx) * L + ub);
 #pragma GCC unroll 4
                     for (int q = 0; q < P; ++q)
                       a[q] = _mm512_dpbf16_ps(
-                          a[q], (__m512bh)_mm512_loadu_si512(gq + ((r + dy) * wp + c0 + q + dx) * n + ub), wv);
+                          a[q], (__m512bh)_mm512_loadu_si512(gq + ((r + dy) * wp + c0 + q * pv + dx) * n + ub), wv);
                   }
               }
 #pragma GCC unroll 4
-              for (int q = 0; q < P; ++q) store_bf16(ghp + ((b * H + r) * W + c0 + q) * n + ub, a[q]);
+              for (int q = 0; q < P; ++q)
+                store_bf16_lanes(ghp + ((b * H + r) * W + c0 + q * pv) * n + ub, a[q],
+                                 pixel_lanes(n, c0 + q * pv, W));
             });
         for (int64_t pq = 0; pq < pairs && gw; ++pq) {
           const uint32_t* gq = gpad.data() + pq * plane;
-          float* accq = acc.data() + 2 * pq * 9 * n;
+          float* accq = acc.data() + 2 * pq * 9 * L;
           __m512 a0[9], a1[9];
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            a0[k] = _mm512_loadu_ps(accq + k * n + ub);
-            a1[k] = _mm512_loadu_ps(accq + (9 + k) * n + ub);
+            a0[k] = _mm512_loadu_ps(accq + k * L + ub);
+            a1[k] = _mm512_loadu_ps(accq + (9 + k) * L + ub);
           }
           for (int64_t r = 0; r < H; ++r)
-            for (int64_t col = 0; col < W; ++col) {
+            for (int64_t col = 0; col < W; col += pv) {  // n = 8, W odd: the last vector's second pixel a zero border
               const __m512i gwd = _mm512_loadu_si512(gq + ((r + 1) * wp + col + 1) * n + ub);
               const __m512 g0 = words_lo(gwd), g1 = words_hi(gwd);
 #pragma GCC unroll 3
@@ -2019,8 +2111,8 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
             }
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            _mm512_storeu_ps(accq + k * n + ub, a0[k]);
-            _mm512_storeu_ps(accq + (9 + k) * n + ub, a1[k]);
+            _mm512_storeu_ps(accq + k * L + ub, a0[k]);
+            _mm512_storeu_ps(accq + (9 + k) * L + ub, a1[k]);
           }
         }
       }
@@ -2030,9 +2122,9 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
     float* out = gw->data_ptr<float>();  // (cn, 1, 3, 3)
     std::fill(out, out + 9 * c * n, 0.f);
     for (const auto& p : partial)
-      for (int64_t u = 0; u < n && !p.empty(); ++u)
+      for (int64_t l = 0; l < L && !p.empty(); ++l)
         for (int j = 0; j < c; ++j)
-          for (int k = 0; k < 9; ++k) out[(c * u + j) * 9 + k] += p[(j * 9 + k) * n + u];
+          for (int k = 0; k < 9; ++k) out[(c * (l % n) + j) * 9 + k] += p[(j * 9 + k) * L + l];
   }
 }
 
@@ -2043,27 +2135,32 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        at::Tensor* gw, const c10::BFloat16* add, int64_t s) {
   const int64_t B = x.size(0), n = x.size(1) / 2, H = x.size(2), W = x.size(3), wp = W + 2;
   const int64_t Ho = gh.size(2), Wo = gh.size(3), wpg = Wo + 2;  // the gradient's plane (stride s)
+  const int64_t L = unit_lanes(n), pv = pixels_per_vector(n);
   const float* wf = w.data_ptr<float>();
   // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16; the gradient through BN1 rounded to bf16 too,
   // so that every product is of bf16 operands (exact in float32), as in the NCHW kernels' dot products
   const Scratch<float> wr = unit_weight_lanes(wf, n, 2, true);
+  const Scratch<float> scl = unit_lane_values(sc, n), shl = unit_lane_values(sh, n), Al = unit_lane_values(A, n),
+                       Bl = unit_lane_values(Bc, n);
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   const c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
-  __m512i* gxp = gx ? reinterpret_cast<__m512i*>(gx->data_ptr<c10::BFloat16>()) : nullptr;
+  uint32_t* gxp = gx ? reinterpret_cast<uint32_t*>(gx->data_ptr<c10::BFloat16>()) : nullptr;  // n words per pixel
   std::vector<Scratch<float>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * 4, [&](int64_t b0, int64_t b1, int64_t t) {
-    Scratch<float> gpad((Ho + 2) * wpg * n, 0.f);  // the gradient through BN1, rounded to bf16
-    Scratch<uint32_t> xpad(gw ? (H + 2) * wp * n : 0, 0u);
+    // the gradient through BN1, rounded to bf16; both pads 4 pixels longer (read, not used, past odd rows' ends)
+    Scratch<float> gpad(((Ho + 2) * wpg + 4) * n, 0.f);
+    Scratch<uint32_t> xpad(gw ? ((H + 2) * wp + 4) * n : 0, 0u);
     Scratch<float>& acc = partial[t];
-    acc.assign(gw ? 18 * n : 0, 0.f);  // acc[(i * 9 + t) * n + u]
+    acc.assign(gw ? 18 * L : 0, 0.f);  // acc[(i * 9 + t) * L + l] (unit l % n)
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t r = 0; r < Ho; ++r)
-        for (int64_t c = 0; c < Wo; ++c) {
-          const int64_t off = ((b * Ho + r) * Wo + c) * n;
-          for (int64_t c0 = 0; c0 < n; c0 += 16)
-            _mm512_storeu_ps(gpad.data() + ((r + 1) * wpg + c + 1) * n + c0,
-                             cl_bn_grad(y1p + off + c0, ghp + off + c0, c0, sc, sh, A, Bc));
+      for (int64_t r = 0; r < Ho; ++r)  // a row's Wo n values, contiguous in gh, y1 and the pad, 16 at a time
+        for (int64_t k = 0; k < Wo * n; k += 16) {
+          const int64_t off = (b * Ho + r) * Wo * n + k, l = k % n;
+          const __mmask16 m = k + 16 <= Wo * n ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0x00ff);
+          _mm512_mask_storeu_ps(gpad.data() + ((r + 1) * wpg + 1) * n + k, m,
+                                cl_bn_grad_lanes(y1p + off, ghp + off, m, scl.data() + l, shl.data() + l,
+                                                 Al.data() + l, Bl.data() + l));
         }
       if (gw)
         for (int64_t r = 0; r < H; ++r)
@@ -2080,26 +2177,31 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                   const __m512 v =
                       _mm512_loadu_ps(gpad.data() + (((R + 1 - dy) / 2 + 1) * wpg + (C + 1 - dx) / 2 + 1) * n + ub);
                   const int t = 8 - (dy * 3 + dx);  // wr is flipped
-                  a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(wr.data() + t * n + ub), a0);
-                  a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(wr.data() + (9 + t) * n + ub), a1);
+                  a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(wr.data() + t * L + ub), a0);
+                  a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(wr.data() + (9 + t) * L + ub), a1);
                 }
-              _mm512_storeu_si512(gxp + ((b * H + R) * W + C) * (n / 16) + ub / 16, pack_words(a0, a1));
+              // n = 8: one pixel per vector here (the taps differ by column phase), lanes 8-15 not stored
+              const __mmask16 one_pixel = n == 8 ? 0x00ff : 0xffff;
+              _mm512_mask_storeu_epi32(gxp + ((b * H + R) * W + C) * n + ub, one_pixel, pack_words(a0, a1));
             }
         } else if (gxp) {
           __m512 w0[9], w1[9];
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            w0[k] = _mm512_loadu_ps(wr.data() + k * n + ub);
-            w1[k] = _mm512_loadu_ps(wr.data() + (9 + k) * n + ub);
+            w0[k] = _mm512_loadu_ps(wr.data() + k * L + ub);
+            w1[k] = _mm512_loadu_ps(wr.data() + (9 + k) * L + ub);
           }
           for (int64_t r = 0; r < H; ++r)
-            in_pixel_blocks(W, [&](auto pb, int64_t c0) {
+            in_pixel_blocks((W + pv - 1) / pv, [&](auto pb, int64_t vb) {
               constexpr int P = decltype(pb)::value;
               __m512 a0[P], a1[P];
-              stencil_two<P>(gpad.data(), wpg, n, ub, r, c0, w0, w1, a0, a1);
+              stencil_two<P>(gpad.data(), wpg, n, ub, r, vb * pv, pv, w0, w1, a0, a1);
 #pragma GCC unroll 4
-              for (int q = 0; q < P; ++q)
-                _mm512_storeu_si512(gxp + ((b * H + r) * W + c0 + q) * (n / 16) + ub / 16, pack_words(a0[q], a1[q]));
+              for (int q = 0; q < P; ++q) {
+                const int64_t col = (vb + q) * pv;
+                _mm512_mask_storeu_epi32(gxp + ((b * H + r) * W + col) * n + ub, pixel_lanes(n, col, W),
+                                         pack_words(a0[q], a1[q]));
+              }
             });
         }
         if (gxp && add && ub + 16 >= n) {  // the image's input gradient, just written, plus the addend's
@@ -2112,25 +2214,25 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
           __m512 a0[9], a1[9];
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            a0[k] = _mm512_loadu_ps(acc.data() + k * n + ub);
-            a1[k] = _mm512_loadu_ps(acc.data() + (9 + k) * n + ub);
+            a0[k] = _mm512_loadu_ps(acc.data() + k * L + ub);
+            a1[k] = _mm512_loadu_ps(acc.data() + (9 + k) * L + ub);
           }
           for (int64_t r = 0; r < Ho; ++r)
-            for (int64_t c = 0; c < Wo; ++c) {
+            for (int64_t c = 0; c < Wo; c += pv) {  // n = 8, Wo odd: the last vector's second pixel a zero border
               const __m512 gv = _mm512_loadu_ps(gpad.data() + ((r + 1) * wpg + c + 1) * n + ub);
 #pragma GCC unroll 3
               for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
                 for (int dx = 0; dx < 3; ++dx) {
-                  const __m512i xw = _mm512_loadu_si512(xpad.data() + ((r * s + dy) * wp + c * s + dx) * n + ub);
+                  const __m512i xw = load_units(xpad.data() + ((r * s + dy) * wp + c * s + dx) * n + ub, n, s * n);
                   a0[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_lo(xw), a0[dy * 3 + dx]);
                   a1[dy * 3 + dx] = _mm512_fmadd_ps(gv, words_hi(xw), a1[dy * 3 + dx]);
                 }
             }
 #pragma GCC unroll 9
           for (int k = 0; k < 9; ++k) {
-            _mm512_storeu_ps(acc.data() + k * n + ub, a0[k]);
-            _mm512_storeu_ps(acc.data() + (9 + k) * n + ub, a1[k]);
+            _mm512_storeu_ps(acc.data() + k * L + ub, a0[k]);
+            _mm512_storeu_ps(acc.data() + (9 + k) * L + ub, a1[k]);
           }
         }
       }
@@ -2140,9 +2242,9 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     float* out = gw->data_ptr<float>();  // (n, 2, 3, 3)
     std::fill(out, out + 18 * n, 0.f);
     for (const auto& p : partial)
-      for (int64_t u = 0; u < n && !p.empty(); ++u)
+      for (int64_t l = 0; l < L && !p.empty(); ++l)
         for (int i = 0; i < 2; ++i)
-          for (int k = 0; k < 9; ++k) out[(2 * u + i) * 9 + k] += p[(i * 9 + k) * n + u];
+          for (int k = 0; k < 9; ++k) out[(2 * (l % n) + i) * 9 + k] += p[(i * 9 + k) * L + l];
   }
 }
 
@@ -2560,11 +2662,11 @@ at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Te
 at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh,
                              const std::optional<at::Tensor>& out = std::nullopt, at::Tensor* gres = nullptr) {
   const bool cl = kChannelsLastUnits && is_cl(y) && is_cl(g) && y.scalar_type() == at::kBFloat16 &&
-                  y.size(1) % 16 == 0 && (!out || is_cl(*out));
+                  (y.size(1) % 16 == 0 || y.size(1) == 8) && (!out || is_cl(*out));
   TORCH_CHECK(y.dim() == 4 && ((y.is_contiguous() && g.is_contiguous()) || cl) && g.sizes() == y.sizes() &&
                   g.scalar_type() == y.scalar_type(),
-              "unit_train: g and y must be NCHW contiguous (or both channels_last bf16 of 16k channels) of one shape "
-              "and dtype");
+              "unit_train: g and y must be NCHW contiguous (or both channels_last bf16 of 16k or 8 channels) of one "
+              "shape and dtype");
   check_channel_vec(sc, y.size(1), y, "sc");
   check_channel_vec(sh, y.size(1), y, "sh");
   at::Tensor sums = at::empty({2, y.size(1)}, y.options().dtype(at::kDouble));
