@@ -7,7 +7,10 @@ L1-filter at 80% fewer MACs (a pruned model, as a fine-tune trains it). Every mo
 all (model, setting) pairs taking turns round-robin in one session (``interleaved_times``),
 each turn one untimed and one timed step. Per model the fastest setting is its step; the ratio divides by dense at
 dense's fastest setting. Then each model trains whole epochs of the data set (Fashion-MNIST, else the digits) through
-the harness loop (``harness.run.train.train_model``) at its fastest setting, the models taking turns epoch by epoch.
+the harness loop (``harness.run.train.train_model``) at its fastest setting. The models' epochs take turns in slices
+of ``--slice-steps`` steps (:func:`sliced_epochs`: each epoch in its own thread, one thread running at a time), so the
+VM's drift over the minutes an epoch takes falls on every model alike; each model's epoch time is the sum of its
+turns. ``--slice-steps 0`` runs the epochs one after the other instead (each epoch whole, the order rotated per epoch).
 
 ``--unfused`` adds, for the BUnit models, the ``unit_train`` kernel without its BN + ReLU fusion (each convolution in
 the kernel, BN and ReLU PyTorch's: what ``unit_train`` ran before the fusion), registered here as the backend
@@ -16,7 +19,8 @@ the kernel, BN and ReLU PyTorch's: what ``unit_train`` ran before the fusion), r
 activations stored in float32 instead of bfloat16 (what ``unit_train`` did under autocast before bf16 storage),
 registered as ``unit_train_fp32``; neither added backend is a candidate for a model's fastest setting.
 
-Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1] [--unfused]``.
+Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1] [--slice-steps 50]
+[--unfused]``.
 Prints the tables and writes ``results/benchmarks/train_step.csv``.
 """
 from __future__ import annotations
@@ -25,8 +29,10 @@ import argparse
 import copy
 import csv
 import statistics
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import harness  # noqa: F401  (torchvision shim)
 import torch
@@ -102,6 +108,71 @@ def register_fp32_multiplies() -> str:
     return name
 
 
+def sliced_epochs(jobs: dict[str, Callable[[Callable], object]], slice_steps: int, threads: int) -> dict[str, float]:
+    """Run ``jobs`` (name -> ``job(after_step)``, one epoch through the harness loop, which calls ``after_step`` after
+    every optimizer step) taking turns: each job in a thread of its own, one thread running at a time, handing over to
+    the next unfinished job (in ``jobs``' order) every ``slice_steps`` steps. Returns each job's seconds, the sum of its
+    turns (from taking the turn to handing it over, the epoch's set-up and last steps included)."""
+    names = list(jobs)
+    turn = {n: threading.Event() for n in names}
+    spent = {n: 0.0 for n in names}
+    done: set[str] = set()
+    errors: dict[str, BaseException] = {}
+    state = threading.Lock()
+
+    def following(n: str) -> str | None:  # the next unfinished job after n (n itself if it is the last one)
+        with state:
+            i = names.index(n)
+            for k in range(1, len(names) + 1):
+                m = names[(i + k) % len(names)]
+                if m not in done:
+                    return m
+            return None
+
+    def worker(n: str) -> None:
+        torch.set_num_threads(threads)  # intra-op threads are per calling thread (OpenMP)
+        turn[n].wait()
+        start = time.perf_counter()
+        steps = 0
+
+        def after_step(_model) -> None:
+            nonlocal start, steps
+            steps += 1
+            if steps % slice_steps:
+                return
+            nxt = following(n)
+            if nxt in (n, None):
+                return
+            spent[n] += time.perf_counter() - start
+            turn[n].clear()
+            turn[nxt].set()
+            turn[n].wait()
+            start = time.perf_counter()
+
+        try:
+            jobs[n](after_step)
+        except BaseException as e:  # re-raised in the calling thread
+            errors[n] = e
+        finally:
+            spent[n] += time.perf_counter() - start
+            with state:
+                done.add(n)
+            nxt = following(n)
+            if nxt is not None:
+                turn[nxt].set()
+
+    workers = [threading.Thread(target=worker, args=(n,), name=f"epoch:{n}") for n in names]
+    for w in workers:
+        w.start()
+    turn[names[0]].set()
+    for w in workers:
+        w.join()
+    if errors:
+        name, err = next(iter(errors.items()))
+        raise RuntimeError(f"the epoch of {name} failed") from err
+    return spent
+
+
 def isa() -> str:
     try:
         flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
@@ -117,6 +188,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per (model, setting)")
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per model (0: steps only)")
+    parser.add_argument("--slice-steps", type=int, default=50,
+                        help="the models' epochs take turns every this many steps (0: each epoch whole, in turn)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--out", default="results/benchmarks/train_step.csv")
@@ -202,14 +275,28 @@ def main() -> None:
         print(f"\nepochs: {args.dataset}, {len(data.y_train)} training images, each model at its fastest setting")
         epoch_s: dict[str, list[float]] = {n: [] for n in names}
         trained = {n: copy.deepcopy(m) for n, m in models.items()}
-        for e in range(args.epochs):
-            for n in names[e % len(names):] + names[:e % len(names)]:
+        def epoch_job(n: str, e: int) -> Callable[[Callable | None], float]:
+            def job(after_step: Callable | None = None) -> float:
                 s = best[n]
                 apply_setting(trained[n], s)
                 recipe = TrainConfig(batch_size=args.batch, lr=0.05, warmup_epochs=0, channels_last=s.channels_last,
                                      bf16=s.bf16, bf16_cpu=s.bf16)
-                epoch_s[n].append(train_model(trained[n], data, recipe, epochs=1, seed=e, warmup=False,
-                                              setting=s).seconds)
+                return train_model(trained[n], data, recipe, epochs=1, seed=e, warmup=False, setting=s,
+                                   after_step=after_step).seconds
+            return job
+
+        snap = cpu_snapshot()
+        for e in range(args.epochs):
+            order = names[e % len(names):] + names[:e % len(names)]
+            if args.slice_steps > 0:
+                spent = sliced_epochs({n: epoch_job(n, e) for n in order}, args.slice_steps, args.threads)
+                for n in order:
+                    epoch_s[n].append(spent[n])
+            else:
+                for n in order:
+                    epoch_s[n].append(epoch_job(n, e)())
+        how = (f"taking turns every {args.slice_steps} steps" if args.slice_steps > 0 else "one after the other")
+        print(f"epochs {how}; other work kept {others_cpus(snap, cpu_snapshot())} CPUs busy meanwhile")
         ref_e = statistics.median(epoch_s["dense"])
         for n in names:
             sec = statistics.median(epoch_s[n])
