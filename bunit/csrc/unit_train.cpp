@@ -53,8 +53,8 @@ namespace {
 // aligned) they could, by where the heap had put the buffer, and the cost followed the process: a hybrid row's gather
 // of a pixel's words just written to such a buffer stalled in some processes (row_conv1_backward of a 48-lane row
 // 1.1 + k x 4.6 ms, k = 0-5, instead of 1.1 ms; the same call the same time again and again; measured, the
-// mechanism not pinned down), so the kernels' scratch buffers and weight tables are all of these (the per-thread
-// double sums of BN, read once per plane or row, stay std::vector).
+// mechanism not pinned down), so the kernels' scratch buffers, weight tables and per-thread double sums of BN are
+// all of these.
 template <typename T>
 struct Align64 {
   using value_type = T;
@@ -848,7 +848,7 @@ constexpr int kSumLanes = 1;
 #endif
 
 // Sums over threads and lanes: out[k] = sum of partial[t][k * lanes + l] (n values; threads without sums empty).
-inline void sum_lanes(const std::vector<std::vector<double>>& partial, int64_t n, double* out,
+inline void sum_lanes(const std::vector<Scratch<double>>& partial, int64_t n, double* out,
                       int lanes = kSumLanes) {
   std::fill(out, out + n, 0.0);
   for (const auto& p : partial)
@@ -926,7 +926,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
   const int64_t items = g.n * g.groups;
   const int nthreads = threads_for(items * g.ho * g.wr * g.cout * g.cin, items);
   const int64_t nst = 2 * g.groups * g.cout;
-  std::vector<std::vector<double>> partial(stats ? nthreads : 0);
+  std::vector<Scratch<double>> partial(stats ? nthreads : 0);
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
@@ -1510,7 +1510,7 @@ void grad_sums_impl(const at::Tensor& g, const at::Tensor& y, const T* sc, const
   const M* yp = y.data_ptr<M>();
   const M* gp = g.data_ptr<M>();
   const int nthreads = threads_for(n * c * hw / 8, n);
-  std::vector<std::vector<double>> partial(nthreads, std::vector<double>(2 * c * kSumLanes, 0.0));
+  std::vector<Scratch<double>> partial(nthreads, Scratch<double>(2 * c * kSumLanes, 0.0));
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       double* st = partial[t].data();
@@ -1673,7 +1673,7 @@ inline Scratch<float> unit_lane_values(const float* v, int64_t n) {
 }
 
 // The per-thread sums of `rows` rows of unit_lanes(n) lanes, folded to rows of n values: out[k * n + u].
-inline void sum_unit_lanes(const std::vector<std::vector<double>>& partial, int64_t rows, int64_t n, double* out) {
+inline void sum_unit_lanes(const std::vector<Scratch<double>>& partial, int64_t rows, int64_t n, double* out) {
   const int64_t L = unit_lanes(n);
   std::vector<double> all(rows * L);
   sum_lanes(partial, rows * L, all.data(), 1);
@@ -1760,10 +1760,10 @@ void cl_conv1_forward(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, a
   const Scratch<uint32_t> wq = unit_weight_pairs(wf, n, 2, false);  // wq[t * L + l]: (w[u][0][t], w[u][1][t])
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  std::vector<std::vector<double>> partial(at::get_num_threads());
+  std::vector<Scratch<double>> partial(at::get_num_threads());
   over_images(B, B * H * W * n, [&](int64_t b0, int64_t b1, int64_t t) {
     Scratch<uint32_t> pad(((H + 2) * wp + 4) * n, 0u);  // 4 pixels past the plane: read (not used) at odd ends
-    std::vector<double>& st = partial[t];
+    Scratch<double>& st = partial[t];
     st.assign(2 * L, 0.0);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r = 0; r < H; ++r)
@@ -1850,11 +1850,11 @@ void cl_conv2_forward(const at::Tensor& y1, const at::Tensor& w, const float* sc
   const Scratch<float> shl = sh ? unit_lane_values(sh, n) : Scratch<float>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
   uint32_t* y2w = reinterpret_cast<uint32_t*>(y2.data_ptr<c10::BFloat16>());  // (c / 2) n words per pixel
-  std::vector<std::vector<double>> partial(at::get_num_threads());
+  std::vector<Scratch<double>> partial(at::get_num_threads());
   over_images(B, B * H * W * n * c, [&](int64_t b0, int64_t b1, int64_t t) {
     Scratch<float> pad(((H + 2) * wp + 4) * n, 0.f);  // 4 pixels past the plane: read (not used) at odd ends
     Scratch<uint32_t> words(pairs > 1 ? (pairs * H * W + 1) * n : 0);  // [pair][pixel][unit], a pixel past the last
-    std::vector<double>& st = partial[t];
+    Scratch<double>& st = partial[t];
     st.assign(2 * c * L, 0.0);  // [sum j; squares j], each L lanes (unit l % n)
     for (int64_t b = b0; b < b1; ++b) {
       cl_bn_input(y1p + b * H * W * n, H, W, n, sc ? scl.data() : nullptr, sh ? shl.data() : nullptr, pad.data());
@@ -1951,9 +1951,9 @@ void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, con
   const c10::BFloat16* gp = g.data_ptr<c10::BFloat16>();
   const c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   const Scratch<float> scl = unit_lane_values(sc, C), shl = unit_lane_values(sh, C);
-  std::vector<std::vector<double>> partial(at::get_num_threads());
+  std::vector<Scratch<double>> partial(at::get_num_threads());
   over_images(B, B * HW * C / 8, [&](int64_t b0, int64_t b1, int64_t t) {
-    std::vector<double>& st = partial[t];
+    Scratch<double>& st = partial[t];
     st.assign(2 * L, 0.0);
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t cb = 0; cb < C; cb += 16) {  // one image's sums of 16 lanes, in float, then into double
@@ -2890,11 +2890,11 @@ std::vector<at::Tensor> row_conv_forward(const at::Tensor& x, const at::Tensor& 
   at::Tensor y = at::empty({B, L, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor stats = at::empty({2, L}, x.options().dtype(at::kDouble));
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  std::vector<std::vector<double>> partial(at::get_num_threads());
+  std::vector<Scratch<double>> partial(at::get_num_threads());
   over_images(B, B * Ho * Wo * L * g.P * 2, [&](int64_t b0, int64_t b1, int64_t t) {
     Scratch<uint32_t> e((H + 2) * wp * g.P * L, 0u);
     Scratch<uint16_t> row(g.S, 0);
-    std::vector<double>& st = partial[t];
+    Scratch<double>& st = partial[t];
     st.assign(2 * L, 0.0);
     for (int64_t b = b0; b < b1; ++b) {
       row_fill(src, b * H * W, H, W, 1, g, wp, row.data(), e.data());
@@ -2936,13 +2936,13 @@ std::vector<at::Tensor> row_conv2_backward(const at::Tensor& g, const at::Tensor
   at::Tensor sums = at::empty({2, L}, y1.options().dtype(at::kDouble));
   c10::BFloat16* ghp = gh.data_ptr<c10::BFloat16>();
   const c10::BFloat16* y1p = y1.data_ptr<c10::BFloat16>();
-  std::vector<std::vector<double>> partial(at::get_num_threads());
+  std::vector<Scratch<double>> partial(at::get_num_threads());
   std::vector<Scratch<float>> wpart(at::get_num_threads());
   over_images(B, B * HW * (L * gg.P + C * fg.K) * 2, [&](int64_t b0, int64_t b1, int64_t t) {
     Scratch<uint32_t> e((H + 2) * wp * gg.P * L, 0u), ex(need_weight ? (H + 2) * wp * fg.P * C : 0, 0u);
     Scratch<uint16_t> row(std::max(gg.S, fg.S), 0);
     Scratch<float> gout(need_weight ? HW * C : 0);
-    std::vector<double>& st = partial[t];
+    Scratch<double>& st = partial[t];
     st.assign(2 * L, 0.0);
     Scratch<float>& acc = wpart[t];
     acc.assign(need_weight ? fg.K * 9 * C : 0, 0.f);
