@@ -8,9 +8,8 @@ all (model, setting) pairs taking turns round-robin in one session (``interleave
 each turn one untimed and one timed step. Per model the fastest setting is its step; the ratio divides by dense at
 dense's fastest setting. Then each model trains whole epochs of the data set (Fashion-MNIST, else the digits) through
 the harness loop (``harness.run.train.train_model``) at its fastest setting. The models' epochs take turns in slices
-of ``--slice-steps`` steps (:func:`sliced_epochs`: each epoch in its own thread, one thread running at a time), so the
-VM's drift over the minutes an epoch takes falls on every model alike; each model's epoch time is the sum of its
-turns. ``--slice-steps 0`` runs the epochs one after the other instead (each epoch whole, the order rotated per epoch).
+of ``--slice-steps`` steps (:func:`sliced_epochs`: each epoch in a greenlet, all on one thread), so the VM's drift over
+the minutes an epoch takes falls on every model alike; each model's epoch time is the sum of its turns. ``--slice-steps 0`` runs the epochs one after the other instead (each epoch whole, the order rotated per epoch).
 
 ``--unfused`` adds, for the BUnit models, the ``unit_train`` kernel without its BN + ReLU fusion (each convolution in
 the kernel, BN and ReLU PyTorch's: what ``unit_train`` ran before the fusion), registered here as the backend
@@ -29,7 +28,6 @@ import argparse
 import copy
 import csv
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -108,68 +106,47 @@ def register_fp32_multiplies() -> str:
     return name
 
 
-def sliced_epochs(jobs: dict[str, Callable[[Callable], object]], slice_steps: int, threads: int) -> dict[str, float]:
+def sliced_epochs(jobs: dict[str, Callable[[Callable], object]], slice_steps: int) -> dict[str, float]:
     """Run ``jobs`` (name -> ``job(after_step)``, one epoch through the harness loop, which calls ``after_step`` after
-    every optimizer step) taking turns: each job in a thread of its own, one thread running at a time, handing over to
-    the next unfinished job (in ``jobs``' order) every ``slice_steps`` steps. Returns each job's seconds, the sum of its
-    turns (from taking the turn to handing it over, the epoch's set-up and last steps included)."""
-    names = list(jobs)
-    turn = {n: threading.Event() for n in names}
-    spent = {n: 0.0 for n in names}
-    done: set[str] = set()
-    errors: dict[str, BaseException] = {}
-    state = threading.Lock()
+    every optimizer step) taking turns in ``jobs``' order, each for ``slice_steps`` steps, until all have finished.
+    Each job runs in a greenlet, and all on this thread: one OpenMP thread pool, as in a plain training run (Python
+    threads would each start a pool of their own, and with more OpenMP threads than CPUs libgomp stops spinning
+    between parallel regions: measured, every operation 1.2-2x slower, dense's more than the units' kernels).
+    Returns each job's seconds, the sum of its turns (the epoch's set-up and last steps included)."""
+    from greenlet import getcurrent, greenlet  # only the sliced epochs need it (--slice-steps 0 does not)
 
-    def following(n: str) -> str | None:  # the next unfinished job after n (n itself if it is the last one)
-        with state:
-            i = names.index(n)
-            for k in range(1, len(names) + 1):
-                m = names[(i + k) % len(names)]
-                if m not in done:
-                    return m
-            return None
+    scheduler = getcurrent()
+    spent = {n: 0.0 for n in jobs}
 
-    def worker(n: str) -> None:
-        torch.set_num_threads(threads)  # intra-op threads are per calling thread (OpenMP)
-        turn[n].wait()
-        start = time.perf_counter()
-        steps = 0
+    def run(n: str) -> None:
+        start, steps = time.perf_counter(), 0
 
         def after_step(_model) -> None:
             nonlocal start, steps
             steps += 1
-            if steps % slice_steps:
-                return
-            nxt = following(n)
-            if nxt in (n, None):
-                return
-            spent[n] += time.perf_counter() - start
-            turn[n].clear()
-            turn[nxt].set()
-            turn[n].wait()
-            start = time.perf_counter()
+            if steps % slice_steps == 0:
+                spent[n] += time.perf_counter() - start
+                scheduler.switch()  # the turn ends; the next one starts here
+                start = time.perf_counter()
 
-        try:
-            jobs[n](after_step)
-        except BaseException as e:  # re-raised in the calling thread
-            errors[n] = e
-        finally:
-            spent[n] += time.perf_counter() - start
-            with state:
-                done.add(n)
-            nxt = following(n)
-            if nxt is not None:
-                turn[nxt].set()
+        jobs[n](after_step)
+        spent[n] += time.perf_counter() - start
 
-    workers = [threading.Thread(target=worker, args=(n,), name=f"epoch:{n}") for n in names]
-    for w in workers:
-        w.start()
-    turn[names[0]].set()
-    for w in workers:
-        w.join()
-    if errors:
-        name, err = next(iter(errors.items()))
-        raise RuntimeError(f"the epoch of {name} failed") from err
+    turns = {n: greenlet(run) for n in jobs}
+    started: set[str] = set()
+    active = list(jobs)
+    while active:
+        for n in list(active):
+            try:
+                if n in started:
+                    turns[n].switch()  # resumes after its last hand-over
+                else:
+                    started.add(n)
+                    turns[n].switch(n)  # starts run(n)
+            except Exception as e:  # the job failed: no more turns for anyone
+                raise RuntimeError(f"the epoch of {n} failed") from e
+            if turns[n].dead:
+                active.remove(n)
     return spent
 
 
@@ -289,7 +266,7 @@ def main() -> None:
         for e in range(args.epochs):
             order = names[e % len(names):] + names[:e % len(names)]
             if args.slice_steps > 0:
-                spent = sliced_epochs({n: epoch_job(n, e) for n in order}, args.slice_steps, args.threads)
+                spent = sliced_epochs({n: epoch_job(n, e) for n in order}, args.slice_steps)
                 for n in order:
                     epoch_s[n].append(spent[n])
             else:
