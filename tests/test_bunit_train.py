@@ -602,7 +602,7 @@ def test_identity_shortcut_gradient_is_added_in_the_kernel_as_autograd_adds_it(s
     """With an identity shortcut (the residual is the input itself, in the stored dtype) the kernel adds the
     shortcut's gradient to the input gradient in its own pass: the input gradient equals, bit for bit, autograd's sum
     of the two when the block is computed as ``relu(units(x) + x)`` (float32; bf16 stored, NCHW and channels_last;
-    the 16x2-1-2 row through the channels_last kernels under bf16 dot products)."""
+    the 8x2-1-2 and 16x2-1-2 rows through the channels_last kernels under bf16 dot products, at an odd width)."""
     base = spread_bn(UnitLayer(specs), 1).train()
     base.backend = "unit_train"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
