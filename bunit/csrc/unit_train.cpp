@@ -1642,8 +1642,8 @@ inline int channels_last_units(const at::Tensor& x, const at::Tensor& w, int64_t
 inline int64_t unit_lanes(int64_t n) { return n == 8 ? 16 : n; }
 inline int64_t pixels_per_vector(int64_t n) { return n == 8 ? 2 : 1; }
 
-// The lanes of the vector holding the pixel at column col of a row of w pixels (n units, ub its unit block): all 16,
-// or for n = 8 at an odd row's last column the first pixel's 8.
+// The lanes to keep of the vector holding the pixel at column col of a row of w pixels (n units): all 16, or for n = 8
+// at an odd row's last column the first pixel's 8.
 inline __mmask16 pixel_lanes(int64_t n, int64_t col, int64_t w) {
   return n == 8 && col + 1 == w ? static_cast<__mmask16>(0x00ff) : static_cast<__mmask16>(0xffff);
 }
@@ -1702,9 +1702,9 @@ void over_images(int64_t images, int64_t work, F&& f) {
 }
 
 // Unit u's weights of a group, one 16-lane vector per (output j of the unit, tap t), L = unit_lanes(n):
-// out[(j * 9 + t) * L + l] = w[per_unit * u + j][t'] with u = l % n (per_unit outputs per unit, w's 9 taps of one input channel
-// per output), t' = 8 - t when flipped (the input gradient), rounded to bf16 (every product of these kernels is of
-// bf16 operands).
+// out[(j * 9 + t) * L + l] = w[per_unit * u + j][t'] with u = l % n (per_unit outputs per unit, w's 9 taps of one
+// input channel per output), t' = 8 - t when flipped (the input gradient), rounded to bf16 (every product of these
+// kernels is of bf16 operands).
 inline Scratch<float> unit_weight_lanes(const float* w, int64_t n, int64_t per_unit, bool flip) {
   const int64_t L = unit_lanes(n);  // lane l: unit l % n
   Scratch<float> out(per_unit * 9 * L);
