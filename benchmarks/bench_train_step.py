@@ -9,7 +9,8 @@ each turn one untimed and one timed step. Per model the fastest setting is its s
 dense's fastest setting. Then each model trains whole epochs of the data set (Fashion-MNIST, else the digits) through
 the harness loop (``harness.run.train.train_model``) at its fastest setting. The models' epochs take turns in slices
 of ``--slice-steps`` steps (:func:`sliced_epochs`: each epoch in a greenlet, all on one thread), so the VM's drift over
-the minutes an epoch takes falls on every model alike; each model's epoch time is the sum of its turns. ``--slice-steps 0`` runs the epochs one after the other instead (each epoch whole, the order rotated per epoch).
+the minutes an epoch takes falls on every model alike; each model's epoch time is the sum of its turns.
+``--slice-steps 0`` runs the epochs one after the other instead (each epoch whole, the order rotated per epoch).
 
 ``--unfused`` adds, for the BUnit models, the ``unit_train`` kernel without its BN + ReLU fusion (each convolution in
 the kernel, BN and ReLU PyTorch's: what ``unit_train`` ran before the fusion), registered here as the backend
@@ -18,8 +19,8 @@ the kernel, BN and ReLU PyTorch's: what ``unit_train`` ran before the fusion), r
 activations stored in float32 instead of bfloat16 (what ``unit_train`` did under autocast before bf16 storage),
 registered as ``unit_train_fp32``; neither added backend is a candidate for a model's fastest setting.
 
-Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1] [--slice-steps 50]
-[--unfused]``.
+Usage: ``flock /tmp/bunitbench-cpu.lock python benchmarks/bench_train_step.py [--rounds 10] [--epochs 1]
+[--slice-steps 50] [--unfused]``.
 Prints the tables and writes ``results/benchmarks/train_step.csv``.
 """
 from __future__ import annotations

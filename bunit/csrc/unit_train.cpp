@@ -1598,6 +1598,10 @@ inline bool is_cl(const at::Tensor& t) {
   return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
+// Whether n units of a row (or n channels of their tensors) fill these kernels' vectors: a multiple of 16, or 8 (two
+// pixels per vector, see unit_lanes).
+inline bool fills_unit_lanes(int64_t n) { return n % 16 == 0 || n == 8; }
+
 #if defined(__AVX512BF16__)
 constexpr bool kChannelsLastUnits = true;
 
@@ -1627,7 +1631,7 @@ inline void add_channels(__m512 v, double* acc) {
 // Which kernel of this section computes conv(x, w, groups, s): 1 conv1 of 2-1-c units (w: (n, 2, 3, 3), stride 1
 // or 2), 2 their conv2 (w: (cn, 1, 3, 3), c = 2 or 4), 0 none (then the kernels above). n is a multiple of 16 or 8.
 inline int channels_last_units(const at::Tensor& x, const at::Tensor& w, int64_t groups, int64_t s, bool dot) {
-  if (!dot || x.scalar_type() != at::kBFloat16 || (groups % 16 != 0 && groups != 8) || !is_cl(x)) return 0;
+  if (!dot || x.scalar_type() != at::kBFloat16 || !fills_unit_lanes(groups) || !is_cl(x)) return 0;
   if (w.size(0) == groups && w.size(1) == 2 && x.size(1) == 2 * groups && (s == 1 || s == 2)) return 1;
   if (s == 1 && (w.size(0) == 2 * groups || w.size(0) == 4 * groups) && w.size(1) == 1 && x.size(1) == groups)
     return 2;
@@ -1646,6 +1650,11 @@ inline int64_t pixels_per_vector(int64_t n) { return n == 8 ? 2 : 1; }
 // at an odd row's last column the first pixel's 8.
 inline __mmask16 pixel_lanes(int64_t n, int64_t col, int64_t w) {
   return n == 8 && col + 1 == w ? static_cast<__mmask16>(0x00ff) : static_cast<__mmask16>(0xffff);
+}
+
+// The lanes of values k .. k + 16 of a row of `row` values (the last vector of a row partly past its end).
+inline __mmask16 row_lanes(int64_t k, int64_t row) {
+  return row - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (row - k)) - 1);
 }
 
 // 16 words of a row's vector: 16 units of the pixel at p (n a multiple of 16), or for n = 8 the 8 units of the pixels
@@ -1817,7 +1826,7 @@ inline void cl_bn_input(const c10::BFloat16* y1, int64_t H, int64_t W, int64_t n
   const int64_t wp = W + 2, row = W * n;
   for (int64_t r = 0; r < H; ++r)
     for (int64_t k = 0; k < row; k += 16) {
-      const __mmask16 m = k + 16 <= row ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0x00ff);
+      const __mmask16 m = row_lanes(k, row);
       __m512 v = load_bf16_lanes(y1 + r * row + k, m);
       if (sc) {
         const int64_t l = k % n;  // the unit block (0 for n = 8, whose lanes repeat every 8)
@@ -1987,28 +1996,20 @@ void cl_grad_sums(const at::Tensor& g, const at::Tensor& y, const float* sc, con
   sum_unit_lanes(partial, 2, C, sums.data_ptr<double>());
 }
 
-// The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 channels from c0, rounded to
-// bf16.
-inline __m512 cl_bn_grad(const c10::BFloat16* y, const c10::BFloat16* g, int64_t c0, const float* sc, const float* sh,
-                         const float* A, const float* B) {
-  const __m512 yv = load_bf16(y), s = _mm512_loadu_ps(sc + c0);
-  const __mmask16 on = _mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, s, _mm512_loadu_ps(sh + c0)), _mm512_setzero_ps(),
-                                          _CMP_GT_OQ);
-  const __m512 gz = _mm512_maskz_mov_ps(on, _mm512_mul_ps(load_bf16(g), s));
-  const __m512 v = _mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A + c0), _mm512_loadu_ps(B + c0)));
-  return round_bf16(v);
+// The gradient through BN and ReLU, (y * sc + sh > 0 ? sc * g : 0) + y * A + B, of 16 values y and g (widened) with
+// the coefficients' 16 lanes at sc, sh, A, B, rounded to bf16.
+inline __m512 bn_grad_values(__m512 yv, __m512 gv, const float* sc, const float* sh, const float* A, const float* B) {
+  const __m512 s = _mm512_loadu_ps(sc);
+  const __mmask16 on =
+      _mm512_cmp_ps_mask(_mm512_fmadd_ps(yv, s, _mm512_loadu_ps(sh)), _mm512_setzero_ps(), _CMP_GT_OQ);
+  const __m512 gz = _mm512_maskz_mov_ps(on, _mm512_mul_ps(gv, s));
+  return round_bf16(_mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A), _mm512_loadu_ps(B))));
 }
 
-// The same for the 16 values at y and g (lanes in m; the rest 0) with the coefficients' 16 lanes at sc, sh, A, B.
-inline __m512 cl_bn_grad_lanes(const c10::BFloat16* y, const c10::BFloat16* g, __mmask16 m, const float* sc,
-                               const float* sh, const float* A, const float* B) {
-  const auto load = [m](const c10::BFloat16* p) { return load_bf16_lanes(p, m); };
-  const __m512 yv = load(y), s = _mm512_loadu_ps(sc);
-  const __mmask16 on =
-      _mm512_mask_cmp_ps_mask(m, _mm512_fmadd_ps(yv, s, _mm512_loadu_ps(sh)), _mm512_setzero_ps(), _CMP_GT_OQ);
-  const __m512 gz = _mm512_maskz_mov_ps(on, _mm512_mul_ps(load(g), s));
-  const __m512 v = _mm512_add_ps(gz, _mm512_fmadd_ps(yv, _mm512_loadu_ps(A), _mm512_loadu_ps(B)));
-  return _mm512_maskz_mov_ps(m, round_bf16(v));
+// The same of 16 channels from c0 of a pixel (y and g at its channel c0).
+inline __m512 cl_bn_grad(const c10::BFloat16* y, const c10::BFloat16* g, int64_t c0, const float* sc, const float* sh,
+                         const float* A, const float* B) {
+  return bn_grad_values(load_bf16(y), load_bf16(g), sc + c0, sh + c0, A + c0, B + c0);
 }
 
 // conv2's backward: g (B, cn, H, W), the gradient of relu(y2 * sc + sh), y2 (B, cn, H, W), y1 (B, n, H, W) with
@@ -2051,12 +2052,13 @@ void cl_conv2_backward(const at::Tensor& y1, const at::Tensor& w, const at::Tens
             const __m512i v = _mm512_permutexvar_epi32(halves, _mm512_loadu_si512(pix_words.data()));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(gpad.data() + pix), _mm512_castsi512_si256(v));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(gpad.data() + plane + pix), _mm512_extracti64x4_epi64(v, 1));
-          }
-          for (int64_t ub = 0; ub < n && pairs == 2 && n != 8; ub += 16) {  // unit u's two words to the two planes
-            const __m512i lo = _mm512_loadu_si512(pix_words.data() + 2 * ub);
-            const __m512i hi = _mm512_loadu_si512(pix_words.data() + 2 * ub + 16);
-            _mm512_storeu_si512(gpad.data() + pix + ub, _mm512_permutex2var_epi32(lo, even, hi));
-            _mm512_storeu_si512(gpad.data() + plane + pix + ub, _mm512_permutex2var_epi32(lo, odd, hi));
+          } else if (pairs == 2) {
+            for (int64_t ub = 0; ub < n; ub += 16) {  // unit u's two words to the two planes
+              const __m512i lo = _mm512_loadu_si512(pix_words.data() + 2 * ub);
+              const __m512i hi = _mm512_loadu_si512(pix_words.data() + 2 * ub + 16);
+              _mm512_storeu_si512(gpad.data() + pix + ub, _mm512_permutex2var_epi32(lo, even, hi));
+              _mm512_storeu_si512(gpad.data() + plane + pix + ub, _mm512_permutex2var_epi32(lo, odd, hi));
+            }
           }
         }
       if (gw) cl_bn_input(y1p + b * H * W * n, H, W, n, iscl.data(), ishl.data(), xpad.data());
@@ -2137,7 +2139,7 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t Ho = gh.size(2), Wo = gh.size(3), wpg = Wo + 2;  // the gradient's plane (stride s)
   const int64_t L = unit_lanes(n), pv = pixels_per_vector(n);
   const float* wf = w.data_ptr<float>();
-  // wr[(i * 9 + t) * n + u]: w[u][i][8 - t] (flipped), rounded to bf16; the gradient through BN1 rounded to bf16 too,
+  // wr[(i * 9 + t) * L + l]: w[u][i][8 - t] with u = l % n (flipped), rounded to bf16; the gradient through BN1 rounded to bf16 too,
   // so that every product is of bf16 operands (exact in float32), as in the NCHW kernels' dot products
   const Scratch<float> wr = unit_weight_lanes(wf, n, 2, true);
   const Scratch<float> scl = unit_lane_values(sc, n), shl = unit_lane_values(sh, n), Al = unit_lane_values(A, n),
@@ -2157,10 +2159,10 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       for (int64_t r = 0; r < Ho; ++r)  // a row's Wo n values, contiguous in gh, y1 and the pad, 16 at a time
         for (int64_t k = 0; k < Wo * n; k += 16) {
           const int64_t off = (b * Ho + r) * Wo * n + k, l = k % n;
-          const __mmask16 m = k + 16 <= Wo * n ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0x00ff);
+          const __mmask16 m = row_lanes(k, Wo * n);  // the rest (zero) stays out of the pad's border
           _mm512_mask_storeu_ps(gpad.data() + ((r + 1) * wpg + 1) * n + k, m,
-                                cl_bn_grad_lanes(y1p + off, ghp + off, m, scl.data() + l, shl.data() + l,
-                                                 Al.data() + l, Bl.data() + l));
+                                bn_grad_values(load_bf16_lanes(y1p + off, m), load_bf16_lanes(ghp + off, m),
+                                               scl.data() + l, shl.data() + l, Al.data() + l, Bl.data() + l));
         }
       if (gw)
         for (int64_t r = 0; r < H; ++r)
@@ -2662,7 +2664,7 @@ at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Te
 at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at::Tensor& sc, const at::Tensor& sh,
                              const std::optional<at::Tensor>& out = std::nullopt, at::Tensor* gres = nullptr) {
   const bool cl = kChannelsLastUnits && is_cl(y) && is_cl(g) && y.scalar_type() == at::kBFloat16 &&
-                  (y.size(1) % 16 == 0 || y.size(1) == 8) && (!out || is_cl(*out));
+                  fills_unit_lanes(y.size(1)) && (!out || is_cl(*out));
   TORCH_CHECK(y.dim() == 4 && ((y.is_contiguous() && g.is_contiguous()) || cl) && g.sizes() == y.sizes() &&
                   g.scalar_type() == y.scalar_type(),
               "unit_train: g and y must be NCHW contiguous (or both channels_last bf16 of 16k or 8 channels) of one "
