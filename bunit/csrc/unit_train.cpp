@@ -795,6 +795,110 @@ inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, u
     _mm512_mask_storeu_epi32(dst + j, m, (__m512i)(l | (h << 16)));
   }
 }
+
+// --- planes of up to 7 columns, flattened: the backward at stride 1 on 7 px planes ---------------------------------
+//
+// A plane of w <= 7 columns in rows of 8 words, value (r, c) at word (r + 1) * 8 + c + 1: one zero column per row
+// (the right border of row r is the left border of row r + 1), a zero row above and below, zeros to the end. Such a
+// plane is built from its NCHW plane (h * w contiguous values) whole: the values taken through BN and ReLU (or their
+// gradient) 16 at a time, then placed by word expands (AVX512-VBMI2), 32 words per instruction, where rows of 7
+// values took one masked vector each. Read as 32-bit words, its words (2j, 2j + 1) are already the pairs the weight
+// gradient multiplies: output positions q = 8i + j and q + 1 (j = 7, the zero column, adds nothing) of the gradient
+// against the input at q + 8 dy + dx, contiguous loads for every tap (gw_flat_dot), where the row layout paired rows
+// (2p, 2p + 1) in a second buffer for each operand. Rows of 8 words also serve the forward's and the input
+// gradient's convolutions (conv_rows_dot, 8 lanes per row; a valid column reads at most one word past its row, the
+// next row's zero), the forward's channel pairs built in order as words and placed by 32-bit expands
+// (flat_place_pairs). The kernels take this layout for NCHW planes of up to 7 columns at stride 1 where the operands
+// are built straight from the tensors; set_flat_planes(false) turns it off, for side-by-side timing.
+#if defined(__AVX512VBMI2__)
+constexpr bool kFlatPlanes = true;
+bool flat_planes = true;  // off: the padded rows of the other planes (set_flat_planes, for side-by-side timing)
+
+struct FlatPlane {
+  int64_t h = 0, w = 0, words = 0;  // words: per plane, a multiple of 32
+  std::vector<__mmask32> mask;      // per 32 words: those that hold a value
+  std::vector<int64_t> from;        // per 32 words: the index of the first value they hold
+  int64_t chunks() const { return words / 32; }
+  int64_t vectors() const { return (h * 8 + 31) / 32; }  // the weight gradient's 16-pair vectors
+};
+
+// The layout of an h x w plane (w <= 7): enough words for the reads of gw_flat_dot (up to 32 * vectors + 19) and of
+// conv_rows_dot (up to (h + 2) * 8 + 1).
+inline FlatPlane flat_plane(int64_t h, int64_t w) {
+  FlatPlane f;
+  f.h = h;
+  f.w = w;
+  f.words = (std::max<int64_t>(32 * f.vectors() + 20, (h + 2) * 8 + 2) + 31) / 32 * 32;
+  int64_t seen = 0;
+  for (int64_t k = 0; k < f.chunks(); ++k) {
+    __mmask32 m = 0;
+    for (int b = 0; b < 32; ++b) {
+      const int64_t r = (32 * k + b) / 8 - 1, c = (32 * k + b) % 8 - 1;
+      if (r >= 0 && r < h && c >= 0 && c < w) m |= __mmask32{1} << b;
+    }
+    f.mask.push_back(m);
+    f.from.push_back(seen);
+    seen += __builtin_popcount(m);
+  }
+  return f;
+}
+
+// vals (the plane's h * w values as bf16 bits, readable 32 words past them) placed in the layout at dst.
+inline void flat_place(const FlatPlane& f, const uint16_t* vals, uint16_t* dst) {
+  for (int64_t k = 0; k < f.chunks(); ++k)
+    _mm512_storeu_si512(dst + 32 * k, _mm512_maskz_expand_epi16(f.mask[k], _mm512_loadu_si512(vals + f.from[k])));
+}
+
+// vals (the plane's h * w words, readable 16 words past them) placed, 32-bit words, in the layout at dst (words,
+// not 16-bit words: the forward's channel pairs).
+inline void flat_place_pairs(const FlatPlane& f, const uint32_t* vals, uint32_t* dst) {
+  for (int64_t k = 0; k < f.chunks(); ++k) {
+    const __mmask16 lo = static_cast<__mmask16>(f.mask[k]), hi = static_cast<__mmask16>(f.mask[k] >> 16);
+    const uint32_t* src = vals + f.from[k];
+    _mm512_storeu_si512(dst + 32 * k, _mm512_maskz_expand_epi32(lo, _mm512_loadu_si512(src)));
+    _mm512_storeu_si512(dst + 32 * k + 16, _mm512_maskz_expand_epi32(hi, _mm512_loadu_si512(src + __builtin_popcount(lo))));
+  }
+}
+
+// Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, from flattened planes (g16:
+// the gradient through BN and ReLU, [cout][words]; x16: the input, [cin][words]), added into gwl (16 float lanes
+// per weight, [(o * cin + ci) * 9 + tap][16]) as gw_block_dot adds.
+template <int OB>
+inline void gw_flat_dot(const uint16_t* x16, const uint16_t* g16, const FlatPlane& f, int64_t cin, int64_t o0,
+                        int64_t ci, float* gwl) {
+  __m512 acc[OB][9];
+#pragma GCC unroll 4
+  for (int o = 0; o < OB; ++o)
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) acc[o][k] = _mm512_setzero_ps();
+  const uint16_t* xp = x16 + ci * f.words;
+  for (int64_t v = 0; v < f.vectors(); ++v) {
+    __m512bh gv[OB];
+#pragma GCC unroll 4
+    for (int o = 0; o < OB; ++o) gv[o] = (__m512bh)_mm512_loadu_si512(g16 + (o0 + o) * f.words + 9 + 32 * v);
+#pragma GCC unroll 3
+    for (int dy = 0; dy < 3; ++dy)
+#pragma GCC unroll 3
+      for (int dx = 0; dx < 3; ++dx) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * v + 8 * dy + dx);
+#pragma GCC unroll 4
+        for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] = _mm512_dpbf16_ps(acc[o][dy * 3 + dx], gv[o], xv);
+      }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < OB; ++o) {
+    float* dst = gwl + ((o0 + o) * cin + ci) * 9 * 16;
+#pragma GCC unroll 9
+    for (int k = 0; k < 9; ++k) DotV<16>::add_to(dst + k * 16, acc[o][k]);
+  }
+}
+#else
+constexpr bool kFlatPlanes = false;
+bool flat_planes = false;
+#endif
+#else
+constexpr bool kFlatPlanes = false;
+bool flat_planes = false;
 #endif
 
 // Weights paired for the bf16 dot products, np = (count + 1) / 2 pairs: fwd[(o * np + k) * 9 + t] = (w[o][2k][t],
@@ -927,6 +1031,17 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
   const int nthreads = threads_for(items * g.ho * g.wr * g.cout * g.cin, items);
   const int64_t nst = 2 * g.groups * g.cout;
   std::vector<Scratch<double>> partial(stats ? nthreads : 0);
+  // planes of up to 7 columns at stride 1 read from contiguous NCHW planes: flattened (see "planes of up to 7
+  // columns, flattened"), rows of 8 words (gf)
+  bool flat = false;
+  int64_t ps = g.plane();  // words per channel pair's plane
+  [[maybe_unused]] Geo gf = g;
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+  flat = flat_planes && dot && xs[3] == 1 && xs[2] == g.w && g.s == 1 && g.w <= 7 && g.vw == 8;
+  const FlatPlane fp = flat ? flat_plane(g.h, g.w) : FlatPlane{};
+  if (flat) ps = fp.words;
+  gf.wq = 8;
+#endif
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
@@ -937,7 +1052,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
       Scratch<uint32_t> row_words(direct && g.s == 2 ? (g.w + 31) / 32 * 32 : 0);
       Scratch<T> buf(direct ? 0 : g.cin * g.plane()), tmp(isc && !direct ? g.h * g.w : 0);
       const int64_t np = (g.cin + 1) / 2;  // channel pairs (an odd count's last with zeros)
-      Scratch<uint32_t> pairs(dot ? np * g.plane() : 0);
+      Scratch<uint32_t> pairs(dot ? np * ps : 0);
+      Scratch<uint32_t> vals(flat ? (g.h * g.w + 15) / 16 * 16 + 16 : 0);  // a flattened plane's pairs, in order
       Scratch<T> zero_plane(dot && !direct && g.cin % 2 ? g.plane() : 0, T(0));
       double* st = nullptr;
       if (stats) {
@@ -950,7 +1066,17 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
         const T* wg = wp + gi * g.cout * g.cin * 9;
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, float> && std::is_same_v<M, c10::BFloat16>) {
-          if (direct) {
+#if defined(__AVX512VBMI2__)
+          for (int64_t k = 0; k < np && flat; ++k) {  // each plane's pairs in order, then placed in rows of 8 words
+            const int64_t lo = gi * g.cin + 2 * k, hi = lo + 1;
+            const bool has_hi = 2 * k + 1 < g.cin;
+            const M* src = xp + ni * xs[0] + lo * xs[1];
+            pair_rows(src, has_hi ? src + xs[1] : nullptr, g.h * g.w, isc != nullptr, isc ? isc[lo] : 0.f,
+                      isc ? ish[lo] : 0.f, isc && has_hi ? isc[hi] : 0.f, isc && has_hi ? ish[hi] : 0.f, vals.data());
+            flat_place_pairs(fp, vals.data(), pairs.data() + k * ps);
+          }
+#endif
+          if (direct && !flat) {
             for (int64_t k = 0; k < np; ++k) {
               const int64_t lo = gi * g.cin + 2 * k, hi = lo + 1;
               const bool has_hi = 2 * k + 1 < g.cin;
@@ -965,17 +1091,16 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64
                                reinterpret_cast<float*>(dr + g.hp * g.wq));
               }
             }
-          } else if (dot) {
+          } else if (dot && !direct) {
             for (int64_t k = 0; k < np; ++k)
               pack_pairs(buf.data() + 2 * k * g.plane(),
                          2 * k + 1 < g.cin ? buf.data() + (2 * k + 1) * g.plane() : zero_plane.data(), g.plane(),
                          pairs.data() + k * g.plane());
           }
           if (dot) {
-            const DotConv c{pairs.data(), np, g.plane(), pw.fwd.data() + gi * g.cout * np * 9, g.ho, g.wo,
-                            gi * g.cout};
+            const DotConv c{pairs.data(), np, ps, pw.fwd.data() + gi * g.cout * np * 9, g.ho, g.wo, gi * g.cout};
             if (g.s == 1)
-              conv_all_dot<M, 1>(c, g, g.cout, yp, ys, ni);
+              conv_all_dot<M, 1>(c, flat ? gf : g, g.cout, yp, ys, ni);
             else
               conv_all_dot<M, 2>(c, g, g.cout, yp, ys, ni);
           }
@@ -1157,25 +1282,40 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   // the output gradient's when no float32 multiply reads it, the input's row pairs at stride 1 from NCHW rows.
   const bool direct_g = dot && bn.y && plane_contiguous && (!gx || dot_gx);
   const bool direct_x = dot_gw && s == 1 && xs[3] == 1;
+  // Planes of up to 7 columns at stride 1 with both operands built from contiguous planes: flattened (see "planes of
+  // up to 7 columns, flattened"); gf, the geometry of their rows of 8 words, for the input gradient's convolution.
+  bool flat = false;
+  int64_t gps = gplane, xps = g.plane();  // words per plane of the output gradient's and the input's bf16 buffers
+  [[maybe_unused]] Geo gf = g;
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+  flat = flat_planes && direct_g && s == 1 && g.w <= 7 && g.vw == 8 && (!gw || (direct_x && xs[2] == g.w));
+  const FlatPlane fp = flat ? flat_plane(g.h, g.w) : FlatPlane{};
+  if (flat) gps = xps = fp.words;
+  gf.wq = 8;
+#endif
   // One chunk of whole items per thread, each with its own weight-gradient buffer, summed at the end.
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
       Scratch<T> buf(gw && !direct_x ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
-      Scratch<uint16_t> gb16(direct_g ? g.cout * gplane : 0), xb16(direct_x ? g.cin * g.plane() : 0);
-      Scratch<uint16_t> zero16(direct_x ? g.wq : 0);
+      Scratch<uint16_t> gb16(direct_g ? g.cout * gps : 0), xb16(direct_x ? g.cin * xps : 0);
+      Scratch<uint16_t> zero16(direct_x && !flat ? g.wq : 0);
+      // flattened planes: one plane's values as bf16 bits, 32 words past them readable
+      Scratch<uint16_t> vals(flat ? (g.h * g.w + 15) / 16 * 16 + 32 : 0);
       Scratch<T> gxb(gx && s != 1 && !dot_gx ? g.cin * g.plane() : 0);
       // one output-gradient plane through BN and ReLU, one input plane through the previous BN and ReLU
       Scratch<T> plane(bn.y && !direct_g ? g.ho * g.wo : 0), tmp(isc && !direct_x ? g.h * g.w : 0);
       // the bf16 dot products' operands: input rows paired (r, r + s), output-gradient rows paired (2p, 2p + 1),
       // output-gradient channels paired (2m, 2m + 1); a zero row for the pairs past the last row
-      Scratch<uint32_t> x2(dot_gw ? g.cin * g.plane() : 0), g2(dot_gw ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
+      Scratch<uint32_t> x2(dot_gw && !flat ? g.cin * g.plane() : 0);
+      Scratch<uint32_t> g2(dot_gw && !flat ? g.cout * ((g.ho + 1) / 2) * g.wr : 0);
       const int64_t npg = (g.cout + 1) / 2;  // output-gradient channel pairs (an odd count's last with zeros)
-      Scratch<uint32_t> gpp(dot_gx ? npg * gplane : 0);
-      Scratch<uint16_t> zero_g16(dot_gx && direct_g && g.cout % 2 ? gplane : 0);
+      Scratch<uint32_t> gpp(dot_gx ? npg * gps : 0);
+      Scratch<uint16_t> zero_g16(dot_gx && direct_g && g.cout % 2 ? gps : 0);
       Scratch<T> zero_g(dot_gx && !direct_g && g.cout % 2 ? gplane : 0, T(0));
       Scratch<T> zero_row(dot_gw ? g.wq : 0, T(0));
-      Scratch<float> gw_lanes(dot_gw ? wsize * g.vw : 0, 0.f);  // gw_block_dot's, summed into gwt at the end
+      const int64_t lanes = flat ? 16 : g.vw;  // gw_block_dot's lanes per weight (gw_flat_dot's: 16)
+      Scratch<float> gw_lanes(dot_gw ? wsize * lanes : 0, 0.f);  // summed into gwt at the end
       T* gwt = nullptr;
       if (gw) {
         partial[t].assign(wsize, T(0));
@@ -1218,7 +1358,41 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, float> && std::is_same_v<M, c10::BFloat16>) {
           const int64_t pairs = (g.ho + 1) / 2;
-          if (direct_g) {  // the gradient through BN and ReLU as bf16 bits, then its channel and row pairs
+#if defined(__AVX512VBMI2__)
+          if (flat) {  // flattened planes of the gradient (through BN and ReLU) and of the input (through BN1)
+            const int64_t hw = g.h * g.w;
+            for (int64_t o = 0; o < g.cout; ++o) {
+              const int64_t ch = gi * g.cout + o;
+              grad_bits_row(bn.y + (ni * g.groups * g.cout + ch) * hw, gyp + ni * gys[0] + ch * gys[1], hw, bn.sc[ch],
+                            bn.sh[ch], bn.A[ch], bn.B[ch], vals.data());
+              flat_place(fp, vals.data(), gb16.data() + o * gps);
+            }
+            if (dot_gx)
+              for (int64_t m = 0; m < npg; ++m)
+                interleave_bits(gb16.data() + 2 * m * gps,
+                                2 * m + 1 < g.cout ? gb16.data() + (2 * m + 1) * gps : zero_g16.data(), gps,
+                                gpp.data() + m * gps);
+            if (dot_gw) {
+              for (int64_t ci = 0; ci < g.cin; ++ci) {
+                const int64_t ch = gi * g.cin + ci;
+                bits_row(xp + ni * xs[0] + ch * xs[1], hw, isc != nullptr, isc ? isc[ch] : 0.f, isc ? ish[ch] : 0.f,
+                         vals.data());
+                flat_place(fp, vals.data(), xb16.data() + ci * xps);
+              }
+              float* gwg = gw_lanes.data() + gi * g.cout * g.cin * 9 * 16;
+              for (int64_t ci = 0; ci < g.cin; ++ci) {
+                int64_t o0 = 0;
+                for (; o0 + 2 <= g.cout; o0 += 2) gw_flat_dot<2>(xb16.data(), gb16.data(), fp, g.cin, o0, ci, gwg);
+                for (; o0 < g.cout; ++o0) gw_flat_dot<1>(xb16.data(), gb16.data(), fp, g.cin, o0, ci, gwg);
+              }
+            }
+            if (dot_gx) {
+              const DotConv c{gpp.data(), npg, gps, pw.gx.data() + gi * g.cin * npg * 9, g.h, g.w, gi * g.cin};
+              conv_all_dot(c, gf, g.cin, gxp, gxs, ni);
+            }
+          }
+#endif
+          if (direct_g && !flat) {  // the gradient through BN and ReLU as bf16 bits, then its channel and row pairs
             for (int64_t o = 0; o < g.cout; ++o) {
               const int64_t ch = gi * g.cout + o, off = (ni * g.groups * g.cout + ch) * g.ho * g.wo;
               const M* gsrc = gyp + ni * gys[0] + ch * gys[1];
@@ -1238,7 +1412,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
                   interleave_bits(src, src + g.wq, g.wr, g2.data() + (o * pairs + p) * g.wr);
                 }
           }
-          if (direct_x) {  // the input (through the previous BN and ReLU) as bf16 bits, then its row pairs
+          if (direct_x && !flat) {  // the input (through the previous BN and ReLU) as bf16 bits, then its row pairs
             for (int64_t ci = 0; ci < g.cin; ++ci) {
               const int64_t ch = gi * g.cin + ci;
               const M* src = xp + ni * xs[0] + ch * xs[1];
@@ -1251,7 +1425,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
               interleave_bits(xb + whole, zero16.data(), g.wq, x2.data() + ci * g.plane() + whole);
             }
           }
-          if (dot_gw) {
+          if (dot_gw && !flat) {
             for (int64_t ci = 0; ci < g.cin && !direct_x; ++ci)
               for (int64_t ph = 0; ph < g.s; ++ph) {  // rows r and r + s of a phase are s * wq values apart
                 const int64_t base = ci * g.plane() + ph * g.hp * g.wq, whole = (g.hp - g.s) * g.wq;
@@ -1284,7 +1458,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
               }
             }
           }
-          if (dot_gx) {
+          if (dot_gx && !flat) {
             for (int64_t m = 0; m < npg && !direct_g; ++m)
               pack_pairs(gbuf.data() + 2 * m * gplane,
                          2 * m + 1 < g.cout ? gbuf.data() + (2 * m + 1) * gplane : zero_g.data(), gplane,
@@ -1369,7 +1543,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
       }
       for (int64_t k = 0; k < wsize && dot_gw; ++k) {  // the thread's lanes, summed once
         float sum = 0.f;
-        for (int64_t l = 0; l < g.vw; ++l) sum += gw_lanes[k * g.vw + l];
+        for (int64_t l = 0; l < lanes; ++l) sum += gw_lanes[k * lanes + l];
         gwt[k] += sum;
       }
     }
@@ -3144,6 +3318,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_conv1_backward", &row_conv1_backward, "a hybrid row's conv1 backward");
   m.def("row_bn_coefficients", &row_bn_coefficients, "BN of a hybrid row's lanes; running stats updated per group");
   m.def("row_grad_coefficients", &row_grad_coefficients, "BN's backward coefficients of a hybrid row's lanes");
+  m.def("set_flat_planes", [](bool on) { flat_planes = on && kFlatPlanes; },
+        "whether planes of up to 7 columns run flattened (where this build has AVX512-VBMI2); off for side-by-side "
+        "timing");
+  m.def("has_flat_planes", [] { return kFlatPlanes; }, "whether this build runs planes of up to 7 columns flattened");
   m.def("has_unit_rows", [] { return kUnitRows; }, "whether this build runs hybrid rows in channels_last");
   m.def("has_bf16_dot", [] { return kBf16Dot; },
         "whether this build multiplies bf16 storage with AVX512-BF16 dot products when asked (bf16_dot)");
