@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["bn_mode", "bn_stats", "bn_slice", "bn_cat", "conv_module", "conv_bmm", "conv_stencil", "out_size",
+__all__ = ["bn_mode", "bn_factors", "bn_stats", "bn_slice", "bn_cat", "conv_module", "conv_bmm", "conv_stencil", "out_size",
            "shift_residual", "is_channels_last"]
 
 
@@ -40,6 +40,18 @@ def bn_mode(bn: nn.BatchNorm2d) -> tuple[bool, float]:
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     return batch_stats, factor
+
+
+def bn_factors(bns: Sequence[nn.BatchNorm2d]) -> list[float]:
+    """``bn_mode(bn)[1]`` of each of ``bns``, their counters bumped as ``bn_mode`` bumps them: in one call where every
+    one has a momentum (its factor, whatever the counter), else one by one."""
+    if any(bn.momentum is None for bn in bns):
+        return [bn_mode(bn)[1] for bn in bns]
+    counters = [bn.num_batches_tracked for bn in bns
+                if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    return [bn.momentum for bn in bns]
 
 
 def bn_stats(bn: nn.BatchNorm2d) -> tuple[torch.Tensor | None, torch.Tensor | None]:

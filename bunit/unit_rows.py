@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bunit.functional import bn_mode
+from bunit.functional import bn_factors
 from bunit.unit_train import bf16_dot_products, bn2_gradient, load_extension, storage_dtype
 
 __all__ = ["ROW_PLAN_CACHE", "ROW_MAX_CHANNELS", "RowPlan", "row_plan", "runs_row", "UnitRowFn", "row_forward"]
@@ -152,14 +152,17 @@ class UnitRowFn(torch.autograd.Function):
     b2)``, flattened; ``bns``: per group ``(bn1, bn2)``; ``factors``: per group the two averaging factors. With a
     ``residual`` (a block's shortcut, see :func:`takes_row_residual`), BN2's output pass also adds it and applies the
     block's ReLU, and the backward takes that ReLU in the pass of BN2's gradient sums (as :class:`UnitGroupFn`
-    does)."""
+    does); an identity shortcut (the input itself, stored bf16 channels_last) has its gradient added to the input
+    gradient in conv1's backward pass, as autograd would add the two (bit for bit, tested)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, residual, plan: RowPlan, bns: tuple, factors: tuple, *params):
         ext = load_extension()
         ctx.input_dtype = x.dtype
+        given = x
         x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        ctx.fold = residual is given and x is given  # an identity shortcut, stored as is: its gradient folded in
         w1s, g1s, b1s, w2s, g2s, b2s = (params[i::6] for i in range(6))
         zero = params[0].new_zeros(1)
         flat1 = torch.cat([w.detach().reshape(-1) for w in w1s] + [zero])
@@ -199,8 +202,11 @@ class UnitRowFn(torch.autograd.Function):
         gh, sums1, gw2 = ext.row_conv2_backward(g, y2, sc2, sh2, a2, b2, y1, sc1, sh1, plan.idx2b,
                                                 flat2[plan.widx2b], plan.idx2, need_w2)
         dg1, db1, a1, b1 = ext.row_grad_coefficients(sums1, sc1, m1, count, flat1)
+        add = gres if ctx.fold and need_x and gres is not None and gres.dtype == x.dtype and gres.shape == x.shape \
+            and gres.is_contiguous(memory_format=torch.channels_last) else None
         gx, gw1 = ext.row_conv1_backward(gh, y1, sc1, sh1, a1, b1, x, plan.idx1b, flat1[plan.widx1b], plan.idx1,
-                                         plan.stride, need_x, need_w1)
+                                         plan.stride, need_x, need_w1, add)
+        gres = gres if add is None else None  # with the fold, x's gradient carries the shortcut's
         n = len(plan.sizes1)
         w1g = _split(gw1.reshape(-1)[plan.inv1], plan.sizes1, plan.shapes1) if need_w1 else [None] * n
         w2g = _split(gw2.reshape(-1)[plan.inv2], plan.sizes2, plan.shapes2) if need_w2 else [None] * n
@@ -223,9 +229,11 @@ def row_forward(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
     counters and running statistics change as the layer's own forward changes them. With ``residual`` (see
     :func:`takes_row_residual`, of the output's shape), ``relu(layer(x) + residual)``, the add and ReLU in the row's
     output pass."""
-    bns, factors, params = [], [], []
+    bns, params = [], []
     for grp in layer.groups:
-        bns.append((grp.bn1, grp.bn2))
-        factors.append((bn_mode(grp.bn1)[1], bn_mode(grp.bn2)[1]))  # bumps num_batches_tracked as BatchNorm2d does
-        params += [grp.conv1.weight, grp.bn1.weight, grp.bn1.bias, grp.conv2.weight, grp.bn2.weight, grp.bn2.bias]
-    return UnitRowFn.apply(x, residual, row_plan(layer), tuple(bns), tuple(factors), *params)
+        bn1, bn2, conv1, conv2 = grp.bn1, grp.bn2, grp.conv1, grp.conv2
+        bns.append((bn1, bn2))
+        params += [conv1.weight, bn1.weight, bn1.bias, conv2.weight, bn2.weight, bn2.bias]
+    f = bn_factors([bn for pair in bns for bn in pair])  # bumps num_batches_tracked as BatchNorm2d does
+    factors = tuple(zip(f[0::2], f[1::2]))
+    return UnitRowFn.apply(x, residual, row_plan(layer), tuple(bns), factors, *params)

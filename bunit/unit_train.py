@@ -73,7 +73,7 @@ from bunit.fused_cpu import load_cpu_extension
 
 __all__ = ["source_tag", "load_extension", "is_available", "build_info", "supports", "UnitConv", "conv",
            "UnitGroupFn", "UnitLayerFn", "layer_forward", "storage_dtype", "bf16_dot_products", "float32_multiplies", "fuses_group", "group_forward",
-           "takes_residual", "runs_channels_last", "bn2_gradient", "padded_row_planes"]
+           "takes_residual", "runs_channels_last", "bn2_gradient", "padded_row_planes", "fuses_layer"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "unit_train.cpp"
 _NAME = "bunit_unit_train"
@@ -135,14 +135,25 @@ class UnitConv(torch.autograd.Function):
         return (gx if need_x else None), (gw if need_w else None), None, None
 
 
-def supports(x: torch.Tensor, conv_module: nn.Conv2d) -> bool:
-    """Whether :func:`conv` runs the kernel for ``conv_module`` on inputs like ``x`` (else ``F.conv2d``)."""
-    k, s, p = conv_module.kernel_size, conv_module.stride, conv_module.padding
+def _takes_input(x: torch.Tensor) -> bool:
+    """The input's part of :func:`supports`: a CPU tensor of float32 or float64, or bf16 under CPU autocast, and the
+    extension loaded."""
     dtype_ok = x.dtype in (torch.float32, torch.float64) or (torch.is_autocast_enabled("cpu") and
                                                                x.dtype == torch.bfloat16)
-    return (x.is_cpu and dtype_ok and conv_module.weight.dtype in (torch.float32, torch.float64) and k == (3, 3)
-            and p == (1, 1) and s[0] == s[1] and s[0] in (1, 2) and conv_module.dilation == (1, 1)
-            and conv_module.bias is None and is_available())
+    return x.is_cpu and dtype_ok and is_available()
+
+
+def _runs_conv(conv_module: nn.Conv2d) -> bool:
+    """The convolution's part of :func:`supports`: 3x3, padding 1, stride 1 or 2, no dilation or bias, float
+    weights."""
+    k, s, p = conv_module.kernel_size, conv_module.stride, conv_module.padding
+    return (conv_module.weight.dtype in (torch.float32, torch.float64) and k == (3, 3) and p == (1, 1)
+            and s[0] == s[1] and s[0] in (1, 2) and conv_module.dilation == (1, 1) and conv_module.bias is None)
+
+
+def supports(x: torch.Tensor, conv_module: nn.Conv2d) -> bool:
+    """Whether :func:`conv` runs the kernel for ``conv_module`` on inputs like ``x`` (else ``F.conv2d``)."""
+    return _takes_input(x) and _runs_conv(conv_module)
 
 
 def conv(x: torch.Tensor, conv_module: nn.Conv2d) -> torch.Tensor:
@@ -372,12 +383,23 @@ def runs_channels_last(grp: nn.Module, x: torch.Tensor) -> bool:
             and bf16_dot_products())
 
 
+def _fuses(grp: nn.Module) -> bool:
+    """The group's part of :func:`fuses_group`."""
+    bn1, bn2, conv1, conv2 = grp.bn1, grp.bn2, grp.conv1, grp.conv2
+    return (bn1.training and bn1.affine and bn2.training and bn2.affine and _runs_conv(conv1)
+            and conv2.stride == (1, 1) and _runs_conv(conv2))
+
+
 def fuses_group(grp: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`group_forward` runs ``grp`` (a :class:`bunit.units.UnitGroup`) on inputs like ``x``: both BNs
     with batch statistics (training mode), affine, and both convolutions the kernel's (:func:`supports`)."""
-    bns = (grp.bn1, grp.bn2)
-    return (all(bn.training and bn.affine for bn in bns) and supports(x, grp.conv1)
-            and grp.conv2.stride == (1, 1) and supports(x, grp.conv2))
+    return _takes_input(x) and _fuses(grp)
+
+
+def fuses_layer(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether every group of ``layer`` (a :class:`bunit.layers.UnitLayer`) runs fused on inputs like ``x``
+    (:func:`fuses_group` for each; the input checked once)."""
+    return _takes_input(x) and all(_fuses(grp) for grp in layer.groups)
 
 
 def group_forward(grp: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -768,16 +768,18 @@ def test_hybrid_row_runs_lane_by_lane_and_trains_as_grouped_does(specs, stride, 
             assert torch.equal(a, e), k  # num_batches_tracked
 
 
-@pytest.mark.parametrize("shortcut,shortcut_layout", [("identity", "same"), (torch.float32, "same"),
-                                                      (torch.float32, "other"), (torch.bfloat16, "same"),
-                                                      (torch.bfloat16, "other")])
+@pytest.mark.parametrize("shortcut,shortcut_layout", [("identity", "same"), ("identity-bf16", "same"),
+                                                      (torch.float32, "same"), (torch.float32, "other"),
+                                                      (torch.bfloat16, "same"), (torch.bfloat16, "other")])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_hybrid_row_adds_the_residual_in_its_output_pass_as_add_then_relu(shortcut, shortcut_layout, channels_last):
     """A hybrid row given a block's shortcut under bf16 autocast adds it and applies the block's ReLU in the row's
     output pass (a bf16 shortcut: the backward takes that ReLU in the pass of BN2's sums); output, input, shortcut
     and parameter gradients, running statistics and counters equal, bit for bit, the row's output followed by
-    ``relu(y + shortcut)``. The shortcut is the input itself (identity, float32), or a tensor of either dtype in the
-    input's layout or the other one (copied to channels_last, its gradient handed back in its own layout)."""
+    ``relu(y + shortcut)``. The shortcut is the input itself (identity: float32; or bf16, as a block's input comes
+    under autocast, whose gradient conv1's backward adds to the input gradient in its own pass), or a tensor of either
+    dtype in the input's layout or the other one (copied to channels_last, its gradient handed back in its own
+    layout)."""
     _needs_rows()
     base = spread_bn(UnitLayer([str(s) for s in hybrid_mix(32, 32, seed=0)]), 1).train()
     base.backend = "unit_train"
@@ -789,15 +791,16 @@ def test_hybrid_row_adds_the_residual_in_its_output_pass_as_add_then_relu(shortc
     got = {}
     for fused in (True, False):
         layer = copy.deepcopy(base)
-        xi = x.contiguous(memory_format=fmt).requires_grad_()
-        ri = xi if shortcut == "identity" else r.to(shortcut).contiguous(memory_format=rfmt).requires_grad_()
+        xi = (x.bfloat16() if shortcut == "identity-bf16" else x).contiguous(memory_format=fmt).requires_grad_()
+        identity = shortcut in ("identity", "identity-bf16")
+        ri = xi if identity else r.to(shortcut).contiguous(memory_format=rfmt).requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(xi, residual=ri) if fused else layer.add_residual(layer(xi), ri, (1, 0))
         assert (type(y.grad_fn).__name__ == "UnitRowFnBackward") == fused  # the fused pass did run
         y.backward(grad.to(y.dtype))
-        assert ri.grad.is_contiguous(memory_format=rfmt if shortcut != "identity" else fmt)
+        assert ri.grad.is_contiguous(memory_format=fmt if identity else rfmt)
         got[fused] = [y.detach(), xi.grad, ri.grad, *[p.grad for p in layer.parameters()], *layer.buffers()]
-    assert got[True][0].dtype == (torch.float32 if shortcut == "identity" else shortcut)
+    assert got[True][0].dtype == {"identity": torch.float32, "identity-bf16": torch.bfloat16}.get(shortcut, shortcut)
     assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
 
 

@@ -85,7 +85,7 @@ class UnitTrain(Backend):
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return layer.run_groups(x, unit_triton.conv)  # (B, out, H/s, W/s)
-        if not all(unit_train.fuses_group(grp, x) for grp in layer.groups):
+        if not unit_train.fuses_layer(layer, x):
             return layer.run_groups(x, unit_train.conv)  # (B, out, H/s, W/s)
         if unit_rows.runs_row(layer, x):  # a hybrid row, lane by lane in channels_last
             return unit_rows.row_forward(layer, _to_layout(x, torch.channels_last))  # (B, out, H/s, W/s)
@@ -103,7 +103,7 @@ class UnitTrain(Backend):
             return super().run_with_residual(layer, x, residual, residual_map)
         out_shape = (x.shape[0], layer.out_channels, (x.shape[2] - 1) // layer.stride + 1,
                      (x.shape[3] - 1) // layer.stride + 1)
-        if all(unit_train.fuses_group(grp, x) for grp in layer.groups) and unit_rows.runs_row(layer, x):
+        if unit_train.fuses_layer(layer, x) and unit_rows.runs_row(layer, x):
             xc, residual = _with_shortcut(_to_layout(x, torch.channels_last), x, residual)
             if tuple(residual.shape) == out_shape and unit_rows.takes_row_residual(xc, residual):
                 return unit_rows.row_forward(layer, xc, residual)  # relu(units(x) + residual), channels_last

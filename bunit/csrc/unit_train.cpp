@@ -3145,11 +3145,14 @@ std::vector<at::Tensor> row_conv2_backward(const at::Tensor& g, const at::Tensor
 // conv1's backward in a hybrid row: gh (B, L, Ho, Wo) the gradient of relu(y1 * sc + sh), y1, BN1's A and B;
 // x (B, C, H, W), stride s. gidx [Kb, C] and gwt [Kb, 9, C]: each input lane's gather of hidden channels and their
 // flipped weights; fidx [K1, L]: conv1's forward gather (for the weight gradient). Returns gx (B, C, H, W)
-// channels_last bf16 and gw [K1, 9, L] in fidx's order (each undefined unless asked).
+// channels_last bf16 and gw [K1, 9, L] in fidx's order (each undefined unless asked). With add (x's shape,
+// channels_last bf16: an identity shortcut's gradient), gx + add, each image's values added as they are written, as
+// autograd adds two bf16 gradients (widened, summed, rounded once).
 std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tensor& y1, const at::Tensor& sc,
                                            const at::Tensor& sh, const at::Tensor& A, const at::Tensor& Bc,
                                            const at::Tensor& x, const at::Tensor& gidx, const at::Tensor& gwt,
-                                           const at::Tensor& fidx, int64_t s, bool need_input, bool need_weight) {
+                                           const at::Tensor& fidx, int64_t s, bool need_input, bool need_weight,
+                                           const std::optional<at::Tensor>& add) {
   TORCH_CHECK(kUnitRows, "unit_train: hybrid rows need a build with AVX512-BF16");
   TORCH_CHECK(s == 1 || s == 2, "unit_train: stride must be 1 or 2");
 #if defined(__AVX512BF16__)
@@ -3165,6 +3168,12 @@ std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tenso
   at::Tensor gx, gw;
   if (need_input) gx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
   c10::BFloat16* gxp = need_input ? gx.data_ptr<c10::BFloat16>() : nullptr;
+  const c10::BFloat16* addp = nullptr;
+  if (add && need_input) {
+    check_row_tensor(*add, C, "the added gradient");
+    TORCH_CHECK(add->sizes() == x.sizes(), "unit_train: the added gradient must have x's shape");
+    addp = add->data_ptr<c10::BFloat16>();
+  }
   std::vector<Scratch<float>> wpart(at::get_num_threads());
   over_images(B, B * (H * W * C * gg.P + Ho * Wo * L * fg.K) * 2, [&](int64_t b0, int64_t b1, int64_t t) {
     // the gradient through BN1 and ReLU, gathered for the input lanes at (r * s + 1, c * s + 1) of a zero-bordered
@@ -3178,8 +3187,11 @@ std::vector<at::Tensor> row_conv1_backward(const at::Tensor& gh, const at::Tenso
     for (int64_t b = b0; b < b1; ++b) {
       row_fill(gsrc, b * Ho * Wo, Ho, Wo, s, gg, wp, row.data(), need_input ? e.data() : nullptr,
                need_weight ? gout.data() : nullptr);
-      if (need_input)  // the flipped taps over the (dilated, at stride 2) gradient
+      if (need_input) {  // the flipped taps over the (dilated, at stride 2) gradient
         row_conv_image(e.data(), wp, gg, w.data(), 1, H, W, gxp + b * H * W * C, RowNoSums{}, nullptr);
+        if (addp)  // the image's values, just written (in cache)
+          add_rows<float, c10::BFloat16>(gxp + b * H * W * C, addp + b * H * W * C, 1, H * W * C, 0, 0, 1);
+      }
       if (need_weight) {
         row_fill(xsrc, b * H * W, H, W, 1, fg, wp, row.data(), ex.data());
         row_weight_grad(gout.data(), Ho, Wo, ex.data(), wp, fg, s, acc.data());
@@ -3315,7 +3327,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("idx"), py::arg("wt"), py::arg("s"), py::arg("isc") = py::none(),
         py::arg("ish") = py::none());
   m.def("row_conv2_backward", &row_conv2_backward, "a hybrid row's conv2 backward with BN1's gradient sums");
-  m.def("row_conv1_backward", &row_conv1_backward, "a hybrid row's conv1 backward");
+  m.def("row_conv1_backward", &row_conv1_backward, "a hybrid row's conv1 backward (with add: its input gradient plus "
+        "add)", py::arg("gh"), py::arg("y1"), py::arg("sc"), py::arg("sh"), py::arg("A"), py::arg("B"), py::arg("x"),
+        py::arg("gidx"), py::arg("gwt"), py::arg("fidx"), py::arg("s"), py::arg("need_input"), py::arg("need_weight"),
+        py::arg("add") = py::none());
   m.def("row_bn_coefficients", &row_bn_coefficients, "BN of a hybrid row's lanes; running stats updated per group");
   m.def("row_grad_coefficients", &row_grad_coefficients, "BN's backward coefficients of a hybrid row's lanes");
   m.def("set_flat_planes", [](bool on) { flat_planes = on && kFlatPlanes; },
