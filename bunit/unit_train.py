@@ -38,9 +38,10 @@ pairs by ``vdpbf16ps`` (32 multiply-adds per instruction, twice float32's), the 
 odd channel count per group pairs its last channel with zeros. At stride 2 too: the forward reads channel pairs
 split by column phase, the input gradient takes each input row and column phase from its own taps. The
 paired operands are built straight from the stored bf16 tensors (each value rounded once, no float32 work buffer),
-and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products. NCHW planes of up to 7
-columns at stride 1 are built whole and flattened into rows of 8 words (AVX512-VBMI2 word expands), whose word
-pairs the weight gradient multiplies as they lie (:func:`padded_row_planes` turns that off). A row of 2-1-2 or 2-1-4
+and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products. NCHW output planes of up
+to 7 columns are built whole and flattened into rows of 8 words (AVX512-VBMI2 word expands; at stride 2 the input
+split into four phase planes), whose word pairs the weight gradient multiplies as they lie (:func:`padded_row_planes`
+turns that off). A row of 2-1-2 or 2-1-4
 units (a multiple of 16 or 8 of them, stride 1 or 2; :func:`runs_channels_last`) runs in channels_last instead, in
 kernels that hold 16 units in one vector (a pixel's 32 input channels are the 16 channel pairs of one dot product;
 8 units of two neighbouring pixels for a row of 8), where the NCHW kernels spend
@@ -346,8 +347,8 @@ def float32_multiplies():
 
 @contextlib.contextmanager
 def padded_row_planes():
-    """Within it, the kernels build planes of up to 7 columns (a ResNet's last stage at 28 px input) in padded rows,
-    as they build larger planes, instead of flattened (``csrc/unit_train.cpp``, "planes of up to 7 columns,
+    """Within it, the kernels build output planes of up to 7 columns (a ResNet's last stage at 28 px input) in padded
+    rows, as they build larger planes, instead of flattened (``csrc/unit_train.cpp``, "planes of up to 7 columns,
     flattened"); read at each kernel call. The same operands and products in another layout, for side-by-side
     timing (outputs and input gradients equal bit for bit, weight gradients to float32 rounding: tested)."""
     ext = load_extension()

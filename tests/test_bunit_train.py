@@ -231,8 +231,10 @@ def _within_bf16_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
                                    (2, 16, 16, 2, 1, 7, 7), (3, 4, 4, 2, 1, 5, 8), (2, 4, 8, 4, 1, 7, 6),
                                    # odd counts past one pair: the last channel paired with zeros
                                    (2, 6, 9, 3, 1, 7, 7), (2, 9, 6, 3, 1, 14, 14),
-                                   # flattened planes (up to 7 columns at stride 1, NCHW): taller than wide, one column
-                                   (2, 4, 6, 2, 1, 9, 5), (3, 8, 8, 4, 1, 3, 1),
+                                   # flattened planes (output planes of up to 7 columns, NCHW): taller than wide, one
+                                   # column; at stride 2 phase planes, odd sides
+                                   (2, 4, 6, 2, 1, 9, 5), (3, 8, 8, 4, 1, 3, 1), (2, 4, 6, 2, 2, 13, 9),
+                                   (2, 6, 3, 3, 2, 16, 14),
                                    # stride 2: 8-lane rows (a 4x8-8-16/s2 conv1 at 14 px), odd sides, 16-lane rows
                                    # with a second vector of input columns (w > 16), odd output-channel counts
                                    (3, 32, 32, 4, 2, 14, 14), (2, 8, 8, 1, 2, 9, 15), (2, 4, 6, 2, 2, 28, 28),
@@ -282,16 +284,20 @@ def test_bf16_dot_products_sum_bf16_rounded_operands_in_float32(shape, channels_
     assert _rel(gw32.double(), wd.grad) > 1e-4  # float32 multiplies: the unrounded gradient
 
 
-@pytest.mark.parametrize("shape", [(4, 64, 64, 8, 7, 7), (3, 32, 64, 4, 7, 7), (2, 6, 9, 3, 9, 5), (3, 8, 4, 4, 2, 7),
-                                   (5, 4, 6, 2, 1, 1), (2, 14, 21, 7, 12, 3)])
+@pytest.mark.parametrize("shape", [(4, 64, 64, 8, 1, 7, 7), (3, 32, 64, 4, 1, 7, 7), (2, 6, 9, 3, 1, 9, 5),
+                                   (3, 8, 4, 4, 1, 2, 7), (5, 4, 6, 2, 1, 1, 1), (2, 14, 21, 7, 1, 12, 3),
+                                   # stride 2: the input in phase planes (14 px to 7, odd sides, 16 columns to 8)
+                                   (4, 32, 32, 4, 2, 14, 14), (3, 6, 9, 3, 2, 13, 11), (2, 4, 4, 2, 2, 1, 2),
+                                   (2, 8, 6, 2, 2, 20, 13)])
 def test_flattened_planes_compute_what_padded_rows_compute(shape):
-    """Planes of up to 7 columns at stride 1 (NCHW, bf16 dot products) run flattened in rows of 8 words, built whole
-    and placed by word expands: the forward, its BN sums and the input gradient equal, bit for bit, what the padded
-    rows compute (the same rounded operands, the same order of products per output); the weight gradient, summed over
-    pixel pairs in another order, to float32 rounding. Every path: BN1 + ReLU on the input, the gradient through
-    BN (shift, A and B nonzero), the identity shortcut's gradient added, the input or the weight gradient alone; 8-8-8
-    and 8-8-16 groups at 7 px, odd channel counts, taller than wide, one row, one pixel."""
-    n, cin, cout, groups, h, w = shape
+    """Output planes of up to 7 columns (NCHW, bf16 dot products) run flattened in rows of 8 words, built whole and
+    placed by word expands (at stride 2 the input split into phase planes row by row): the forward, its BN sums and
+    the input gradient equal, bit for bit, what the padded rows compute (the same rounded operands, the same order of
+    products per output); the weight gradient, summed over pixel pairs in another order, to float32 rounding. Every
+    path: BN1 + ReLU on the input, the gradient through BN (shift, A and B nonzero), the identity shortcut's gradient
+    added (stride 1), the input or the weight gradient alone; 8-8-8 and 8-8-16 groups at 7 px, a 4x8-8-8/s2 conv1 at
+    14 px, odd channel counts and sides, taller than wide, one row, one pixel."""
+    n, cin, cout, groups, s, h, w = shape
     ext = unit_train.load_extension()
     if not (ext.has_bf16_dot() and ext.has_flat_planes()):
         pytest.skip("this CPU lacks AVX512-BF16 or AVX512-VBMI2: the extension is built without flattened planes")
@@ -306,11 +312,12 @@ def test_flattened_planes_compute_what_padded_rows_compute(shape):
     def run():
         out = []
         for bn_in in ((isc, ish), (None, None)):
-            y, st = ext.conv_forward_stats(x, wt, groups, 1, *bn_in, bf16_dot=True)
+            y, st = ext.conv_forward_stats(x, wt, groups, s, *bn_in, bf16_dot=True)
             g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).bfloat16()
             out += [y, st]
-            for need_x, need_w, extra in ((True, True, None), (True, False, add), (False, True, None)):
-                out += ext.conv_backward_bn(x, wt, g, y, sc, sh, A, B, groups, 1, *bn_in, need_x, need_w,
+            for need_x, need_w, extra in ((True, True, None), (True, False, add if s == 1 else None),
+                                          (False, True, None)):
+                out += ext.conv_backward_bn(x, wt, g, y, sc, sh, A, B, groups, s, *bn_in, need_x, need_w,
                                             bf16_dot=True, add=extra)
         return out
 

@@ -808,8 +808,9 @@ inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, u
 // (2p, 2p + 1) in a second buffer for each operand. Rows of 8 words also serve the forward's and the input
 // gradient's convolutions (conv_rows_dot, 8 lanes per row; a valid column reads at most one word past its row, the
 // next row's zero), the forward's channel pairs built in order as words and placed by 32-bit expands
-// (flat_place_pairs). The kernels take this layout for NCHW planes of up to 7 columns at stride 1 where the operands
-// are built straight from the tensors; set_flat_planes(false) turns it off, for side-by-side timing.
+// (flat_place_pairs). The forward takes this layout for NCHW planes of up to 7 columns at stride 1, the backward for
+// output planes of up to 7 columns at strides 1 and 2 (the input in phase planes, see phase_words), where the
+// operands are built straight from the tensors; set_flat_planes(false) turns it off, for side-by-side timing.
 #if defined(__AVX512VBMI2__)
 constexpr bool kFlatPlanes = true;
 bool flat_planes = true;  // off: the padded rows of the other planes (set_flat_planes, for side-by-side timing)
@@ -860,18 +861,46 @@ inline void flat_place_pairs(const FlatPlane& f, const uint32_t* vals, uint32_t*
   }
 }
 
+// At stride 2 the input is split into four phase planes (row and column parity of the padded input), each in rows
+// of 8 words: padded input (R, C) at word (R / 2) * 8 + C / 2 of plane (R % 2, C % 2), so that tap (dy, dx) of
+// output position q = 8i + j reads plane (dy % 2, dx % 2) at q + 8 (dy / 2) + dx / 2, contiguous again. A plane's
+// 8 columns all hold values (padded columns 0 .. w + 1, halved); the gradient's zero column j = 7 masks the one
+// output position whose taps run into the next row. phase_words: the words per phase plane, for the reads of
+// gw_flat_dot (up to 32 * vectors + 8) and the (h + 1) / 2 + 1 rows.
+inline int64_t phase_words(const FlatPlane& g, int64_t h) {
+  return (std::max<int64_t>(32 * g.vectors() + 9, ((h + 1) / 2 + 1) * 8) + 31) / 32 * 32;
+}
+
+// The h x w input plane src (NCHW rows of xs2 values apart; w <= 16) through relu(v * sc + sh) with bn, rounded to
+// bf16, into its four phase planes at dst (pw words each, zeros where nothing is written): each row's values split
+// by column parity with one word permute.
+inline void phase_planes(const c10::BFloat16* src, int64_t xs2, int64_t h, int64_t w, bool bn, float sc, float sh,
+                         int64_t pw, uint16_t* dst) {
+  const __m256i split = _mm256_setr_epi16(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __mmask8 evens = static_cast<__mmask8>((1u << ((w + 1) / 2)) - 1), odds = static_cast<__mmask8>((1u << (w / 2)) - 1);
+  for (int64_t r = 0; r < h; ++r) {
+    const u32v high = row_high(src + r * xs2, w, bn, sc, sh);  // 16 values as bf16 bits, zeros past w
+    const __m256i words = _mm256_permutexvar_epi16(split, _mm512_cvtepi32_epi16((__m512i)(high >> 16)));
+    const int64_t R = r + 1;  // padded row; column c is padded column c + 1: even c -> phase 1, odd c -> phase 0
+    uint16_t* row = dst + (R % 2) * 2 * pw + (R / 2) * 8;
+    _mm_mask_storeu_epi16(row + pw, evens, _mm256_castsi256_si128(words));  // c = 0, 2, ..: columns 0, 1, ..
+    _mm_mask_storeu_epi16(row + 1, odds, _mm256_extracti128_si256(words, 1));  // c = 1, 3, ..: columns 1, 2, ..
+  }
+}
+
 // Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, from flattened planes (g16:
-// the gradient through BN and ReLU, [cout][words]; x16: the input, [cin][words]), added into gwl (16 float lanes
-// per weight, [(o * cin + ci) * 9 + tap][16]) as gw_block_dot adds.
-template <int OB>
-inline void gw_flat_dot(const uint16_t* x16, const uint16_t* g16, const FlatPlane& f, int64_t cin, int64_t o0,
-                        int64_t ci, float* gwl) {
+// the gradient through BN and ReLU, [cout][words]; x16: the input, xplane words per channel: one plane at stride 1,
+// four phase planes of pw words at stride 2), added into gwl (16 float lanes per weight, [(o * cin + ci) * 9 +
+// tap][16]) as gw_block_dot adds.
+template <int OB, int S>
+inline void gw_flat_dot(const uint16_t* x16, int64_t xplane, int64_t pw, const uint16_t* g16, const FlatPlane& f,
+                        int64_t cin, int64_t o0, int64_t ci, float* gwl) {
   __m512 acc[OB][9];
 #pragma GCC unroll 4
   for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 9
     for (int k = 0; k < 9; ++k) acc[o][k] = _mm512_setzero_ps();
-  const uint16_t* xp = x16 + ci * f.words;
+  const uint16_t* xp = x16 + ci * xplane;
   for (int64_t v = 0; v < f.vectors(); ++v) {
     __m512bh gv[OB];
 #pragma GCC unroll 4
@@ -880,7 +909,8 @@ inline void gw_flat_dot(const uint16_t* x16, const uint16_t* g16, const FlatPlan
     for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
       for (int dx = 0; dx < 3; ++dx) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + 32 * v + 8 * dy + dx);
+        const uint16_t* tap = S == 1 ? xp + 8 * dy + dx : xp + ((dy % 2) * 2 + dx % 2) * pw + 8 * (dy / 2) + dx / 2;
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(tap + 32 * v);
 #pragma GCC unroll 4
         for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] = _mm512_dpbf16_ps(acc[o][dy * 3 + dx], gv[o], xv);
       }
@@ -1282,29 +1312,34 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
   // the output gradient's when no float32 multiply reads it, the input's row pairs at stride 1 from NCHW rows.
   const bool direct_g = dot && bn.y && plane_contiguous && (!gx || dot_gx);
   const bool direct_x = dot_gw && s == 1 && xs[3] == 1;
-  // Planes of up to 7 columns at stride 1 with both operands built from contiguous planes: flattened (see "planes of
-  // up to 7 columns, flattened"); gf, the geometry of their rows of 8 words, for the input gradient's convolution.
+  // Output planes of up to 7 columns, the gradient built straight from the tensors and the input read from NCHW
+  // planes: flattened (see "planes of up to 7 columns, flattened"; at stride 2 the input in phase planes); gf, the
+  // geometry of their rows of 8 words, for the input gradient's convolution.
   bool flat = false;
   int64_t gps = gplane, xps = g.plane();  // words per plane of the output gradient's and the input's bf16 buffers
+  [[maybe_unused]] int64_t phw = 0;      // words per phase plane (stride 2)
   [[maybe_unused]] Geo gf = g;
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
-  flat = flat_planes && direct_g && s == 1 && g.w <= 7 && g.vw == 8 && (!gw || (direct_x && xs[2] == g.w));
-  const FlatPlane fp = flat ? flat_plane(g.h, g.w) : FlatPlane{};
-  if (flat) gps = xps = fp.words;
+  flat = flat_planes && direct_g && g.wo <= 7 && g.vw == 8 && g.w <= 16 && (!gw || (xs[3] == 1 && xs[2] == g.w));
+  const FlatPlane fp = flat ? flat_plane(g.ho, g.wo) : FlatPlane{};
+  if (flat) {
+    gps = fp.words;
+    xps = s == 1 ? fp.words : 4 * (phw = phase_words(fp, g.h));
+  }
   gf.wq = 8;
 #endif
   // One chunk of whole items per thread, each with its own weight-gradient buffer, summed at the end.
   at::parallel_for(0, nthreads, 1, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
-      Scratch<T> buf(gw && !direct_x ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
-      Scratch<uint16_t> gb16(direct_g ? g.cout * gps : 0), xb16(direct_x ? g.cin * xps : 0);
+      Scratch<T> buf(gw && !direct_x && !flat ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
+      Scratch<uint16_t> gb16(direct_g ? g.cout * gps : 0), xb16(direct_x || (flat && gw) ? g.cin * xps : 0);
       Scratch<uint16_t> zero16(direct_x && !flat ? g.wq : 0);
       // flattened planes: one plane's values as bf16 bits, 32 words past them readable
-      Scratch<uint16_t> vals(flat ? (g.h * g.w + 15) / 16 * 16 + 32 : 0);
+      Scratch<uint16_t> vals(flat ? (g.h * g.w + 15) / 16 * 16 + 32 : 0);  // (at stride 1 h x w = ho x wo)
       Scratch<T> gxb(gx && s != 1 && !dot_gx ? g.cin * g.plane() : 0);
       // one output-gradient plane through BN and ReLU, one input plane through the previous BN and ReLU
-      Scratch<T> plane(bn.y && !direct_g ? g.ho * g.wo : 0), tmp(isc && !direct_x ? g.h * g.w : 0);
+      Scratch<T> plane(bn.y && !direct_g ? g.ho * g.wo : 0), tmp(isc && !direct_x && !flat ? g.h * g.w : 0);
       // the bf16 dot products' operands: input rows paired (r, r + s), output-gradient rows paired (2p, 2p + 1),
       // output-gradient channels paired (2m, 2m + 1); a zero row for the pairs past the last row
       Scratch<uint32_t> x2(dot_gw && !flat ? g.cin * g.plane() : 0);
@@ -1354,17 +1389,17 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             }
           }
         }
-        if (gw && !direct_x) pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
+        if (gw && !direct_x && !flat) pad_copy(xp, xs, g, ni, gi, buf.data(), isc, ish, tmp.data());
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, float> && std::is_same_v<M, c10::BFloat16>) {
           const int64_t pairs = (g.ho + 1) / 2;
 #if defined(__AVX512VBMI2__)
           if (flat) {  // flattened planes of the gradient (through BN and ReLU) and of the input (through BN1)
-            const int64_t hw = g.h * g.w;
+            const int64_t hw = g.h * g.w, hwo = g.ho * g.wo;
             for (int64_t o = 0; o < g.cout; ++o) {
               const int64_t ch = gi * g.cout + o;
-              grad_bits_row(bn.y + (ni * g.groups * g.cout + ch) * hw, gyp + ni * gys[0] + ch * gys[1], hw, bn.sc[ch],
-                            bn.sh[ch], bn.A[ch], bn.B[ch], vals.data());
+              grad_bits_row(bn.y + (ni * g.groups * g.cout + ch) * hwo, gyp + ni * gys[0] + ch * gys[1], hwo,
+                            bn.sc[ch], bn.sh[ch], bn.A[ch], bn.B[ch], vals.data());
               flat_place(fp, vals.data(), gb16.data() + o * gps);
             }
             if (dot_gx)
@@ -1375,20 +1410,36 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
             if (dot_gw) {
               for (int64_t ci = 0; ci < g.cin; ++ci) {
                 const int64_t ch = gi * g.cin + ci;
-                bits_row(xp + ni * xs[0] + ch * xs[1], hw, isc != nullptr, isc ? isc[ch] : 0.f, isc ? ish[ch] : 0.f,
-                         vals.data());
-                flat_place(fp, vals.data(), xb16.data() + ci * xps);
+                const M* src = xp + ni * xs[0] + ch * xs[1];
+                const float sc = isc ? isc[ch] : 0.f, sh = isc ? ish[ch] : 0.f;
+                if (s == 1) {
+                  bits_row(src, hw, isc != nullptr, sc, sh, vals.data());
+                  flat_place(fp, vals.data(), xb16.data() + ci * xps);
+                } else {
+                  phase_planes(src, xs[2], g.h, g.w, isc != nullptr, sc, sh, phw, xb16.data() + ci * xps);
+                }
               }
               float* gwg = gw_lanes.data() + gi * g.cout * g.cin * 9 * 16;
+              const uint16_t *x16 = xb16.data(), *g16 = gb16.data();
               for (int64_t ci = 0; ci < g.cin; ++ci) {
                 int64_t o0 = 0;
-                for (; o0 + 2 <= g.cout; o0 += 2) gw_flat_dot<2>(xb16.data(), gb16.data(), fp, g.cin, o0, ci, gwg);
-                for (; o0 < g.cout; ++o0) gw_flat_dot<1>(xb16.data(), gb16.data(), fp, g.cin, o0, ci, gwg);
+                if (s == 1) {
+                  for (; o0 + 2 <= g.cout; o0 += 2) gw_flat_dot<2, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
+                  for (; o0 < g.cout; ++o0) gw_flat_dot<1, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
+                } else {
+                  for (; o0 + 2 <= g.cout; o0 += 2) gw_flat_dot<2, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
+                  for (; o0 < g.cout; ++o0) gw_flat_dot<1, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
+                }
               }
             }
             if (dot_gx) {
-              const DotConv c{gpp.data(), npg, gps, pw.gx.data() + gi * g.cin * npg * 9, g.h, g.w, gi * g.cin};
-              conv_all_dot(c, gf, g.cin, gxp, gxs, ni);
+              const uint32_t* wgx = pw.gx.data() + gi * g.cin * npg * 9;
+              if (s == 1) {
+                const DotConv c{gpp.data(), npg, gps, wgx, g.h, g.w, gi * g.cin};
+                conv_all_dot(c, gf, g.cin, gxp, gxs, ni);
+              } else {
+                gx_s2_all_dot(gpp.data(), npg, gps, wgx, gf, gi * g.cin, gxp, gxs, ni);
+              }
             }
           }
 #endif
