@@ -1589,7 +1589,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
         if (gx && bn.add)  // the item's input-gradient planes, just written (in cache), plus the addend's
           for (int64_t ci = 0; ci < g.cin; ++ci) {
             const int64_t o = ni * gxs[0] + (gi * g.cin + ci) * gxs[1];
-            add_rows<T, M>(gxp + o, bn.add + o, g.h, g.w, gxs[2], gxs[2], gxs[3]);
+            if (gxs[3] == 1 && gxs[2] == g.w)  // a contiguous plane: one row of h * w values, whole vectors
+              add_rows<T, M>(gxp + o, bn.add + o, 1, g.h * g.w, 0, 0, 1);
+            else
+              add_rows<T, M>(gxp + o, bn.add + o, g.h, g.w, gxs[2], gxs[2], gxs[3]);
           }
       }
       for (int64_t k = 0; k < wsize && dot_gw; ++k) {  // the thread's lanes, summed once
