@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["bn_mode", "bn_factors", "bn_stats", "bn_slice", "bn_cat", "conv_module", "conv_bmm", "conv_stencil", "out_size",
-           "shift_residual", "is_channels_last"]
+__all__ = ["bn_mode", "bn_factors", "bn_stats", "bn_slice", "bn_cat", "conv_module", "conv_bmm", "conv_stencil",
+           "out_size", "shift_residual", "is_channels_last"]
 
 
 def is_channels_last(t: torch.Tensor) -> bool:

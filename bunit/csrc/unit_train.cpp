@@ -796,7 +796,7 @@ inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, u
   }
 }
 
-// --- planes of up to 7 columns, flattened: the backward at stride 1 on 7 px planes ---------------------------------
+// --- planes of up to 7 columns, flattened: a last stage's 7 px planes -------------------------------------------
 //
 // A plane of w <= 7 columns in rows of 8 words, value (r, c) at word (r + 1) * 8 + c + 1: one zero column per row
 // (the right border of row r is the left border of row r + 1), a zero row above and below, zeros to the end. Such a
@@ -857,7 +857,8 @@ inline void flat_place_pairs(const FlatPlane& f, const uint32_t* vals, uint32_t*
     const __mmask16 lo = static_cast<__mmask16>(f.mask[k]), hi = static_cast<__mmask16>(f.mask[k] >> 16);
     const uint32_t* src = vals + f.from[k];
     _mm512_storeu_si512(dst + 32 * k, _mm512_maskz_expand_epi32(lo, _mm512_loadu_si512(src)));
-    _mm512_storeu_si512(dst + 32 * k + 16, _mm512_maskz_expand_epi32(hi, _mm512_loadu_si512(src + __builtin_popcount(lo))));
+    const __m512i rest = _mm512_loadu_si512(src + __builtin_popcount(lo));
+    _mm512_storeu_si512(dst + 32 * k + 16, _mm512_maskz_expand_epi32(hi, rest));
   }
 }
 
@@ -877,7 +878,8 @@ inline int64_t phase_words(const FlatPlane& g, int64_t h) {
 inline void phase_planes(const c10::BFloat16* src, int64_t xs2, int64_t h, int64_t w, bool bn, float sc, float sh,
                          int64_t pw, uint16_t* dst) {
   const __m256i split = _mm256_setr_epi16(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-  const __mmask8 evens = static_cast<__mmask8>((1u << ((w + 1) / 2)) - 1), odds = static_cast<__mmask8>((1u << (w / 2)) - 1);
+  const __mmask8 evens = static_cast<__mmask8>((1u << ((w + 1) / 2)) - 1);  // columns 0, 2, ..: (w + 1) / 2
+  const __mmask8 odds = static_cast<__mmask8>((1u << (w / 2)) - 1);         // columns 1, 3, ..: w / 2
   for (int64_t r = 0; r < h; ++r) {
     const u32v high = row_high(src + r * xs2, w, bn, sc, sh);  // 16 values as bf16 bits, zeros past w
     const __m256i words = _mm256_permutexvar_epi16(split, _mm512_cvtepi32_epi16((__m512i)(high >> 16)));
