@@ -156,7 +156,7 @@ def isa() -> str:
         flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
     except (OSError, StopIteration):
         return "unknown"
-    return ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    return ",".join(f for f in ("avx2", "avx512f", "avx512_vbmi2", "avx512_bf16", "amx_bf16") if f in flags)
 
 
 def main() -> None:
