@@ -192,6 +192,13 @@ constexpr bool kBf16Dot = true;
 #else
 constexpr bool kBf16Dot = false;
 #endif
+// Planes of up to 7 columns flattened (see "planes of up to 7 columns, flattened"): with AVX512-VBMI2's word expands.
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+constexpr bool kFlatPlanes = true;
+#else
+constexpr bool kFlatPlanes = false;
+#endif
+bool flat_planes = kFlatPlanes;  // off: the padded rows of the other planes (set_flat_planes, for side-by-side timing)
 
 typedef uint32_t u32v __attribute__((vector_size(64)));
 typedef uint32_t u32vu __attribute__((vector_size(64), aligned(4), may_alias));
@@ -812,11 +819,8 @@ inline void interleave_bits(const uint16_t* lo, const uint16_t* hi, int64_t n, u
 // output planes of up to 7 columns at strides 1 and 2 (the input in phase planes, see phase_words), where the
 // operands are built straight from the tensors; set_flat_planes(false) turns it off, for side-by-side timing.
 #if defined(__AVX512VBMI2__)
-constexpr bool kFlatPlanes = true;
-bool flat_planes = true;  // off: the padded rows of the other planes (set_flat_planes, for side-by-side timing)
-
 struct FlatPlane {
-  int64_t h = 0, w = 0, words = 0;  // words: per plane, a multiple of 32
+  int64_t h = 0, words = 0;         // rows; words per plane, a multiple of 32
   std::vector<__mmask32> mask;      // per 32 words: those that hold a value
   std::vector<int64_t> from;        // per 32 words: the index of the first value they hold
   int64_t chunks() const { return words / 32; }
@@ -828,7 +832,6 @@ struct FlatPlane {
 inline FlatPlane flat_plane(int64_t h, int64_t w) {
   FlatPlane f;
   f.h = h;
-  f.w = w;
   f.words = (std::max<int64_t>(32 * f.vectors() + 20, (h + 2) * 8 + 2) + 31) / 32 * 32;
   int64_t seen = 0;
   for (int64_t k = 0; k < f.chunks(); ++k) {
@@ -924,13 +927,7 @@ inline void gw_flat_dot(const uint16_t* x16, int64_t xplane, int64_t pw, const u
     for (int k = 0; k < 9; ++k) DotV<16>::add_to(dst + k * 16, acc[o][k]);
   }
 }
-#else
-constexpr bool kFlatPlanes = false;
-bool flat_planes = false;
 #endif
-#else
-constexpr bool kFlatPlanes = false;
-bool flat_planes = false;
 #endif
 
 // Weights paired for the bf16 dot products, np = (count + 1) / 2 pairs: fwd[(o * np + k) * 9 + t] = (w[o][2k][t],
@@ -1251,10 +1248,15 @@ struct GradBN {
 };
 
 // dst += src over rows x cols values (row strides rd, rs; column stride cs of both), as the stored values add in
-// PyTorch: widened, summed in T, rounded once. Contiguous rows in vectors.
+// PyTorch: widened, summed in T, rounded once. Contiguous rows in vectors; rows that follow each other in both (a
+// whole plane) as one row, so that short rows (7 px) do not each end in a masked vector.
 template <typename T, typename M>
 inline void add_rows(M* dst, const M* src, int64_t rows, int64_t cols, int64_t rd, int64_t rs, int64_t cs) {
   using Vt = V<T>;
+  if (cs == 1 && rd == cols && rs == cols) {
+    cols *= rows;
+    rows = 1;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     M* d = dst + r * rd;
     const M* q = src + r * rs;
@@ -1591,10 +1593,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
         if (gx && bn.add)  // the item's input-gradient planes, just written (in cache), plus the addend's
           for (int64_t ci = 0; ci < g.cin; ++ci) {
             const int64_t o = ni * gxs[0] + (gi * g.cin + ci) * gxs[1];
-            if (gxs[3] == 1 && gxs[2] == g.w)  // a contiguous plane: one row of h * w values, whole vectors
-              add_rows<T, M>(gxp + o, bn.add + o, 1, g.h * g.w, 0, 0, 1);
-            else
-              add_rows<T, M>(gxp + o, bn.add + o, g.h, g.w, gxs[2], gxs[2], gxs[3]);
+            add_rows<T, M>(gxp + o, bn.add + o, g.h, g.w, gxs[2], gxs[2], gxs[3]);
           }
       }
       for (int64_t k = 0; k < wsize && dot_gw; ++k) {  // the thread's lanes, summed once
@@ -2369,8 +2368,9 @@ void cl_conv1_backward(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t Ho = gh.size(2), Wo = gh.size(3), wpg = Wo + 2;  // the gradient's plane (stride s)
   const int64_t L = unit_lanes(n), pv = pixels_per_vector(n);
   const float* wf = w.data_ptr<float>();
-  // wr[(i * 9 + t) * L + l]: w[u][i][8 - t] with u = l % n (flipped), rounded to bf16; the gradient through BN1 rounded to bf16 too,
-  // so that every product is of bf16 operands (exact in float32), as in the NCHW kernels' dot products
+  // wr[(i * 9 + t) * L + l]: w[u][i][8 - t] with u = l % n (flipped), rounded to bf16; the gradient through BN1
+  // rounded to bf16 too, so that every product is of bf16 operands (exact in float32), as in the NCHW kernels' dot
+  // products
   const Scratch<float> wr = unit_weight_lanes(wf, n, 2, true);
   const Scratch<float> scl = unit_lane_values(sc, n), shl = unit_lane_values(sh, n), Al = unit_lane_values(A, n),
                        Bl = unit_lane_values(Bc, n);
