@@ -134,16 +134,11 @@ def sliced_epochs(jobs: dict[str, Callable[[Callable], object]], slice_steps: in
         spent[n] += time.perf_counter() - start
 
     turns = {n: greenlet(run) for n in jobs}
-    started: set[str] = set()
     active = list(jobs)
     while active:
         for n in list(active):
             try:
-                if n in started:
-                    turns[n].switch()  # resumes after its last hand-over
-                else:
-                    started.add(n)
-                    turns[n].switch(n)  # starts run(n)
+                turns[n].switch(n)  # starts run(n), or resumes it after its last hand-over (n then unused)
             except Exception as e:  # the job failed: no more turns for anyone
                 raise RuntimeError(f"the epoch of {n} failed") from e
             if turns[n].dead:
