@@ -2511,6 +2511,14 @@ struct RowGather {
   };
   std::vector<Part> parts;   // every (v, p)'s parts, in that order
   std::vector<int> first;    // (v, p)'s parts: first[v * P + p] .. first[v * P + p + 1]
+  // Sources of at most 64 words (S == 64) have one block: each (v, p < pv[v]) is then one masked permute of the
+  // pixel's two halves, its table and mask read from `single` (one entry per (v, p), in that order).
+  struct Single {
+    uint16_t idx[32];
+    __mmask32 mask;
+    int64_t off;  // the result's word offset in a gathered pixel: p * L + 16 v
+  };
+  std::vector<Single> single;
 };
 
 RowGather make_row_gather(const at::Tensor& idx, int64_t sources) {
@@ -2552,11 +2560,28 @@ RowGather make_row_gather(const at::Tensor& idx, int64_t sources) {
       }
     }
   g.first.push_back(static_cast<int>(g.parts.size()));
+  if (g.S == 64)
+    for (int64_t v = 0; v < nv; ++v)
+      for (int q = 0; q < g.pv[v]; ++q) {
+        RowGather::Single one{{}, 0, q * g.L + 16 * v};
+        for (int i = g.first[v * g.P + q]; i < g.first[v * g.P + q + 1]; ++i) {  // one part at most: block 0
+          std::copy(g.parts[i].idx, g.parts[i].idx + 32, one.idx);
+          one.mask = g.parts[i].mask;
+        }
+        g.single.push_back(one);
+      }
   return g;
 }
 
 // One pixel: src (g.S bf16 words) gathered to dst (g.P * g.L words; planes p >= pv[v] of a vector left as they are).
 inline void row_gather_pixel(const RowGather& g, const uint16_t* src, uint32_t* dst) {
+  if (g.S == 64) {
+    const __m512i lo = _mm512_loadu_si512(src), hi = _mm512_loadu_si512(src + 32);
+    for (const RowGather::Single& one : g.single)
+      _mm512_storeu_si512(dst + one.off,
+                          _mm512_maskz_permutex2var_epi16(one.mask, lo, _mm512_loadu_si512(one.idx), hi));
+    return;
+  }
   const int64_t nv = g.L / 16;
   for (int64_t v = 0; v < nv; ++v)
     for (int q = 0; q < g.pv[v]; ++q) {
