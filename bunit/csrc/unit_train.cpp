@@ -893,23 +893,28 @@ inline void phase_planes(const c10::BFloat16* src, int64_t xs2, int64_t h, int64
   }
 }
 
-// Weight gradient of output channels o0 .. o0 + OB and input channel ci of one item, from flattened planes (g16:
-// the gradient through BN and ReLU, [cout][words]; x16: the input, xplane words per channel: one plane at stride 1,
-// four phase planes of pw words at stride 2), added into gwl (16 float lanes per weight, [(o * cin + ci) * 9 +
-// tap][16]) as gw_block_dot adds.
+// Weight gradient of output channels o0 .. o0 + OB and input channel ci of nimg items of one group, from flattened
+// planes (g16: the gradient through BN and ReLU, [cout][words]; x16: the input, xplane words per channel: one plane
+// at stride 1, four phase planes of pw words at stride 2; item i's planes xstep and gstep words after item i - 1's),
+// summed in registers over the items, then added into gwl (16 float lanes per weight, [(o * cin + ci) * 9 +
+// tap][16]) as gw_block_dot adds: one add per weight for nimg items (the lanes of a layer's weights, 36 KB per
+// group of 8x8, do not stay in L1).
+constexpr int kFlatImages = 16;  // the most items whose weight gradients are summed in registers
 template <int OB, int S>
 inline void gw_flat_dot(const uint16_t* x16, int64_t xplane, int64_t pw, const uint16_t* g16, const FlatPlane& f,
-                        int64_t cin, int64_t o0, int64_t ci, float* gwl) {
+                        int64_t cin, int64_t o0, int64_t ci, float* gwl, int nimg, int64_t xstep, int64_t gstep) {
   __m512 acc[OB][9];
 #pragma GCC unroll 4
   for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 9
     for (int k = 0; k < 9; ++k) acc[o][k] = _mm512_setzero_ps();
-  const uint16_t* xp = x16 + ci * xplane;
-  for (int64_t v = 0; v < f.vectors(); ++v) {
+  for (int64_t iv = 0; iv < nimg * f.vectors(); ++iv) {  // (item, vector)
+    const int64_t im = iv / f.vectors(), v = iv % f.vectors();
+    const uint16_t* xp = x16 + im * xstep + ci * xplane;
     __m512bh gv[OB];
 #pragma GCC unroll 4
-    for (int o = 0; o < OB; ++o) gv[o] = (__m512bh)_mm512_loadu_si512(g16 + (o0 + o) * f.words + 9 + 32 * v);
+    for (int o = 0; o < OB; ++o)
+      gv[o] = (__m512bh)_mm512_loadu_si512(g16 + im * gstep + (o0 + o) * f.words + 9 + 32 * v);
 #pragma GCC unroll 3
     for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
@@ -1337,7 +1342,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
     for (int64_t t = tb; t < te; ++t) {
       const int64_t begin = items * t / nthreads, end = items * (t + 1) / nthreads;
       Scratch<T> buf(gw && !direct_x && !flat ? g.cin * g.plane() : 0), gbuf(direct_g ? 0 : g.cout * gplane, T(0));
-      Scratch<uint16_t> gb16(direct_g ? g.cout * gps : 0), xb16(direct_x || (flat && gw) ? g.cin * xps : 0);
+      // flattened planes: up to kFlatImages items' planes of the gradient and the input, for gw_flat_dot
+      const int64_t slots = flat && dot_gw ? kFlatImages : 1;
+      Scratch<uint16_t> gb16(direct_g ? slots * g.cout * gps : 0);
+      Scratch<uint16_t> xb16(direct_x || (flat && gw) ? slots * g.cin * xps : 0);
       Scratch<uint16_t> zero16(direct_x && !flat ? g.wq : 0);
       // flattened planes: one plane's values as bf16 bits, 32 words past them readable
       Scratch<uint16_t> vals(flat ? (g.h * g.w + 15) / 16 * 16 + 32 : 0);  // (at stride 1 h x w = ho x wo)
@@ -1360,8 +1368,10 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
         partial[t].assign(wsize, T(0));
         gwt = partial[t].data();
       }
+      int pend = 0;  // flattened planes: items of group gi built and waiting for gw_flat_dot
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t ni = item / g.groups, gi = item % g.groups;
+        // flattened planes: the items group by group (consecutive items of a group share gw_flat_dot's sums)
+        const int64_t ni = flat ? item % g.n : item / g.groups, gi = flat ? item / g.n : item % g.groups;
         // output gradient, padded by one row and column of zeros (and zeros past the row end); on the fused path
         // taken through BN and ReLU first, a whole plane at a time (rows of 7-28 values are too short for vectors)
         for (int64_t o = 0; o < g.cout && !direct_g; ++o) {
@@ -1400,40 +1410,50 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
 #if defined(__AVX512VBMI2__)
           if (flat) {  // flattened planes of the gradient (through BN and ReLU) and of the input (through BN1)
             const int64_t hw = g.h * g.w, hwo = g.ho * g.wo;
+            uint16_t* gbs = gb16.data() + pend * g.cout * gps;  // this item's slot
             for (int64_t o = 0; o < g.cout; ++o) {
               const int64_t ch = gi * g.cout + o;
               grad_bits_row(bn.y + (ni * g.groups * g.cout + ch) * hwo, gyp + ni * gys[0] + ch * gys[1], hwo,
                             bn.sc[ch], bn.sh[ch], bn.A[ch], bn.B[ch], vals.data());
-              flat_place(fp, vals.data(), gb16.data() + o * gps);
+              flat_place(fp, vals.data(), gbs + o * gps);
             }
             if (dot_gx)
               for (int64_t m = 0; m < npg; ++m)
-                interleave_bits(gb16.data() + 2 * m * gps,
-                                2 * m + 1 < g.cout ? gb16.data() + (2 * m + 1) * gps : zero_g16.data(), gps,
-                                gpp.data() + m * gps);
+                interleave_bits(gbs + 2 * m * gps, 2 * m + 1 < g.cout ? gbs + (2 * m + 1) * gps : zero_g16.data(),
+                                gps, gpp.data() + m * gps);
             if (dot_gw) {
+              uint16_t* xbs = xb16.data() + pend * g.cin * xps;
               for (int64_t ci = 0; ci < g.cin; ++ci) {
                 const int64_t ch = gi * g.cin + ci;
                 const M* src = xp + ni * xs[0] + ch * xs[1];
                 const float sc = isc ? isc[ch] : 0.f, sh = isc ? ish[ch] : 0.f;
                 if (s == 1) {
                   bits_row(src, hw, isc != nullptr, sc, sh, vals.data());
-                  flat_place(fp, vals.data(), xb16.data() + ci * xps);
+                  flat_place(fp, vals.data(), xbs + ci * xps);
                 } else {
-                  phase_planes(src, xs[2], g.h, g.w, isc != nullptr, sc, sh, phw, xb16.data() + ci * xps);
+                  phase_planes(src, xs[2], g.h, g.w, isc != nullptr, sc, sh, phw, xbs + ci * xps);
                 }
               }
-              float* gwg = gw_lanes.data() + gi * g.cout * g.cin * 9 * 16;
-              const uint16_t *x16 = xb16.data(), *g16 = gb16.data();
-              for (int64_t ci = 0; ci < g.cin; ++ci) {
-                int64_t o0 = 0;
-                if (s == 1) {
-                  for (; o0 + 2 <= g.cout; o0 += 2) gw_flat_dot<2, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
-                  for (; o0 < g.cout; ++o0) gw_flat_dot<1, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
-                } else {
-                  for (; o0 + 2 <= g.cout; o0 += 2) gw_flat_dot<2, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
-                  for (; o0 < g.cout; ++o0) gw_flat_dot<1, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg);
+              // the weight gradient once kFlatImages items of the group wait, or the group's last item is in
+              if (++pend == kFlatImages || item + 1 == end || (item + 1) / g.n != gi) {
+                float* gwg = gw_lanes.data() + gi * g.cout * g.cin * 9 * 16;
+                const uint16_t *x16 = xb16.data(), *g16 = gb16.data();
+                const int64_t xst = g.cin * xps, gst = g.cout * gps;
+                for (int64_t ci = 0; ci < g.cin; ++ci) {
+                  int64_t o0 = 0;
+                  if (s == 1) {
+                    for (; o0 + 2 <= g.cout; o0 += 2)
+                      gw_flat_dot<2, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
+                    for (; o0 < g.cout; ++o0)
+                      gw_flat_dot<1, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
+                  } else {
+                    for (; o0 + 2 <= g.cout; o0 += 2)
+                      gw_flat_dot<2, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
+                    for (; o0 < g.cout; ++o0)
+                      gw_flat_dot<1, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
+                  }
                 }
+                pend = 0;
               }
             }
             if (dot_gx) {
