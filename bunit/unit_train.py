@@ -40,8 +40,8 @@ split by column phase, the input gradient takes each input row and column phase 
 paired operands are built straight from the stored bf16 tensors (each value rounded once, no float32 work buffer),
 and rows of up to 8 values (7 px planes) multiply in 8-lane instead of 16-lane dot products. NCHW output planes of up
 to 7 columns are built whole and flattened into rows of 8 words (AVX512-VBMI2 word expands; at stride 2 the input
-split into four phase planes), whose word pairs the weight gradient multiplies as they lie (:func:`padded_row_planes`
-turns that off). A row of 2-1-2 or 2-1-4
+split into four phase planes), whose word pairs the weight gradient multiplies as they lie, summed over up to 16
+items (image, group) of a group in registers (:func:`padded_row_planes` turns that layout off). A row of 2-1-2 or 2-1-4
 units (a multiple of 16 or 8 of them, stride 1 or 2; :func:`runs_channels_last`) runs in channels_last instead, in
 kernels that hold 16 units in one vector (a pixel's 32 input channels are the 16 channel pairs of one dot product;
 8 units of two neighbouring pixels for a row of 8), where the NCHW kernels spend
