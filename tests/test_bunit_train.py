@@ -8,13 +8,17 @@ catalogue shape and the shapes the cost-target planner picks, strides 1 and 2, w
 from __future__ import annotations
 
 import copy
+import subprocess
+import sysconfig
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.cpp_extension import include_paths
 
 from bunit import unit_rows, unit_train
+from bunit.fused_cpu import cxx_compiler
 from bunit.layers import UnitLayer
 from bunit.spec import CATALOGUE, hybrid_mix
 from conftest import spread_bn, torch_threads
@@ -34,6 +38,20 @@ CATALOGUE_ROWS = [[f"3x{s}"] for s in CATALOGUE]
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "skylake-avx512"])
+def test_kernel_source_compiles_for_cpus_without_avx512_bf16(march):
+    """The extension is built with ``-march=native``, and this project's machines have differed (AVX2 only, or AVX-512
+    with AVX512-BF16): the kernel's source compiles for an AVX2 CPU and for an AVX-512 CPU without AVX512-BF16 too
+    (their float32 paths; ``-fsyntax-only`` with the extension's include paths). Before the stubs of the
+    channels_last kernels it did not, and such CPUs had no ``unit_train``."""
+    compiler = cxx_compiler()
+    assert compiler, "no C++ compiler: the extension cannot be built here either"
+    cmd = [compiler, "-fsyntax-only", "-std=c++17", f"-march={march}", "-fopenmp", "-DTORCH_EXTENSION_NAME=check",
+           *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}", str(unit_train._SOURCE)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -199,6 +199,7 @@ constexpr bool kFlatPlanes = true;
 constexpr bool kFlatPlanes = false;
 #endif
 bool flat_planes = kFlatPlanes;  // off: the padded rows of the other planes (set_flat_planes, for side-by-side timing)
+constexpr int kFlatImages = 16;  // the most items of a group whose flattened weight gradients gw_flat_dot sums
 
 typedef uint32_t u32v __attribute__((vector_size(64)));
 typedef uint32_t u32vu __attribute__((vector_size(64), aligned(4), may_alias));
@@ -899,7 +900,6 @@ inline void phase_planes(const c10::BFloat16* src, int64_t xs2, int64_t h, int64
 // summed in registers over the items, then added into gwl (16 float lanes per weight, [(o * cin + ci) * 9 +
 // tap][16]) as gw_block_dot adds: one add per weight for nimg items (the lanes of a layer's weights, 36 KB per
 // group of 8x8, do not stay in L1).
-constexpr int kFlatImages = 16;  // the most items whose weight gradients are summed in registers
 template <int OB, int S>
 inline void gw_flat_dot(const uint16_t* x16, int64_t xplane, int64_t pw, const uint16_t* g16, const FlatPlane& f,
                         int64_t cin, int64_t o0, int64_t ci, float* gwl, int nimg, int64_t xstep, int64_t gstep) {
@@ -1368,7 +1368,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
         partial[t].assign(wsize, T(0));
         gwt = partial[t].data();
       }
-      int pend = 0;  // flattened planes: items of group gi built and waiting for gw_flat_dot
+      [[maybe_unused]] int pend = 0;  // flattened planes: items of group gi built, waiting for gw_flat_dot
       for (int64_t item = begin; item < end; ++item) {
         // flattened planes: the items group by group (consecutive items of a group share gw_flat_dot's sums)
         const int64_t ni = flat ? item % g.n : item / g.groups, gi = flat ? item / g.n : item % g.groups;
@@ -2850,6 +2850,37 @@ RowSource row_grad_source(const at::Tensor& y, const at::Tensor& g, const at::Te
 constexpr bool kChannelsLastUnits = false;
 constexpr bool kUnitRows = false;
 inline int channels_last_units(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool) { return 0; }
+// Never called in this build (kChannelsLastUnits is false), but named by its `if constexpr` branches, which a
+// function outside a template still compiles: without these, a CPU without AVX512-BF16 could not build the extension.
+[[noreturn]] inline void no_channels_last_units() {
+  TORCH_CHECK(false, "unit_train: the channels_last unit kernels need a build with AVX512-BF16");
+  std::abort();
+}
+inline void cl_conv1_forward(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int64_t) {
+  no_channels_last_units();
+}
+inline void cl_conv2_forward(const at::Tensor&, const at::Tensor&, const float*, const float*, at::Tensor&,
+                             at::Tensor&) {
+  no_channels_last_units();
+}
+template <typename R>
+inline void cl_apply(const at::Tensor&, const float*, const float*, at::Tensor&, const R*) {
+  no_channels_last_units();
+}
+inline void cl_grad_sums(const at::Tensor&, const at::Tensor&, const float*, const float*, at::Tensor&,
+                         const c10::BFloat16*, c10::BFloat16*) {
+  no_channels_last_units();
+}
+inline void cl_conv2_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const float*, const float*, const float*, const float*, const float*, const float*,
+                              at::Tensor*, at::Tensor*) {
+  no_channels_last_units();
+}
+inline void cl_conv1_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const float*, const float*, const float*, const float*, at::Tensor*, at::Tensor*,
+                              const c10::BFloat16*, int64_t) {
+  no_channels_last_units();
+}
 #endif
 
 }  // namespace
