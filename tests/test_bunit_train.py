@@ -40,7 +40,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("march", ["x86-64-v3", "skylake-avx512"])
+@pytest.mark.parametrize("march", ["x86-64-v3", pytest.param("skylake-avx512", marks=pytest.mark.slow)])  # 7 s each
 def test_kernel_source_compiles_for_cpus_without_avx512_bf16(march):
     """The extension is built with ``-march=native``, and this project's machines have differed (AVX2 only, or AVX-512
     with AVX512-BF16): the kernel's source compiles for an AVX2 CPU and for an AVX-512 CPU without AVX512-BF16 too
