@@ -44,8 +44,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_kernel_source_compiles_for_cpus_without_avx512_bf16(march):
     """The extension is built with ``-march=native``, and this project's machines have differed (AVX2 only, or AVX-512
     with AVX512-BF16): the kernel's source compiles for an AVX2 CPU and for an AVX-512 CPU without AVX512-BF16 too
-    (their float32 paths; ``-fsyntax-only`` with the extension's include paths). Before the stubs of the
-    channels_last kernels it did not, and such CPUs had no ``unit_train``."""
+    (their float32 paths; ``-fsyntax-only`` with the extension's include paths). While calls of the channels_last
+    kernels stood in ``if constexpr`` branches of plain functions (compiled, though discarded) it did not, and such
+    CPUs had no ``unit_train``."""
     compiler = cxx_compiler()
     assert compiler, "no C++ compiler: the extension cannot be built here either"
     cmd = [compiler, "-fsyntax-only", "-std=c++17", f"-march={march}", "-fopenmp", "-DTORCH_EXTENSION_NAME=check",

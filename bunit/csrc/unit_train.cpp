@@ -908,23 +908,23 @@ inline void gw_flat_dot(const uint16_t* x16, int64_t xplane, int64_t pw, const u
   for (int o = 0; o < OB; ++o)
 #pragma GCC unroll 9
     for (int k = 0; k < 9; ++k) acc[o][k] = _mm512_setzero_ps();
-  for (int64_t iv = 0; iv < nimg * f.vectors(); ++iv) {  // (item, vector)
-    const int64_t im = iv / f.vectors(), v = iv % f.vectors();
-    const uint16_t* xp = x16 + im * xstep + ci * xplane;
-    __m512bh gv[OB];
+  for (int im = 0; im < nimg; ++im)
+    for (int64_t v = 0; v < f.vectors(); ++v) {
+      const uint16_t* xp = x16 + im * xstep + ci * xplane;
+      __m512bh gv[OB];
 #pragma GCC unroll 4
-    for (int o = 0; o < OB; ++o)
-      gv[o] = (__m512bh)_mm512_loadu_si512(g16 + im * gstep + (o0 + o) * f.words + 9 + 32 * v);
+      for (int o = 0; o < OB; ++o)
+        gv[o] = (__m512bh)_mm512_loadu_si512(g16 + im * gstep + (o0 + o) * f.words + 9 + 32 * v);
 #pragma GCC unroll 3
-    for (int dy = 0; dy < 3; ++dy)
+      for (int dy = 0; dy < 3; ++dy)
 #pragma GCC unroll 3
-      for (int dx = 0; dx < 3; ++dx) {
-        const uint16_t* tap = S == 1 ? xp + 8 * dy + dx : xp + ((dy % 2) * 2 + dx % 2) * pw + 8 * (dy / 2) + dx / 2;
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(tap + 32 * v);
+        for (int dx = 0; dx < 3; ++dx) {
+          const uint16_t* tap = S == 1 ? xp + 8 * dy + dx : xp + ((dy % 2) * 2 + dx % 2) * pw + 8 * (dy / 2) + dx / 2;
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(tap + 32 * v);
 #pragma GCC unroll 4
-        for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] = _mm512_dpbf16_ps(acc[o][dy * 3 + dx], gv[o], xv);
-      }
-  }
+          for (int o = 0; o < OB; ++o) acc[o][dy * 3 + dx] = _mm512_dpbf16_ps(acc[o][dy * 3 + dx], gv[o], xv);
+        }
+    }
 #pragma GCC unroll 4
   for (int o = 0; o < OB; ++o) {
     float* dst = gwl + ((o0 + o) * cin + ci) * 9 * 16;
@@ -1437,22 +1437,21 @@ void backward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& g
               // the weight gradient once kFlatImages items of the group wait, or the group's last item is in
               if (++pend == kFlatImages || item + 1 == end || (item + 1) / g.n != gi) {
                 float* gwg = gw_lanes.data() + gi * g.cout * g.cin * 9 * 16;
-                const uint16_t *x16 = xb16.data(), *g16 = gb16.data();
                 const int64_t xst = g.cin * xps, gst = g.cout * gps;
-                for (int64_t ci = 0; ci < g.cin; ++ci) {
-                  int64_t o0 = 0;
-                  if (s == 1) {
+                const auto all = [&](auto stride) {  // output channels two at a time, every input channel
+                  constexpr int S = decltype(stride)::value;
+                  for (int64_t ci = 0; ci < g.cin; ++ci) {
+                    int64_t o0 = 0;
                     for (; o0 + 2 <= g.cout; o0 += 2)
-                      gw_flat_dot<2, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
+                      gw_flat_dot<2, S>(xb16.data(), xps, phw, gb16.data(), fp, g.cin, o0, ci, gwg, pend, xst, gst);
                     for (; o0 < g.cout; ++o0)
-                      gw_flat_dot<1, 1>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
-                  } else {
-                    for (; o0 + 2 <= g.cout; o0 += 2)
-                      gw_flat_dot<2, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
-                    for (; o0 < g.cout; ++o0)
-                      gw_flat_dot<1, 2>(x16, xps, phw, g16, fp, g.cin, o0, ci, gwg, pend, xst, gst);
+                      gw_flat_dot<1, S>(xb16.data(), xps, phw, gb16.data(), fp, g.cin, o0, ci, gwg, pend, xst, gst);
                   }
-                }
+                };
+                if (s == 1)
+                  all(std::integral_constant<int, 1>{});
+                else
+                  all(std::integral_constant<int, 2>{});
                 pend = 0;
               }
             }
@@ -2850,37 +2849,6 @@ RowSource row_grad_source(const at::Tensor& y, const at::Tensor& g, const at::Te
 constexpr bool kChannelsLastUnits = false;
 constexpr bool kUnitRows = false;
 inline int channels_last_units(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool) { return 0; }
-// Never called in this build (kChannelsLastUnits is false), but named by its `if constexpr` branches, which a
-// function outside a template still compiles: without these, a CPU without AVX512-BF16 could not build the extension.
-[[noreturn]] inline void no_channels_last_units() {
-  TORCH_CHECK(false, "unit_train: the channels_last unit kernels need a build with AVX512-BF16");
-  std::abort();
-}
-inline void cl_conv1_forward(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int64_t) {
-  no_channels_last_units();
-}
-inline void cl_conv2_forward(const at::Tensor&, const at::Tensor&, const float*, const float*, at::Tensor&,
-                             at::Tensor&) {
-  no_channels_last_units();
-}
-template <typename R>
-inline void cl_apply(const at::Tensor&, const float*, const float*, at::Tensor&, const R*) {
-  no_channels_last_units();
-}
-inline void cl_grad_sums(const at::Tensor&, const at::Tensor&, const float*, const float*, at::Tensor&,
-                         const c10::BFloat16*, c10::BFloat16*) {
-  no_channels_last_units();
-}
-inline void cl_conv2_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const float*, const float*, const float*, const float*, const float*, const float*,
-                              at::Tensor*, at::Tensor*) {
-  no_channels_last_units();
-}
-inline void cl_conv1_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const float*, const float*, const float*, const float*, at::Tensor*, at::Tensor*,
-                              const c10::BFloat16*, int64_t) {
-  no_channels_last_units();
-}
 #endif
 
 }  // namespace
@@ -2898,18 +2866,18 @@ std::vector<at::Tensor> conv_forward_stats(const at::Tensor& x, const at::Tensor
   at::Tensor stats = at::empty({2, w.size(0)}, x.options().dtype(at::kDouble));
   const int kind = channels_last_units(x, w, groups, s, bf16_dot && kBf16Dot);
   [[maybe_unused]] const auto cl_format = at::MemoryFormat::ChannelsLast;
-  if constexpr (kChannelsLastUnits) {
-    if (kind == 1 && !isc) {  // 2-1-2 units in channels_last: y channels_last too
-      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(cl_format));
-      cl_conv1_forward(x, w, y, stats, s);
-      return {y, stats};
-    }
-    if (kind == 2) {
-      at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(cl_format));
-      cl_conv2_forward(x, w, opt_ptr<float>(isc), opt_ptr<float>(ish), y, stats);
-      return {y, stats};
-    }
+#if defined(__AVX512BF16__)  // the channels_last unit kernels: in this build only (kChannelsLastUnits)
+  if (kind == 1 && !isc) {  // 2-1-2 units in channels_last: y channels_last too
+    at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(cl_format));
+    cl_conv1_forward(x, w, y, stats, s);
+    return {y, stats};
   }
+  if (kind == 2) {
+    at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options().memory_format(cl_format));
+    cl_conv2_forward(x, w, opt_ptr<float>(isc), opt_ptr<float>(ish), y, stats);
+    return {y, stats};
+  }
+#endif
   at::Tensor y = at::empty({x.size(0), w.size(0), ho, wo}, x.options());
   dispatch_storage(x.scalar_type(), "unit_train_forward_stats", [&](auto t, auto m) {
     using T = decltype(t);
@@ -2940,18 +2908,18 @@ at::Tensor bn_relu_apply(const at::Tensor& y, const at::Tensor& sc, const at::Te
                 "bfloat16 y)");
   }
   at::Tensor out = at::empty_like(with_res ? *residual : y, fmt);
-  if constexpr (kChannelsLastUnits) {
-    if (cl_y && !y.is_contiguous()) {
-      const float *a = sc.data_ptr<float>(), *b = sh.data_ptr<float>();
-      if (!with_res)
-        cl_apply<c10::BFloat16>(y, a, b, out, nullptr);
-      else if (residual->scalar_type() == at::kFloat)
-        cl_apply<float>(y, a, b, out, residual->data_ptr<float>());
-      else
-        cl_apply<c10::BFloat16>(y, a, b, out, residual->data_ptr<c10::BFloat16>());
-      return out;
-    }
+#if defined(__AVX512BF16__)  // the channels_last unit kernels: in this build only (kChannelsLastUnits)
+  if (cl_y && !y.is_contiguous()) {
+    const float *a = sc.data_ptr<float>(), *b = sh.data_ptr<float>();
+    if (!with_res)
+      cl_apply<c10::BFloat16>(y, a, b, out, nullptr);
+    else if (residual->scalar_type() == at::kFloat)
+      cl_apply<float>(y, a, b, out, residual->data_ptr<float>());
+    else
+      cl_apply<c10::BFloat16>(y, a, b, out, residual->data_ptr<c10::BFloat16>());
+    return out;
   }
+#endif
   dispatch_storage(y.scalar_type(), "unit_train_apply", [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
@@ -2983,13 +2951,13 @@ at::Tensor bn_relu_grad_sums(const at::Tensor& g, const at::Tensor& y, const at:
                 "unit_train: out must have y's shape, layout and dtype");
     *gres = at::empty_like(g);
   }
-  if constexpr (kChannelsLastUnits) {
-    if (cl) {
-      cl_grad_sums(g, y, sc.data_ptr<float>(), sh.data_ptr<float>(), sums,
-                   out ? out->data_ptr<c10::BFloat16>() : nullptr, out ? gres->data_ptr<c10::BFloat16>() : nullptr);
-      return sums;
-    }
+#if defined(__AVX512BF16__)  // the channels_last unit kernels: in this build only (kChannelsLastUnits)
+  if (cl) {
+    cl_grad_sums(g, y, sc.data_ptr<float>(), sh.data_ptr<float>(), sums,
+                 out ? out->data_ptr<c10::BFloat16>() : nullptr, out ? gres->data_ptr<c10::BFloat16>() : nullptr);
+    return sums;
   }
+#endif
   dispatch_storage(y.scalar_type(), "unit_train_grad_sums", [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
@@ -3150,19 +3118,19 @@ std::vector<at::Tensor> conv_backward_bn(const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(!add || (need_input && s == 1 && add->sizes() == gx.sizes() && add->strides() == gx.strides() &&
                        add->scalar_type() == gx.scalar_type()),
               "unit_train: add must have the input gradient's shape, strides and dtype (stride 1)");
-  if constexpr (kChannelsLastUnits) {
-    if (cl) {
-      const float *a = sc.data_ptr<float>(), *b = sh.data_ptr<float>(), *ca = A.data_ptr<float>(),
-                  *cb = B.data_ptr<float>();
-      if (kind == 2)
-        cl_conv2_backward(x, w, g, y, a, b, ca, cb, isc->data_ptr<float>(), ish->data_ptr<float>(),
-                          need_input ? &gx : nullptr, need_weight ? &gw : nullptr);
-      else
-        cl_conv1_backward(x, w, g, y, a, b, ca, cb, need_input ? &gx : nullptr, need_weight ? &gw : nullptr,
-                          add ? add->data_ptr<c10::BFloat16>() : nullptr, s);
-      return {gx, gw};
-    }
+#if defined(__AVX512BF16__)  // the channels_last unit kernels: in this build only (kChannelsLastUnits)
+  if (cl) {
+    const float *a = sc.data_ptr<float>(), *b = sh.data_ptr<float>(), *ca = A.data_ptr<float>(),
+                *cb = B.data_ptr<float>();
+    if (kind == 2)
+      cl_conv2_backward(x, w, g, y, a, b, ca, cb, isc->data_ptr<float>(), ish->data_ptr<float>(),
+                        need_input ? &gx : nullptr, need_weight ? &gw : nullptr);
+    else
+      cl_conv1_backward(x, w, g, y, a, b, ca, cb, need_input ? &gx : nullptr, need_weight ? &gw : nullptr,
+                        add ? add->data_ptr<c10::BFloat16>() : nullptr, s);
+    return {gx, gw};
   }
+#endif
   dispatch_storage(x.scalar_type(), "unit_train_backward_bn", [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
